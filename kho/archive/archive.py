@@ -1,0 +1,208 @@
+"""The archive: settings, object store and catalog, and the operations on them.
+
+Adapters (dicom_scp, viewer_api) and the CLI hold one Archive and call its methods; nothing
+outside kho/archive touches the catalog or the store directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from kho.archive import keys
+from kho.archive.attributes import InstanceAttributes
+from kho.archive.catalog import Catalog, InstanceRecord
+from kho.archive.config import Settings
+from kho.archive.ingest import IngestResult, ingest_dimse, ingest_part10
+from kho.archive.part10 import Part10Layout, read_file_meta
+from kho.archive.pixels import EncodedPixels, pixel_value
+from kho.errors import IntegrityError, ObjectNotFoundError, StorageError
+from kho.storage import FilesystemStore, ObjectStore
+
+log = logging.getLogger(__name__)
+
+#: a deriver makes named objects (metadata JSON, thumbnail, tiles) at ingest
+Deriver = Callable[
+    [bytes, Part10Layout, Dataset, InstanceAttributes, EncodedPixels | None], dict[str, bytes]
+]
+
+
+def open_object_store(settings: Settings) -> ObjectStore:
+    url = settings.storage_url
+    if not url:
+        return FilesystemStore(settings.objects_dir, fsync=settings.fsync)
+    if url.startswith("s3://"):
+        from kho import storage
+
+        opener: Callable[[str], ObjectStore] = storage.open_store  # type: ignore[attr-defined]
+        return opener(url)
+    return FilesystemStore(Path(url.removeprefix("file://")), fsync=settings.fsync)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyProblem:
+    sop_uid: str
+    problem: str
+
+
+class Archive:
+    """One archive: what every adapter and command works through."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: ObjectStore | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store if store is not None else open_object_store(settings)
+        self.catalog = (
+            catalog
+            if catalog is not None
+            else Catalog(
+                settings.catalog_url or settings.sqlite_path, synchronous_full=settings.fsync
+            )
+        )
+        self.derivers: list[Deriver] = []
+
+    def close(self) -> None:
+        self.catalog.close()
+        self.store.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- ingest ----------------------------------------------------------------------
+
+    def ingest_part10(
+        self, data: bytes, *, source: str = "", lenient_identity: bool = False
+    ) -> IngestResult:
+        return ingest_part10(self, data, source=source, lenient_identity=lenient_identity)
+
+    def ingest_dimse(
+        self,
+        dataset: bytes | bytearray | memoryview,
+        *,
+        transfer_syntax_uid: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        source_ae: str = "",
+    ) -> IngestResult:
+        return ingest_dimse(
+            self,
+            dataset,
+            transfer_syntax_uid=transfer_syntax_uid,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            source_ae=source_ae,
+        )
+
+    def encode_native(
+        self, value: bytes, layout: Part10Layout, attrs: InstanceAttributes
+    ) -> EncodedPixels | None:
+        """The at-rest encoding of a native pixel value, or None to keep it raw."""
+        return None
+
+    def decode_native(self, record: InstanceRecord, payload: bytes) -> bytes:
+        """Inverse of encode_native: the native pixel value exactly as received."""
+        raise IntegrityError(f"unknown pixel format {record.pixel_format!r} for {record.sop_uid}")
+
+    def derive(
+        self,
+        data: bytes,
+        layout: Part10Layout,
+        ds: Dataset,
+        attrs: InstanceAttributes,
+        encoded: EncodedPixels | None,
+    ) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for deriver in self.derivers:
+            out.update(deriver(data, layout, ds, attrs, encoded))
+        return out
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in list(self.store.list(prefix + "/")):
+            self.store.delete(key)
+
+    def recover(self, older_than_s: float = 0.0) -> int:
+        """Finish or roll back ingests a crash interrupted: delete objects under journalled
+        prefixes that no instance references.  Returns how many prefixes were cleaned."""
+        cleaned = 0
+        for prefix in self.catalog.pending_prefixes(older_than_s):
+            if not self.catalog.prefix_in_use(prefix):
+                self.delete_prefix(prefix)
+                cleaned += 1
+            self.catalog.end_pending(prefix)
+        return cleaned
+
+    # --- retrieval -------------------------------------------------------------------
+
+    def read_part10(self, record: InstanceRecord) -> bytes:
+        """The instance's bytes exactly as received (Part 10, with our meta for DIMSE)."""
+        header = self.store.get(keys.header_key(record.object_prefix))
+        if record.pixel_format == "none":
+            return header
+        payload = self.store.get(keys.pixels_key(record.object_prefix))
+        value = pixel_value(self, record, payload)
+        split = record.pixel_split
+        return b"".join((header[:split], value, header[split:]))
+
+    def read_instance(self, sop_uid: str) -> tuple[InstanceRecord, bytes]:
+        record = self.catalog.require_instance(sop_uid)
+        return record, self.read_part10(record)
+
+    def read_dataset(self, record: InstanceRecord) -> bytes:
+        """The dataset bytes (no File Meta Information) in the transfer syntax received."""
+        data = self.read_part10(record)
+        _meta, offset = read_file_meta(data)
+        return data[offset:]
+
+    def verify(self) -> Iterator[tuple[InstanceRecord, str | None]]:
+        """Re-read every instance; yield (record, problem or None)."""
+        for record in self.catalog.iter_instances():
+            try:
+                data = self.read_part10(record)
+            except ObjectNotFoundError as exc:
+                yield record, f"missing object: {exc}"
+                continue
+            except (StorageError, IntegrityError) as exc:
+                yield record, f"unreadable: {exc}"
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != record.sha256:
+                yield record, f"SHA-256 mismatch: stored {record.sha256}, read {digest}"
+            else:
+                yield record, None
+
+    def stats(self) -> dict[str, Any]:
+        counts = self.catalog.counts()
+        per_modality = [
+            {
+                "modality": m or "(none)",
+                "instances": n,
+                "received_bytes": received,
+                "stored_bytes": stored,
+                "ratio": (received / stored) if stored else None,
+            }
+            for m, n, received, stored in self.catalog.bytes_by_modality()
+        ]
+        received = sum(r["received_bytes"] for r in per_modality)
+        stored = sum(r["stored_bytes"] for r in per_modality)
+        return {
+            **counts,
+            "received_bytes": received,
+            "stored_bytes": stored,
+            "ratio": (received / stored) if stored else None,
+            "by_modality": per_modality,
+        }

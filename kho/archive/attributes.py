@@ -1,0 +1,215 @@
+"""The catalog attributes of one instance, read from its header with pydicom.
+
+Only the bytes before the pixel data are parsed (``stop_before_pixels``), so this costs the
+same for a 1 KB and a 1 GB instance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+
+from kho.errors import DatasetMismatchError, InvalidDicomError
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# what is tolerated from real-world writers (letters, hex hashes); anything else is refused
+_LENIENT_UID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
+
+
+def check_uid(value: str, name: str, warnings: list[str] | None = None) -> str:
+    """A UID as PS3.5 9.1 defines it, or a harmless non-conformant one (with a warning).
+
+    Refused (DatasetMismatchError): empty, longer than 64 characters, or holding anything
+    but letters, digits, '.', '-' and '_' (path separators, spaces, control characters).
+    """
+    if not value:
+        raise DatasetMismatchError(f"missing {name}")
+    if len(value) > 64 or not _LENIENT_UID.match(value):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise DatasetMismatchError(f"invalid {name} {shown!r}: not a DICOM UID")
+    if not _UID.match(value) and warnings is not None:
+        warnings.append(f"non-conformant {name} {value!r} accepted as is")
+    return value
+
+
+def surrogate_uid(kind: str, anchor: str) -> str:
+    """A deterministic UID (2.25 form) for the catalog when a dataset lacks one; the
+    instance's bytes are never changed."""
+    digest = hashlib.sha256(f"kho-{kind}\x00{anchor}".encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:15], "big"))
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 256) -> str:
+    """A top-level attribute as text ('' if absent or empty); multi-values joined by '\\'."""
+    try:
+        elem = ds.get(keyword)
+    except Exception:  # a malformed value must not fail ingest of a well-formed file
+        return ""
+    if elem is None:
+        return ""
+    value: Any = elem
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.strip().replace("\x00", "")[:limit]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+            value = value[0]
+        return int(value)
+    except Exception:
+        return None
+
+
+def patient_key(patient_id: str, issuer: str) -> str:
+    """Patients are identified by Patient ID within its issuer; hashed for a fixed-size key."""
+    return hashlib.sha256(f"{issuer}\x00{patient_id}".encode()).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class InstanceAttributes:
+    """What the catalog keeps about one instance (and its patient, study and series)."""
+
+    # patient
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    # study
+    study_uid: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician_name: str
+    # series
+    series_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    series_date: str
+    series_time: str
+    # instance
+    sop_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    rows: int | None
+    columns: int | None
+    number_of_frames: int
+    bits_allocated: int | None
+    bits_stored: int | None
+    pixel_representation: int | None
+    samples_per_pixel: int | None
+    photometric_interpretation: str
+    planar_configuration: int | None
+    content_date: str
+    content_time: str
+    sop_uid_in_dataset: bool = True
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def patient_key(self) -> str:
+        return patient_key(self.patient_id, self.issuer_of_patient_id)
+
+
+def read_header(data: bytes | memoryview, stop: int | None = None) -> Dataset:
+    """Parse ``data[:stop]`` (a Part 10 file or a bare dataset) without the pixel data."""
+    raw = bytes(data[:stop]) if stop is not None else bytes(data)
+    try:
+        return pydicom.dcmread(BytesIO(raw), stop_before_pixels=True, force=True)
+    except (PydicomInvalidDicomError, ValueError, EOFError, KeyError, OSError) as exc:
+        raise InvalidDicomError(f"cannot parse dataset: {exc}") from exc
+    except Exception as exc:  # pydicom raises a zoo of types on hostile input
+        raise InvalidDicomError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+
+
+def extract_attributes(
+    ds: Dataset,
+    *,
+    sop_uid_fallback: str = "",
+    sop_class_fallback: str = "",
+    surrogate_sop_anchor: str | None = None,
+) -> InstanceAttributes:
+    """Catalog attributes of a parsed header; DatasetMismatchError for unusable identity.
+
+    SOP Instance / Class UID come from the dataset, else from the File Meta or the DIMSE
+    command (``*_fallback``).  A missing Study or Series Instance UID is catalogued under a
+    surrogate UID derived from the SOP Instance UID, so the instance is still accepted and
+    found; ``warnings`` says so.  With ``surrogate_sop_anchor`` (file import only), an
+    instance with no SOP Instance UID anywhere gets one derived from that anchor.
+    """
+    warnings: list[str] = []
+    sop_text = _text(ds, "SOPInstanceUID", 200) or sop_uid_fallback
+    if not sop_text and surrogate_sop_anchor is not None:
+        sop_text = surrogate_uid("instance", surrogate_sop_anchor)
+        warnings.append(f"no SOP Instance UID: catalogued under {sop_text}")
+    sop_uid = check_uid(sop_text, "SOP Instance UID (0008,0018)", warnings)
+    sop_class_uid = check_uid(
+        _text(ds, "SOPClassUID", 200) or sop_class_fallback, "SOP Class UID (0008,0016)", warnings
+    )
+    study_text = _text(ds, "StudyInstanceUID", 200)
+    if study_text:
+        study_uid = check_uid(study_text, "Study Instance UID (0020,000D)", warnings)
+    else:
+        study_uid = surrogate_uid("study", sop_uid)
+        warnings.append(f"no Study Instance UID: catalogued under {study_uid}")
+    series_text = _text(ds, "SeriesInstanceUID", 200)
+    if series_text:
+        series_uid = check_uid(series_text, "Series Instance UID (0020,000E)", warnings)
+    else:
+        series_uid = surrogate_uid("series", sop_uid)
+        warnings.append(f"no Series Instance UID: catalogued under {series_uid}")
+    frames = _int(ds, "NumberOfFrames")
+    return InstanceAttributes(
+        patient_id=_text(ds, "PatientID", 64),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+        patient_name=_text(ds, "PatientName", 324),
+        patient_birth_date=_text(ds, "PatientBirthDate", 8),
+        patient_sex=_text(ds, "PatientSex", 16),
+        study_uid=study_uid,
+        study_date=_text(ds, "StudyDate", 8),
+        study_time=_text(ds, "StudyTime", 16),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_id=_text(ds, "StudyID", 16),
+        study_description=_text(ds, "StudyDescription", 64),
+        referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+        series_uid=series_uid,
+        modality=_text(ds, "Modality", 16),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription", 64),
+        body_part_examined=_text(ds, "BodyPartExamined", 16),
+        series_date=_text(ds, "SeriesDate", 8),
+        series_time=_text(ds, "SeriesTime", 16),
+        sop_uid=sop_uid,
+        sop_class_uid=sop_class_uid,
+        instance_number=_int(ds, "InstanceNumber"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=frames if frames and frames > 0 else 1,
+        bits_allocated=_int(ds, "BitsAllocated"),
+        bits_stored=_int(ds, "BitsStored"),
+        pixel_representation=_int(ds, "PixelRepresentation"),
+        samples_per_pixel=_int(ds, "SamplesPerPixel"),
+        photometric_interpretation=_text(ds, "PhotometricInterpretation", 16),
+        planar_configuration=_int(ds, "PlanarConfiguration"),
+        content_date=_text(ds, "ContentDate", 8),
+        content_time=_text(ds, "ContentTime", 16),
+        sop_uid_in_dataset=bool(_text(ds, "SOPInstanceUID", 200)),
+        warnings=warnings,
+    )

@@ -1,0 +1,555 @@
+"""The SQL catalog: patients, studies, series, instances, and the ingest journal.
+
+One schema, two engines: SQLite (embedded default, WAL) and PostgreSQL.  SQL is written once
+with ``?`` placeholders and ``ON CONFLICT`` upserts, which both engines speak; the dialect
+only changes placeholders, types and how a write transaction begins.
+
+Visibility rule: an instance exists for readers once its row is committed, and its objects
+were durable before that commit.  The ``pending`` journal names object prefixes being
+written, so a restart can delete what a crash left unreferenced.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from kho.archive.attributes import InstanceAttributes
+from kho.errors import CatalogError, NotFoundError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kho_schema (version BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS patients (
+    patient_key TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL,
+    patient_name TEXT NOT NULL,
+    patient_name_folded TEXT NOT NULL,
+    patient_birth_date TEXT NOT NULL,
+    patient_sex TEXT NOT NULL,
+    num_studies BIGINT NOT NULL DEFAULT 0,
+    num_instances BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    study_date TEXT NOT NULL,
+    study_time TEXT NOT NULL,
+    accession_number TEXT NOT NULL,
+    study_id TEXT NOT NULL,
+    study_description TEXT NOT NULL,
+    referring_physician_name TEXT NOT NULL,
+    modalities_in_study TEXT NOT NULL DEFAULT '',
+    num_series BIGINT NOT NULL DEFAULT 0,
+    num_instances BIGINT NOT NULL DEFAULT 0,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    series_number BIGINT,
+    series_description TEXT NOT NULL,
+    body_part_examined TEXT NOT NULL,
+    series_date TEXT NOT NULL,
+    series_time TEXT NOT NULL,
+    num_instances BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    instance_number BIGINT,
+    rows_ BIGINT,
+    columns_ BIGINT,
+    number_of_frames BIGINT NOT NULL,
+    bits_allocated BIGINT,
+    bits_stored BIGINT,
+    pixel_representation BIGINT,
+    samples_per_pixel BIGINT,
+    photometric_interpretation TEXT NOT NULL,
+    planar_configuration BIGINT,
+    content_date TEXT NOT NULL,
+    content_time TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    received_size BIGINT NOT NULL,
+    stored_size BIGINT NOT NULL,
+    object_prefix TEXT NOT NULL,
+    header_size BIGINT NOT NULL,
+    pixel_split BIGINT NOT NULL,
+    pixel_format TEXT NOT NULL,
+    pixel_size BIGINT NOT NULL,
+    frame_index TEXT NOT NULL,
+    derived TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replacements (
+    sop_uid TEXT NOT NULL,
+    old_sha256 TEXT NOT NULL,
+    new_sha256 TEXT NOT NULL,
+    replaced_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending (
+    object_prefix TEXT PRIMARY KEY,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_patients_id ON patients (patient_id);
+CREATE INDEX IF NOT EXISTS ix_patients_name ON patients (patient_name);
+CREATE INDEX IF NOT EXISTS ix_patients_name_folded ON patients (patient_name_folded);
+CREATE INDEX IF NOT EXISTS ix_studies_patient ON studies (patient_key);
+CREATE INDEX IF NOT EXISTS ix_studies_date ON studies (study_date, study_time);
+CREATE INDEX IF NOT EXISTS ix_studies_accession ON studies (accession_number);
+CREATE INDEX IF NOT EXISTS ix_series_study ON series (study_uid, series_number);
+CREATE INDEX IF NOT EXISTS ix_series_modality ON series (modality);
+CREATE INDEX IF NOT EXISTS ix_instances_series ON instances (series_uid, instance_number);
+CREATE INDEX IF NOT EXISTS ix_instances_study ON instances (study_uid);
+CREATE INDEX IF NOT EXISTS ix_replacements_sop ON replacements (sop_uid);
+"""
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    """One row of ``instances``: where an instance's objects are and how to rebuild it."""
+
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    rows_: int | None
+    columns_: int | None
+    number_of_frames: int
+    bits_allocated: int | None
+    bits_stored: int | None
+    pixel_representation: int | None
+    samples_per_pixel: int | None
+    photometric_interpretation: str
+    planar_configuration: int | None
+    content_date: str
+    content_time: str
+    transfer_syntax_uid: str
+    sha256: str
+    received_size: int
+    stored_size: int
+    object_prefix: str
+    header_size: int
+    pixel_split: int  # offset in the header object where the pixel value goes back in
+    pixel_format: str  # "none" | "raw" | "encapsulated" | codec name ("jpeg-ls", ...) | "zstd"
+    pixel_size: int  # bytes of the pixel object (0 if none)
+    frame_index: str  # JSON: [[offset, length], ...] into the pixel object
+    derived: str  # JSON: {"metadata": key, "thumbnail": key, "tiles": ...}
+    received_at: float
+    source: str
+
+    @property
+    def frames(self) -> list[tuple[int, int]]:
+        return [(int(o), int(n)) for o, n in json.loads(self.frame_index or "[]")]
+
+    @property
+    def derived_keys(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(self.derived or "{}")
+        return loaded
+
+
+INSTANCE_COLUMNS = [f.name for f in fields(InstanceRecord)]
+
+
+def fold_name(name: str) -> str:
+    """Person name folded for case-insensitive matching."""
+    return name.upper()
+
+
+class Catalog:
+    """Catalog access shared by ingest, query, retrieval and the admin commands.
+
+    Thread-safe: each thread gets its own connection.
+    """
+
+    dialect: str = "sqlite"
+
+    def __init__(self, url_or_path: str | Path, *, synchronous_full: bool = True) -> None:
+        text = str(url_or_path)
+        self._local = threading.local()
+        self._all_connections: list[Any] = []
+        self._conn_lock = threading.Lock()
+        self.synchronous_full = synchronous_full
+        if text.startswith(("postgresql://", "postgres://")):
+            self.dialect = "postgresql"
+            self.url = text
+        else:
+            self.dialect = "sqlite"
+            self.path = Path(text.removeprefix("sqlite:///"))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.url = f"sqlite:///{self.path}"
+        self._create_schema()
+
+    # --- connections -----------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        if self.dialect == "sqlite":
+            conn = sqlite3.connect(
+                self.path, timeout=60, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.synchronous_full else 'NORMAL'}")
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            # LIKE must be case-sensitive (DICOM matching is) and then it can use indexes
+            conn.execute("PRAGMA case_sensitive_like=ON")
+            conn.execute("PRAGMA cache_size=-65536")
+            return conn
+        import psycopg
+
+        try:
+            return psycopg.connect(self.url, autocommit=True)
+        except psycopg.Error as exc:
+            raise CatalogError(f"cannot connect to the catalog: {exc}") from exc
+
+    @property
+    def connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._conn_lock:
+                self._all_connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._conn_lock:
+            for conn in self._all_connections:
+                try:
+                    conn.close()
+                except Exception:  # closing from another thread may complain; it is closed
+                    pass
+            self._all_connections.clear()
+        self._local = threading.local()
+
+    def sql(self, text: str) -> str:
+        """Translate ``?`` placeholders for the engine."""
+        return text if self.dialect == "sqlite" else text.replace("?", "%s")
+
+    def execute(self, text: str, params: Sequence[Any] = ()) -> Any:
+        try:
+            return self.connection.execute(self.sql(text), params)
+        except sqlite3.Error as exc:
+            raise CatalogError(f"catalog error: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith("psycopg"):
+                raise CatalogError(f"catalog error: {exc}") from exc
+            raise
+
+    def fetchall(self, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self.execute(text, params).fetchall())
+
+    def fetchone(self, text: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row = self.execute(text, params).fetchone()
+        return tuple(row) if row is not None else None
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A write transaction; SQLite takes the write lock at once (no upgrade deadlocks)."""
+        conn = self.connection
+        try:
+            if self.dialect == "sqlite":
+                conn.execute("BEGIN IMMEDIATE")
+            else:
+                conn.execute("BEGIN")
+        except Exception as exc:
+            raise CatalogError(f"cannot begin a catalog transaction: {exc}") from exc
+        try:
+            yield
+        except BaseException:
+            try:
+                conn.execute("ROLLBACK")
+            except Exception:
+                pass
+            raise
+        try:
+            conn.execute("COMMIT")
+        except Exception as exc:
+            raise CatalogError(f"catalog commit failed: {exc}") from exc
+
+    def _create_schema(self) -> None:
+        schema = _SCHEMA
+        if self.dialect == "postgresql":
+            # one DDL lock so several processes starting at once do not race
+            with self.transaction():
+                self.execute("SELECT pg_advisory_xact_lock(7301)")
+                for statement in schema.split(";"):
+                    if statement.strip():
+                        self.execute(statement)
+                self._record_version()
+            return
+        with self.transaction():
+            for statement in schema.split(";"):
+                if statement.strip():
+                    self.execute(statement)
+            self._record_version()
+
+    def _record_version(self) -> None:
+        row = self.fetchone("SELECT version FROM kho_schema")
+        if row is None:
+            self.execute("INSERT INTO kho_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise CatalogError(
+                f"catalog schema version {row[0]} is newer than this kho ({SCHEMA_VERSION})"
+            )
+
+    # --- the ingest journal ----------------------------------------------------------
+
+    def begin_pending(self, object_prefix: str) -> None:
+        """Record (durably) that objects are about to be written under ``object_prefix``."""
+        self.execute(
+            "INSERT INTO pending (object_prefix, created_at) VALUES (?, ?) "
+            "ON CONFLICT (object_prefix) DO NOTHING",
+            (object_prefix, time.time()),
+        )
+
+    def end_pending(self, object_prefix: str) -> None:
+        self.execute("DELETE FROM pending WHERE object_prefix = ?", (object_prefix,))
+
+    def pending_prefixes(self, older_than_s: float = 0.0) -> list[str]:
+        cutoff = time.time() - older_than_s
+        rows = self.fetchall("SELECT object_prefix FROM pending WHERE created_at <= ?", (cutoff,))
+        return [r[0] for r in rows]
+
+    def prefix_in_use(self, object_prefix: str) -> bool:
+        row = self.fetchone("SELECT 1 FROM instances WHERE object_prefix = ?", (object_prefix,))
+        return row is not None
+
+    # --- instances -------------------------------------------------------------------
+
+    def get_instance(self, sop_uid: str) -> InstanceRecord | None:
+        row = self.fetchone(
+            f"SELECT {', '.join(INSTANCE_COLUMNS)} FROM instances WHERE sop_uid = ?", (sop_uid,)
+        )
+        return InstanceRecord(*row) if row else None
+
+    def require_instance(self, sop_uid: str) -> InstanceRecord:
+        record = self.get_instance(sop_uid)
+        if record is None:
+            raise NotFoundError(f"no instance {sop_uid}")
+        return record
+
+    def instances_where(self, where: str, params: Sequence[Any]) -> list[InstanceRecord]:
+        rows = self.fetchall(
+            f"SELECT {', '.join(INSTANCE_COLUMNS)} FROM instances WHERE {where} "
+            "ORDER BY series_uid, instance_number, sop_uid",
+            params,
+        )
+        return [InstanceRecord(*r) for r in rows]
+
+    def iter_instances(self, batch: int = 1000) -> Iterator[InstanceRecord]:
+        """Every instance, in SOP Instance UID order, a batch at a time."""
+        last = ""
+        while True:
+            rows = self.fetchall(
+                f"SELECT {', '.join(INSTANCE_COLUMNS)} FROM instances WHERE sop_uid > ? "
+                f"ORDER BY sop_uid LIMIT {int(batch)}",
+                (last,),
+            )
+            if not rows:
+                return
+            for row in rows:
+                yield InstanceRecord(*row)
+            last = rows[-1][0]
+
+    def commit_instance(
+        self, attrs: InstanceAttributes, record: InstanceRecord, *, policy: str
+    ) -> tuple[str, InstanceRecord | None]:
+        """Make an instance visible, deciding duplicates inside the write transaction.
+
+        Returns (outcome, previous record): outcome is "stored" (new SOP Instance UID),
+        "duplicate" (same bytes already stored), "replaced" (policy replace; the old objects
+        are journalled for deletion), "kept" (policy keep) or "rejected" (policy reject).
+        For "kept" and "rejected" the caller deletes the objects it wrote.
+        """
+        values = asdict(record)
+        cols = ", ".join(INSTANCE_COLUMNS)
+        marks = ", ".join("?" for _ in INSTANCE_COLUMNS)
+        with self.transaction():
+            # insert-first makes concurrent stores of one new instance count it once
+            cursor = self.execute(
+                f"INSERT INTO instances ({cols}) VALUES ({marks}) "
+                "ON CONFLICT (sop_uid) DO NOTHING",
+                [values[c] for c in INSTANCE_COLUMNS],
+            )
+            if cursor.rowcount == 1:
+                self._upsert_hierarchy(attrs)
+                self._count_instance(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
+                self.end_pending(record.object_prefix)
+                return "stored", None
+            lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
+            row = self.fetchone(
+                f"SELECT {cols} FROM instances WHERE sop_uid = ?{lock}", (record.sop_uid,)
+            )
+            assert row is not None  # the conflicting row exists and is locked
+            previous = InstanceRecord(*row)
+            if previous.sha256 == record.sha256:
+                if previous.object_prefix != record.object_prefix:
+                    self.end_pending(record.object_prefix)
+                    self.begin_pending(record.object_prefix)  # ours are surplus: clean up
+                else:
+                    self.end_pending(record.object_prefix)
+                return "duplicate", previous
+            if policy != "replace":
+                return ("kept" if policy == "keep" else "rejected"), previous
+            updates = ", ".join(f"{c} = ?" for c in INSTANCE_COLUMNS[1:])
+            self.execute(
+                f"UPDATE instances SET {updates} WHERE sop_uid = ?",
+                [values[c] for c in INSTANCE_COLUMNS[1:]] + [record.sop_uid],
+            )
+            self._upsert_hierarchy(attrs)
+            prev_patient = self.fetchone(
+                "SELECT patient_key FROM studies WHERE study_uid = ?", (previous.study_uid,)
+            )
+            self._count_instance(
+                previous.study_uid,
+                previous.series_uid,
+                prev_patient[0] if prev_patient else "",
+                -1,
+            )
+            self._count_instance(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
+            self.execute(
+                "INSERT INTO replacements (sop_uid, old_sha256, new_sha256, replaced_at) "
+                "VALUES (?, ?, ?, ?)",
+                (record.sop_uid, previous.sha256, record.sha256, time.time()),
+            )
+            self.end_pending(record.object_prefix)
+            if previous.object_prefix != record.object_prefix:
+                self.begin_pending(previous.object_prefix)  # old objects: delete after commit
+            return "replaced", previous
+
+    def _count_instance(self, study_uid: str, series_uid: str, pkey: str, delta: int) -> None:
+        self.execute(
+            "UPDATE series SET num_instances = num_instances + ? WHERE series_uid = ?",
+            (delta, series_uid),
+        )
+        self.execute(
+            "UPDATE studies SET num_instances = num_instances + ? WHERE study_uid = ?",
+            (delta, study_uid),
+        )
+        self.execute(
+            "UPDATE patients SET num_instances = num_instances + ? WHERE patient_key = ?",
+            (delta, pkey),
+        )
+
+    def _upsert_hierarchy(self, a: InstanceAttributes) -> None:
+        now = time.time()
+        pkey = a.patient_key
+        self.execute(
+            "INSERT INTO patients (patient_key, patient_id, issuer_of_patient_id, patient_name, "
+            "patient_name_folded, patient_birth_date, patient_sex) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (patient_key) DO UPDATE SET patient_name = excluded.patient_name, "
+            "patient_name_folded = excluded.patient_name_folded, "
+            "patient_birth_date = excluded.patient_birth_date, "
+            "patient_sex = excluded.patient_sex",
+            (
+                pkey,
+                a.patient_id,
+                a.issuer_of_patient_id,
+                a.patient_name,
+                fold_name(a.patient_name),
+                a.patient_birth_date,
+                a.patient_sex,
+            ),
+        )
+        study = self.fetchone(
+            "SELECT patient_key FROM studies WHERE study_uid = ?", (a.study_uid,)
+        )
+        self.execute(
+            "INSERT INTO studies (study_uid, patient_key, study_date, study_time, "
+            "accession_number, study_id, study_description, referring_physician_name, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (study_uid) DO UPDATE SET study_date = excluded.study_date, "
+            "study_time = excluded.study_time, accession_number = excluded.accession_number, "
+            "study_id = excluded.study_id, study_description = excluded.study_description, "
+            "referring_physician_name = excluded.referring_physician_name, "
+            "updated_at = excluded.updated_at",
+            (
+                a.study_uid,
+                pkey,
+                a.study_date,
+                a.study_time,
+                a.accession_number,
+                a.study_id,
+                a.study_description,
+                a.referring_physician_name,
+                now,
+            ),
+        )
+        if study is None:
+            self.execute(
+                "UPDATE patients SET num_studies = num_studies + 1 WHERE patient_key = ?", (pkey,)
+            )
+        series = self.fetchone(
+            "SELECT modality FROM series WHERE series_uid = ?", (a.series_uid,)
+        )
+        self.execute(
+            "INSERT INTO series (series_uid, study_uid, modality, series_number, "
+            "series_description, body_part_examined, series_date, series_time) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (series_uid) DO UPDATE SET modality = excluded.modality, "
+            "series_number = excluded.series_number, "
+            "series_description = excluded.series_description, "
+            "body_part_examined = excluded.body_part_examined, "
+            "series_date = excluded.series_date, series_time = excluded.series_time",
+            (
+                a.series_uid,
+                a.study_uid,
+                a.modality,
+                a.series_number,
+                a.series_description,
+                a.body_part_examined,
+                a.series_date,
+                a.series_time,
+            ),
+        )
+        if series is None or series[0] != a.modality:
+            self._refresh_modalities(a.study_uid)
+        if series is None:
+            self.execute(
+                "UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?",
+                (a.study_uid,),
+            )
+
+    def _refresh_modalities(self, study_uid: str) -> None:
+        rows = self.fetchall(
+            "SELECT DISTINCT modality FROM series WHERE study_uid = ? AND modality <> ''",
+            (study_uid,),
+        )
+        joined = "\\".join(sorted(r[0] for r in rows))
+        self.execute(
+            "UPDATE studies SET modalities_in_study = ? WHERE study_uid = ?", (joined, study_uid)
+        )
+
+    # --- statistics ------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        out = {}
+        for table in ("patients", "studies", "series", "instances"):
+            row = self.fetchone(f"SELECT count(*) FROM {table}")
+            out[table] = int(row[0]) if row else 0
+        return out
+
+    def bytes_by_modality(self) -> list[tuple[str, int, int, int]]:
+        """(modality, instances, received bytes, stored bytes) per modality."""
+        rows = self.fetchall(
+            "SELECT s.modality, count(*), sum(i.received_size), sum(i.stored_size) "
+            "FROM instances i JOIN series s ON s.series_uid = i.series_uid "
+            "GROUP BY s.modality ORDER BY s.modality"
+        )
+        return [(r[0], int(r[1]), int(r[2] or 0), int(r[3] or 0)) for r in rows]

@@ -1,0 +1,122 @@
+"""Settings: one object, from a TOML file and ``KHO_*`` environment variables.
+
+Precedence (highest first): explicit keyword arguments, environment, TOML file, defaults.
+The TOML file is named by ``KHO_CONFIG`` or ``--config``; its keys are the field names below
+(``[move_destinations]`` is a table of AE title -> "host:port").
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kho.errors import ConfigError
+
+
+class DuplicatePolicy(str, Enum):
+    """What a second, different instance under a stored SOP Instance UID does."""
+
+    REPLACE = "replace"  # keep the newer, record the replacement (default)
+    KEEP = "keep"  # keep the first; answer success with a warning
+    REJECT = "reject"  # refuse the newcomer (DIMSE 0x0111, HTTP 409)
+
+
+class Settings(BaseSettings):
+    """Everything `kho serve`, `kho import` and the tests configure."""
+
+    model_config = SettingsConfigDict(env_prefix="KHO_", extra="forbid")
+
+    data_dir: Path = Field(Path("./kho-data"), description="data directory (catalog, objects)")
+    catalog_url: str = Field(
+        "", description="catalog database: empty = SQLite in data_dir, or postgresql://..."
+    )
+    storage_url: str = Field(
+        "", description="object store: empty = data_dir/objects, a path, or s3://..."
+    )
+    ae_title: str = Field("KHO", description="the archive's AE title")
+    host: str = Field("127.0.0.1", description="address the DICOM and HTTP servers bind")
+    dicom_port: int = Field(11112, description="DICOM (DIMSE) port")
+    http_port: int = Field(8080, description="HTTP (DICOMweb) port")
+    duplicate_policy: DuplicatePolicy = Field(DuplicatePolicy.REPLACE)
+    max_pdu_size: int = Field(
+        4 * 1024 * 1024, description="largest P-DATA PDU the archive accepts (0 = unlimited)"
+    )
+    max_associations: int = Field(64, description="concurrent associations")
+    ingest_threads: int = Field(0, description="threads encoding pixel data (0 = cores)")
+    fsync: bool = Field(True, description="fsync objects and catalog commits (durability)")
+    require_called_ae: bool = Field(False, description="refuse associations to another AE title")
+    find_result_limit: int = Field(10000, description="C-FIND / QIDO-RS result cap")
+    move_destinations: dict[str, str] = Field(
+        default_factory=dict, description="C-MOVE destinations: AE title -> host:port"
+    )
+    log_level: str = Field("INFO")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        value = value.strip()
+        if not value or len(value) > 16 or "\\" in value:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlSource(settings_cls)
+
+    # --- derived ---------------------------------------------------------------------
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "catalog.sqlite3"
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.data_dir / "objects"
+
+    def move_destination(self, ae_title: str) -> tuple[str, int] | None:
+        """(host, port) of a configured C-MOVE destination, or None."""
+        target = self.move_destinations.get(ae_title.strip())
+        if target is None:
+            return None
+        host, _, port = target.rpartition(":")
+        return host, int(port)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the TOML file named by KHO_CONFIG (set by ``kho --config`` too)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("KHO_CONFIG")
+        if not path:
+            return {}
+        try:
+            with open(path, "rb") as fh:
+                return tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Settings from the file (or KHO_CONFIG), the environment and ``overrides``."""
+    if config_file is not None:
+        os.environ["KHO_CONFIG"] = str(config_file)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

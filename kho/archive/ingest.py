@@ -1,0 +1,253 @@
+"""The ingest pipeline shared by C-STORE, STOW-RS and `kho import`.
+
+parse and check -> early duplicate check -> journal the object prefix -> write objects
+(durable) -> commit the catalog row (visible) -> clean up replaced or surplus objects.
+Nothing is visible before the commit; everything acknowledged was durable before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from kho.archive import keys
+from kho.archive.attributes import InstanceAttributes, extract_attributes, read_header
+from kho.archive.catalog import InstanceRecord
+from kho.archive.part10 import Part10Layout, build_file_meta, parse_part10
+from kho.archive.pixels import encode_pixels
+from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError
+
+if TYPE_CHECKING:
+    from kho.archive.archive import Archive
+
+log = logging.getLogger(__name__)
+
+
+class IngestOutcome(str, Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same bytes were already stored: nothing written
+    REPLACED = "replaced"  # policy replace: the newer instance is now the stored one
+    KEPT = "kept"  # policy keep: the stored instance stays, the newcomer is dropped
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    outcome: IngestOutcome
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sha256: str
+    received_size: int
+    stored_size: int
+
+
+def ingest_dimse(
+    archive: Archive,
+    dataset: bytes | bytearray | memoryview,
+    *,
+    transfer_syntax_uid: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    source_ae: str = "",
+) -> IngestResult:
+    """Ingest a dataset received over DIMSE: wrap it in a File Meta Information first."""
+    if not dataset:
+        raise InvalidDicomError("empty dataset")
+    meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
+    return ingest_part10(
+        archive,
+        meta + bytes(dataset),
+        expected_sop_class_uid=sop_class_uid,
+        expected_sop_instance_uid=sop_instance_uid,
+        source=f"dimse:{source_ae.strip()}",
+    )
+
+
+def ingest_part10(
+    archive: Archive,
+    data: bytes,
+    *,
+    expected_sop_class_uid: str | None = None,
+    expected_sop_instance_uid: str | None = None,
+    source: str = "",
+    lenient_identity: bool = False,
+) -> IngestResult:
+    """Ingest one DICOM file's bytes; raise InvalidDicomError / DatasetMismatchError /
+    DuplicateInstanceError / StorageError, having made nothing visible.
+
+    ``lenient_identity`` (file import): a file with no SOP Instance UID anywhere is accepted
+    under a surrogate derived from its SHA-256.  Network input must carry its own.
+    """
+    if not data:
+        raise InvalidDicomError("empty input: 0 bytes")
+    layout = parse_part10(data)
+    split = layout.pixels.element_offset if layout.pixels else None
+    ds = read_header(data, split)
+    sha = hashlib.sha256(data).hexdigest()
+    attrs = extract_attributes(
+        ds,
+        sop_uid_fallback=expected_sop_instance_uid or layout.media_sop_instance_uid,
+        sop_class_fallback=expected_sop_class_uid or layout.media_sop_class_uid,
+        surrogate_sop_anchor=sha if lenient_identity else None,
+    )
+    _check_identity(layout, attrs, expected_sop_class_uid, expected_sop_instance_uid)
+    for warning in attrs.warnings:
+        log.warning("instance %s: %s", attrs.sop_uid, warning)
+
+    catalog = archive.catalog
+    existing = catalog.get_instance(attrs.sop_uid)
+    if existing is not None and existing.sha256 == sha:
+        return _result(IngestOutcome.DUPLICATE, attrs, existing)
+    if existing is not None and archive.settings.duplicate_policy.value == "reject":
+        raise DuplicateInstanceError(
+            f"SOP Instance UID {attrs.sop_uid} is already stored with different content"
+        )
+
+    prefix = keys.instance_prefix(attrs.study_uid, attrs.series_uid, attrs.sop_uid, sha)
+    record = _write_objects(archive, data, layout, ds, attrs, sha, prefix, source)
+    outcome, previous = catalog.commit_instance(
+        attrs, record, policy=archive.settings.duplicate_policy.value
+    )
+    if outcome in ("kept", "rejected"):
+        archive.delete_prefix(record.object_prefix)
+        catalog.end_pending(record.object_prefix)
+        if outcome == "rejected":
+            raise DuplicateInstanceError(
+                f"SOP Instance UID {attrs.sop_uid} is already stored with different content"
+            )
+        assert previous is not None
+        return _result(IngestOutcome.KEPT, attrs, previous)
+    if outcome == "duplicate":
+        assert previous is not None
+        if previous.object_prefix != record.object_prefix:
+            archive.delete_prefix(record.object_prefix)
+            catalog.end_pending(record.object_prefix)
+        return _result(IngestOutcome.DUPLICATE, attrs, previous)
+    if outcome == "replaced":
+        assert previous is not None
+        log.info("replaced instance %s (sha256 %s -> %s)", attrs.sop_uid, previous.sha256, sha)
+        if previous.object_prefix != record.object_prefix:
+            archive.delete_prefix(previous.object_prefix)
+            catalog.end_pending(previous.object_prefix)
+        return _result(IngestOutcome.REPLACED, attrs, record)
+    return _result(IngestOutcome.STORED, attrs, record)
+
+
+def _check_identity(
+    layout: Part10Layout,
+    attrs: InstanceAttributes,
+    expected_class: str | None,
+    expected_instance: str | None,
+) -> None:
+    """The DIMSE command's UIDs must be the dataset's (PS3.4 B.2.3: else 0xA900).
+
+    A File Meta that disagrees with its dataset is tolerated with a warning: the dataset is
+    authoritative and such files exist in the wild.
+    """
+    if expected_instance is not None and not attrs.sop_uid_in_dataset:
+        raise DatasetMismatchError("dataset has no SOP Instance UID (0008,0018)")
+    if expected_instance is not None and attrs.sop_uid != expected_instance:
+        raise DatasetMismatchError(
+            f"dataset SOP Instance UID {attrs.sop_uid} differs from the request's "
+            f"{expected_instance}"
+        )
+    if expected_class is not None and attrs.sop_class_uid != expected_class:
+        raise DatasetMismatchError(
+            f"dataset SOP Class UID {attrs.sop_class_uid} differs from the request's "
+            f"{expected_class}"
+        )
+    if layout.media_sop_instance_uid and layout.media_sop_instance_uid != attrs.sop_uid:
+        attrs.warnings.append(
+            f"File Meta SOP Instance UID {layout.media_sop_instance_uid} differs from the "
+            "dataset's; the dataset's is used"
+        )
+
+
+def _write_objects(
+    archive: Archive,
+    data: bytes,
+    layout: Part10Layout,
+    ds: object,
+    attrs: InstanceAttributes,
+    sha: str,
+    prefix: str,
+    source: str,
+) -> InstanceRecord:
+    """Journal the prefix, then write header, pixels and derived objects durably."""
+    store = archive.store
+    archive.catalog.begin_pending(prefix)
+    pixels = layout.pixels
+    if pixels is None:
+        header = data
+        split = len(data)
+        encoded = None
+    else:
+        value_end = pixels.value_offset + pixels.value_length
+        header = data[: pixels.value_offset] + data[value_end:]
+        split = pixels.value_offset
+        encoded = encode_pixels(archive, data, layout, attrs)
+    store.put(keys.header_key(prefix), header)
+    stored_size = len(header)
+    frame_index: list[list[list[int]]] = []
+    pixel_format = "none"
+    pixel_size = 0
+    if encoded is not None:
+        store.put(keys.pixels_key(prefix), encoded.payload)
+        pixel_format = encoded.pixel_format
+        pixel_size = len(encoded.payload)
+        frame_index = encoded.frame_index
+        stored_size += pixel_size
+    derived: dict[str, object] = {}
+    for name, blob in archive.derive(data, layout, ds, attrs, encoded).items():
+        key = keys.derived_key(prefix, name)
+        store.put(key, blob)
+        derived[name] = key
+        stored_size += len(blob)
+    return InstanceRecord(
+        sop_uid=attrs.sop_uid,
+        series_uid=attrs.series_uid,
+        study_uid=attrs.study_uid,
+        sop_class_uid=attrs.sop_class_uid,
+        instance_number=attrs.instance_number,
+        rows_=attrs.rows,
+        columns_=attrs.columns,
+        number_of_frames=attrs.number_of_frames,
+        bits_allocated=attrs.bits_allocated,
+        bits_stored=attrs.bits_stored,
+        pixel_representation=attrs.pixel_representation,
+        samples_per_pixel=attrs.samples_per_pixel,
+        photometric_interpretation=attrs.photometric_interpretation,
+        planar_configuration=attrs.planar_configuration,
+        content_date=attrs.content_date,
+        content_time=attrs.content_time,
+        transfer_syntax_uid=layout.transfer_syntax_uid,
+        sha256=sha,
+        received_size=len(data),
+        stored_size=stored_size,
+        object_prefix=prefix,
+        header_size=len(header),
+        pixel_split=split,
+        pixel_format=pixel_format,
+        pixel_size=pixel_size,
+        frame_index=json.dumps(frame_index, separators=(",", ":")),
+        derived=json.dumps(derived, separators=(",", ":")),
+        received_at=time.time(),
+        source=source[:64],
+    )
+
+
+def _result(outcome: IngestOutcome, attrs: InstanceAttributes, rec: InstanceRecord) -> IngestResult:
+    return IngestResult(
+        outcome=outcome,
+        sop_uid=attrs.sop_uid,
+        study_uid=attrs.study_uid,
+        series_uid=attrs.series_uid,
+        sha256=rec.sha256,
+        received_size=rec.received_size,
+        stored_size=rec.stored_size,
+    )

@@ -1,0 +1,27 @@
+"""Object keys: derived from hashes, never from UID text or patient data.
+
+A hostile UID cannot reach the filesystem or the bucket, and the two-level fan-out spreads
+objects evenly (S3 partitions by prefix, filesystems dislike huge folders).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def instance_prefix(study_uid: str, series_uid: str, sop_uid: str, sha256_hex: str) -> str:
+    """Prefix of one stored version of an instance (a replacement gets a new prefix)."""
+    uid_hash = hashlib.sha256(f"{study_uid}\x00{series_uid}\x00{sop_uid}".encode()).hexdigest()
+    return f"i/{uid_hash[:2]}/{uid_hash[2:4]}/{uid_hash[:40]}/{sha256_hex[:16]}"
+
+
+def header_key(prefix: str) -> str:
+    return f"{prefix}/header"
+
+
+def pixels_key(prefix: str) -> str:
+    return f"{prefix}/pixels"
+
+
+def derived_key(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}"
