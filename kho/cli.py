@@ -1,0 +1,236 @@
+"""The `kho` command: serve | import | verify | stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kho.archive.archive import Archive
+from kho.archive.config import Settings, load_settings
+from kho.errors import KhoError
+
+log = logging.getLogger("kho")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        args.config,
+        data_dir=getattr(args, "data_dir", None),
+        ae_title=getattr(args, "ae_title", None),
+        dicom_port=getattr(args, "port", None),
+        http_port=getattr(args, "http_port", None),
+        host=getattr(args, "host", None),
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    from kho.dicom_scp.server import DicomServer
+
+    archive = Archive(settings)
+    cleaned = archive.recover(older_than_s=args.recover_after)
+    if cleaned:
+        log.info("recovery: removed objects of %d interrupted ingests", cleaned)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    server = DicomServer(archive).start()
+    # a line the tests and scripts wait for
+    print(f"kho: DICOM {settings.ae_title} on {settings.host}:{server.port}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+        archive.close()
+    return 0
+
+
+# --- import -----------------------------------------------------------------------------
+
+
+def _walk(paths: Sequence[str]) -> Iterator[Path]:
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for root, _dirs, files in os.walk(path):
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield path
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("WARNING" if not args.verbose else "INFO")
+    from tqdm import tqdm
+
+    files = list(_walk(args.paths))
+    outcomes: Counter[str] = Counter()
+    rejected: list[tuple[str, str]] = []
+    with Archive(settings) as archive:
+        for path in tqdm(files, unit="file", disable=args.quiet or not sys.stderr.isatty()):
+            try:
+                data = path.read_bytes()
+                result = archive.ingest_part10(
+                    data, source=f"import:{path.name}", lenient_identity=True
+                )
+                outcomes[result.outcome.value] += 1
+            except (KhoError, OSError) as exc:
+                outcomes["rejected"] += 1
+                rejected.append((str(path), str(exc)))
+    summary = {
+        "files": len(files),
+        "stored": outcomes["stored"],
+        "replaced": outcomes["replaced"],
+        "duplicates": outcomes["duplicate"] + outcomes["kept"],
+        "rejected": outcomes["rejected"],
+        "rejections": [{"path": p, "reason": r} for p, r in rejected],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"{summary['files']} files: {summary['stored']} stored, "
+            f"{summary['replaced']} replaced, {summary['duplicates']} duplicates, "
+            f"{summary['rejected']} rejected"
+        )
+        for path_text, reason in rejected:
+            print(f"  rejected {path_text}: {reason}")
+    return 1 if rejected and not outcomes["stored"] + outcomes["duplicate"] else 0
+
+
+# --- verify / stats ---------------------------------------------------------------------
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    checked = bad = 0
+    with Archive(settings) as archive:
+        for record, problem in archive.verify():
+            checked += 1
+            if problem:
+                bad += 1
+                print(f"BAD {record.sop_uid}: {problem}")
+    print(f"verified {checked} instances: {checked - bad} intact, {bad} damaged")
+    return 1 if bad else 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    with Archive(settings) as archive:
+        stats = archive.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(
+        f"patients {stats['patients']}  studies {stats['studies']}  series {stats['series']}  "
+        f"instances {stats['instances']}"
+    )
+    ratio = f"{stats['ratio']:.2f}x" if stats["ratio"] else "-"
+    print(
+        f"received {_human(stats['received_bytes'])}  stored {_human(stats['stored_bytes'])}  "
+        f"ratio {ratio}"
+    )
+    print(f"{'modality':10} {'instances':>10} {'received':>12} {'stored':>12} {'ratio':>7}")
+    for row in stats["by_modality"]:
+        r = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+        print(
+            f"{row['modality']:10} {row['instances']:>10} {_human(row['received_bytes']):>12} "
+            f"{_human(row['stored_bytes']):>12} {r:>7}"
+        )
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kho", description="kho medical imaging archive")
+    parser.add_argument("--config", help="TOML settings file (also KHO_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", type=Path, help="data directory (KHO_DATA_DIR)")
+
+    serve = sub.add_parser("serve", help="run the DICOM server")
+    common(serve)
+    serve.add_argument("--ae-title", help="AE title (KHO_AE_TITLE)")
+    serve.add_argument("--host", help="bind address (KHO_HOST)")
+    serve.add_argument("--port", type=int, help="DICOM port (KHO_DICOM_PORT)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (KHO_HTTP_PORT)")
+    serve.add_argument(
+        "--recover-after",
+        type=float,
+        default=0.0,
+        help="at start, clean journalled ingests older than this many seconds "
+        "(0 = all: only when no other process shares the catalog)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    imp = sub.add_parser("import", help="bulk-load DICOM files and folders")
+    common(imp)
+    imp.add_argument("paths", nargs="+")
+    imp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    imp.add_argument("--verbose", action="store_true")
+    imp.set_defaults(func=cmd_import)
+
+    verify = sub.add_parser("verify", help="check every stored instance against its SHA-256")
+    common(verify)
+    verify.set_defaults(func=cmd_verify)
+
+    stats = sub.add_parser("stats", help="what the archive holds")
+    common(stats)
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=cmd_stats)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KhoError as exc:
+        print(f"kho: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

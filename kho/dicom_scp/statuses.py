@@ -1,0 +1,64 @@
+"""DIMSE status codes kho answers with, and the mapping from kho errors (one place)."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from kho.errors import (
+    CatalogError,
+    DatasetMismatchError,
+    DuplicateInstanceError,
+    InvalidDicomError,
+    KhoError,
+    NotFoundError,
+    QueryError,
+    StorageError,
+)
+
+SUCCESS = 0x0000
+# C-STORE (PS3.4 B.2.3)
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.4: used by archives that refuse duplicates
+PROCESSING_FAILURE = 0x0110
+# C-FIND / C-MOVE / C-GET (PS3.4 C.4)
+QR_OUT_OF_RESOURCES = 0xA700
+QR_UNABLE_TO_CALCULATE_MATCHES = 0xA701
+QR_UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+CANCEL = 0xFE00
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01
+SUBOPERATIONS_WITH_FAILURES = 0xB000
+
+_ERROR_COMMENT_LIMIT = 64  # Error Comment (0000,0902) is LO
+
+
+def store_status_for(exc: BaseException) -> int:
+    """The C-STORE failure status for an exception raised by the archive."""
+    if isinstance(exc, DatasetMismatchError):
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if isinstance(exc, InvalidDicomError):
+        return CANNOT_UNDERSTAND
+    if isinstance(exc, DuplicateInstanceError):
+        return DUPLICATE_SOP_INSTANCE
+    if isinstance(exc, (StorageError, CatalogError, MemoryError)):
+        return OUT_OF_RESOURCES
+    if isinstance(exc, (QueryError, NotFoundError)):
+        return UNABLE_TO_PROCESS
+    if isinstance(exc, KhoError):
+        return PROCESSING_FAILURE
+    return PROCESSING_FAILURE
+
+
+def status_dataset(status: int, comment: str | None = None) -> Dataset:
+    """A status dataset with an Error Comment (truncated to what LO holds)."""
+    ds = Dataset()
+    ds.Status = status
+    if comment:
+        text = " ".join(comment.split())
+        ds.ErrorComment = text[:_ERROR_COMMENT_LIMIT]
+    return ds
