@@ -71,7 +71,9 @@ class Archive:
                 settings.catalog_url or settings.sqlite_path, synchronous_full=settings.fsync
             )
         )
-        self.derivers: list[Deriver] = []
+        from kho.archive.derived import default_derivers
+
+        self.derivers: list[Deriver] = default_derivers(settings)
 
     def close(self) -> None:
         self.catalog.close()

@@ -1,0 +1,19 @@
+"""Objects derived at ingest (DESIGN.md "derived"): which derivers an archive runs.
+
+Each deriver takes (Part 10 bytes, layout, parsed header, attributes, encoded pixels) and
+returns {object name: bytes}; the names become keys under the instance's prefix and are
+recorded in ``instances.derived``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kho.archive.archive import Deriver
+    from kho.archive.config import Settings
+
+
+def default_derivers(settings: Settings) -> list[Deriver]:
+    derivers: list[Deriver] = []
+    return derivers
