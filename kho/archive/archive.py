@@ -73,6 +73,9 @@ class Archive:
         )
         from kho.archive.derived import default_derivers
 
+        #: encode native pixel data with the at-rest codec (JPEG-LS) when it can
+        self.at_rest_codec = settings.at_rest_codec
+
         self.derivers: list[Deriver] = default_derivers(settings)
 
     def close(self) -> None:
@@ -189,7 +192,7 @@ class Archive:
 
     def stats(self) -> dict[str, Any]:
         counts = self.catalog.counts()
-        per_modality = [
+        per_modality: list[dict[str, Any]] = [
             {
                 "modality": m or "(none)",
                 "instances": n,

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -230,10 +230,9 @@ class Catalog:
     def close(self) -> None:
         with self._conn_lock:
             for conn in self._all_connections:
-                try:
+                # closing another thread's connection may complain; it is closed anyway
+                with suppress(Exception):
                     conn.close()
-                except Exception:  # closing from another thread may complain; it is closed
-                    pass
             self._all_connections.clear()
         self._local = threading.local()
 
@@ -272,10 +271,8 @@ class Catalog:
         try:
             yield
         except BaseException:
-            try:
+            with suppress(Exception):
                 conn.execute("ROLLBACK")
-            except Exception:
-                pass
             raise
         try:
             conn.execute("COMMIT")
@@ -383,8 +380,7 @@ class Catalog:
         with self.transaction():
             # insert-first makes concurrent stores of one new instance count it once
             cursor = self.execute(
-                f"INSERT INTO instances ({cols}) VALUES ({marks}) "
-                "ON CONFLICT (sop_uid) DO NOTHING",
+                f"INSERT INTO instances ({cols}) VALUES ({marks}) ON CONFLICT (sop_uid) DO NOTHING",
                 [values[c] for c in INSTANCE_COLUMNS],
             )
             if cursor.rowcount == 1:
@@ -467,9 +463,7 @@ class Catalog:
                 a.patient_sex,
             ),
         )
-        study = self.fetchone(
-            "SELECT patient_key FROM studies WHERE study_uid = ?", (a.study_uid,)
-        )
+        study = self.fetchone("SELECT patient_key FROM studies WHERE study_uid = ?", (a.study_uid,))
         self.execute(
             "INSERT INTO studies (study_uid, patient_key, study_date, study_time, "
             "accession_number, study_id, study_description, referring_physician_name, "
@@ -495,9 +489,7 @@ class Catalog:
             self.execute(
                 "UPDATE patients SET num_studies = num_studies + 1 WHERE patient_key = ?", (pkey,)
             )
-        series = self.fetchone(
-            "SELECT modality FROM series WHERE series_uid = ?", (a.series_uid,)
-        )
+        series = self.fetchone("SELECT modality FROM series WHERE series_uid = ?", (a.series_uid,))
         self.execute(
             "INSERT INTO series (series_uid, study_uid, modality, series_number, "
             "series_description, body_part_examined, series_date, series_time) "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from kho.errors import ConfigError
 
 
-class DuplicatePolicy(str, Enum):
+class DuplicatePolicy(StrEnum):
     """What a second, different instance under a stored SOP Instance UID does."""
 
     REPLACE = "replace"  # keep the newer, record the replacement (default)
@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     )
     max_associations: int = Field(64, description="concurrent associations")
     ingest_threads: int = Field(0, description="threads encoding pixel data (0 = cores)")
+    at_rest_codec: bool = Field(
+        True, description="store native pixel data as JPEG-LS lossless (else as received)"
+    )
     fsync: bool = Field(True, description="fsync objects and catalog commits (durability)")
     require_called_ae: bool = Field(False, description="refuse associations to another AE title")
     find_result_limit: int = Field(10000, description="C-FIND / QIDO-RS result cap")

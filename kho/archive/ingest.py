@@ -12,8 +12,10 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING
+
+from pydicom.dataset import Dataset
 
 from kho.archive import keys
 from kho.archive.attributes import InstanceAttributes, extract_attributes, read_header
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class IngestOutcome(str, Enum):
+class IngestOutcome(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # same bytes were already stored: nothing written
     REPLACED = "replaced"  # policy replace: the newer instance is now the stored one
@@ -172,7 +174,7 @@ def _write_objects(
     archive: Archive,
     data: bytes,
     layout: Part10Layout,
-    ds: object,
+    ds: Dataset,
     attrs: InstanceAttributes,
     sha: str,
     prefix: str,

@@ -75,7 +75,10 @@ def read_file_meta(data: bytes | memoryview) -> tuple[dict[int, bytes], int]:
     wild: 'DICM' without preamble, group 0002 without preamble nor 'DICM', and no meta at all
     (a bare dataset: empty dict, offset 0).
     """
-    if len(data) >= PREAMBLE_LENGTH + 4 and bytes(data[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4]) == MAGIC:
+    if (
+        len(data) >= PREAMBLE_LENGTH + 4
+        and bytes(data[PREAMBLE_LENGTH : PREAMBLE_LENGTH + 4]) == MAGIC
+    ):
         pos = PREAMBLE_LENGTH + 4
     elif bytes(data[:4]) == MAGIC:
         pos = 4
@@ -168,7 +171,9 @@ class _Walker:
             if tag == SEQUENCE_DELIMITER:
                 return value_pos
             if tag != ITEM:
-                raise InvalidDicomError(f"expected a sequence item at byte {pos}, found tag {tag:08X}")
+                raise InvalidDicomError(
+                    f"expected a sequence item at byte {pos}, found tag {tag:08X}"
+                )
             if length == UNDEFINED_LENGTH:
                 pos = self.elements(value_pos, self.end, implicit, depth + 1, item=True)
             else:
@@ -242,7 +247,9 @@ class _Walker:
         while pos < stop:
             tag, _vr, length, value_pos = self.header(pos, True)
             if tag != ITEM:
-                raise InvalidDicomError(f"expected a sequence item at byte {pos}, found tag {tag:08X}")
+                raise InvalidDicomError(
+                    f"expected a sequence item at byte {pos}, found tag {tag:08X}"
+                )
             if length == UNDEFINED_LENGTH:
                 pos = self.elements(value_pos, stop, implicit, depth + 1, item=True)
             else:

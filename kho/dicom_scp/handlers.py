@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pydicom.dataset import Dataset
+from pynetdicom.dimse_primitives import C_STORE
 
 from kho.dicom_scp.statuses import (
     PROCESSING_FAILURE,
@@ -29,7 +30,7 @@ def handle_echo(event: Event) -> int:
 
 def handle_store(event: Event, archive: Archive) -> int | Dataset:
     """C-STORE: ingest the dataset bytes exactly as received; success only once durable."""
-    request = event.request
+    request = cast(C_STORE, event.request)
     buffer = request.DataSet
     data = buffer.getvalue() if buffer is not None else b""
     calling_ae = event.assoc.requestor.ae_title

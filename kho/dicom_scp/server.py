@@ -30,7 +30,7 @@ class _ReusePortServer(ThreadedAssociationServer):
     reuse_port = False
 
     def server_bind(self) -> None:
-        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        if self.reuse_port and self.socket is not None and hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -51,7 +51,7 @@ def build_ae(archive: Archive) -> AE:
     ae.dimse_timeout = 120
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
     return ae
 
 
@@ -78,8 +78,9 @@ class DicomServer:
 
     def start(self) -> DicomServer:
         settings = self.archive.settings
-        server_class = type("KhoAssociationServer", (_ReusePortServer,), {})
-        server_class.reuse_port = self.reuse_port
+        server_class: type[_ReusePortServer] = type(
+            "KhoAssociationServer", (_ReusePortServer,), {"reuse_port": self.reuse_port}
+        )
         self._server = self.ae.make_server(
             (settings.host, settings.dicom_port),
             evt_handlers=event_handlers(self.archive),
@@ -91,9 +92,7 @@ class DicomServer:
             target=self._server.serve_forever, name="kho-dicom-acceptor", daemon=True
         )
         thread.start()
-        log.info(
-            "DICOM server %s listening on %s:%d", settings.ae_title, settings.host, self.port
-        )
+        log.info("DICOM server %s listening on %s:%d", settings.ae_title, settings.host, self.port)
         return self
 
     def stop(self) -> None:
