@@ -95,7 +95,11 @@ class StoreSCP:
 
 @contextlib.contextmanager
 def run_storescp(
-    folder: Path, *, ae_title: str = "STORESCP", port: int | None = None, extra: tuple[str, ...] = ()
+    folder: Path,
+    *,
+    ae_title: str = "STORESCP",
+    port: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[StoreSCP]:
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()

@@ -15,26 +15,28 @@ from tests.helpers.dcmtk import free_port, wait_for_port
 
 @contextlib.contextmanager
 def kho_serve(
-    data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """Start `kho serve` on a free port; stop it by PID (SIGTERM, then SIGKILL)."""
     port = port or free_port()
-    log = open(data_dir.parent / f"serve-{port}.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kho.cli", "serve", "--data-dir", str(data_dir), "--port", str(port), *args],
-        env={**os.environ, **(env or {})},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port(port, timeout=60, proc=proc)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+    command = [sys.executable, "-m", "kho.cli", "serve", "--data-dir", str(data_dir)]
+    command += ["--port", str(port), *args]
+    with open(data_dir.parent / f"serve-{port}.log", "ab") as log:
+        proc = subprocess.Popen(
+            command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for_port(port, timeout=60, proc=proc)
+            yield proc, port
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
