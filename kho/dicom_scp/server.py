@@ -13,7 +13,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from kho.archive.archive import Archive
-from kho.dicom_scp import handlers
+from kho.dicom_scp import handlers, qr
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class _ReusePortServer(ThreadedAssociationServer):
 
 
 def build_ae(archive: Archive) -> AE:
-    """The archive's AE: Verification, Storage (every SOP class, even private ones)."""
+    """The archive's AE: Verification, Storage (every SOP class, even private ones),
+    Query/Retrieve (FIND, GET, MOVE)."""
     settings = archive.settings
     # accept storage of SOP classes pynetdicom does not list (private, newer than it)
     _config.UNRESTRICTED_STORAGE_SERVICE = True
@@ -51,7 +52,15 @@ def build_ae(archive: Archive) -> AE:
     ae.dimse_timeout = 120
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(str(context.abstract_syntax), TRANSFER_SYNTAXES)
+        # both roles: a C-GET requestor proposes to be the storage SCP (role selection)
+        ae.add_supported_context(
+            str(context.abstract_syntax), TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
+    # Query/Retrieve: C-FIND, C-GET, C-MOVE in the patient root and study root models
+    for sop_class in qr.QR_SOP_CLASSES:
+        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    # C-MOVE/C-GET send stored bytes from files unchanged (see kho.dicom_scp.qr)
+    qr.enable_raw_sending()
     return ae
 
 
@@ -59,6 +68,9 @@ def event_handlers(archive: Archive) -> list[Any]:
     return [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+        (evt.EVT_C_FIND, qr.handle_find, [archive]),
+        (evt.EVT_C_GET, qr.handle_get, [archive]),
+        (evt.EVT_C_MOVE, qr.handle_move, [archive]),
     ]
 
 

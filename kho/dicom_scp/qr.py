@@ -1,0 +1,451 @@
+"""Query/Retrieve handlers: C-FIND, C-GET and C-MOVE for the Patient Root and Study Root
+information models, on the shared matching engine (kho.archive.query).
+
+Retrieved instances leave bit for bit as stored.  pynetdicom re-encodes any pydicom Dataset
+a C-GET/C-MOVE handler yields, which would change the bytes (group lengths dropped,
+sequence lengths rewritten...).  So the handlers yield a placeholder Dataset
+(StoredInstance) and replace ``send_c_store`` on the association that sends it with one
+that writes the stored Part 10 bytes to a temporary file and hands pynetdicom that path;
+with ``_config.STORE_SEND_CHUNKED_DATASET`` (set by the server) pynetdicom then sends the
+file's dataset bytes unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from io import BytesIO
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config, build_context, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from kho.archive import query
+from kho.archive.catalog import InstanceRecord
+from kho.archive.part10 import build_file_meta, read_file_meta
+from kho.dicom_scp.statuses import (
+    CANCEL,
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    PENDING,
+    PENDING_WARNING,
+    QR_OUT_OF_RESOURCES,
+    QR_UNABLE_TO_CALCULATE_MATCHES,
+    QR_UNABLE_TO_PERFORM_SUBOPERATIONS,
+    UNABLE_TO_PROCESS,
+    status_dataset,
+)
+from kho.errors import CatalogError, KhoError, QueryError
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+    from pynetdicom.events import Event
+
+    from kho.archive.archive import Archive
+
+log = logging.getLogger(__name__)
+
+FIND_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelFind): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelFind): "STUDY",
+}
+GET_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelGet): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelGet): "STUDY",
+}
+MOVE_MODELS = {
+    str(PatientRootQueryRetrieveInformationModelMove): "PATIENT",
+    str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
+}
+QR_SOP_CLASSES = [*FIND_MODELS, *GET_MODELS, *MOVE_MODELS]
+
+#: levels each information model has (study root has no patient level)
+MODEL_LEVELS = {
+    "PATIENT": ("PATIENT", "STUDY", "SERIES", "IMAGE"),
+    "STUDY": ("STUDY", "SERIES", "IMAGE"),
+}
+# answered without being "unsupported": they carry no matching
+_ALWAYS_ACCEPTED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
+_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+_MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
+
+
+class Refusal(Exception):
+    """A request refused before any match: the status and the reason."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+
+
+# --- identifiers -----------------------------------------------------------------------
+
+
+def _decode_identifier(event: Event) -> Dataset:
+    try:
+        identifier = event.identifier
+        # touch every element so a malformed value fails here, not halfway through
+        for elem in identifier:
+            _ = elem.value
+    except Exception as exc:  # pydicom raises many types for undecodable bytes
+        raise Refusal(UNABLE_TO_PROCESS, f"cannot decode the identifier: {exc}") from exc
+    return identifier
+
+
+def _text_value(elem: Any) -> str:
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return str(value).strip()
+
+
+def _level(identifier: Dataset, model: str) -> str:
+    raw = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if not raw:
+        raise Refusal(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "no Query/Retrieve Level (0008,0052)")
+    if raw not in MODEL_LEVELS[model]:
+        raise Refusal(
+            IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            f"level {raw} is not in the {model.lower()} root model",
+        )
+    return raw
+
+
+def _check_hierarchy(level: str, model: str, keys: dict[str, str]) -> None:
+    """Hierarchical queries (PS3.4 C.4.1.3.1.1): each level above the query level is named
+    by its unique key with one value."""
+    for above in MODEL_LEVELS[model][: MODEL_LEVELS[model].index(level)]:
+        unique = query.UNIQUE_KEY[above]
+        value = keys.get(unique, "")
+        if not value or "*" in value or "?" in value or "\\" in value:
+            raise Refusal(
+                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                f"{level} level in the {model.lower()} root model needs a single {unique}",
+            )
+
+
+class FindPlan:
+    """What one C-FIND request asks: level, filters, and the keys to answer with."""
+
+    def __init__(self, identifier: Dataset, model: str) -> None:
+        self.model = model
+        self.level = _level(identifier, model)
+        supported = query.supported_keywords(self.level)
+        self.filters: dict[str, str] = {}
+        self.unsupported: list[Any] = []  # elements answered empty (status 0xFF01)
+        self.requested: list[Any] = []  # the identifier's elements, in order
+        for elem in identifier:
+            keyword = elem.keyword
+            if keyword in _ALWAYS_ACCEPTED:
+                continue
+            if elem.tag.element == 0:  # group length: not a key
+                continue
+            self.requested.append(elem)
+            if keyword in supported and elem.VR != "SQ":
+                self.filters[keyword] = _text_value(elem)
+            else:
+                self.unsupported.append(elem)
+        _check_hierarchy(self.level, model, self.filters)
+        self.retrieve_ae_requested = "RetrieveAETitle" in identifier
+
+    def response(self, match: dict[str, Any], ae_title: str) -> Dataset:
+        ds = Dataset()
+        texts = [v for v in match.values() if isinstance(v, str)]
+        if any(not t.isascii() for t in texts):
+            ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: catalog text is Unicode
+        ds.QueryRetrieveLevel = self.level
+        if self.retrieve_ae_requested:
+            ds.RetrieveAETitle = ae_title
+        for key in query.unique_keys(self.level, self.model):
+            ds.add_new(key, pydicom.datadict.dictionary_VR(key), match.get(key, ""))
+        for elem in self.requested:
+            keyword = elem.keyword
+            if keyword in match:
+                value = match[keyword]
+                ds.add_new(elem.tag, elem.VR, str(value) if isinstance(value, int) else value)
+            elif elem.tag not in ds:
+                ds.add_new(elem.tag, elem.VR, [] if elem.VR == "SQ" else None)
+        return ds
+
+
+def _retrieve_filters(identifier: Dataset, model: str) -> tuple[str, dict[str, str]]:
+    """Level and unique keys of a C-GET / C-MOVE identifier (PS3.4 C.4.2.2.1: only the
+    unique keys of the level and the levels above it; others are ignored)."""
+    level = _level(identifier, model)
+    path = MODEL_LEVELS[model][: MODEL_LEVELS[model].index(level) + 1]
+    filters: dict[str, str] = {}
+    for name in path:
+        key = query.UNIQUE_KEY[name]
+        value = _text_value(identifier[key]) if key in identifier else ""
+        if not value or "*" in value or "?" in value:
+            raise Refusal(
+                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"retrieve at {level} level needs {key}"
+            )
+        if "\\" in value and name != level:
+            raise Refusal(
+                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{key} must hold one value above {level}"
+            )
+        filters[key] = value
+    return level, filters
+
+
+# --- C-FIND ----------------------------------------------------------------------------
+
+
+def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """C-FIND: one pending response per match, then success (pynetdicom sends it)."""
+    model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
+    limit = archive.settings.find_result_limit
+    try:
+        plan = FindPlan(_decode_identifier(event), model)
+        matches = query.find(
+            archive.catalog,
+            plan.level,
+            plan.filters,
+            model=model,
+            fuzzy_names=bool(getattr(archive.settings, "fuzzy_names", False)),
+        )
+        # The cap: a query with more matches than find_result_limit is refused before any
+        # match is sent, with 0xA700 "Refused: Out of resources" (C-FIND has no warning
+        # status, PS3.4 C.4.1.1.4); a truncated list ending in success would look complete.
+        found = list(islice(matches, limit + 1)) if limit > 0 else list(matches)
+    except Refusal as refusal:
+        yield status_dataset(refusal.status, str(refusal)), None
+        return
+    except QueryError as exc:
+        yield status_dataset(UNABLE_TO_PROCESS, str(exc)), None
+        return
+    except CatalogError as exc:
+        log.error("C-FIND failed in the catalog: %s", exc)
+        yield status_dataset(QR_UNABLE_TO_CALCULATE_MATCHES, str(exc)), None
+        return
+    if limit > 0 and len(found) > limit:
+        yield (
+            status_dataset(QR_OUT_OF_RESOURCES, f"more than {limit} matches: narrow the query"),
+            None,
+        )
+        return
+    status = PENDING_WARNING if plan.unsupported else PENDING
+    ae_title = archive.settings.ae_title
+    for match in found:
+        if event.is_cancelled:
+            yield CANCEL, None
+            return
+        yield status, plan.response(match, ae_title)
+
+
+# --- retrieval: sending stored bytes -----------------------------------------------------
+
+
+class StoredInstance(Dataset):
+    """What a C-GET/C-MOVE handler yields: names a stored instance, holds no data.
+
+    Only the sender installed by ``install_raw_sender`` knows how to send it; it carries the
+    SOP UIDs so pynetdicom can list it in Failed SOP Instance UID List."""
+
+    def __init__(self, record: InstanceRecord) -> None:
+        super().__init__()
+        self.SOPClassUID = record.sop_class_uid
+        self.SOPInstanceUID = record.sop_uid
+        self.kho_record = record
+
+
+def _spool_dir(archive: Archive) -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm
+    folder = archive.settings.data_dir / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _accepted_syntaxes(assoc: Association, sop_class: str) -> list[str]:
+    return [
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == sop_class and cx.as_scu
+    ]
+
+
+def encode_for_peer(
+    archive: Archive, record: InstanceRecord, accepted: list[str]
+) -> tuple[str, bytes]:
+    """(transfer syntax, dataset bytes) to send: as stored when the peer accepted the stored
+    syntax, else decoded (pydicom's pixel handlers) and written in an uncompressed syntax
+    the peer accepted.  Raises KhoError when neither is possible."""
+    data = archive.read_part10(record)
+    if record.transfer_syntax_uid in accepted:
+        _meta, offset = read_file_meta(data)
+        return record.transfer_syntax_uid, data[offset:]
+    targets = [ts for ts in _UNCOMPRESSED if ts in accepted]
+    if not targets:
+        raise KhoError(
+            f"{record.sop_uid}: the peer accepted neither {record.transfer_syntax_uid} "
+            "nor an uncompressed syntax"
+        )
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=True)
+        if UID(record.transfer_syntax_uid).is_compressed:
+            ds.decompress(generate_instance_uid=False)
+        ds.file_meta.TransferSyntaxUID = UID(targets[0])
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+    except Exception as exc:  # pydicom's pixel handlers raise many types
+        raise KhoError(f"{record.sop_uid}: cannot convert to {targets[0]}: {exc}") from exc
+    converted = out.getvalue()
+    _meta, offset = read_file_meta(converted)
+    return targets[0], converted[offset:]
+
+
+def install_raw_sender(archive: Archive, assoc: Association) -> None:
+    """Make ``assoc.send_c_store`` send StoredInstance placeholders as stored bytes."""
+    original = assoc.send_c_store
+    if getattr(original, "kho_raw_sender", False):
+        return
+
+    def send_c_store(
+        dataset: Any,
+        msg_id: int = 1,
+        priority: int = 2,
+        originator_aet: str | None = None,
+        originator_id: int | None = None,
+    ) -> Dataset:
+        if not isinstance(dataset, StoredInstance):
+            return original(dataset, msg_id, priority, originator_aet, originator_id)
+        record = dataset.kho_record
+        accepted = _accepted_syntaxes(assoc, record.sop_class_uid)
+        syntax, body = encode_for_peer(archive, record, accepted)
+        # our own File Meta, so pynetdicom takes the catalog's UIDs and the syntax sent
+        meta = build_file_meta(record.sop_class_uid, record.sop_uid, syntax)
+        fd, name = tempfile.mkstemp(prefix="kho-retrieve-", suffix=".dcm", dir=_spool_dir(archive))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(meta)
+                fh.write(body)
+            return original(name, msg_id, priority, originator_aet, originator_id)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+
+    send_c_store.kho_raw_sender = True  # type: ignore[attr-defined]
+    assoc.send_c_store = send_c_store  # type: ignore[method-assign]
+
+
+# --- C-GET -----------------------------------------------------------------------------
+
+
+def _retrieve_records(
+    event: Event, archive: Archive, models: dict[str, str]
+) -> list[InstanceRecord]:
+    model = models.get(str(event.request.AffectedSOPClassUID), "STUDY")
+    level, filters = _retrieve_filters(_decode_identifier(event), model)
+    try:
+        return query.instances(archive.catalog, level, filters)
+    except QueryError as exc:
+        raise Refusal(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+    except CatalogError as exc:
+        raise Refusal(QR_UNABLE_TO_CALCULATE_MATCHES, str(exc)) from exc
+
+
+def handle_get(event: Event, archive: Archive) -> Iterator[Any]:
+    """C-GET: C-STORE sub-operations over the requesting association."""
+    try:
+        records = _retrieve_records(event, archive, GET_MODELS)
+    except Refusal as refusal:
+        # pynetdicom needs a sub-operation count before any status: one, which fails
+        yield 1
+        yield status_dataset(refusal.status, str(refusal)), None
+        return
+    install_raw_sender(archive, event.assoc)
+    yield len(records)
+    for record in records:
+        if event.is_cancelled:
+            yield CANCEL, None
+            return
+        yield PENDING, StoredInstance(record)
+
+
+# --- C-MOVE ----------------------------------------------------------------------------
+
+
+def _move_contexts(records: list[InstanceRecord]) -> list[Any]:
+    """Presentation contexts for the destination: each (SOP class, stored syntax) alone, so
+    the destination accepts or refuses exactly that, then one uncompressed context per SOP
+    class for the instances that must be converted (or go implicit <-> explicit)."""
+    stored = list(dict.fromkeys((r.sop_class_uid, r.transfer_syntax_uid) for r in records))
+    classes = list(dict.fromkeys(r.sop_class_uid for r in records))
+    contexts = [build_context(cls, [ts]) for cls, ts in stored]
+    contexts += [build_context(cls, list(_UNCOMPRESSED)) for cls in classes]
+    return contexts[:_MAX_CONTEXTS]
+
+
+def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
+    """C-MOVE: yields the destination, the sub-operation count, then one placeholder per
+    instance; pynetdicom opens the association and counts the sub-operations."""
+    destination_ae = (event.move_destination or "").strip()
+    address = archive.settings.move_destination(destination_ae)
+    if address is None:
+        log.warning("C-MOVE to unknown destination %r", destination_ae)
+        yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
+        return
+    refusal: Refusal | None = None
+    records: list[InstanceRecord] = []
+    try:
+        records = _retrieve_records(event, archive, MOVE_MODELS)
+    except Refusal as exc:
+        refusal = exc
+    sender_ready = threading.Event()
+
+    def on_established(store_event: Event) -> None:
+        install_raw_sender(archive, store_event.assoc)
+        sender_ready.set()
+
+    options = {
+        "contexts": _move_contexts(records) or [build_context(_UNCOMPRESSED[0])],
+        "evt_handlers": [(evt.EVT_ESTABLISHED, on_established)],
+        "max_pdu": 0,
+    }
+    yield address[0], address[1], options
+    if refusal is not None:
+        yield 1
+        yield status_dataset(refusal.status, str(refusal)), None
+        return
+    yield len(records)
+    # pynetdicom resumes us once its association to the destination is up; our sender is
+    # installed by EVT_ESTABLISHED in that association's thread, so wait for it (a
+    # placeholder sent by pynetdicom's own sender would be a bogus two-element instance)
+    if not sender_ready.wait(30):
+        yield (
+            status_dataset(QR_UNABLE_TO_PERFORM_SUBOPERATIONS, "destination association not ready"),
+            None,
+        )
+        return
+    for record in records:
+        if event.is_cancelled:
+            yield CANCEL, None
+            return
+        yield PENDING, StoredInstance(record)
+
+
+def enable_raw_sending() -> None:
+    """pynetdicom sends a file path's dataset bytes unchanged only in chunked mode."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
