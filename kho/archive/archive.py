@@ -137,7 +137,7 @@ class Archive:
         return out
 
     def delete_prefix(self, prefix: str) -> None:
-        for key in list(self.store.list(prefix + "/")):
+        for key in list(self.store.list(keys.objects_under(prefix))):
             self.store.delete(key)
 
     def recover(self, older_than_s: float = 0.0) -> int:

@@ -128,11 +128,53 @@ class InstanceAttributes:
         return patient_key(self.patient_id, self.issuer_of_patient_id)
 
 
+CATALOG_KEYWORDS = (
+    "SpecificCharacterSet",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "SeriesDate",
+    "SeriesTime",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "ContentDate",
+    "ContentTime",
+)
+#: only these top-level tags are parsed at ingest (derivers that need more re-read)
+CATALOG_TAGS = [int(pydicom.datadict.tag_for_keyword(k) or 0) for k in CATALOG_KEYWORDS]
+
+
 def read_header(data: bytes | memoryview, stop: int | None = None) -> Dataset:
     """Parse ``data[:stop]`` (a Part 10 file or a bare dataset) without the pixel data."""
     raw = bytes(data[:stop]) if stop is not None else bytes(data)
     try:
-        return pydicom.dcmread(BytesIO(raw), stop_before_pixels=True, force=True)
+        return pydicom.dcmread(
+            BytesIO(raw), stop_before_pixels=True, force=True, specific_tags=CATALOG_TAGS
+        )
     except (PydicomInvalidDicomError, ValueError, EOFError, KeyError, OSError) as exc:
         raise InvalidDicomError(f"cannot parse dataset: {exc}") from exc
     except Exception as exc:  # pydicom raises a zoo of types on hostile input

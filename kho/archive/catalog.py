@@ -308,12 +308,29 @@ class Catalog:
     # --- the ingest journal ----------------------------------------------------------
 
     def begin_pending(self, object_prefix: str) -> None:
-        """Record (durably) that objects are about to be written under ``object_prefix``."""
-        self.execute(
-            "INSERT INTO pending (object_prefix, created_at) VALUES (?, ?) "
-            "ON CONFLICT (object_prefix) DO NOTHING",
-            (object_prefix, time.time()),
+        """Record that objects are about to be written under ``object_prefix``.
+
+        On SQLite this commit skips the WAL fsync (synchronous=NORMAL): it survives a crash
+        of the process (the case recovery is for); after a power loss the worst outcome is
+        objects that recovery cannot name, invisible and harmless.  The instance commit
+        that follows is fully synchronous and makes the journal row durable too.
+        """
+        relaxed = (
+            self.dialect == "sqlite"
+            and self.synchronous_full
+            and not self.connection.in_transaction
         )
+        if relaxed:
+            self.connection.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self.execute(
+                "INSERT INTO pending (object_prefix, created_at) VALUES (?, ?) "
+                "ON CONFLICT (object_prefix) DO NOTHING",
+                (object_prefix, time.time()),
+            )
+        finally:
+            if relaxed:
+                self.connection.execute("PRAGMA synchronous=FULL")
 
     def end_pending(self, object_prefix: str) -> None:
         self.execute("DELETE FROM pending WHERE object_prefix = ?", (object_prefix,))

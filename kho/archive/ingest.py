@@ -23,6 +23,7 @@ from kho.archive.catalog import InstanceRecord
 from kho.archive.part10 import Part10Layout, build_file_meta, parse_part10
 from kho.archive.pixels import encode_pixels
 from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError
+from kho.storage import ObjectStore
 
 if TYPE_CHECKING:
     from kho.archive.archive import Archive
@@ -181,9 +182,9 @@ def _write_objects(
     source: str,
 ) -> InstanceRecord:
     """Journal the prefix, then write header, pixels and derived objects durably."""
-    store = archive.store
     archive.catalog.begin_pending(prefix)
     pixels = layout.pixels
+    objects: dict[str, bytes] = {}
     if pixels is None:
         header = data
         split = len(data)
@@ -193,23 +194,21 @@ def _write_objects(
         header = data[: pixels.value_offset] + data[value_end:]
         split = pixels.value_offset
         encoded = encode_pixels(archive, data, layout, attrs)
-    store.put(keys.header_key(prefix), header)
-    stored_size = len(header)
+    objects[keys.header_key(prefix)] = header
     frame_index: list[list[list[int]]] = []
     pixel_format = "none"
-    pixel_size = 0
     if encoded is not None:
-        store.put(keys.pixels_key(prefix), encoded.payload)
+        objects[keys.pixels_key(prefix)] = encoded.payload
         pixel_format = encoded.pixel_format
-        pixel_size = len(encoded.payload)
         frame_index = encoded.frame_index
-        stored_size += pixel_size
     derived: dict[str, object] = {}
     for name, blob in archive.derive(data, layout, ds, attrs, encoded).items():
         key = keys.derived_key(prefix, name)
-        store.put(key, blob)
+        objects[key] = blob
         derived[name] = key
-        stored_size += len(blob)
+    put_objects(archive.store, objects)
+    stored_size = sum(len(blob) for blob in objects.values())
+    pixel_size = len(encoded.payload) if encoded is not None else 0
     return InstanceRecord(
         sop_uid=attrs.sop_uid,
         series_uid=attrs.series_uid,
@@ -241,6 +240,16 @@ def _write_objects(
         received_at=time.time(),
         source=source[:64],
     )
+
+
+def put_objects(store: ObjectStore, objects: dict[str, bytes]) -> None:
+    """Write objects durably, in one batch where the backend offers one."""
+    put_many = getattr(store, "put_many", None)
+    if put_many is not None:
+        put_many(objects)
+        return
+    for key, blob in objects.items():
+        store.put(key, blob)
 
 
 def _result(outcome: IngestOutcome, attrs: InstanceAttributes, rec: InstanceRecord) -> IngestResult:

@@ -12,16 +12,27 @@ import hashlib
 def instance_prefix(study_uid: str, series_uid: str, sop_uid: str, sha256_hex: str) -> str:
     """Prefix of one stored version of an instance (a replacement gets a new prefix)."""
     uid_hash = hashlib.sha256(f"{study_uid}\x00{series_uid}\x00{sop_uid}".encode()).hexdigest()
-    return f"i/{uid_hash[:2]}/{uid_hash[2:4]}/{uid_hash[:40]}/{sha256_hex[:16]}"
+    return f"i/{uid_hash[:2]}/{uid_hash[2:4]}/{uid_hash[:40]}-{sha256_hex[:16]}"
+
+
+# An instance's objects sit side by side in one fan-out folder ("<prefix>.<name>"): no
+# folder is created per instance, so a durable write costs no extra directory fsyncs.
+def object_key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}"
+
+
+def objects_under(prefix: str) -> str:
+    """The listing prefix that finds every object of one stored instance version."""
+    return f"{prefix}."
 
 
 def header_key(prefix: str) -> str:
-    return f"{prefix}/header"
+    return object_key(prefix, "header")
 
 
 def pixels_key(prefix: str) -> str:
-    return f"{prefix}/pixels"
+    return object_key(prefix, "pixels")
 
 
 def derived_key(prefix: str, name: str) -> str:
-    return f"{prefix}/{name}"
+    return object_key(prefix, name)

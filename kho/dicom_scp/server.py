@@ -7,8 +7,8 @@ import socket
 import threading
 from typing import Any
 
-import pydicom.uid
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+import pydicom.config
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -16,13 +16,6 @@ from kho.archive.archive import Archive
 from kho.dicom_scp import handlers, qr
 
 log = logging.getLogger(__name__)
-
-# Every transfer syntax pydicom knows, so no modality is refused for its encoding; the
-# requestor's order of preference decides (as dcmtk's storescp does).
-TRANSFER_SYNTAXES: list[str] = list(
-    dict.fromkeys([*ALL_TRANSFER_SYNTAXES, *[str(u) for u in pydicom.uid.AllTransferSyntaxes]])
-)
-
 
 class _ReusePortServer(ThreadedAssociationServer):
     """Sets SO_REUSEPORT so several `kho serve` processes share one DICOM port."""
@@ -43,6 +36,8 @@ def build_ae(archive: Archive) -> AE:
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    # kho checks what it needs itself; pydicom's per-value validation costs ~10% of ingest
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.maximum_associations = settings.max_associations
@@ -51,11 +46,10 @@ def build_ae(archive: Archive) -> AE:
     ae.acse_timeout = 30
     ae.dimse_timeout = 120
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-    for context in AllStoragePresentationContexts:
-        # both roles: a C-GET requestor proposes to be the storage SCP (role selection)
-        ae.add_supported_context(
-            str(context.abstract_syntax), TRANSFER_SYNTAXES, scu_role=True, scp_role=True
-        )
+    # Storage needs no supported contexts: with UNRESTRICTED_STORAGE_SERVICE pynetdicom
+    # accepts every storage SOP class with the requestor's first transfer syntax (its
+    # preference, as dcmtk's storescp does) and both roles (C-GET role selection).  Not
+    # listing ~170 classes x 45 syntaxes also spares each new association copying them.
     # Query/Retrieve: C-FIND, C-GET, C-MOVE in the patient root and study root models
     for sop_class in qr.QR_SOP_CLASSES:
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
@@ -66,6 +60,7 @@ def build_ae(archive: Archive) -> AE:
 
 def event_handlers(archive: Archive) -> list[Any]:
     return [
+        (evt.EVT_CONN_OPEN, qr.handle_connection_open),
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
         (evt.EVT_C_FIND, qr.handle_find, [archive]),

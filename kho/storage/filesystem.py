@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from kho.errors import ObjectNotFoundError, StorageError, StorageUnavailableError
@@ -85,29 +85,44 @@ class FilesystemStore:
     # --- protocol ----------------------------------------------------------------------
 
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        path = self._path(key)
+        self.put_many({key: data})
+
+    def put_many(self, items: Mapping[str, bytes | bytearray | memoryview]) -> None:
+        """Several objects, each atomic and durable; a folder shared by several is fsync'd
+        once (an instance's objects share one)."""
         with self._lock:
             self._counter += 1
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{self._counter}{_TMP_SUFFIX}")
+            serial = self._counter
+        written: list[tuple[Path, Path]] = []
         try:
-            self._ensure_dir(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            for key, data in items.items():
+                path = self._path(key)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.{serial}{_TMP_SUFFIX}")
+                self._ensure_dir(path.parent)
+                written.append((tmp, path))
+                self._write_file(tmp, data)
+            for tmp, path in written:
+                os.replace(tmp, path)
             if self.fsync:
-                self._fsync_dir(path.parent)
+                for folder in {path.parent for _tmp, path in written}:
+                    self._fsync_dir(folder)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise _wrap(exc, f"cannot write object {key}") from exc
+            for tmp, _path in written:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise _wrap(exc, f"cannot write objects {', '.join(items)}") from exc
+
+    def _write_file(self, tmp: Path, data: bytes | bytearray | memoryview) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fdatasync(fd)  # data and size; the rename is made durable by the dir fsync
+        finally:
+            os.close(fd)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)

@@ -189,7 +189,7 @@ def test_different_duplicate_replaces_by_default_and_is_recorded(archive: Archiv
     rows = archive.catalog.fetchall("SELECT old_sha256, new_sha256 FROM replacements")
     assert rows == [(hashlib.sha256(old).hexdigest(), hashlib.sha256(new).hexdigest())]
     # the old version's objects are gone; one instance counted
-    prefixes = {k.rsplit("/", 1)[0] for k in stored_keys(archive)}
+    prefixes = {k.rsplit(".", 1)[0] for k in stored_keys(archive)}
     assert prefixes == {_record.object_prefix}
     row = archive.catalog.fetchone("SELECT num_instances FROM series")
     assert row == (1,)

@@ -107,4 +107,4 @@ def test_sigkill_during_ingest_loses_no_acknowledged_instance(tmp_path: Path) ->
         prefixes = {r.object_prefix for r in archive.catalog.iter_instances()}
         assert archive.catalog.pending_prefixes() == []
         for key in archive.store.list(""):
-            assert key.rsplit("/", 1)[0] in prefixes, key
+            assert key.rsplit(".", 1)[0] in prefixes, key
