@@ -30,8 +30,13 @@ Target = Callable[[Path], AbstractContextManager[int]]
 
 
 @contextmanager
-def kho_target(work: Path, extra_env: dict[str, str] | None = None) -> Iterator[int]:
-    with kho_serve(work / "kho-data", env=extra_env) as (_proc, port):
+def kho_target(
+    work: Path, extra_env: dict[str, str] | None = None, workers: int = 1
+) -> Iterator[int]:
+    args = ("--workers", str(workers)) if workers > 1 else ()
+    with kho_serve(work / "kho-data", env=extra_env, args=args) as (_proc, port):
+        if workers > 1:
+            time.sleep(4)  # the workers bind after the parent: wait until all listen
         yield port
 
 
@@ -94,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--keep-corpus", type=Path, help="reuse/keep the generated series here")
     parser.add_argument("--kho-env", nargs="*", default=[], help="KEY=VALUE for kho serve")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["durable", "no-fsync"],
+        help="kho configurations: durable (default settings), no-fsync (KHO_FSYNC=false: "
+        "no flush, like storescp), workers2 (two processes on the port)",
+    )
     args = parser.parse_args(argv)
 
     from benchmarks.synthetic import write_ct_series
@@ -110,23 +122,30 @@ def main(argv: list[str] | None = None) -> int:
         ref = run_target(
             "dcmtk-storescp", storescp_target, files, associations, args.repeats, "STORESCP"
         )
-        kho = run_target(
-            "kho",
-            lambda work: kho_target(work, kho_env),
-            files,
-            associations,
-            args.repeats,
-            "KHO",
-        )
-        kho["ratio_to_storescp"] = kho["instances_per_s"] / ref["instances_per_s"]
-        results += [ref, kho]
+        results.append(ref)
+        for variant in args.variants:
+            env = dict(kho_env)
+            workers = 1
+            if variant == "no-fsync":
+                env["KHO_FSYNC"] = "false"
+            elif variant == "workers2":
+                workers = 2
+
+            def target(work: Path, env: dict[str, str] = env, workers: int = workers) -> Any:
+                return kho_target(work, env, workers)
+
+            kho = run_target(f"kho-{variant}", target, files, associations, args.repeats, "KHO")
+            kho["ratio_to_storescp"] = kho["instances_per_s"] / ref["instances_per_s"]
+            results.append(kho)
     if not args.keep_corpus:
         shutil.rmtree(corpus_dir, ignore_errors=True)
 
     payload = {"benchmark": "ingest", "machine": machine(), "kho_env": kho_env, "results": results}
     path = write_results("ingest", payload)
     print(f"machine: {payload['machine']['cpu']} x{payload['machine']['cores']}")
-    print(f"{'target':16} {'assoc':>5} {'inst/s':>9} {'MB/s':>8} {'median s':>9} {'vs storescp':>12}")
+    print(
+        f"{'target':16} {'assoc':>5} {'inst/s':>9} {'MB/s':>8} {'median s':>9} {'vs storescp':>12}"
+    )
     for r in results:
         ratio = f"{r['ratio_to_storescp']:.0%}" if "ratio_to_storescp" in r else "-"
         print(

@@ -46,12 +46,16 @@ def _setup_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging(settings.log_level)
+    workers = max(1, args.workers)
+    if workers > 1 and not args.worker:
+        return _serve_workers(args, settings, workers)
     from kho.dicom_scp.server import DicomServer
 
     archive = Archive(settings)
-    cleaned = archive.recover(older_than_s=args.recover_after)
-    if cleaned:
-        log.info("recovery: removed objects of %d interrupted ingests", cleaned)
+    if not args.worker:
+        cleaned = archive.recover(older_than_s=args.recover_after)
+        if cleaned:
+            log.info("recovery: removed objects of %d interrupted ingests", cleaned)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -60,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    server = DicomServer(archive).start()
+    server = DicomServer(archive, reuse_port=args.worker).start()
     # a line the tests and scripts wait for
     print(f"kho: DICOM {settings.ae_title} on {settings.host}:{server.port}", flush=True)
     try:
@@ -68,6 +72,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         archive.close()
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings, workers: int) -> int:
+    """N processes share the DICOM port (SO_REUSEPORT): the kernel spreads associations
+    over them, so every core works.  This process recovers, starts them, and stops them."""
+    import subprocess
+
+    with Archive(settings) as archive:
+        cleaned = archive.recover(older_than_s=args.recover_after)
+        if cleaned:
+            log.info("recovery: removed objects of %d interrupted ingests", cleaned)
+    if not settings.dicom_port:
+        raise KhoError("--workers needs a fixed --port (the processes share it)")
+    argv = [sys.executable, "-m", "kho.cli"]
+    if args.config:
+        argv += ["--config", args.config]
+    argv += ["serve", "--worker", "--data-dir", str(settings.data_dir)]
+    argv += ["--ae-title", settings.ae_title, "--host", settings.host]
+    argv += ["--port", str(settings.dicom_port)]
+    children = [subprocess.Popen(argv) for _ in range(workers)]
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    while not stop.wait(0.5):
+        if any(child.poll() is not None for child in children):
+            log.error("a worker exited; stopping the others")
+            break
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
     return 0
 
 
@@ -194,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (KHO_HOST)")
     serve.add_argument("--port", type=int, help="DICOM port (KHO_DICOM_PORT)")
     serve.add_argument("--http-port", type=int, help="HTTP port (KHO_HTTP_PORT)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the ports (SO_REUSEPORT)"
+    )
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--recover-after",
         type=float,

@@ -11,12 +11,14 @@ written, so a restart can delete what a crash left unreferenced.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -193,6 +195,11 @@ class Catalog:
             self.path = Path(text.removeprefix("sqlite:///"))
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.url = f"sqlite:///{self.path}"
+        self._writer_thread_lock = threading.Lock()
+        self._writer_fd: int | None = None
+        if self.dialect == "sqlite":
+            lock_path = self.path.with_name(self.path.name + ".writelock")
+            self._writer_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
         self._create_schema()
 
     # --- connections -----------------------------------------------------------------
@@ -228,6 +235,9 @@ class Catalog:
         return conn
 
     def close(self) -> None:
+        if self._writer_fd is not None:
+            os.close(self._writer_fd)
+            self._writer_fd = None
         with self._conn_lock:
             for conn in self._all_connections:
                 # closing another thread's connection may complain; it is closed anyway
@@ -258,8 +268,27 @@ class Catalog:
         return tuple(row) if row is not None else None
 
     @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Serialise SQLite writers of all threads and processes without SQLite's busy
+        handler, which sleeps up to 100 ms between retries: a blocking file lock wakes the
+        next writer as soon as the lock is released."""
+        if self.dialect != "sqlite" or self._writer_fd is None:
+            yield
+            return
+        with self._writer_thread_lock:
+            fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._writer_fd, fcntl.LOCK_UN)
+
+    @contextmanager
     def transaction(self) -> Iterator[None]:
         """A write transaction; SQLite takes the write lock at once (no upgrade deadlocks)."""
+        with self.writer():
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[None]:
         conn = self.connection
         try:
             if self.dialect == "sqlite":
@@ -323,17 +352,22 @@ class Catalog:
         if relaxed:
             self.connection.execute("PRAGMA synchronous=NORMAL")
         try:
-            self.execute(
-                "INSERT INTO pending (object_prefix, created_at) VALUES (?, ?) "
-                "ON CONFLICT (object_prefix) DO NOTHING",
-                (object_prefix, time.time()),
-            )
+            with self.writer() if relaxed else nullcontext():
+                self.execute(
+                    "INSERT INTO pending (object_prefix, created_at) VALUES (?, ?) "
+                    "ON CONFLICT (object_prefix) DO NOTHING",
+                    (object_prefix, time.time()),
+                )
         finally:
             if relaxed:
                 self.connection.execute("PRAGMA synchronous=FULL")
 
     def end_pending(self, object_prefix: str) -> None:
-        self.execute("DELETE FROM pending WHERE object_prefix = ?", (object_prefix,))
+        with self.writer() if not self._in_transaction() else nullcontext():
+            self.execute("DELETE FROM pending WHERE object_prefix = ?", (object_prefix,))
+
+    def _in_transaction(self) -> bool:
+        return self.dialect == "sqlite" and bool(self.connection.in_transaction)
 
     def pending_prefixes(self, older_than_s: float = 0.0) -> list[str]:
         cutoff = time.time() - older_than_s
