@@ -43,12 +43,15 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address the DICOM and HTTP servers bind")
     dicom_port: int = Field(11112, description="DICOM (DIMSE) port")
     http_port: int = Field(8080, description="HTTP (DICOMweb) port")
-    duplicate_policy: DuplicatePolicy = Field(DuplicatePolicy.REPLACE)
+    duplicate_policy: DuplicatePolicy = Field(
+        DuplicatePolicy.REPLACE,
+        description="a second, different instance under a stored SOP Instance UID: "
+        "replace (keep the newer, record it), keep (keep the first) or reject",
+    )
     max_pdu_size: int = Field(
         4 * 1024 * 1024, description="largest P-DATA PDU the archive accepts (0 = unlimited)"
     )
     max_associations: int = Field(64, description="concurrent associations")
-    ingest_threads: int = Field(0, description="threads encoding pixel data (0 = cores)")
     at_rest_codec: bool = Field(
         True, description="store native pixel data as JPEG-LS lossless (else as received)"
     )
@@ -58,7 +61,7 @@ class Settings(BaseSettings):
     move_destinations: dict[str, str] = Field(
         default_factory=dict, description="C-MOVE destinations: AE title -> host:port"
     )
-    log_level: str = Field("INFO")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @field_validator("ae_title")
     @classmethod
