@@ -3,8 +3,10 @@ refused with a precise error and nothing left behind; duplicates; crash recovery
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from kho.archive import keys
 from kho.archive.archive import Archive
+from kho.archive.catalog import Catalog
 from kho.archive.config import DuplicatePolicy, Settings
 from kho.archive.ingest import IngestOutcome
 from kho.archive.part10 import read_file_meta
@@ -25,6 +28,7 @@ from kho.errors import (
     StorageError,
 )
 from tests.conftest import sample_files
+from tests.helpers.postgres import postgres_database
 
 
 def make_instance(
@@ -60,6 +64,17 @@ def make_instance(
     out = BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def archive(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Archive]:
+    """The ingest tests run on both catalog engines."""
+    with contextlib.ExitStack() as stack:
+        catalog = None
+        if request.param == "postgresql":
+            catalog = Catalog(stack.enter_context(postgres_database()))
+        archive = stack.enter_context(Archive(settings, catalog=catalog))
+        yield archive
 
 
 def stored_keys(archive: Archive) -> list[str]:

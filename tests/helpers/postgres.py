@@ -1,0 +1,23 @@
+"""A fresh PostgreSQL database per use, on the machine's local server (CI starts it in
+.ci/run).  Unreachable PostgreSQL is a failure, not a skip: CI must run these tests."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+
+import psycopg
+
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    name = f"kho_test_{secrets.token_hex(6)}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
