@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,9 @@ class Settings(BaseSettings):
         return host, int(port)
 
 
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("kho_config_file", default=None)
+
+
 class _TomlSource(PydanticBaseSettingsSource):
     """Reads the TOML file named by KHO_CONFIG (set by ``kho --config`` too)."""
 
@@ -108,7 +112,7 @@ class _TomlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("KHO_CONFIG")
+        path = _CONFIG_FILE.get() or os.environ.get("KHO_CONFIG")
         if not path:
             return {}
         try:
@@ -120,9 +124,10 @@ class _TomlSource(PydanticBaseSettingsSource):
 
 def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
     """Settings from the file (or KHO_CONFIG), the environment and ``overrides``."""
-    if config_file is not None:
-        os.environ["KHO_CONFIG"] = str(config_file)
+    token = _CONFIG_FILE.set(str(config_file) if config_file is not None else None)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    finally:
+        _CONFIG_FILE.reset(token)

@@ -1,0 +1,39 @@
+"""Settings from a TOML file, KHO_* environment variables and keyword overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kho.archive.config import DuplicatePolicy, load_settings
+from kho.errors import ConfigError
+
+
+def test_toml_then_environment_then_overrides(tmp_path: Path, monkeypatch) -> None:
+    toml = tmp_path / "kho.toml"
+    toml.write_text(
+        'ae_title = "FROM_TOML"\ndicom_port = 4242\nduplicate_policy = "reject"\n'
+        '[move_destinations]\nWS1 = "127.0.0.1:11113"\n'
+    )
+    monkeypatch.delenv("KHO_CONFIG", raising=False)
+    monkeypatch.setenv("KHO_DICOM_PORT", "5151")
+    settings = load_settings(toml)
+    assert settings.ae_title == "FROM_TOML"
+    assert settings.dicom_port == 5151  # the environment wins over the file
+    assert settings.duplicate_policy is DuplicatePolicy.REJECT
+    assert settings.move_destination("WS1") == ("127.0.0.1", 11113)
+    assert settings.move_destination("NOPE") is None
+    assert load_settings(toml, dicom_port=6161).dicom_port == 6161  # options win over both
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['ae_title = "THIS_AE_TITLE_IS_FAR_TOO_LONG"', "unknown_setting = 1", "not toml ["],
+)
+def test_bad_settings_are_refused_with_a_message(tmp_path: Path, monkeypatch, content) -> None:
+    monkeypatch.delenv("KHO_CONFIG", raising=False)
+    toml = tmp_path / "kho.toml"
+    toml.write_text(content)
+    with pytest.raises(ConfigError):
+        load_settings(toml)
