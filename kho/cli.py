@@ -1,4 +1,4 @@
-"""The `kho` command: serve | import | verify | stats."""
+"""The `kho` command: serve | import | bench | verify | stats."""
 
 from __future__ import annotations
 
@@ -222,6 +222,69 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench ------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    _setup_logging("ERROR")
+    import tempfile
+
+    from tqdm import tqdm
+
+    from kho.archive import bench, phantom
+
+    with tempfile.TemporaryDirectory(prefix="kho-bench-corpus-") as tmp:
+        if args.paths:
+            files = bench.collect_files(args.paths)
+        else:
+            files = phantom.write_ct_series(Path(tmp), args.generate)
+        bar = tqdm(total=len(files), unit="file", disable=args.quiet or not sys.stderr.isatty())
+        if args.target:
+            host, _, port = args.target.rpartition(":")
+            ok, refused, seconds, sent = bench.bench_remote(
+                files,
+                host=host,
+                port=int(port),
+                called_ae=args.aec,
+                associations=args.threads,
+                progress=bar.update,
+            )
+            bar.close()
+            payload: dict[str, Any] = {
+                "mode": "remote",
+                "target": args.target,
+                "instances": ok,
+                "refused": refused,
+                "seconds": seconds,
+                "instances_per_s": ok / seconds if seconds else 0.0,
+                "mb_per_s": sent / seconds / 1e6 if seconds else 0.0,
+                "note": "compression and capacity: run `kho stats` on the archive",
+            }
+            text = (
+                f"sent {ok} instances ({refused} refused) to {args.target} in {seconds:.2f} s: "
+                f"{payload['instances_per_s']:.1f} instances/s, {payload['mb_per_s']:.1f} MB/s"
+            )
+        else:
+            report = bench.bench_embedded(
+                files,
+                threads=args.threads,
+                studies_per_day=args.studies_per_day,
+                years=args.years,
+                progress=bar.update,
+            )
+            bar.close()
+            payload = report.as_dict()
+            text = bench.format_report(report)
+            if args.chart:
+                bench.write_chart(report, Path(args.chart))
+                text += f"\nchart: {args.chart}"
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+        text += f"\njson: {args.json}"
+    print(text)
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------
 
 
@@ -263,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check every stored instance against its SHA-256")
     common(verify)
     verify.set_defaults(func=cmd_verify)
+
+    bench_p = sub.add_parser(
+        "bench", help="measure ingest and compression on a corpus; project capacity"
+    )
+    bench_p.add_argument("paths", nargs="*", help="DICOM files/folders (default: a generated CT)")
+    bench_p.add_argument("--generate", type=int, default=100, help="slices of generated CT")
+    bench_p.add_argument("--threads", type=int, default=4, help="ingest threads / associations")
+    bench_p.add_argument("--studies-per-day", type=float, default=800)
+    bench_p.add_argument("--years", type=float, default=10)
+    bench_p.add_argument("--target", help="HOST:PORT of a running archive (else embedded)")
+    bench_p.add_argument("--aec", default="KHO", help="called AE title with --target")
+    bench_p.add_argument("--json", help="write the report as JSON here")
+    bench_p.add_argument("--chart", help="write a PNG chart here")
+    bench_p.add_argument("--quiet", action="store_true")
+    bench_p.set_defaults(func=cmd_bench)
 
     stats = sub.add_parser("stats", help="what the archive holds")
     common(stats)
