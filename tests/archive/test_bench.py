@@ -63,7 +63,7 @@ def test_remote_bench_against_a_running_archive(
     tmp_path: Path, archive: Archive, dicom_server
 ) -> None:
     files = phantom.write_ct_series(tmp_path / "ct", 5, rows=64, cols=64)
-    ok, refused, seconds, sent = bench.bench_remote(
+    ok, refused, _seconds, sent = bench.bench_remote(
         files, host="127.0.0.1", port=dicom_server.port, called_ae="KHO", associations=2
     )
     assert (ok, refused) == (5, 0)
