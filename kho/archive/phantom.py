@@ -52,10 +52,10 @@ def ct_slice_hu(
     ribs = (np.abs(r - 0.9) < 0.02) & (np.sin(np.arctan2(yy - cy, xx - cx) * 9 + index / 4) > 0.2)
     hu[ribs] = 900.0
     # smooth the edges a little (partial volume), then CT noise
-    hu = (hu + np.roll(hu, 1, 0) + np.roll(hu, 1, 1) + np.roll(hu, (1, 1), (0, 1))) / 4
-    hu += rng.normal(0.0, 12.0, hu.shape).astype(np.float32)
-    hu[r >= 1.06] = -1000.0 + rng.normal(0.0, 4.0, int((r >= 1.06).sum()))
-    return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    smooth = (hu + np.roll(hu, 1, 0) + np.roll(hu, 1, 1) + np.roll(hu, (1, 1), (0, 1))) / 4
+    smooth += rng.normal(0.0, 12.0, hu.shape)
+    smooth[r >= 1.06] = -1000.0 + rng.normal(0.0, 4.0, int((r >= 1.06).sum()))
+    return np.clip(np.round(smooth), -1024, 3071).astype(np.int16)
 
 
 def ct_series_datasets(
