@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import pack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -82,6 +84,8 @@ MODEL_LEVELS = {
 # answered without being "unsupported": they carry no matching
 _ALWAYS_ACCEPTED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
 _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+_BINARY_NUMBER_VRS = {"US", "UL", "SS", "SL", "UV", "SV"}
+_VERIFICATION = "1.2.840.10008.1.1"
 _MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
 
 
@@ -91,6 +95,16 @@ class Refusal(Exception):
     def __init__(self, status: int, comment: str) -> None:
         super().__init__(comment)
         self.status = status
+
+
+def handle_connection_open(event: Event) -> None:
+    """TCP_NODELAY on every DICOM connection: a C-FIND answers with small messages back to
+    back (pending, final), and Nagle's algorithm with the peer's delayed ACK holds each one
+    for ~40 ms.  pynetdicom does not set it itself."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # --- identifiers -----------------------------------------------------------------------
@@ -181,7 +195,11 @@ class FindPlan:
             keyword = elem.keyword
             if keyword in match:
                 value = match[keyword]
-                ds.add_new(elem.tag, elem.VR, str(value) if isinstance(value, int) else value)
+                if elem.VR in _BINARY_NUMBER_VRS:
+                    value = int(value) if value != "" else None
+                elif isinstance(value, int):
+                    value = str(value)
+                ds.add_new(elem.tag, elem.VR, value)
             elif elem.tag not in ds:
                 ds.add_new(elem.tag, elem.VR, [] if elem.VR == "SQ" else None)
         return ds
@@ -302,18 +320,33 @@ def encode_for_peer(
             f"{record.sop_uid}: the peer accepted neither {record.transfer_syntax_uid} "
             "nor an uncompressed syntax"
         )
+    target = UID(targets[0])
     try:
         ds = pydicom.dcmread(BytesIO(data), force=True)
-        if UID(record.transfer_syntax_uid).is_compressed:
+        stored = UID(record.transfer_syntax_uid)
+        single_bit = ds.get("BitsAllocated") == 1 and "PixelData" in ds
+        if stored.is_compressed:
+            pixels = ds.pixel_array if single_bit else None
             ds.decompress(generate_instance_uid=False)
-        ds.file_meta.TransferSyntaxUID = UID(targets[0])
+            if pixels is not None:  # pydicom leaves 1-bit pixels unpacked: pack them again
+                ds.PixelData = pack_bits(pixels)
+        elif not stored.is_little_endian and "PixelData" in ds and not single_bit:
+            # pydicom writes OW pixel bytes as they are: swap them through the array
+            pixels = ds.pixel_array
+            ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
         out = BytesIO()
-        ds.save_as(out, enforce_file_format=True)
+        pydicom.dcmwrite(
+            out,
+            ds,
+            implicit_vr=target.is_implicit_VR,
+            little_endian=True,
+            force_encoding=True,
+        )
     except Exception as exc:  # pydicom's pixel handlers raise many types
-        raise KhoError(f"{record.sop_uid}: cannot convert to {targets[0]}: {exc}") from exc
+        raise KhoError(f"{record.sop_uid}: cannot convert to {target}: {exc}") from exc
     converted = out.getvalue()
     _meta, offset = read_file_meta(converted)
-    return targets[0], converted[offset:]
+    return str(target), converted[offset:]
 
 
 def install_raw_sender(archive: Archive, assoc: Association) -> None:
@@ -420,8 +453,13 @@ def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
         sender_ready.set()
 
     options = {
-        "contexts": _move_contexts(records) or [build_context(_UNCOMPRESSED[0])],
-        "evt_handlers": [(evt.EVT_ESTABLISHED, on_established)],
+        # Verification when nothing is to be sent: a refusal still makes pynetdicom
+        # associate before it sends our status, and that must not fail
+        "contexts": _move_contexts(records) or [build_context(_VERIFICATION)],
+        "evt_handlers": [
+            (evt.EVT_CONN_OPEN, handle_connection_open),
+            (evt.EVT_ESTABLISHED, on_established),
+        ],
         "max_pdu": 0,
     }
     yield address[0], address[1], options
