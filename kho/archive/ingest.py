@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
-from kho.archive import keys
+from kho.archive import keys, metrics
 from kho.archive.attributes import InstanceAttributes, extract_attributes, read_header
 from kho.archive.catalog import InstanceRecord
 from kho.archive.part10 import Part10Layout, build_file_meta, parse_part10
@@ -79,6 +79,35 @@ def ingest_part10(
     expected_sop_instance_uid: str | None = None,
     source: str = "",
     lenient_identity: bool = False,
+) -> IngestResult:
+    """Ingest one DICOM file's bytes (see _ingest_part10), recording latency and outcome."""
+    channel = source.split(":", 1)[0] or "api"
+    started = time.perf_counter()
+    try:
+        result = _ingest_part10(
+            archive,
+            data,
+            expected_sop_class_uid=expected_sop_class_uid,
+            expected_sop_instance_uid=expected_sop_instance_uid,
+            source=source,
+            lenient_identity=lenient_identity,
+        )
+    except Exception as exc:
+        metrics.INGEST_OUTCOMES.labels(channel, type(exc).__name__).inc()
+        raise
+    metrics.INGEST_SECONDS.labels(channel).observe(time.perf_counter() - started)
+    metrics.INGEST_OUTCOMES.labels(channel, result.outcome.value).inc()
+    return result
+
+
+def _ingest_part10(
+    archive: Archive,
+    data: bytes,
+    *,
+    expected_sop_class_uid: str | None,
+    expected_sop_instance_uid: str | None,
+    source: str,
+    lenient_identity: bool,
 ) -> IngestResult:
     """Ingest one DICOM file's bytes; raise InvalidDicomError / DatasetMismatchError /
     DuplicateInstanceError / StorageError, having made nothing visible.
