@@ -18,6 +18,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from itertools import islice
@@ -265,10 +266,25 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset,
     status = PENDING_WARNING if plan.unsupported else PENDING
     ae_title = archive.settings.ae_title
     for match in found:
+        _wait_until_sent(event.assoc)
         if event.is_cancelled:
             yield CANCEL, None
             return
         yield status, plan.response(match, ae_title)
+
+
+def _wait_until_sent(assoc: Association, timeout: float = 30.0) -> None:
+    """Backpressure: let pynetdicom's DUL send what is queued before the next response.
+
+    Its reactor reads the socket only when it has nothing left to send, so a handler that
+    queues responses faster than they leave would not see a C-CANCEL until every match
+    was sent (and would hold them all in memory)."""
+    outgoing = getattr(getattr(assoc, "dul", None), "to_provider_queue", None)
+    if outgoing is None:
+        return
+    deadline = time.monotonic() + timeout
+    while outgoing.qsize() > 1 and time.monotonic() < deadline and assoc.is_established:
+        time.sleep(0.0002)
 
 
 # --- retrieval: sending stored bytes -----------------------------------------------------
