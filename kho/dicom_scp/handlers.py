@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_STORE
 
+from kho.dicom_scp import fast_dimse
 from kho.dicom_scp.statuses import (
     PROCESSING_FAILURE,
     SUCCESS,
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
     from kho.archive.archive import Archive
 
 log = logging.getLogger(__name__)
+
+
+def handle_association_open(event: Event) -> None:
+    """Per association: C-STORE responses take kho's direct encoding (fast_dimse)."""
+    fast_dimse.install(event.assoc)
 
 
 def handle_echo(event: Event) -> int:

@@ -1,0 +1,64 @@
+"""kho's direct C-STORE response encoding and PDU reads match pynetdicom's, byte for byte."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import types
+
+import pytest
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.transport import AssociationSocket
+
+from kho.dicom_scp import fast_dimse
+
+
+def _pynetdicom_encoding(primitive: C_STORE) -> bytes:
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    pdata = list(message.encode_msg(1, 16382))
+    return b"".join(v[1:] for p in pdata for _cid, v in p.presentation_data_value_list)
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700])
+@pytest.mark.parametrize("sop_uid", ["1.2.3.4", "1.2.826.0.1.3680043.8.498.1234567890123"])
+def test_store_response_matches_pynetdicom(status: int, sop_uid: str) -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 65535
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    primitive.AffectedSOPInstanceUID = sop_uid
+    primitive.Status = status
+    assert fast_dimse.encode_store_response(primitive) == _pynetdicom_encoding(primitive)
+
+
+def test_responses_with_an_error_comment_are_left_to_pynetdicom() -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 1
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    primitive.AffectedSOPInstanceUID = "1.2.3"
+    primitive.Status = 0xC000
+    primitive.ErrorComment = "cannot parse"
+    assert fast_dimse.encode_store_response(primitive) is None
+
+
+def test_recv_reads_whole_pdus_and_returns_partial_data_on_close() -> None:
+    left, right = socket.socketpair()
+    sock = AssociationSocket.__new__(AssociationSocket)
+    sock.socket = right
+    sock.recv = types.MethodType(fast_dimse._recv, sock)  # type: ignore[method-assign]
+    payload = bytes(range(256)) * 4096  # 1 MiB, arriving in many segments
+
+    def send() -> None:
+        left.sendall(payload)
+        left.sendall(b"tail")
+        left.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        assert sock.recv(len(payload)) == payload
+        assert sock.recv(100) == b"tail"  # the peer closed after 4 of 100 bytes
+    finally:
+        sender.join()
+        right.close()
