@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -205,6 +207,132 @@ class FindPlan:
                 ds.add_new(elem.tag, elem.VR, [] if elem.VR == "SQ" else None)
         return ds
 
+    def encode(self, match: dict[str, Any], ae_title: str, explicit: bool) -> bytes | None:
+        """The response identifier encoded directly in little endian (what ``response``
+        gives pydicom to write, at a fraction of the cost), or None when a value needs
+        pydicom (a VR this writer does not do)."""
+        elements: dict[int, tuple[str, bytes]] = {}
+        texts = [v for v in match.values() if isinstance(v, str)]
+        utf8 = any(not t.isascii() for t in texts)
+        if utf8:
+            elements[0x00080005] = ("CS", b"ISO_IR 192")
+        elements[0x00080052] = ("CS", _value_bytes("CS", self.level) or b"")
+        if self.retrieve_ae_requested:
+            elements[0x00080054] = ("AE", _value_bytes("AE", ae_title) or b"")
+        for key in query.unique_keys(self.level, self.model):
+            elements[_TAG_OF[key]] = ("UI", _value_bytes("UI", match.get(key, "")) or b"")
+        for elem in self.requested:
+            tag = int(elem.tag)
+            keyword = elem.keyword
+            if keyword in match:
+                raw = _value_bytes(elem.VR, match[keyword])
+                if raw is None:
+                    return None
+                elements[tag] = (elem.VR, raw)
+            elif tag not in elements:
+                elements[tag] = (elem.VR, b"")
+        return b"".join(
+            _encode_element(tag, vr, raw, explicit) for tag, (vr, raw) in sorted(elements.items())
+        )
+
+
+_TAG_OF = {
+    key: int(pydicom.datadict.tag_for_keyword(key) or 0) for key in query.UNIQUE_KEY.values()
+}
+_TEXT_VRS = {
+    "AE",
+    "AS",
+    "CS",
+    "DA",
+    "DS",
+    "DT",
+    "IS",
+    "LO",
+    "LT",
+    "PN",
+    "SH",
+    "ST",
+    "TM",
+    "UC",
+    "UI",
+    "UR",
+    "UT",
+}
+_LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+_NUMBER_FORMATS = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<i"}
+
+
+def _value_bytes(vr: str, value: Any) -> bytes | None:
+    if vr in _TEXT_VRS:
+        raw = str(value).encode("utf-8")
+        if len(raw) % 2:
+            raw += b"\x00" if vr == "UI" else b" "
+        return raw
+    if vr in _NUMBER_FORMATS:
+        return b"" if value == "" else struct.pack(_NUMBER_FORMATS[vr], int(value))
+    return None
+
+
+def _encode_element(tag: int, vr: str, raw: bytes, explicit: bool) -> bytes:
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if not explicit:
+        return head + struct.pack("<I", len(raw)) + raw
+    if vr in _LONG_VRS:
+        return head + vr.encode("ascii") + b"\x00\x00" + struct.pack("<I", len(raw)) + raw
+    return head + vr.encode("ascii") + struct.pack("<H", len(raw)) + raw
+
+
+class _DirectResponses:
+    """Sends C-FIND pending responses as P-DATA straight to pynetdicom's DUL.
+
+    pynetdicom builds, validates and encodes a pydicom Dataset for every command set (twice:
+    once to measure the group length), about 1.5 ms a response on this hardware; a pending
+    response's command set has a fixed shape (PS3.7 9.3.2.2), so it is written once here.
+    Everything else (final, failure, cancel responses) still goes through pynetdicom."""
+
+    def __init__(self, event: Event) -> None:
+        context = event.context
+        syntax = UID(str(context.transfer_syntax))
+        self.usable = syntax in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+        self.explicit = syntax == ExplicitVRLittleEndian
+        self.context_id = int(context.context_id)
+        self.assoc = event.assoc
+        self.max_length = int(getattr(event.assoc.requestor, "maximum_length", 0) or 0)
+        self.sop_class = str(event.request.AffectedSOPClassUID)
+        self.message_id = int(event.request.MessageID or 0)
+        self._commands: dict[int, bytes] = {}
+
+    def _command(self, status: int) -> bytes:
+        command = self._commands.get(status)
+        if command is None:
+            uid = self.sop_class.encode("ascii")
+            if len(uid) % 2:
+                uid += b"\x00"
+            body = b"".join(
+                (
+                    _encode_element(0x00000002, "UI", uid, False),
+                    _encode_element(0x00000100, "US", struct.pack("<H", 0x8020), False),
+                    _encode_element(0x00000120, "US", struct.pack("<H", self.message_id), False),
+                    _encode_element(0x00000800, "US", struct.pack("<H", 0x0000), False),
+                    _encode_element(0x00000900, "US", struct.pack("<H", status), False),
+                )
+            )
+            command = _encode_element(0x00000000, "UL", struct.pack("<I", len(body)), False) + body
+            self._commands[status] = command
+        return command
+
+    def send(self, status: int, identifier: bytes) -> bool:
+        """Queue one pending response; False when it must go through pynetdicom."""
+        command = self._command(status)
+        # one P-DATA-TF: two PDV items of 6 + data bytes each within the peer's maximum
+        if self.max_length and 12 + len(command) + 1 + len(identifier) + 1 > self.max_length:
+            return False
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((self.context_id, b"\x03" + command))
+        pdata.presentation_data_value_list.append((self.context_id, b"\x02" + identifier))
+        self.assoc.dul.send_pdu(pdata)
+        return True
+
 
 def _retrieve_filters(identifier: Dataset, model: str) -> tuple[str, dict[str, str]]:
     """Level and unique keys of a C-GET / C-MOVE identifier (PS3.4 C.4.2.2.1: only the
@@ -265,25 +393,33 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset,
         return
     status = PENDING_WARNING if plan.unsupported else PENDING
     ae_title = archive.settings.ae_title
+    direct = _DirectResponses(event)
     for match in found:
         _wait_until_sent(event.assoc)
         if event.is_cancelled:
             yield CANCEL, None
             return
+        if direct.usable:
+            identifier = plan.encode(match, ae_title, direct.explicit)
+            if identifier is not None and direct.send(status, identifier):
+                continue
         yield status, plan.response(match, ae_title)
 
 
-def _wait_until_sent(assoc: Association, timeout: float = 30.0) -> None:
-    """Backpressure: let pynetdicom's DUL send what is queued before the next response.
+def _wait_until_sent(assoc: Association, batch: int = 32, timeout: float = 30.0) -> None:
+    """Backpressure: let pynetdicom's DUL empty its send queue once ``batch`` responses
+    wait in it.
 
     Its reactor reads the socket only when it has nothing left to send, so a handler that
-    queues responses faster than they leave would not see a C-CANCEL until every match
-    was sent (and would hold them all in memory)."""
+    keeps the queue full would not see a C-CANCEL until every match was sent (and would
+    hold them all in memory); waiting on every response instead would cost the reactor's
+    1 ms idle sleep per response.  A batch keeps it sending back to back and lets it read
+    the socket between batches."""
     outgoing = getattr(getattr(assoc, "dul", None), "to_provider_queue", None)
-    if outgoing is None:
+    if outgoing is None or outgoing.qsize() < batch:
         return
     deadline = time.monotonic() + timeout
-    while outgoing.qsize() > 1 and time.monotonic() < deadline and assoc.is_established:
+    while outgoing.qsize() > 0 and time.monotonic() < deadline and assoc.is_established:
         time.sleep(0.0002)
 
 

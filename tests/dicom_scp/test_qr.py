@@ -662,3 +662,33 @@ def test_sub_operation_failures_are_counted(qr: dict[str, Any], tmp_path: Path) 
     assert final.NumberOfCompletedSuboperations == 3
     assert final.NumberOfFailedSuboperations == 2
     assert set(failed.FailedSOPInstanceUIDList) == set(made["instances"]["s1.2"])
+
+
+def test_direct_response_encoding_equals_pydicom(qr: dict[str, Any]) -> None:
+    """The identifiers kho writes itself are byte for byte what pydicom writes for the
+    same response dataset, in both little endian syntaxes."""
+    from pynetdicom.dsutils import encode
+
+    from kho.archive import query
+    from kho.dicom_scp.qr import FindPlan
+
+    archive: Archive = qr["archive"]
+    identifier = _identifier(
+        QueryRetrieveLevel="STUDY",
+        PatientName="*",
+        PatientID="",
+        StudyInstanceUID="",
+        StudyDate="",
+        ModalitiesInStudy="",
+        NumberOfStudyRelatedInstances="",
+        RetrieveAETitle="",
+        PatientComments="",
+    )
+    identifier.add_new(0x00081110, "SQ", [])  # a sequence key: unsupported, answered empty
+    plan = FindPlan(identifier, "STUDY")
+    matches = list(query.find(archive.catalog, plan.level, plan.filters))
+    assert len(matches) > 30
+    for match in matches:
+        for explicit in (False, True):
+            direct = plan.encode(match, "KHO", explicit)
+            assert direct == encode(plan.response(match, "KHO"), not explicit, True), match
