@@ -1,7 +1,7 @@
 """Ingest throughput: dcmtk storescu -> kho, against dcmtk storescp --bit-preserving (the
 ceiling for this machine), in the same run.
 
-A 300-slice 512x512 16-bit CT series (benchmarks.synthetic) is sent over 1 and 4
+A 300-slice 512x512 16-bit CT series (kho.archive.phantom: body, lungs, bone, noise) is sent over 1 and 4
 associations (4 storescu processes sending a quarter each).  Each run starts a fresh
 server with an empty data directory.  Reports instances/s and MB/s (received bytes),
 medians over --repeats, and kho / storescp ratios.
@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from benchmarks.synthetic import write_ct_series
+    from kho.archive.phantom import write_ct_series
 
     corpus_dir = args.keep_corpus or Path(tempfile.mkdtemp(prefix="kho-ct-"))
     files = sorted(corpus_dir.glob("*.dcm"))
     if len(files) != args.slices:
         shutil.rmtree(corpus_dir, ignore_errors=True)
         corpus_dir.mkdir(parents=True)
-        files = sorted(write_ct_series(corpus_dir, n=args.slices))
+        files = sorted(write_ct_series(corpus_dir, args.slices))
     kho_env = dict(kv.split("=", 1) for kv in args.kho_env)
     results = []
     for associations in args.associations:
