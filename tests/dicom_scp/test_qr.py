@@ -628,6 +628,39 @@ def test_move_to_unknown_or_down_destination(qr: dict[str, Any], tmp_path: Path)
         assert len(scp.files()) == 5, log[-2000:]
 
 
+def test_patient_root_move_and_get_of_one_patient(qr: dict[str, Any], tmp_path: Path) -> None:
+    """Patient root: PATIENT level by Patient ID (C-MOVE), SERIES level with the patient's
+    and the study's unique keys (C-GET)."""
+    archive: Archive = qr["archive"]
+    made = qr["made"]
+    expected = [sop for key in ("s1.1", "s1.2", "s2.1") for sop in made["instances"][key]]
+    with dcmtk.run_storescp(tmp_path / "dest", ae_title="STORESCP", port=qr["store_port"]) as scp:
+        result = subprocess.run(
+            [dcmtk.tool("movescu"), "-v", "-P", "-aec", "KHO", "-aem", "STORESCP",
+             "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=Q1",
+             "127.0.0.1", str(qr["port"])],
+            capture_output=True, text=True, env=dcmtk.env(), timeout=60,
+        )  # fmt: skip
+        received = _received(scp.folder)
+    assert sorted(received) == sorted(expected), result.stderr[-2000:]
+    for sop in expected:
+        assert _dataset_part(received[sop]) == _stored_dataset(archive, sop)
+    out = tmp_path / "got"
+    out.mkdir()
+    result = subprocess.run(
+        [dcmtk.tool("getscu"), "-v", "-P", "-aec", "KHO", "+B", "-od", str(out),
+         "-k", "QueryRetrieveLevel=SERIES", "-k", "PatientID=Q1",
+         "-k", f"StudyInstanceUID={_keys_of(made, 's1')}",
+         "-k", f"SeriesInstanceUID={made['series']['s1.2']['uid']}",
+         "127.0.0.1", str(qr["port"])],
+        capture_output=True, text=True, env=dcmtk.env(), timeout=60,
+    )  # fmt: skip
+    received = _received(out)
+    assert sorted(received) == sorted(made["instances"]["s1.2"]), result.stderr[-2000:]
+    for sop, path in received.items():
+        assert _dataset_part(path) == _stored_dataset(archive, sop)
+
+
 def test_sub_operation_failures_are_counted(qr: dict[str, Any], tmp_path: Path) -> None:
     """A destination that refuses one SOP class: the move ends with 0xB000 and lists the
     instances that failed."""
