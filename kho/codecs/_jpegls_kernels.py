@@ -454,8 +454,18 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
         for ci in range(nc):
             cur[ci, 0] = prev[ci, 1]
             prev[ci, cols + 1] = prev[ci, cols]
-        lines = 1 if ilv == 2 else nc
-        for line in range(lines):
+        if ilv != 2:
+            for ci in range(nc):
+                acc, nbits, pos, ff, fake, status = _decode_line(
+                    src, acc, nbits, pos, ff, fake, img, y, comps[ci], prev[ci], cur[ci],
+                    runindex, ci, ctx, maxval, rng, t1, t2, t3, limit, qbpp, reset,
+                )
+                if status != OK:
+                    st[4] = status
+                    return
+            prev, cur = cur, prev
+            continue
+        for line in range(1):
             x = 0
             while x < cols:
                 if fake > nbits + 64:  # far past the end of the data: truncated
@@ -587,3 +597,111 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
         prev, cur = cur, prev
     if fake > nbits:  # zero bits invented past the end of the data were used
         st[4] = ERR_TRUNCATED
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _decode_line(src, acc, nbits, pos, ff, fake, img, y, comp, pl, cl, runindex, slot, ctx,
+                 maxval, rng, t1, t2, t3, limit, qbpp, reset):
+    """One line of one component (interleave none or line)."""
+    cols = img.shape[1]
+    x = 0
+    while x < cols:
+        ra = cl[x]
+        rb = pl[x + 1]
+        rc = pl[x]
+        rd = pl[x + 2]
+        qs = (_quantize(rd - rb, t1, t2, t3) * 9 + _quantize(rb - rc, t1, t2, t3)) * 9
+        qs += _quantize(rc - ra, t1, t2, t3)
+        if qs == 0:
+            ri = runindex[slot]
+            while True:
+                bit, acc, nbits, pos, ff, fake = _get(src, acc, nbits, pos, ff, fake, 1)
+                if bit == 1:
+                    count = min(1 << J[ri], cols - x)
+                    for i in range(count):
+                        cl[x + 1 + i] = ra
+                        img[y, x + i, comp] = ra
+                    x += count
+                    if count == (1 << J[ri]) and ri < 31:
+                        ri += 1
+                    if x == cols:
+                        break
+                    if fake > nbits + 64:
+                        return acc, nbits, pos, ff, fake, ERR_TRUNCATED
+                    continue
+                count = 0
+                if J[ri]:
+                    count, acc, nbits, pos, ff, fake = _get(src, acc, nbits, pos, ff, fake, J[ri])
+                if x + count >= cols:
+                    return acc, nbits, pos, ff, fake, ERR_CORRUPT
+                for i in range(count):
+                    cl[x + 1 + i] = ra
+                    img[y, x + i, comp] = ra
+                x += count
+                # the run interruption sample
+                rb = pl[x + 1]
+                ritype = 1 if ra == rb else 0
+                q = 365 + ritype
+                temp = ctx[0, q] + (ctx[3, q] >> 1) if ritype else ctx[0, q]
+                k = _k_for(ctx[3, q], temp)
+                emerr, acc, nbits, pos, ff, fake = _ungolomb(
+                    src, acc, nbits, pos, ff, fake, k, limit - J[ri] - 1, qbpp
+                )
+                if emerr < 0:
+                    return acc, nbits, pos, ff, fake, ERR_CORRUPT
+                tmp = emerr + ritype
+                if k == 0 and 2 * ctx[4, q] < ctx[3, q]:
+                    errval = (tmp + 1) >> 1 if tmp & 1 else -(tmp >> 1)
+                else:
+                    errval = -((tmp + 1) >> 1) if tmp & 1 else tmp >> 1
+                _update_ri(ctx, q, errval, emerr, ritype, reset)
+                if ritype:
+                    value = ra + errval
+                else:
+                    value = rb + errval if rb >= ra else rb - errval
+                if value < 0:
+                    value += rng
+                elif value > maxval:
+                    value -= rng
+                if value < 0 or value > maxval:
+                    return acc, nbits, pos, ff, fake, ERR_CORRUPT
+                if ri > 0:
+                    ri -= 1
+                cl[x + 1] = value
+                img[y, x, comp] = value
+                x += 1
+                break
+            runindex[slot] = ri
+            if fake > nbits + 64:
+                return acc, nbits, pos, ff, fake, ERR_TRUNCATED
+            continue
+        sign = 1
+        if qs < 0:
+            sign = -1
+            qs = -qs
+        px = _predict(ra, rb, rc)
+        px = px + ctx[2, qs] if sign > 0 else px - ctx[2, qs]
+        if px > maxval:
+            px = maxval
+        elif px < 0:
+            px = 0
+        k = _k_for(ctx[3, qs], ctx[0, qs])
+        merr, acc, nbits, pos, ff, fake = _ungolomb(src, acc, nbits, pos, ff, fake, k, limit, qbpp)
+        if merr < 0:
+            return acc, nbits, pos, ff, fake, ERR_CORRUPT
+        if k == 0 and 2 * ctx[1, qs] <= -ctx[3, qs]:
+            errval = (merr - 1) >> 1 if merr & 1 else -(merr >> 1) - 1
+        else:
+            errval = -((merr + 1) >> 1) if merr & 1 else merr >> 1
+        _update_regular(ctx, qs, errval, reset)
+        value = px + errval if sign > 0 else px - errval
+        if value < 0:
+            value += rng
+        elif value > maxval:
+            value -= rng
+        if value < 0 or value > maxval:
+            return acc, nbits, pos, ff, fake, ERR_CORRUPT
+        cl[x + 1] = value
+        img[y, x, comp] = value
+        x += 1
+    return acc, nbits, pos, ff, fake, OK
