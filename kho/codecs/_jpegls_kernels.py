@@ -264,7 +264,20 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                     value = int(img[y, x, comps[ci]])
                     px = _predict(cur[ci, x], prev[ci, x + 1], prev[ci, x])
                     acc, nbits, pos, ff = _regular(
-                        out, acc, nbits, pos, ff, ctx, qs, value, px, rng, maxval, limit, qbpp, reset
+                        out,
+                        acc,
+                        nbits,
+                        pos,
+                        ff,
+                        ctx,
+                        qs,
+                        value,
+                        px,
+                        rng,
+                        maxval,
+                        limit,
+                        qbpp,
+                        reset,
                     )
                     cur[ci, x + 1] = value
                 x += 1
@@ -325,8 +338,20 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                         continue
                     value = int(img[y, x, comp])
                     acc, nbits, pos, ff = _regular(
-                        out, acc, nbits, pos, ff, ctx, qs, value, _predict(ra, rb, rc),
-                        rng, maxval, limit, qbpp, reset,
+                        out,
+                        acc,
+                        nbits,
+                        pos,
+                        ff,
+                        ctx,
+                        qs,
+                        value,
+                        _predict(ra, rb, rc),
+                        rng,
+                        maxval,
+                        limit,
+                        qbpp,
+                        reset,
                     )
                     cl[x + 1] = value
                     x += 1
@@ -457,8 +482,28 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
         if ilv != 2:
             for ci in range(nc):
                 acc, nbits, pos, ff, fake, status = _decode_line(
-                    src, acc, nbits, pos, ff, fake, img, y, comps[ci], prev[ci], cur[ci],
-                    runindex, ci, ctx, maxval, rng, t1, t2, t3, limit, qbpp, reset,
+                    src,
+                    acc,
+                    nbits,
+                    pos,
+                    ff,
+                    fake,
+                    img,
+                    y,
+                    comps[ci],
+                    prev[ci],
+                    cur[ci],
+                    runindex,
+                    ci,
+                    ctx,
+                    maxval,
+                    rng,
+                    t1,
+                    t2,
+                    t3,
+                    limit,
+                    qbpp,
+                    reset,
                 )
                 if status != OK:
                     st[4] = status
@@ -600,8 +645,30 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _decode_line(src, acc, nbits, pos, ff, fake, img, y, comp, pl, cl, runindex, slot, ctx,
-                 maxval, rng, t1, t2, t3, limit, qbpp, reset):
+def _decode_line(
+    src,
+    acc,
+    nbits,
+    pos,
+    ff,
+    fake,
+    img,
+    y,
+    comp,
+    pl,
+    cl,
+    runindex,
+    slot,
+    ctx,
+    maxval,
+    rng,
+    t1,
+    t2,
+    t3,
+    limit,
+    qbpp,
+    reset,
+):
     """One line of one component (interleave none or line)."""
     cols = img.shape[1]
     x = 0

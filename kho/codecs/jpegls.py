@@ -85,9 +85,11 @@ def encode(
     qbpp = max(2, bits)
     capacity = rows * cols * comps * ((2 * (qbpp + max(8, qbpp))) // 7 + 2) + 64
     pieces = [bytes(header)]
-    scans = [np.arange(comps, dtype=np.int64)] if ilv else [
-        np.array([c], dtype=np.int64) for c in range(comps)
-    ]
+    scans = (
+        [np.arange(comps, dtype=np.int64)]
+        if ilv
+        else [np.array([c], dtype=np.int64) for c in range(comps)]
+    )
     for scan in scans:
         sos = struct.pack(">BBHB", 0xFF, SOS, 6 + 2 * len(scan), len(scan))
         for c in scan:
