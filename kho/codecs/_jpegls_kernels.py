@@ -13,11 +13,13 @@ import numpy as np
 from numba import njit
 
 # J table of run lengths (A.7.1.2)
+# fmt: off
 J = np.array(
-    [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 9, 10, 11]
-    + [12, 13, 14, 15],
+    [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
+     4, 4, 5, 5, 6, 6, 7, 7, 8, 9, 10, 11, 12, 13, 14, 15],
     dtype=np.int64,
 )
+# fmt: on
 N_CONTEXTS = 367  # 365 regular + 2 run interruption (365: RItype 0, 366: RItype 1)
 
 OK = 0

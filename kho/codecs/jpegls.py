@@ -139,7 +139,7 @@ def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
             break
         if pos + 2 > size:
             raise CodecError("truncated JPEG-LS marker segment")
-        (length,) = struct.unpack_from(">H", buf, pos)
+        length = (int(buf[pos]) << 8) | int(buf[pos + 1])
         if length < 2 or pos + length > size:
             raise CodecError(f"bad length {length} of marker 0xFF{marker:02X}")
         segment = buf[pos + 2 : pos + length].tobytes()
