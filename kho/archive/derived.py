@@ -3,6 +3,9 @@
 Each deriver takes (Part 10 bytes, layout, parsed header, attributes, encoded pixels) and
 returns {object name: bytes}; the names become keys under the instance's prefix and are
 recorded in ``instances.derived``.
+
+- ``metadata.json`` (kho.archive.dicomjson): the DICOM JSON served by WADO-RS metadata;
+- ``thumbnail.jpg`` (kho.archive.rendering): a JPEG of frame 1 within 128x128 pixels.
 """
 
 from __future__ import annotations
@@ -15,5 +18,8 @@ if TYPE_CHECKING:
 
 
 def default_derivers(settings: Settings) -> list[Deriver]:
-    derivers: list[Deriver] = []
+    from kho.archive.dicomjson import metadata_deriver
+    from kho.archive.rendering import thumbnail_deriver
+
+    derivers: list[Deriver] = [metadata_deriver, thumbnail_deriver]
     return derivers

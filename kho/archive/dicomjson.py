@@ -1,0 +1,145 @@
+"""The instance's DICOM JSON (PS3.18 F.2), made once at ingest for WADO-RS metadata.
+
+A viewer's series-metadata request then reads one precomputed document per instance instead
+of parsing Part 10 files.  Pixel data and large binary values are not inlined: they carry a
+``BulkDataURI`` stored relative (``bulkdata/<tag>``), which the HTTP layer turns into an
+absolute URL per request (the archive does not know the host name viewers use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import warnings
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from kho.archive.attributes import InstanceAttributes
+from kho.archive.part10 import PIXEL_DATA, Part10Layout, parse_part10
+from kho.archive.pixels import EncodedPixels
+from kho.errors import InvalidDicomError
+
+if TYPE_CHECKING:
+    from kho.archive.archive import Archive
+    from kho.archive.catalog import InstanceRecord
+
+#: the derived object's name (its key is ``<instance prefix>.metadata.json``)
+METADATA_OBJECT = "metadata.json"
+#: stored BulkDataURI values start with this; the HTTP layer prefixes the instance URL
+BULKDATA_PLACEHOLDER = "bulkdata/"
+#: binary values longer than this go out as BulkDataURI (PS3.18 leaves the size to us)
+BULK_THRESHOLD = 1024
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+_parsed = threading.local()
+
+
+def full_header(data: bytes, layout: Part10Layout) -> Dataset:
+    """Every attribute before the pixel data (the catalog's parse keeps only its tags).
+
+    The last parse per thread is remembered, so the derivers of one ingest parse once.
+    """
+    cached = getattr(_parsed, "entry", None)
+    if cached is not None and cached[0] is data:
+        ds: Dataset = cached[1]
+        return ds
+    stop = layout.pixels.element_offset if layout.pixels else len(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(BytesIO(data[:stop]), stop_before_pixels=True, force=True)
+    except Exception as exc:  # pydicom raises many types on odd input
+        raise InvalidDicomError(f"cannot parse dataset: {exc}") from exc
+    _parsed.entry = (data, ds)
+    return ds
+
+
+def dataset_json(ds: Dataset, pixels_vr: str | None, pixel_tag: int = PIXEL_DATA) -> dict[str, Any]:
+    """DICOM JSON of a header; top-level large binary values and the pixel data become
+    relative BulkDataURIs (nested small binaries such as icon images stay inline)."""
+    bulk: dict[str, str] = {}
+    for elem in ds:
+        value = elem.value
+        if elem.VR in _BINARY_VRS and isinstance(value, bytes) and len(value) > BULK_THRESHOLD:
+            bulk[f"{elem.tag:08X}"] = elem.VR
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out: dict[str, Any] = ds.to_json_dict(
+            bulk_data_threshold=1 << 62, suppress_invalid_tags=True
+        )
+    for tag, vr in bulk.items():
+        out[tag] = {"vr": vr, "BulkDataURI": BULKDATA_PLACEHOLDER + tag}
+    if pixels_vr is not None:
+        tag = f"{pixel_tag:08X}"
+        out[tag] = {"vr": pixels_vr, "BulkDataURI": BULKDATA_PLACEHOLDER + tag}
+    return dict(sorted(out.items()))
+
+
+def pixel_vr(layout: Part10Layout, bits_allocated: int | None) -> str | None:
+    pixels = layout.pixels
+    if pixels is None:
+        return None
+    if pixels.tag != PIXEL_DATA:
+        return "OD" if pixels.tag == 0x7FE00009 else "OF"
+    if pixels.encapsulated or (bits_allocated or 8) <= 8:
+        return "OB"
+    return "OW"
+
+
+def encode(document: dict[str, Any]) -> bytes:
+    """Compact JSON; the HTTP layer relies on the exact ``"BulkDataURI":"bulkdata/`` form."""
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def metadata_deriver(
+    data: bytes,
+    layout: Part10Layout,
+    ds: Dataset,
+    attrs: InstanceAttributes,
+    encoded: EncodedPixels | None,
+) -> dict[str, bytes]:
+    """Deriver (kho.archive.archive.Deriver): the instance's DICOM JSON document."""
+    header = full_header(data, layout)
+    pixel_tag = layout.pixels.tag if layout.pixels else PIXEL_DATA
+    return {
+        METADATA_OBJECT: encode(
+            dataset_json(header, pixel_vr(layout, attrs.bits_allocated), pixel_tag)
+        )
+    }
+
+
+# --- serving ----------------------------------------------------------------------------
+
+_STORED_URI = b'"BulkDataURI":"' + BULKDATA_PLACEHOLDER.encode()
+
+
+def instance_document(archive: Archive, record: InstanceRecord) -> bytes:
+    """The instance's stored DICOM JSON (relative BulkDataURIs); made from the stored
+    instance when it predates the deriver."""
+    key = record.derived_keys.get(METADATA_OBJECT)
+    if key:
+        return archive.store.get(key)
+    data = archive.read_part10(record)
+    layout = parse_part10(data)
+    header = full_header(data, layout)
+    pixel_tag = layout.pixels.tag if layout.pixels else PIXEL_DATA
+    return encode(dataset_json(header, pixel_vr(layout, record.bits_allocated), pixel_tag))
+
+
+def with_absolute_uris(document: bytes, instance_url: str) -> bytes:
+    """Make the stored relative BulkDataURIs absolute under ``instance_url``."""
+    if _STORED_URI not in document:
+        return document
+    return document.replace(_STORED_URI, b'"BulkDataURI":"' + instance_url.encode() + b"/bulkdata/")
+
+
+def documents_key(records: list[InstanceRecord]) -> str:
+    """Changes whenever an instance of the list is added, removed or replaced."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(record.object_prefix.encode())
+    return digest.hexdigest()

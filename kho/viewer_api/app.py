@@ -1,0 +1,58 @@
+"""The FastAPI application: DICOMweb under ``/dicom-web`` on one Archive.
+
+CORS: origins from the environment variable ``KHO_CORS_ORIGINS`` (comma-separated, or
+``*``) until the settings object carries them; none by default.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from kho.archive.archive import Archive
+from kho.viewer_api import qido, rendered, stow, wado
+from kho.viewer_api.deps import ViewerState, max_upload_from_env
+from kho.viewer_api.errors import install_error_handlers
+
+PREFIX = "/dicom-web"
+
+
+def cors_origins_from_env() -> list[str]:
+    return [o.strip() for o in os.environ.get("KHO_CORS_ORIGINS", "").split(",") if o.strip()]
+
+
+def create_app(
+    archive: Archive,
+    *,
+    cors_origins: list[str] | None = None,
+    max_upload_bytes: int | None = None,
+) -> FastAPI:
+    """The DICOMweb application for ``archive`` (the caller keeps and closes it)."""
+    app = FastAPI(
+        title="kho DICOMweb",
+        summary="QIDO-RS, WADO-RS (metadata, frames, bulk data, rendered, thumbnails, tiles) "
+        "and STOW-RS over the kho archive",
+        version="1",
+    )
+    app.state.viewer = ViewerState(
+        archive=archive,
+        max_upload_bytes=max_upload_bytes
+        if max_upload_bytes is not None
+        else max_upload_from_env(),
+    )
+    install_error_handlers(app)
+    origins = cors_origins if cors_origins is not None else cors_origins_from_env()
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Content-Type", "Content-Length", "Warning", "Content-Encoding"],
+        )
+    # QIDO first: its /studies/{s}/series must not be read as a WADO retrieve
+    for module in (qido, wado, rendered, stow):
+        app.include_router(module.router, prefix=PREFIX)
+    return app

@@ -1,0 +1,99 @@
+"""Every error of the HTTP layer becomes a status here, in one place.
+
+kho.errors (raised by the archive) and the few HTTP-only conditions below map to
+PS3.18 statuses with a plain-text message saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
+
+from kho.errors import (
+    CatalogError,
+    CodecError,
+    DatasetMismatchError,
+    DuplicateInstanceError,
+    InvalidDicomError,
+    KhoError,
+    NotFoundError,
+    ObjectNotFoundError,
+    QueryError,
+    StorageUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class HttpError(KhoError):
+    """An HTTP-level condition (media types, sizes); ``status`` is the response status."""
+
+    status = 400
+
+
+class NotAcceptableError(HttpError):
+    """Nothing the client accepts can be produced (406)."""
+
+    status = 406
+
+
+class UnsupportedMediaTypeError(HttpError):
+    """The request body's media type is not one this resource takes (415)."""
+
+    status = 415
+
+
+class PayloadTooLargeError(HttpError):
+    """The request body exceeds the configured maximum (413)."""
+
+    status = 413
+
+
+class BadRequestError(HttpError):
+    """A malformed request that is not a query problem (bad multipart body, bad path)."""
+
+    status = 400
+
+
+#: kho.errors classes -> HTTP status, most specific first
+STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
+    (HttpError, 0),  # the instance's own status
+    (ObjectNotFoundError, 404),
+    (NotFoundError, 404),
+    (QueryError, 400),
+    (DatasetMismatchError, 400),
+    (InvalidDicomError, 400),
+    (DuplicateInstanceError, 409),
+    (StorageUnavailableError, 503),
+    (CatalogError, 503),
+    (CodecError, 406),  # a frame the server cannot decode into what was asked for
+)
+
+
+def status_for(exc: Exception) -> int:
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return exc.status if isinstance(exc, HttpError) else status
+    return 500
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_kho_error(_request: Request, exc: Exception) -> PlainTextResponse:
+        status = status_for(exc)
+        if status >= 500:
+            log.error("request failed: %s: %s", type(exc).__name__, exc)
+        return PlainTextResponse(str(exc) or type(exc).__name__, status_code=status)
+
+    async def on_validation(_request: Request, exc: Exception) -> PlainTextResponse:
+        errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
+        text = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors
+        )
+        return PlainTextResponse(text or "bad request", status_code=400)
+
+    app.add_exception_handler(KhoError, on_kho_error)
+    app.add_exception_handler(RequestValidationError, on_validation)

@@ -1,0 +1,260 @@
+"""Rendered resources (PS3.18 10.4.1.1.3 and 10.7): rendered frames, thumbnails, tiles.
+
+Thumbnails of instances come from the JPEG made at ingest; series and study thumbnails
+use their middle instance.  Tiles (level 0 = full resolution, level L = 1/2**L) are cut
+from a cached display image per level (see kho.archive.rendering).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+
+from kho.archive import dicomjson, rendering
+from kho.archive.archive import Archive
+from kho.archive.catalog import InstanceRecord
+from kho.archive.pixels import frame_array, frame_count
+from kho.errors import NotFoundError
+from kho.viewer_api.deps import ArchiveDep, InstanceDep, StateDep
+from kho.viewer_api.errors import NotAcceptableError
+from kho.viewer_api.media import parse_accept
+from kho.viewer_api.wado import series_records
+
+router = APIRouter(tags=["WADO-RS rendered"])
+
+WindowParam = Annotated[str | None, Query(description="center,width[,LINEAR|LINEAR_EXACT|SIGMOID]")]
+ViewportParam = Annotated[str | None, Query(description="vw,vh[,sx,sy,sw,sh]")]
+QualityParam = Annotated[int, Query(ge=1, le=100, description="JPEG quality")]
+AcceptParam = Annotated[str | None, Query(alias="accept", description="media type override")]
+
+
+def choose_image_type(request: Request, accept_param: str | None) -> str:
+    """image/jpeg (default) or image/png from the ``accept`` parameter or header."""
+    ranges = parse_accept(accept_param or request.headers.get("accept"))
+    if not ranges:
+        return rendering.JPEG
+    for r in ranges:
+        if r.matches(rendering.JPEG):
+            return rendering.JPEG
+        if r.matches(rendering.PNG):
+            return rendering.PNG
+    raise NotAcceptableError("rendered images are image/jpeg or image/png")
+
+
+def display_of(archive: Archive, record: InstanceRecord) -> rendering.Display:
+    document = json.loads(dicomjson.instance_document(archive, record))
+    return rendering.display_from_json(document)
+
+
+def _display_with(
+    archive: Archive, record: InstanceRecord, window: str | None
+) -> rendering.Display:
+    display = display_of(archive, record)
+    parsed = rendering.parse_window(window)
+    return display.with_window(*parsed) if parsed else display
+
+
+def _image(img: np.ndarray, media_type: str, quality: int) -> Response:
+    return Response(
+        rendering.encode_image(img, media_type, quality),
+        media_type=media_type,
+        headers={"Cache-Control": "private, max-age=3600"},
+    )
+
+
+def render_frame(
+    archive: Archive,
+    record: InstanceRecord,
+    number: int,
+    *,
+    window: str | None,
+    viewport: str | None,
+    max_size: int | None = None,
+) -> np.ndarray:
+    if record.pixel_format == "none":
+        raise NotFoundError(f"instance {record.sop_uid} has no pixel data")
+    display = _display_with(archive, record, window)
+    parsed_viewport = rendering.parse_viewport(viewport)
+    values = frame_array(archive, record, number)
+    return rendering.render(values, display, viewport=parsed_viewport, max_size=max_size)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/rendered",
+    summary="Rendered instance (frame 1)",
+)
+def rendered_instance(
+    record: InstanceDep,
+    request: Request,
+    archive: ArchiveDep,
+    window: WindowParam = None,
+    viewport: ViewportParam = None,
+    quality: QualityParam = 90,
+    accept: AcceptParam = None,
+) -> Response:
+    media_type = choose_image_type(request, accept)
+    img = render_frame(archive, record, 1, window=window, viewport=viewport)
+    return _image(img, media_type, quality)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
+    summary="Rendered frame",
+)
+def rendered_frame(
+    record: InstanceDep,
+    frame: int,
+    request: Request,
+    archive: ArchiveDep,
+    window: WindowParam = None,
+    viewport: ViewportParam = None,
+    quality: QualityParam = 90,
+    accept: AcceptParam = None,
+) -> Response:
+    media_type = choose_image_type(request, accept)
+    img = render_frame(archive, record, frame, window=window, viewport=viewport)
+    return _image(img, media_type, quality)
+
+
+# --- thumbnails -------------------------------------------------------------------------
+
+
+def _thumbnail(
+    archive: Archive,
+    record: InstanceRecord,
+    frame: int,
+    request: Request,
+    viewport: str | None,
+    accept: str | None,
+) -> Response:
+    media_type = choose_image_type(request, accept)
+    if frame == 1 and viewport is None and media_type == rendering.JPEG:
+        stored = rendering.stored_thumbnail(archive, record)
+        if stored is not None:
+            return Response(
+                stored, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"}
+            )
+    img = render_frame(
+        archive,
+        record,
+        frame,
+        window=None,
+        viewport=viewport,
+        max_size=rendering.THUMBNAIL_SIZE,
+    )
+    return _image(img, media_type, 85)
+
+
+def _middle(records: list[InstanceRecord]) -> InstanceRecord:
+    with_pixels = [r for r in records if r.pixel_format != "none"] or records
+    return with_pixels[len(with_pixels) // 2]
+
+
+@router.get("/studies/{study}/thumbnail", summary="Study thumbnail")
+def study_thumbnail(
+    study: str,
+    request: Request,
+    archive: ArchiveDep,
+    viewport: ViewportParam = None,
+    accept: AcceptParam = None,
+) -> Response:
+    records = series_records(archive, study, None)
+    first_series = records[0].series_uid
+    record = _middle([r for r in records if r.series_uid == first_series])
+    return _thumbnail(archive, record, 1, request, viewport, accept)
+
+
+@router.get("/studies/{study}/series/{series}/thumbnail", summary="Series thumbnail")
+def series_thumbnail(
+    study: str,
+    series: str,
+    request: Request,
+    archive: ArchiveDep,
+    viewport: ViewportParam = None,
+    accept: AcceptParam = None,
+) -> Response:
+    record = _middle(series_records(archive, study, series))
+    return _thumbnail(archive, record, 1, request, viewport, accept)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+    summary="Instance thumbnail",
+)
+def instance_thumbnail(
+    record: InstanceDep,
+    request: Request,
+    archive: ArchiveDep,
+    viewport: ViewportParam = None,
+    accept: AcceptParam = None,
+) -> Response:
+    return _thumbnail(archive, record, 1, request, viewport, accept)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/thumbnail",
+    summary="Frame thumbnail",
+)
+def frame_thumbnail(
+    record: InstanceDep,
+    frame: int,
+    request: Request,
+    archive: ArchiveDep,
+    viewport: ViewportParam = None,
+    accept: AcceptParam = None,
+) -> Response:
+    return _thumbnail(archive, record, frame, request, viewport, accept)
+
+
+# --- tiles ------------------------------------------------------------------------------
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/tiles/{level}/{x}/{y}",
+    summary="A 256x256 tile of a frame",
+    description="Level 0 is full resolution, level L is downsampled by 2**L, up to the "
+    "level where the frame fits one tile; x is the tile column, y the tile row. "
+    "Edge tiles are smaller than 256 pixels.",
+)
+def tile(
+    record: InstanceDep,
+    frame: int,
+    level: int,
+    x: int,
+    y: int,
+    request: Request,
+    state: StateDep,
+    window: WindowParam = None,
+    quality: QualityParam = 90,
+    accept: AcceptParam = None,
+) -> Response:
+    archive = state.archive
+    media_type = choose_image_type(request, accept)
+    if record.pixel_format == "none" or not 1 <= frame <= frame_count(record):
+        raise NotFoundError(f"instance {record.sop_uid} has no frame {frame}")
+    rows, cols = int(record.rows_ or 0), int(record.columns_ or 0)
+    levels = rendering.tile_levels(rows, cols)
+    if not 0 <= level < levels:
+        raise NotFoundError(f"no level {level}: levels 0..{levels - 1}")
+    parsed = rendering.parse_window(window)
+    identity = (record.sop_uid, record.sha256, frame)
+    cache = state.render_cache
+
+    def values() -> np.ndarray:
+        return cache.get_or_make((*identity, "values"), lambda: frame_array(archive, record, frame))
+
+    def make_level() -> np.ndarray:
+        display = display_of(archive, record)
+        if parsed:
+            display = display.with_window(*parsed)
+        return rendering.level_image(values(), display, level)
+
+    level_img = cache.get_or_make((*identity, level, parsed), make_level)
+    try:
+        piece = rendering.cut_tile(level_img, x, y)
+    except IndexError as exc:
+        raise NotFoundError(str(exc)) from None
+    return _image(piece, media_type, quality)
