@@ -1,0 +1,172 @@
+"""JPEG-LS lossless: standard streams both ways against CharLS (imagecodecs) and pydicom's
+decoders, on real files and synthetic edge cases."""
+
+from __future__ import annotations
+
+import struct
+
+import imagecodecs
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.encaps import generate_frames
+
+from kho.archive.phantom import ct_slice_hu
+from kho.codecs import get_codec, jpegls
+from kho.errors import CodecError
+from tests.conftest import sample_files
+
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+
+
+def _dtype(bits: int) -> type[np.unsignedinteger]:
+    return np.uint8 if bits <= 8 else np.uint16
+
+
+def _roundtrip_everywhere(image: np.ndarray, bits: int, interleave: str | None = None) -> bytes:
+    stream = jpegls.encode(image, bits_stored=bits, interleave=interleave)
+    assert np.array_equal(jpegls.decode(stream), image)
+    charls = imagecodecs.jpegls_decode(stream)
+    assert np.array_equal(charls.reshape(image.shape), image)  # CharLS reads kho's stream
+    assert np.array_equal(jpegls.decode(imagecodecs.jpegls_encode(image)), image)  # and back
+    return stream
+
+
+def _scan_bytes(stream: bytes) -> bytes:
+    start = stream.index(b"\xff\xda")
+    (length,) = struct.unpack_from(">H", stream, start + 2)
+    body = stream[start + 2 + length :]
+    return body[: body.rindex(b"\xff\xd9")]
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+def test_every_bit_depth_on_structured_and_noisy_images(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    rows, cols = 37, 53
+    ramp = np.add.outer(np.arange(rows), np.arange(cols)) * ((1 << bits) - 1) // (rows + cols)
+    noise = rng.integers(0, 1 << bits, (rows, cols))
+    image = np.where(rng.random((rows, cols)) < 0.2, noise, ramp).astype(_dtype(bits))
+    _roundtrip_everywhere(image, bits)
+
+
+@pytest.mark.parametrize(
+    ("name", "image"),
+    [
+        ("flat", np.full((64, 64), 1234, np.uint16)),
+        ("zeros-1x1", np.zeros((1, 1), np.uint16)),
+        ("max-entropy", np.random.default_rng(1).integers(0, 65536, (64, 64), dtype=np.uint16)),
+        ("1xN", np.random.default_rng(2).integers(0, 4096, (1, 300)).astype(np.uint16)),
+        ("Nx1", np.random.default_rng(3).integers(0, 4096, (300, 1)).astype(np.uint16)),
+        ("all-max", np.full((16, 16), 65535, np.uint16)),
+        ("checker-8bit", (np.indices((31, 31)).sum(0) % 2 * 255).astype(np.uint8)),
+    ],
+)
+def test_edge_cases(name: str, image: np.ndarray) -> None:
+    bits = 8 if image.dtype == np.uint8 else 16
+    _roundtrip_everywhere(image, bits)
+
+
+def test_masked_signed_ct_values() -> None:
+    hu = ct_slice_hu(40, 100, rows=128, cols=128)  # int16 with air at -1000
+    image = (hu.astype(np.int32) & 0xFFFF).astype(np.uint16)  # two's complement bits
+    _roundtrip_everywhere(image, 16)
+
+
+@pytest.mark.parametrize("interleave", ["none", "line", "sample"])
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_three_components_in_every_interleave_mode(interleave: str, bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    base = np.add.outer(np.arange(40), np.arange(30)) * ((1 << bits) - 1) // 70
+    image = np.stack([base, base[::-1], np.roll(base, 7, 1)], axis=-1)
+    image = np.where(rng.random(image.shape) < 0.1, rng.integers(0, 1 << bits, image.shape), image)
+    image[5:15, 5:25] = image[5, 5]  # runs across components
+    _roundtrip_everywhere(image.astype(_dtype(bits)), bits, interleave)
+
+
+def test_scan_bytes_equal_charls_with_the_same_parameters() -> None:
+    """imagecodecs' CharLS binding writes P=16 for uint16 (plus SPIFF and LSE segments);
+    at P=16 kho's entropy-coded scan is the same bytes."""
+    ct = (ct_slice_hu(10, 100).astype(np.int32) + 1024).astype(np.uint16)
+    for image, bits in ((ct, 16), ((ct >> 4).astype(np.uint8), 8)):
+        ours = jpegls.encode(image, bits_stored=bits)
+        theirs = imagecodecs.jpegls_encode(image)
+        assert _scan_bytes(ours) == _scan_bytes(theirs)
+
+
+def test_bits_stored_precision_compresses_better_than_16() -> None:
+    ct = (ct_slice_hu(50, 100).astype(np.int32) + 1024).astype(np.uint16)
+    at_12 = len(jpegls.encode(ct, bits_stored=12))
+    at_16 = len(imagecodecs.jpegls_encode(ct))
+    assert at_12 < at_16
+
+
+def _jpeg_ls_samples() -> list:
+    out = []
+    for path in sample_files():
+        ds = pydicom.dcmread(path, force=True)
+        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        if ts == JPEG_LS_LOSSLESS:
+            out.append(pytest.param(path, id=path.name))
+    assert len(out) >= 5
+    return out
+
+
+@pytest.mark.parametrize("path", _jpeg_ls_samples())
+def test_decodes_the_jpeg_ls_sample_files_like_pydicom(path) -> None:
+    ds = pydicom.dcmread(path, force=True)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1))))
+    expected = ds.pixel_array
+    if int(ds.get("NumberOfFrames", 1)) == 1:
+        expected = expected[np.newaxis]
+    for frame, reference in zip(frames, expected, strict=True):
+        ours = jpegls.decode(frame)
+        if int(ds.PixelRepresentation) == 1:  # pydicom sign-extends; compare the bits
+            bits = int(ds.BitsStored)
+            reference = reference.astype(np.int64) & ((1 << bits) - 1)
+        assert np.array_equal(ours.astype(np.int64), reference.astype(np.int64))
+
+
+def test_codec_class_is_registered_and_checks_geometry() -> None:
+    codec = get_codec(JPEG_LS_LOSSLESS)
+    image = np.arange(24, dtype=np.uint16).reshape(4, 6)
+    stream = codec.encode(image, bits_stored=5)
+    assert np.array_equal(codec.decode(stream, rows=4, columns=6, samples_per_pixel=1), image)
+    with pytest.raises(CodecError):
+        codec.decode(stream, rows=5)
+
+
+@pytest.mark.parametrize(
+    ("image", "bits"),
+    [
+        (np.zeros((4, 4), np.int16), 12),  # signed dtype
+        (np.zeros((4, 4), np.float32), 12),
+        (np.full((4, 4), 4096, np.uint16), 12),  # value above bits_stored
+        (np.zeros((4, 4), np.uint16), 17),
+        (np.zeros((2, 2, 2, 2), np.uint16), 12),
+        (np.zeros((0, 4), np.uint16), 12),
+    ],
+)
+def test_encoder_refuses_bad_input(image: np.ndarray, bits: int) -> None:
+    with pytest.raises(CodecError):
+        jpegls.encode(image, bits_stored=bits)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.integers(2, 16),
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 12),
+    comps=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**32 - 1),
+    runs=st.booleans(),
+)
+def test_random_images_roundtrip_with_charls(bits, rows, cols, comps, seed, runs) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (rows, cols) if comps == 1 else (rows, cols, comps)
+    image = rng.integers(0, 1 << bits, shape).astype(_dtype(bits))
+    if runs:
+        image[:, : cols // 2] = image[0, 0]
+    for interleave in [None] if comps == 1 else ["none", "line", "sample"]:
+        _roundtrip_everywhere(image, bits, interleave)
