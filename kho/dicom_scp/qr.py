@@ -7,7 +7,25 @@ sequence lengths rewritten...).  So the handlers yield a placeholder Dataset
 (StoredInstance) and replace ``send_c_store`` on the association that sends it with one
 that writes the stored Part 10 bytes to a temporary file and hands pynetdicom that path;
 with ``_config.STORE_SEND_CHUNKED_DATASET`` (set by the server) pynetdicom then sends the
-file's dataset bytes unchanged.
+file's dataset bytes unchanged.  When the peer did not accept the stored transfer syntax
+the instance is decoded with pydicom's pixel handlers and sent in an uncompressed syntax
+it accepted; when that fails the sub-operation fails and the instance is listed.
+
+C-FIND pending responses are written straight to pynetdicom's DUL (their command set has a
+fixed shape), which is ~6x cheaper than pynetdicom's own path; see _DirectResponses.
+
+Statuses chosen (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4):
+  0xA900 Identifier does not match SOP Class: no/unknown Query/Retrieve Level, a level the
+         model lacks, a missing or non-single unique key of a level above the query level.
+  0xC000 Unable to process: undecodable identifier, malformed values (bad date range,
+         wildcard in a UID).
+  0xA700 Refused: out of resources: more matches than settings.find_result_limit.
+  0xA701 Unable to calculate matches: the catalog failed.
+  0xFF01 Pending with unsupported optional keys (answered empty); 0xFE00 after C-CANCEL.
+  0xA801 Move destination unknown (not in settings.move_destinations) - and, because
+         pynetdicom 3.0.4 answers it itself, also when the destination cannot be reached.
+  0xB000 / 0xA702 (pynetdicom): some / all sub-operations failed, with the Failed SOP
+         Instance UID List.
 """
 
 from __future__ import annotations
@@ -16,6 +34,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import struct
 import tempfile
 import threading
@@ -183,6 +202,9 @@ class FindPlan:
                 self.unsupported.append(elem)
         _check_hierarchy(self.level, model, self.filters)
         self.retrieve_ae_requested = "RetrieveAETitle" in identifier
+        # looked up once: pydicom's tag and keyword lookups would dominate each response
+        self._unique_tags = [(_TAG_OF[k], k) for k in query.unique_keys(self.level, model)]
+        self._fields = [(int(e.tag), e.keyword, e.VR) for e in self.requested]
 
     def response(self, match: dict[str, Any], ae_title: str) -> Dataset:
         ds = Dataset()
@@ -219,18 +241,16 @@ class FindPlan:
         elements[0x00080052] = ("CS", _value_bytes("CS", self.level) or b"")
         if self.retrieve_ae_requested:
             elements[0x00080054] = ("AE", _value_bytes("AE", ae_title) or b"")
-        for key in query.unique_keys(self.level, self.model):
-            elements[_TAG_OF[key]] = ("UI", _value_bytes("UI", match.get(key, "")) or b"")
-        for elem in self.requested:
-            tag = int(elem.tag)
-            keyword = elem.keyword
+        for tag, key in self._unique_tags:
+            elements[tag] = ("UI", _value_bytes("UI", match.get(key, "")) or b"")
+        for tag, keyword, vr in self._fields:
             if keyword in match:
-                raw = _value_bytes(elem.VR, match[keyword])
+                raw = _value_bytes(vr, match[keyword])
                 if raw is None:
                     return None
-                elements[tag] = (elem.VR, raw)
+                elements[tag] = (vr, raw)
             elif tag not in elements:
-                elements[tag] = (elem.VR, b"")
+                elements[tag] = (vr, b"")
         return b"".join(
             _encode_element(tag, vr, raw, explicit) for tag, (vr, raw) in sorted(elements.items())
         )
@@ -283,12 +303,18 @@ def _encode_element(tag: int, vr: str, raw: bytes, explicit: bool) -> bytes:
 
 
 class _DirectResponses:
-    """Sends C-FIND pending responses as P-DATA straight to pynetdicom's DUL.
+    """Sends C-FIND pending responses as ready-made P-DATA-TF PDUs.
 
     pynetdicom builds, validates and encodes a pydicom Dataset for every command set (twice:
-    once to measure the group length), about 1.5 ms a response on this hardware; a pending
-    response's command set has a fixed shape (PS3.7 9.3.2.2), so it is written once here.
-    Everything else (final, failure, cancel responses) still goes through pynetdicom."""
+    once to measure the group length) and then hands each PDU through its DUL thread's
+    queue, about 1.5 ms a response on this hardware.  A pending response's command set has
+    a fixed shape (PS3.7 9.3.2.2), so it is encoded once, and the PDU is written to the
+    socket from the handler's thread: while a C-FIND runs nothing else of this association
+    is being sent (pynetdicom serves one request at a time and the peer waits for the final
+    response before its next request), and the DUL thread keeps reading the socket, so a
+    C-CANCEL is still seen.  Final, failure and cancel responses go through pynetdicom.
+    A response too large for one PDU, or a TLS socket (not safe to write from a second
+    thread), takes pynetdicom's DUL queue, and so do all the responses after it."""
 
     def __init__(self, event: Event) -> None:
         context = event.context
@@ -301,6 +327,10 @@ class _DirectResponses:
         self.sop_class = str(event.request.AffectedSOPClassUID)
         self.message_id = int(event.request.MessageID or 0)
         self._commands: dict[int, bytes] = {}
+        raw = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        self._socket = (
+            raw if isinstance(raw, socket.socket) and not isinstance(raw, ssl.SSLSocket) else None
+        )
 
     def _command(self, status: int) -> bytes:
         command = self._commands.get(status)
@@ -322,11 +352,27 @@ class _DirectResponses:
         return command
 
     def send(self, status: int, identifier: bytes) -> bool:
-        """Queue one pending response; False when it must go through pynetdicom."""
+        """Send one pending response; False when it must go through pynetdicom."""
         command = self._command(status)
-        # one P-DATA-TF: two PDV items of 6 + data bytes each within the peer's maximum
-        if self.max_length and 12 + len(command) + 1 + len(identifier) + 1 > self.max_length:
+        # one P-DATA-TF: two PDV items (4-byte length, context ID, control header, data)
+        if self.max_length and 12 + len(command) + len(identifier) > self.max_length:
+            self._socket = None  # pynetdicom's queue from here on: keep the order
             return False
+        if self._socket is not None:
+            items = b"".join(
+                (
+                    struct.pack(">IBB", len(command) + 2, self.context_id, 0x03),
+                    command,
+                    struct.pack(">IBB", len(identifier) + 2, self.context_id, 0x02),
+                    identifier,
+                )
+            )
+            try:
+                self._socket.sendall(struct.pack(">BBI", 0x04, 0x00, len(items)) + items)
+                return True
+            except OSError:
+                self._socket = None  # the association is going: let pynetdicom see to it
+                return False
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((self.context_id, b"\x03" + command))
         pdata.presentation_data_value_list.append((self.context_id, b"\x02" + identifier))
@@ -406,7 +452,7 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset,
         yield status, plan.response(match, ae_title)
 
 
-def _wait_until_sent(assoc: Association, batch: int = 32, timeout: float = 30.0) -> None:
+def _wait_until_sent(assoc: Association, batch: int = 128, timeout: float = 30.0) -> None:
     """Backpressure: let pynetdicom's DUL empty its send queue once ``batch`` responses
     wait in it.
 
