@@ -18,9 +18,10 @@ from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
 from kho.archive.pixels import frame_array, frame_count
 from kho.errors import NotFoundError
+from kho.viewer_api import multipart
 from kho.viewer_api.deps import ArchiveDep, InstanceDep, StateDep
 from kho.viewer_api.errors import NotAcceptableError
-from kho.viewer_api.media import parse_accept
+from kho.viewer_api.media import parse_accept, parse_media_type
 from kho.viewer_api.wado import series_records
 
 router = APIRouter(tags=["WADO-RS rendered"])
@@ -32,15 +33,19 @@ AcceptParam = Annotated[str | None, Query(alias="accept", description="media typ
 
 
 def choose_image_type(request: Request, accept_param: str | None) -> str:
-    """image/jpeg (default) or image/png from the ``accept`` parameter or header."""
+    """image/jpeg (default) or image/png from the ``accept`` parameter or header; a
+    ``multipart/related; type="image/..."`` range (dicomweb-client's bulk data requests)
+    gets the same image as the one part of a multipart body (see :func:`_image`)."""
     ranges = parse_accept(accept_param or request.headers.get("accept"))
     if not ranges:
         return rendering.JPEG
     for r in ranges:
-        if r.matches(rendering.JPEG):
-            return rendering.JPEG
-        if r.matches(rendering.PNG):
-            return rendering.PNG
+        inner = parse_media_type(r.inner or "*/*") if r.is_multipart else r
+        prefix = "multipart:" if r.is_multipart else ""
+        if inner.matches(rendering.JPEG):
+            return prefix + rendering.JPEG
+        if inner.matches(rendering.PNG):
+            return prefix + rendering.PNG
     raise NotAcceptableError("rendered images are image/jpeg or image/png")
 
 
@@ -58,11 +63,22 @@ def _display_with(
 
 
 def _image(img: np.ndarray, media_type: str, quality: int) -> Response:
-    return Response(
-        rendering.encode_image(img, media_type, quality),
-        media_type=media_type,
-        headers={"Cache-Control": "private, max-age=3600"},
+    return _encoded(
+        rendering.encode_image(img, media_type.removeprefix("multipart:"), quality), media_type
     )
+
+
+def _encoded(data: bytes, media_type: str) -> Response:
+    headers = {"Cache-Control": "private, max-age=3600"}
+    if media_type.startswith("multipart:"):
+        inner = media_type.removeprefix("multipart:")
+        boundary = multipart.new_boundary()
+        return Response(
+            multipart.join_parts(boundary, [(data, inner)]),
+            media_type=multipart.content_type(inner, boundary),
+            headers=headers,
+        )
+    return Response(data, media_type=media_type, headers=headers)
 
 
 def render_frame(
@@ -131,12 +147,10 @@ def _thumbnail(
     accept: str | None,
 ) -> Response:
     media_type = choose_image_type(request, accept)
-    if frame == 1 and viewport is None and media_type == rendering.JPEG:
+    if frame == 1 and viewport is None and media_type.endswith(rendering.JPEG):
         stored = rendering.stored_thumbnail(archive, record)
         if stored is not None:
-            return Response(
-                stored, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"}
-            )
+            return _encoded(stored, media_type)
     img = render_frame(
         archive,
         record,

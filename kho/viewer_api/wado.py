@@ -101,11 +101,14 @@ def _retrieve(archive: Archive, request: Request, records: list[InstanceRecord])
     if not multi:
         return Response(archive.read_part10(records[0]), media_type=DICOM)
     boundary = multipart.new_boundary()
+    # read the first instance before the status line goes out, so an unreachable store
+    # answers 503; a failure after that can only cut the stream short
+    first = archive.read_part10(records[0])
 
     def parts() -> Iterator[tuple[bytes, str]]:
-        for record in records:  # one instance in memory at a time
+        for i, record in enumerate(records):  # one instance in memory at a time
             yield (
-                archive.read_part10(record),
+                first if i == 0 else archive.read_part10(record),
                 f"{DICOM}; transfer-syntax={record.transfer_syntax_uid}",
             )
 
