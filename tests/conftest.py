@@ -58,6 +58,26 @@ def dicom_server(archive: Archive) -> Iterator[object]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One SeaweedFS S3 server for the session (tests make their own buckets)."""
+    from tests.helpers.seaweedfs import run_seaweedfs
+
+    with run_seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket_url(seaweedfs) -> str:
+    """An s3:// URL of a fresh, empty key space on the session's SeaweedFS.
+
+    One bucket with a prefix per test: every new bucket is a SeaweedFS collection that
+    allocates volumes of its own, which a small test server runs out of."""
+    import secrets
+
+    return seaweedfs.url(f"kho-tests/{secrets.token_hex(6)}")
+
+
 @pytest.fixture(autouse=True)
 def _quiet_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)

@@ -10,7 +10,6 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -23,7 +22,7 @@ from kho.archive.ingest import IngestResult, ingest_dimse, ingest_part10
 from kho.archive.part10 import Part10Layout, read_file_meta
 from kho.archive.pixels import EncodedPixels, pixel_value
 from kho.errors import IntegrityError, ObjectNotFoundError, StorageError
-from kho.storage import FilesystemStore, ObjectStore
+from kho.storage import FilesystemStore, ObjectStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +36,7 @@ def open_object_store(settings: Settings) -> ObjectStore:
     url = settings.storage_url
     if not url:
         return FilesystemStore(settings.objects_dir, fsync=settings.fsync)
-    if url.startswith("s3://"):
-        from kho import storage
-
-        opener: Callable[[str], ObjectStore] = storage.open_store  # type: ignore[attr-defined]
-        return opener(url)
-    return FilesystemStore(Path(url.removeprefix("file://")), fsync=settings.fsync)
+    return open_store(url, fsync=settings.fsync)
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,10 +93,11 @@ class FilesystemStore:
         with self._lock:
             self._counter += 1
             serial = self._counter
+        paths = {key: self._path(key) for key in items}  # InvalidKeyError before any I/O
         written: list[tuple[Path, Path]] = []
         try:
             for key, data in items.items():
-                path = self._path(key)
+                path = paths[key]
                 tmp = path.with_name(f"{path.name}.{os.getpid()}.{serial}{_TMP_SUFFIX}")
                 self._ensure_dir(path.parent)
                 written.append((tmp, path))
