@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     archive = Archive(settings)
     if not args.worker:
-        cleaned = archive.recover(older_than_s=args.recover_after)
+        cleaned = archive.recover(grace_s=args.recover_after)
         if cleaned:
             log.info("recovery: removed objects of %d interrupted ingests", cleaned)
     stop = threading.Event()
@@ -81,7 +81,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, workers: int) -
     import subprocess
 
     with Archive(settings) as archive:
-        cleaned = archive.recover(older_than_s=args.recover_after)
+        cleaned = archive.recover(grace_s=args.recover_after)
         if cleaned:
             log.info("recovery: removed objects of %d interrupted ingests", cleaned)
     if not settings.dicom_port:
@@ -309,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--recover-after",
         type=float,
-        default=0.0,
-        help="at start, clean journalled ingests older than this many seconds "
-        "(0 = all: only when no other process shares the catalog)",
+        default=3600.0,
+        help="at start, roll back interrupted ingests of processes that are gone, and any "
+        "journalled ingest older than this many seconds",
     )
     serve.set_defaults(func=cmd_serve)
 

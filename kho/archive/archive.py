@@ -134,11 +134,14 @@ class Archive:
         for key in list(self.store.list(keys.objects_under(prefix))):
             self.store.delete(key)
 
-    def recover(self, older_than_s: float = 0.0) -> int:
-        """Finish or roll back ingests a crash interrupted: delete objects under journalled
-        prefixes that no instance references.  Returns how many prefixes were cleaned."""
+    def recover(self, grace_s: float = 3600.0) -> int:
+        """Roll back ingests a crash interrupted: delete objects under journalled prefixes
+        that no instance references, when the process that wrote them is gone (same host)
+        or the entry is older than ``grace_s``.  Other processes' ingests in flight are left
+        alone, so any number of processes may share the catalog.  Returns how many prefixes
+        were cleaned."""
         cleaned = 0
-        for prefix in self.catalog.pending_prefixes(older_than_s):
+        for prefix in self.catalog.abandoned_prefixes(grace_s):
             if not self.catalog.prefix_in_use(prefix):
                 self.delete_prefix(prefix)
                 cleaned += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -27,6 +28,32 @@ from kho.archive.attributes import InstanceAttributes
 from kho.errors import CatalogError, NotFoundError
 
 SCHEMA_VERSION = 1
+#: who journals a prefix: host, process id and the process start time (pids are reused)
+PROCESS_OWNER = ""
+
+
+def _process_start(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_of(pid: int) -> str:
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def owner_is_gone(owner: str) -> bool:
+    """Whether the process that wrote ``owner`` has ended (only knowable on this host)."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    return _owner_of(int(pid_text)) != owner or not started
+
+
+PROCESS_OWNER = _owner_of(os.getpid())
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kho_schema (version BIGINT NOT NULL);
@@ -105,7 +132,8 @@ CREATE TABLE IF NOT EXISTS replacements (
 );
 CREATE TABLE IF NOT EXISTS pending (
     object_prefix TEXT PRIMARY KEY,
-    created_at DOUBLE PRECISION NOT NULL
+    created_at DOUBLE PRECISION NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS ix_patients_id ON patients (patient_id);
 CREATE INDEX IF NOT EXISTS ix_patients_name ON patients (patient_name);
@@ -354,9 +382,9 @@ class Catalog:
         try:
             with self.writer() if relaxed else nullcontext():
                 self.execute(
-                    "INSERT INTO pending (object_prefix, created_at) VALUES (?, ?) "
+                    "INSERT INTO pending (object_prefix, created_at, owner) VALUES (?, ?, ?) "
                     "ON CONFLICT (object_prefix) DO NOTHING",
-                    (object_prefix, time.time()),
+                    (object_prefix, time.time(), PROCESS_OWNER),
                 )
         finally:
             if relaxed:
@@ -373,6 +401,18 @@ class Catalog:
         cutoff = time.time() - older_than_s
         rows = self.fetchall("SELECT object_prefix FROM pending WHERE created_at <= ?", (cutoff,))
         return [r[0] for r in rows]
+
+    def abandoned_prefixes(self, grace_s: float) -> list[str]:
+        """Journalled prefixes whose ingest can no longer finish: written by a process of
+        this host that is gone, or older than ``grace_s`` (any host)."""
+        cutoff = time.time() - grace_s
+        out = []
+        for prefix, created, owner in self.fetchall(
+            "SELECT object_prefix, created_at, owner FROM pending"
+        ):
+            if created <= cutoff or owner_is_gone(owner):
+                out.append(prefix)
+        return out
 
     def prefix_in_use(self, object_prefix: str) -> bool:
         row = self.fetchone("SELECT 1 FROM instances WHERE object_prefix = ?", (object_prefix,))

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import socket
 import struct
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -17,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from kho.archive import keys
 from kho.archive.archive import Archive
-from kho.archive.catalog import Catalog
+from kho.archive.catalog import PROCESS_OWNER, Catalog
 from kho.archive.config import DuplicatePolicy, Settings
 from kho.archive.ingest import IngestOutcome
 from kho.archive.part10 import read_file_meta
@@ -230,14 +232,24 @@ def test_duplicate_policies_keep_and_reject(tmp_path: Path, policy: DuplicatePol
 
 def test_recovery_removes_objects_of_an_interrupted_ingest(archive: Archive) -> None:
     """Objects written under a journalled prefix but never committed (a crash between the
-    object writes and the catalog commit) are invisible, and recovery deletes them."""
+    object writes and the catalog commit) are invisible, and recovery deletes them once the
+    process that wrote them is gone; another live process's ingest in flight is left alone."""
     kept = archive.ingest_part10(make_instance())
-    prefix = "i/ab/cd/" + "ab" * 20 + "/0123456789abcdef"
-    archive.catalog.begin_pending(prefix)
-    archive.store.put(keys.header_key(prefix), b"half-written instance")
+    dead = "i/ab/cd/" + "ab" * 20 + "-0123456789abcdef"
+    live = "i/ab/cd/" + "cd" * 20 + "-0123456789abcdef"
+    host = socket.gethostname()
+    for prefix, owner in ((dead, f"{host}:999999:1"), (live, PROCESS_OWNER)):
+        archive.catalog.execute(
+            "INSERT INTO pending (object_prefix, created_at, owner) VALUES (?, ?, ?)",
+            (prefix, time.time(), owner),
+        )
+        archive.store.put(keys.header_key(prefix), b"half-written instance")
     assert archive.catalog.counts()["instances"] == 1
     assert archive.recover() == 1
-    assert not archive.store.exists(keys.header_key(prefix))
+    assert not archive.store.exists(keys.header_key(dead))
+    assert archive.store.exists(keys.header_key(live))  # its writer may still commit
+    assert archive.catalog.pending_prefixes() == [live]
+    assert archive.recover(grace_s=-1) == 1  # past the grace period: abandoned
     assert archive.catalog.pending_prefixes() == []
     assert archive.read_instance(kept.sop_uid)[1]
 
