@@ -47,6 +47,7 @@ from kho.archive.attributes import patient_key
 from kho.archive.catalog import INSTANCE_COLUMNS, Catalog, fold_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FINDSCU = "/usr/bin/findscu"  # dcmtk's; pynetdicom installs a findscu that shadows it on PATH
 UID_ROOT = "1.2.826.0.1.3680043.10.1425.99"
 
 SURNAMES = [
@@ -593,9 +594,6 @@ def measure(port: int, cases: dict[str, list[tuple[str, dict[str, str]]]]) -> di
     finally:
         assoc.release()
     return out
-
-
-FINDSCU = "/usr/bin/findscu"  # dcmtk's; pynetdicom installs a findscu that shadows it on PATH
 
 
 _LOG_CONFIG = """log4cplus.rootLogger = INFO, console
