@@ -4,8 +4,8 @@ Each deriver takes (Part 10 bytes, layout, parsed header, attributes, encoded pi
 returns {object name: bytes}; the names become keys under the instance's prefix and are
 recorded in ``instances.derived``.
 
-- ``metadata.json`` (kho.archive.dicomjson): the DICOM JSON served by WADO-RS metadata;
-- ``thumbnail.jpg`` (kho.archive.rendering): a JPEG of frame 1 within 128x128 pixels.
+- ``metadata`` (kho.archive.dicomjson): the DICOM JSON served by WADO-RS metadata;
+- ``thumbnail`` (kho.archive.rendering): a JPEG of frame 1 within 128x128 pixels.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from kho.archive.archive import Archive
     from kho.archive.catalog import InstanceRecord
 
-#: the derived object's name (its key is ``<instance prefix>.metadata.json``)
-METADATA_OBJECT = "metadata.json"
+#: the derived object's name (its key is ``<instance prefix>.metadata``; no dot in object names)
+METADATA_OBJECT = "metadata"
 #: stored BulkDataURI values start with this; the HTTP layer prefixes the instance URL
 BULKDATA_PLACEHOLDER = "bulkdata/"
 #: binary values longer than this go out as BulkDataURI (PS3.18 leaves the size to us)

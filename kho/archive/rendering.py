@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from kho.archive.archive import Archive
     from kho.archive.catalog import InstanceRecord
 
-THUMBNAIL_OBJECT = "thumbnail.jpg"
+THUMBNAIL_OBJECT = "thumbnail"
 THUMBNAIL_SIZE = 128
 TILE_SIZE = 256
 JPEG = "image/jpeg"
@@ -274,6 +274,13 @@ class RenderCache:
         self._items: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> np.ndarray | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
 
     def get_or_make(self, key: tuple[Any, ...], make: Callable[[], np.ndarray]) -> np.ndarray:
         with self._lock:

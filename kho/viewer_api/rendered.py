@@ -12,6 +12,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from kho.archive import dicomjson, rendering
 from kho.archive.archive import Archive
@@ -138,7 +139,7 @@ def rendered_frame(
 # --- thumbnails -------------------------------------------------------------------------
 
 
-def _thumbnail(
+async def _thumbnail(
     archive: Archive,
     record: InstanceRecord,
     frame: int,
@@ -148,18 +149,23 @@ def _thumbnail(
 ) -> Response:
     media_type = choose_image_type(request, accept)
     if frame == 1 and viewport is None and media_type.endswith(rendering.JPEG):
+        # the JPEG made at ingest: one small read, done on the event loop
         stored = rendering.stored_thumbnail(archive, record)
         if stored is not None:
             return _encoded(stored, media_type)
-    img = render_frame(
-        archive,
-        record,
-        frame,
-        window=None,
-        viewport=viewport,
-        max_size=rendering.THUMBNAIL_SIZE,
-    )
-    return _image(img, media_type, 85)
+
+    def make() -> Response:
+        img = render_frame(
+            archive,
+            record,
+            frame,
+            window=None,
+            viewport=viewport,
+            max_size=rendering.THUMBNAIL_SIZE,
+        )
+        return _image(img, media_type, 85)
+
+    return await run_in_threadpool(make)
 
 
 def _middle(records: list[InstanceRecord]) -> InstanceRecord:
@@ -168,7 +174,7 @@ def _middle(records: list[InstanceRecord]) -> InstanceRecord:
 
 
 @router.get("/studies/{study}/thumbnail", summary="Study thumbnail")
-def study_thumbnail(
+async def study_thumbnail(
     study: str,
     request: Request,
     archive: ArchiveDep,
@@ -178,11 +184,11 @@ def study_thumbnail(
     records = series_records(archive, study, None)
     first_series = records[0].series_uid
     record = _middle([r for r in records if r.series_uid == first_series])
-    return _thumbnail(archive, record, 1, request, viewport, accept)
+    return await _thumbnail(archive, record, 1, request, viewport, accept)
 
 
 @router.get("/studies/{study}/series/{series}/thumbnail", summary="Series thumbnail")
-def series_thumbnail(
+async def series_thumbnail(
     study: str,
     series: str,
     request: Request,
@@ -191,28 +197,28 @@ def series_thumbnail(
     accept: AcceptParam = None,
 ) -> Response:
     record = _middle(series_records(archive, study, series))
-    return _thumbnail(archive, record, 1, request, viewport, accept)
+    return await _thumbnail(archive, record, 1, request, viewport, accept)
 
 
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
     summary="Instance thumbnail",
 )
-def instance_thumbnail(
+async def instance_thumbnail(
     record: InstanceDep,
     request: Request,
     archive: ArchiveDep,
     viewport: ViewportParam = None,
     accept: AcceptParam = None,
 ) -> Response:
-    return _thumbnail(archive, record, 1, request, viewport, accept)
+    return await _thumbnail(archive, record, 1, request, viewport, accept)
 
 
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/thumbnail",
     summary="Frame thumbnail",
 )
-def frame_thumbnail(
+async def frame_thumbnail(
     record: InstanceDep,
     frame: int,
     request: Request,
@@ -220,7 +226,7 @@ def frame_thumbnail(
     viewport: ViewportParam = None,
     accept: AcceptParam = None,
 ) -> Response:
-    return _thumbnail(archive, record, frame, request, viewport, accept)
+    return await _thumbnail(archive, record, frame, request, viewport, accept)
 
 
 # --- tiles ------------------------------------------------------------------------------
@@ -233,7 +239,7 @@ def frame_thumbnail(
     "level where the frame fits one tile; x is the tile column, y the tile row. "
     "Edge tiles are smaller than 256 pixels.",
 )
-def tile(
+async def tile(
     record: InstanceDep,
     frame: int,
     level: int,
@@ -266,7 +272,10 @@ def tile(
             display = display.with_window(*parsed)
         return rendering.level_image(values(), display, level)
 
-    level_img = cache.get_or_make((*identity, level, parsed), make_level)
+    key = (*identity, level, parsed)
+    level_img = cache.get(key)
+    if level_img is None:  # decode and render the level once, off the event loop
+        level_img = await run_in_threadpool(cache.get_or_make, key, make_level)
     try:
         piece = rendering.cut_tile(level_img, x, y)
     except IndexError as exc:

@@ -12,6 +12,15 @@ from kho.archive.archive import Archive
 from kho.viewer_api.app import create_app
 
 
+def _http_protocol() -> str:
+    """httptools (C parser, ~1 ms less per request) when installed, else h11."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
 class HttpServer:
     """DICOMweb on ``host:port`` (port 0 picks a free one; see ``.port``).
 
@@ -48,6 +57,9 @@ class HttpServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # accepted connections inherit TCP_NODELAY (Linux): without it a small body written
+        # after its headers waits for the client's delayed ACK (40 ms per response)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.host, self._requested_port))
         sock.listen(1024)
         sock.set_inheritable(True)
@@ -61,7 +73,7 @@ class HttpServer:
             access_log=False,
             lifespan="off",
             loop="asyncio",
-            http="h11",
+            http=_http_protocol(),
             timeout_keep_alive=30,
         )
         self._server = uvicorn.Server(config)

@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from kho.archive import dicomjson, query
 from kho.archive.archive import Archive
@@ -27,7 +28,14 @@ from kho.archive.catalog import InstanceRecord
 from kho.archive.pixels import JPEG_LS_LOSSLESS, frame_array, frame_count, stored_frame
 from kho.errors import NotFoundError, QueryError
 from kho.viewer_api import multipart
-from kho.viewer_api.deps import ArchiveDep, BaseUrlDep, InstanceDep, StateDep, instance_url
+from kho.viewer_api.deps import (
+    ArchiveDep,
+    BaseUrlDep,
+    InstanceDep,
+    StateDep,
+    ViewerState,
+    instance_url,
+)
 from kho.viewer_api.errors import NotAcceptableError
 from kho.viewer_api.media import (
     DICOM,
@@ -150,15 +158,31 @@ def _documents(archive: Archive, base: str, records: list[InstanceRecord]) -> by
     return b"[" + b",".join(docs) + b"]"
 
 
+def _cached_series(
+    state: ViewerState, base: str, series: str, records: list[InstanceRecord]
+) -> tuple[bytes, bytes | None] | None:
+    cached = state.metadata_cache.get((series, base))
+    if cached is not None and cached[0] == dicomjson.documents_key(records):
+        return cached[1], cached[2]
+    return None
+
+
 def _series_metadata(
-    state: StateDep, base: str, study: str, series: str
+    state: ViewerState,
+    base: str,
+    study: str,
+    series: str,
+    records: list[InstanceRecord] | None = None,
 ) -> tuple[bytes, bytes | None]:
-    records = series_records(state.archive, study, series)
+    """The series' documents joined (one read per instance), cached per series and base
+    URL until an instance is added, removed or replaced."""
+    if records is None:
+        records = series_records(state.archive, study, series)
+    cached = _cached_series(state, base, series, records)
+    if cached is not None:
+        return cached
     key = dicomjson.documents_key(records)
     cache_key = (series, base)
-    cached = state.metadata_cache.get(cache_key)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
     body = _documents(state.archive, base, records)
     gzipped = gzip_body(body)
     if len(state.metadata_cache) > 256:  # bounded: forget everything, refill on demand
@@ -178,11 +202,15 @@ def study_metadata(study: str, request: Request, state: StateDep, base: BaseUrlD
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="Series metadata (DICOM JSON)")
-def series_metadata(
+async def series_metadata(
     study: str, series: str, request: Request, state: StateDep, base: BaseUrlDep
 ) -> Response:
     _check_json_accept(request)
-    body, gzipped = _series_metadata(state, base, study, series)
+    records = series_records(state.archive, study, series)
+    cached = _cached_series(state, base, series, records)
+    if cached is None:
+        cached = await run_in_threadpool(_series_metadata, state, base, study, series, records)
+    body, gzipped = cached
     return json_response(request, body, gzipped=gzipped)
 
 
@@ -283,11 +311,17 @@ FrameList = Annotated[str, Path(description="frame numbers, 1-based, comma-separ
     "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
     summary="Retrieve frames",
 )
-def retrieve_frames(
+async def retrieve_frames(
     record: InstanceDep, frames: FrameList, request: Request, archive: ArchiveDep
 ) -> Response:
     numbers = parse_frame_list(frames)
-    return frames_response(archive, record, numbers, request.headers.get("accept"))
+    accept = request.headers.get("accept")
+    if record.pixel_format != "none" and len(numbers) <= 4:
+        mode, _single = negotiate_frames(accept, stored_syntax(record), len(numbers))
+        if mode == "stored" or record.pixel_format == "raw":
+            # a ranged read or two: cheaper on the event loop than a thread hop
+            return frames_response(archive, record, numbers, accept)
+    return await run_in_threadpool(frames_response, archive, record, numbers, accept)
 
 
 # --- bulk data --------------------------------------------------------------------------

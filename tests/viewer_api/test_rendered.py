@@ -111,7 +111,7 @@ def test_thumbnails_at_every_level(served: Served, level: str) -> None:
 def test_thumbnail_made_at_ingest_is_served(served: Served) -> None:
     s = served.samples["693_UNCR.dcm"]
     record = served.archive.catalog.require_instance(s.sop)
-    stored = served.archive.store.get(record.derived_keys["thumbnail.jpg"])
+    stored = served.archive.store.get(record.derived_keys["thumbnail"])
     r = requests.get(served.url(served.instance_path("693_UNCR.dcm") + "/thumbnail"))
     assert r.content == stored
     frame2 = requests.get(

@@ -1,0 +1,403 @@
+"""DICOMweb latency for EMR viewers: kho against Orthanc (+ DICOMweb plugin) on the same data.
+
+Data: a 300-slice 512x512 CT series (kho.archive.phantom) and a 3000x2500 radiograph
+(generated here).  Requests, each at 1 and 8 concurrent clients (threads, one persistent
+HTTP/1.1 connection each, in a process of their own):
+
+- series metadata (300 instances, DICOM JSON, no gzip);
+- one 512x512 frame in the stored syntax (``transfer-syntax=*``) and decoded
+  (``application/octet-stream``);
+- a thumbnail (kho: ``/thumbnail``; Orthanc: ``/rendered?viewport=128,128``, since its
+  DICOMweb plugin has no thumbnail resource);
+- a 256x256 tile of the radiograph (kho: ``/frames/1/tiles/0/x/y``; Orthanc:
+  ``/frames/1/rendered?viewport=256,256,sx,sy,256,256``).
+
+Both servers run as child processes.  Orthanc 1.10 binds every interface, so the whole
+benchmark runs in a private network namespace (``unshare -n``) whose only interface is
+loopback.  Usage: ``python -m benchmarks.dicomweb [--slices 300] [--requests 200]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from benchmarks.common import RESULTS_DIR, machine, summary, write_results
+
+ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+TARGETS_MS = {"series metadata": 30.0, "frame (stored)": 3.0, "thumbnail": 3.0, "tile 256": 10.0}
+STORED = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+DECODED = 'multipart/related; type="application/octet-stream"'
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def write_radiograph(path: Path, rows: int = 2500, cols: int = 3000, seed: int = 1) -> Path:
+    """A 12-bit DX-like image: smooth anatomy-scale structure, edges and quantum noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    img = 1800 + 600 * np.sin(yy / 310.0) * np.cos(xx / 420.0)
+    for _ in range(40):  # bones and soft-tissue blobs
+        cy, cx = rng.uniform(0, rows), rng.uniform(0, cols)
+        ry, rx = rng.uniform(40, 400), rng.uniform(40, 400)
+        img += rng.uniform(-500, 900) * (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1)
+    img += rng.normal(0, 18, size=img.shape).astype(np.float32)
+    pixels = np.clip(img, 0, 4095).astype(np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Bench^Radiograph", "BENCH-DX", "DX"
+    ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", 1, 1
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2000, 3000
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_data(folder: Path, slices: int) -> tuple[list[Path], Path]:
+    from kho.archive.phantom import write_ct_series
+
+    ct = write_ct_series(folder / "ct", count=slices)
+    return ct, write_radiograph(folder / "dx.dcm")
+
+
+# --- servers ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+_KHO_SERVER = """
+import signal, sys, threading
+from pathlib import Path
+from kho.archive.archive import Archive
+from kho.archive.config import Settings
+from kho.viewer_api.server import HttpServer
+archive = Archive(Settings(data_dir=Path(sys.argv[1]), fsync=False))
+server = HttpServer(archive, host="127.0.0.1", port=int(sys.argv[2])).start()
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+stop.wait()
+server.stop()
+archive.close()
+"""
+
+
+def start_kho(data_dir: Path, files: list[Path]) -> tuple[subprocess.Popen[bytes], int, float]:
+    from kho.archive.archive import Archive
+    from kho.archive.config import Settings
+
+    started = time.perf_counter()
+    with Archive(Settings(data_dir=data_dir, fsync=False)) as archive:
+        for path in files:
+            archive.ingest_part10(path.read_bytes())
+    ingest_s = time.perf_counter() - started
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _KHO_SERVER, str(data_dir), str(port)])
+    wait_port(port, proc)
+    return proc, port, ingest_s
+
+
+def start_orthanc(work: Path, files: list[Path]) -> tuple[subprocess.Popen[bytes], int, float]:
+    port, dicom_port = free_port(), free_port()
+    storage = work / "orthanc-storage"
+    storage.mkdir(parents=True)
+    config = {
+        "Name": "bench",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": port,
+        "DicomPort": dicom_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "HttpThreadsCount": 16,
+        "KeepAlive": True,
+        "TcpNoDelay": True,
+        "SaveJobs": False,
+        "Plugins": [str(ORTHANC_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+    }
+    config_path = work / "orthanc.json"
+    config_path.write_text(json.dumps(config))
+    log = open(work / "orthanc.log", "wb")  # noqa: SIM115 (lives as long as the process)
+    proc = subprocess.Popen(
+        [shutil.which("Orthanc") or "Orthanc", str(config_path)], stdout=log, stderr=log
+    )
+    wait_port(port, proc)
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    for path in files:
+        conn.request("POST", "/instances", body=path.read_bytes())
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"Orthanc refused {path.name}: {response.status}")
+    conn.close()
+    return proc, port, time.perf_counter() - started
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- load -------------------------------------------------------------------------------
+
+Request = tuple[str, dict[str, str]]
+
+
+def fetch(conn: http.client.HTTPConnection, request: Request) -> tuple[int, int]:
+    path, headers = request
+    conn.request("GET", path, headers=headers)
+    response = conn.getresponse()
+    body = response.read()
+    return response.status, len(body)
+
+
+def measure(
+    port: int, make: Callable[[int], Request], clients: int, total: int, warmup: int = 3
+) -> dict[str, Any]:
+    """Latencies (ms) of ``total`` requests spread over ``clients`` threads."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    sizes: list[int] = []
+    lock = threading.Lock()
+    per_client = max(1, total // clients)
+
+    def run(client: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        for i in range(warmup):
+            fetch(conn, make(client * 7919 + i))
+        mine = []
+        for i in range(per_client):
+            request = make(client * 7919 + warmup + i)
+            started = time.perf_counter()
+            status, size = fetch(conn, request)
+            mine.append((time.perf_counter() - started) * 1000)
+            with lock:
+                statuses[status] = statuses.get(status, 0) + 1
+                sizes.append(size)
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    stats = summary(latencies)
+    return {
+        **{k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()},
+        "throughput_rps": round(len(latencies) / wall, 1),
+        "statuses": statuses,
+        "mean_bytes": int(sum(sizes) / max(1, len(sizes))),
+    }
+
+
+def first_request_ms(port: int, request: Request) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    started = time.perf_counter()
+    status, size = fetch(conn, request)
+    conn.close()
+    return {"ms": round((time.perf_counter() - started) * 1000, 3), "status": status, "bytes": size}
+
+
+def workloads(server: str, ids: dict[str, Any]) -> dict[str, Callable[[int], Request]]:
+    study, series, sops = ids["study"], ids["series"], ids["sops"]
+    dx_study, dx_series, dx_sop = ids["dx"]
+    root = "/dicom-web"
+    series_url = f"{root}/studies/{study}/series/{series}"
+    dx_frame = f"{root}/studies/{dx_study}/series/{dx_series}/instances/{dx_sop}/frames/1"
+    tiles = [(x, y) for x in range(3000 // 256) for y in range(2500 // 256)]
+
+    def instance(i: int) -> str:
+        return f"{series_url}/instances/{sops[i % len(sops)]}"
+
+    def tile(i: int) -> Request:
+        x, y = tiles[i % len(tiles)]
+        if server == "kho":
+            return f"{dx_frame}/tiles/0/{x}/{y}", {"Accept": "image/jpeg"}
+        viewport = f"256,256,{x * 256},{y * 256},256,256"
+        return f"{dx_frame}/rendered?viewport={viewport}", {"Accept": "image/jpeg"}
+
+    def thumbnail(i: int) -> Request:
+        if server == "kho":
+            return f"{instance(i)}/thumbnail", {"Accept": "image/jpeg"}
+        return f"{instance(i)}/rendered?viewport=128,128", {"Accept": "image/jpeg"}
+
+    json_accept = {"Accept": "application/dicom+json"}
+    return {
+        "series metadata": lambda i: (f"{series_url}/metadata", json_accept),
+        "frame (stored)": lambda i: (f"{instance(i)}/frames/1", {"Accept": STORED}),
+        "frame (octet-stream)": lambda i: (f"{instance(i)}/frames/1", {"Accept": DECODED}),
+        "thumbnail": thumbnail,
+        "tile 256": tile,
+    }
+
+
+def bench_server(
+    server: str, port: int, ids: dict[str, Any], total: int, clients_list: list[int]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, make in workloads(server, ids).items():
+        out[name] = {"first": first_request_ms(port, make(10_000))}
+        for clients in clients_list:
+            count = total if name != "series metadata" else max(20, total // 4)
+            out[name][f"c{clients}"] = measure(port, make, clients, count)
+            print(
+                f"  {server:8} {name:22} c={clients}: median "
+                f"{out[name][f'c{clients}']['median']:.2f} ms, "
+                f"p95 {out[name][f'c{clients}']['p95']:.2f} ms",
+                flush=True,
+            )
+    return out
+
+
+def table(results: dict[str, Any], clients_list: list[int]) -> str:
+    lines = [
+        "| request | clients | kho median ms | kho p95 ms | Orthanc median ms | Orthanc p95 ms "
+        "| Orthanc/kho (median) | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    kho, orthanc = results["kho"], results.get("orthanc") or {}
+    for name in kho:
+        for clients in clients_list:
+            k = kho[name][f"c{clients}"]
+            o = (orthanc.get(name) or {}).get(f"c{clients}")
+            ratio = f"{o['median'] / k['median']:.1f}x" if o and k["median"] else "n/a"
+            o_ok = o and set(o["statuses"]) == {200}
+            target = TARGETS_MS.get(name)
+            lines.append(
+                f"| {name} | {clients} | {k['median']:.2f} | {k['p95']:.2f} | "
+                f"{o['median'] if o_ok else 'n/a'} | {o['p95'] if o_ok else 'n/a'} | "
+                f"{ratio if o_ok else 'n/a'} | {f'<= {target:g}' if target else ''} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=200, help="per request kind")
+    parser.add_argument("--clients", default="1,8")
+    parser.add_argument("--no-orthanc", action="store_true")
+    parser.add_argument("--no-netns", action="store_true", help="do not isolate the network")
+    args = parser.parse_args(argv)
+    use_orthanc = not args.no_orthanc and ORTHANC_PLUGIN.exists() and shutil.which("Orthanc")
+    if use_orthanc and not args.no_netns and os.environ.get("KHO_BENCH_NETNS") != "1":
+        # Orthanc binds all interfaces: give it a network with loopback only
+        command = " ".join(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.dicomweb",
+                *[f"'{a}'" for a in (argv or sys.argv[1:])],
+            ]
+        )
+        os.execvp(
+            "unshare",
+            ["unshare", "-n", "sh", "-c", f"ip link set lo up && KHO_BENCH_NETNS=1 exec {command}"],
+        )
+    clients_list = [int(c) for c in args.clients.split(",")]
+    random.seed(0)
+    with tempfile.TemporaryDirectory(prefix="kho-dicomweb-") as tmp:
+        work = Path(tmp)
+        print("generating data ...", flush=True)
+        ct, dx = make_data(work / "data", args.slices)
+        import pydicom
+
+        first = pydicom.dcmread(ct[0], stop_before_pixels=True)
+        dx_ds = pydicom.dcmread(dx, stop_before_pixels=True)
+        sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in ct]
+        ids = {
+            "study": first.StudyInstanceUID,
+            "series": first.SeriesInstanceUID,
+            "sops": sops[len(sops) // 4 : 3 * len(sops) // 4],
+            "dx": (dx_ds.StudyInstanceUID, dx_ds.SeriesInstanceUID, dx_ds.SOPInstanceUID),
+        }
+        results: dict[str, Any] = {
+            "machine": machine(),
+            "data": {"ct_slices": len(ct), "ct_size": "512x512", "radiograph": "3000x2500"},
+            "requests_per_kind": args.requests,
+            "clients": clients_list,
+            "targets_ms_median": TARGETS_MS,
+        }
+        print("kho: ingest and serve ...", flush=True)
+        proc, port, ingest_s = start_kho(work / "kho", [*ct, dx])
+        results["kho_ingest_s"] = round(ingest_s, 2)
+        try:
+            results["kho"] = bench_server("kho", port, ids, args.requests, clients_list)
+        finally:
+            stop(proc)
+        if use_orthanc:
+            print("Orthanc: upload and serve ...", flush=True)
+            oproc, oport, upload_s = start_orthanc(work, [*ct, dx])
+            results["orthanc_upload_s"] = round(upload_s, 2)
+            results["orthanc_version"] = "Orthanc 1.10.1 + DICOMweb plugin 1.7 (Debian 12)"
+            try:
+                results["orthanc"] = bench_server(
+                    "orthanc", oport, ids, args.requests, clients_list
+                )
+            finally:
+                stop(oproc)
+        results["table"] = table(results, clients_list)
+    path = write_results("dicomweb", results)
+    (RESULTS_DIR / "dicomweb.md").write_text(results["table"] + "\n")
+    print(results["table"])
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
