@@ -2,6 +2,10 @@
 
 Registering names a module and a class; nothing is imported (and no numba kernel is
 compiled) until a codec is first asked for.  ``available_codecs`` tells which can run here.
+
+The at-rest codec for colour (DESIGN.md: a later decision, e.g. HTJ2K) plugs in the same
+way: ``register_codec(uid, "kho.codecs.<module>", "<Class>")`` with a ``FrameCodec``
+subclass whose ``is_available`` checks its optional dependency.
 """
 
 from __future__ import annotations
@@ -22,6 +26,19 @@ def register_codec(transfer_syntax_uid: str, module: str, class_name: str) -> No
     with _LOCK:
         _REGISTRY[transfer_syntax_uid] = (module, class_name)
         _INSTANCES.pop(transfer_syntax_uid, None)
+
+
+def unregister_codec(transfer_syntax_uid: str) -> None:
+    """Forget a transfer syntax's codec (no error if none was registered)."""
+    with _LOCK:
+        _REGISTRY.pop(transfer_syntax_uid, None)
+        _INSTANCES.pop(transfer_syntax_uid, None)
+
+
+def registered() -> dict[str, tuple[str, str]]:
+    """Transfer syntax UID -> (module, class name), without importing anything."""
+    with _LOCK:
+        return dict(_REGISTRY)
 
 
 def _load(transfer_syntax_uid: str) -> type[FrameCodec]:
@@ -67,7 +84,7 @@ def get_codec_by_name(name: str) -> FrameCodec:
 
 def available_codecs() -> dict[str, bool]:
     """Transfer syntax UID -> whether its codec loads and runs here."""
-    out = {}
+    out: dict[str, bool] = {}
     for uid in list(_REGISTRY):
         try:
             out[uid] = _load(uid).is_available()
