@@ -147,7 +147,9 @@ def grey_to_u8(
                 else:
                     y = ((x - center) / width + 0.5) * 255.0
             elif mode == SIGMOID:
-                y = 255.0 / (1.0 + math.exp(-4.0 * (x - center) / width))
+                t = -4.0 * (x - center) / width
+                # exp overflows past ~709 (Python raises, numba gives inf): y is 0 there
+                y = 0.0 if t > 700.0 else 255.0 / (1.0 + math.exp(t))
             else:  # LINEAR, PS3.3 C.11.2.1.2.1
                 if x <= low_linear:
                     y = 0.0

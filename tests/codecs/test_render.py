@@ -58,7 +58,8 @@ def ref_weights(in_size: int, start: float, scale: float, out_size: int) -> np.n
 def ref_resample(src: np.ndarray, y0: float, sy: float, x0: float, sx: float, shape) -> np.ndarray:
     wy = ref_weights(src.shape[0], y0, sy, shape[0])
     wx = ref_weights(src.shape[1], x0, sx, shape[1])
-    return np.einsum("ij,jkc,lk->ilc", wy, src.astype(np.float64), wx)
+    planes = [wy @ src[:, :, c].astype(np.float64) @ wx.T for c in range(src.shape[2])]
+    return np.stack(planes, axis=-1)
 
 
 def ref_window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:

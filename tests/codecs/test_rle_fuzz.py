@@ -50,7 +50,7 @@ def test_every_truncation_is_refused(name: str) -> None:
             rle.decode(stream[:cut], **_geometry(image))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_byte_overwrites(data) -> None:
     stream, image = STREAMS[data.draw(st.sampled_from(sorted(STREAMS)))]
@@ -60,7 +60,7 @@ def test_byte_overwrites(data) -> None:
     _decode_or_codec_error(bytes(corrupt), image)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.integers(0, 20),
     st.lists(st.integers(0, 2**32 - 1), min_size=15, max_size=15),
@@ -72,7 +72,7 @@ def test_random_headers_and_bodies(count: int, offsets: list[int], body: bytes) 
     _decode_or_codec_error(stream, RGB)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300), st.integers(1, 40), st.integers(1, 40))
 def test_random_segment_after_a_valid_header(body: bytes, rows: int, cols: int) -> None:
     stream = struct.pack("<16I", 1, 64, *[0] * 14) + body
