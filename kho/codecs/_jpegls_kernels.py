@@ -10,7 +10,20 @@ errors come back as status codes and the public wrapper raises.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import config, njit
+from numba.cpython.unsafe.numbers import leading_zeros
+
+if config.DISABLE_JIT:
+
+    def _clz64(x):
+        return 64 - int(x).bit_length()
+
+else:
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _clz64(x):
+        return leading_zeros(x)
+
 
 # J table of run lengths (A.7.1.2)
 # fmt: off
@@ -49,6 +62,16 @@ def _quantize(d, t1, t2, t3):
     return 4
 
 
+@njit(cache=True, nogil=True)
+def _quant_table(maxval, t1, t2, t3):
+    """Q(d) for every gradient d in -maxval..maxval, at index d + maxval: a table lookup
+    instead of a chain of unpredictable branches per gradient."""
+    table = np.empty(2 * maxval + 1, np.int64)
+    for i in range(2 * maxval + 1):
+        table[i] = _quantize(i - maxval, t1, t2, t3)
+    return table
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _predict(ra, rb, rc):
     if rc >= max(ra, rb):
@@ -61,18 +84,19 @@ def _predict(ra, rb, rc):
 @njit(cache=True, nogil=True)
 def _contexts(rng):
     """A, B, C, N, Nn as rows of one array (A.2.1 initialisation)."""
-    ctx = np.zeros((5, N_CONTEXTS), np.int64)
-    ctx[0, :] = max(2, (rng + 32) // 64)
-    ctx[3, :] = 1
+    ctx = np.zeros((N_CONTEXTS, 5), np.int64)  # one row per context: one cache line
+    ctx[:, 0] = max(2, (rng + 32) // 64)
+    ctx[:, 3] = 1
     return ctx
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _k_for(n, a):
-    k = 0
-    while (n << k) < a:
-        k += 1
-    return k
+    """The least k with n << k >= a (A.5.1), from bit lengths instead of a loop."""
+    k = _clz64(n) - _clz64(a)  # bit_length(a) - bit_length(n): k is this or one more
+    if k < 0:
+        k = 0
+    return k + ((n << k) < a)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -86,15 +110,15 @@ def _mod_reduce(errval, rng):
 
 @njit(cache=True, nogil=True, inline="always")
 def _update_regular(ctx, q, errval, reset):
-    b = ctx[1, q] + errval
-    a = ctx[0, q] + abs(errval)
-    n = ctx[3, q]
+    b = ctx[q, 1] + errval
+    a = ctx[q, 0] + abs(errval)
+    n = ctx[q, 3]
     if n == reset:
         a >>= 1
         b = b >> 1 if b >= 0 else -((1 - b) >> 1)
         n >>= 1
     n += 1
-    c = ctx[2, q]
+    c = ctx[q, 2]
     if b <= -n:
         b += n
         if c > -128:
@@ -107,31 +131,31 @@ def _update_regular(ctx, q, errval, reset):
             c += 1
         if b > 0:
             b = 0
-    ctx[0, q] = a
-    ctx[1, q] = b
-    ctx[2, q] = c
-    ctx[3, q] = n
+    ctx[q, 0] = a
+    ctx[q, 1] = b
+    ctx[q, 2] = c
+    ctx[q, 3] = n
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _update_ri(ctx, q, errval, emerr, ritype, reset):
     if errval < 0:
-        ctx[4, q] += 1
-    ctx[0, q] += (emerr + 1 - ritype) >> 1
-    if ctx[3, q] == reset:
-        ctx[0, q] >>= 1
-        ctx[3, q] >>= 1
-        ctx[4, q] >>= 1
-    ctx[3, q] += 1
+        ctx[q, 4] += 1
+    ctx[q, 0] += (emerr + 1 - ritype) >> 1
+    if ctx[q, 3] == reset:
+        ctx[q, 0] >>= 1
+        ctx[q, 3] >>= 1
+        ctx[q, 4] >>= 1
+    ctx[q, 3] += 1
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _ri_k_and_map(ctx, q, errval, ritype):
-    temp = ctx[0, q] + (ctx[3, q] >> 1) if ritype else ctx[0, q]
-    k = _k_for(ctx[3, q], temp)
-    nn2 = 2 * ctx[4, q]
+    temp = ctx[q, 0] + (ctx[q, 3] >> 1) if ritype else ctx[q, 0]
+    k = _k_for(ctx[q, 3], temp)
+    nn2 = 2 * ctx[q, 4]
     mapped = 0
-    if (k == 0 and errval > 0 and nn2 < ctx[3, q]) or (errval < 0 and (nn2 >= ctx[3, q] or k)):
+    if (k == 0 and errval > 0 and nn2 < ctx[q, 3]) or (errval < 0 and (nn2 >= ctx[q, 3] or k)):
         mapped = 1
     return k, mapped
 
@@ -192,6 +216,7 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
     bpp = max(2, qbpp)
     limit = 2 * (bpp + max(8, bpp))
     ctx = _contexts(rng)
+    qt = _quant_table(maxval, t1, t2, t3)
     prev = np.zeros((nc, cols + 2), np.int64)
     cur = np.zeros((nc, cols + 2), np.int64)
     runindex = np.zeros(nc, np.int64)
@@ -210,8 +235,8 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                     rb = prev[ci, x + 1]
                     rc = prev[ci, x]
                     rd = prev[ci, x + 2]
-                    q = (_quantize(rd - rb, t1, t2, t3) * 9 + _quantize(rb - rc, t1, t2, t3)) * 9
-                    q += _quantize(rc - ra, t1, t2, t3)
+                    q = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9
+                    q += qt[rc - ra + maxval]
                     qs_all[ci] = q
                     if q != 0:
                         all_zero = False
@@ -294,8 +319,8 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                     rb = pl[x + 1]
                     rc = pl[x]
                     rd = pl[x + 2]
-                    qs = (_quantize(rd - rb, t1, t2, t3) * 9 + _quantize(rb - rc, t1, t2, t3)) * 9
-                    qs += _quantize(rc - ra, t1, t2, t3)
+                    qs = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9
+                    qs += qt[rc - ra + maxval]
                     if qs == 0:
                         run = 0
                         while x + run < cols and img[y, x + run, comp] == ra:
@@ -377,15 +402,15 @@ def _regular(out, acc, nbits, pos, ff, ctx, qs, value, px, rng, maxval, limit, q
     if qs < 0:
         sign = -1
         qs = -qs
-    px = px + ctx[2, qs] if sign > 0 else px - ctx[2, qs]
+    px = px + ctx[qs, 2] if sign > 0 else px - ctx[qs, 2]
     if px > maxval:
         px = maxval
     elif px < 0:
         px = 0
     errval = value - px if sign > 0 else px - value
     errval = _mod_reduce(errval, rng)
-    k = _k_for(ctx[3, qs], ctx[0, qs])
-    if k == 0 and 2 * ctx[1, qs] <= -ctx[3, qs]:
+    k = _k_for(ctx[qs, 3], ctx[qs, 0])
+    if k == 0 and 2 * ctx[qs, 1] <= -ctx[qs, 3]:
         merr = 2 * errval + 1 if errval >= 0 else -2 * (errval + 1)
     else:
         merr = 2 * errval if errval >= 0 else -2 * errval - 1
@@ -434,13 +459,22 @@ def _get(src, acc, nbits, pos, ff, fake, count):
 @njit(cache=True, nogil=True, inline="always")
 def _ungolomb(src, acc, nbits, pos, ff, fake, k, limit, qbpp):
     """Decode one LG(k, limit) code; value -1 for a code no valid stream contains."""
+    if nbits <= 40:
+        acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
+    live = acc & ((1 << nbits) - 1)  # bits above nbits are stale
+    if live:  # the usual case: the whole code is in the accumulator
+        top = 63 - _clz64(live)
+        high = nbits - 1 - top
+        if top >= k and high < limit - qbpp - 1:
+            nbits = top - k
+            return (high << k) | ((acc >> nbits) & ((1 << k) - 1)), acc, nbits, pos, ff, fake
     high = 0
     while True:
         if nbits == 0:
             acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
-        top = nbits - 1
-        while top >= 0 and ((acc >> top) & 1) == 0:
-            top -= 1
+        # index of the highest 1 among the nbits valid bits (-1: all zeros)
+        live = acc & ((1 << nbits) - 1)  # bits above nbits are stale
+        top = 63 - _clz64(live) if live else -1
         if top >= 0:
             high += nbits - 1 - top
             nbits = top  # consume the zeros and the 1
@@ -472,6 +506,7 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
     bpp = max(2, qbpp)
     limit = 2 * (bpp + max(8, bpp))
     ctx = _contexts(rng)
+    qt = _quant_table(maxval, t1, t2, t3)
     prev = np.zeros((nc, cols + 2), np.int64)
     cur = np.zeros((nc, cols + 2), np.int64)
     runindex = np.zeros(nc, np.int64)
@@ -500,9 +535,7 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                     ctx,
                     maxval,
                     rng,
-                    t1,
-                    t2,
-                    t3,
+                    qt,
                     limit,
                     qbpp,
                     reset,
@@ -526,8 +559,8 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                     rb = prev[ci, x + 1]
                     rc = prev[ci, x]
                     rd = prev[ci, x + 2]
-                    q = (_quantize(rd - rb, t1, t2, t3) * 9 + _quantize(rb - rc, t1, t2, t3)) * 9
-                    q += _quantize(rc - ra, t1, t2, t3)
+                    q = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9
+                    q += qt[rc - ra + maxval]
                     qs_all[ci] = q
                     if q != 0:
                         all_zero = False
@@ -573,8 +606,8 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                             rb = prev[ci, x + 1]
                             ritype = 1 if (ilv != 2 and ra == rb) else 0
                             q = 365 + ritype
-                            temp = ctx[0, q] + (ctx[3, q] >> 1) if ritype else ctx[0, q]
-                            k = _k_for(ctx[3, q], temp)
+                            temp = ctx[q, 0] + (ctx[q, 3] >> 1) if ritype else ctx[q, 0]
+                            k = _k_for(ctx[q, 3], temp)
                             emerr, acc, nbits, pos, ff, fake = _ungolomb(
                                 src, acc, nbits, pos, ff, fake, k, limit - J[ri] - 1, qbpp
                             )
@@ -583,7 +616,7 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                                 return
                             # invert EMErrval = 2|E| - RItype - map (A.7.2.2)
                             tmp = emerr + ritype
-                            if k == 0 and 2 * ctx[4, q] < ctx[3, q]:
+                            if k == 0 and 2 * ctx[q, 4] < ctx[q, 3]:
                                 errval = (tmp + 1) >> 1 if tmp & 1 else -(tmp >> 1)
                             else:
                                 errval = -((tmp + 1) >> 1) if tmp & 1 else tmp >> 1
@@ -613,19 +646,19 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                         sign = -1
                         qs = -qs
                     px = _predict(cur[ci, x], prev[ci, x + 1], prev[ci, x])
-                    px = px + ctx[2, qs] if sign > 0 else px - ctx[2, qs]
+                    px = px + ctx[qs, 2] if sign > 0 else px - ctx[qs, 2]
                     if px > maxval:
                         px = maxval
                     elif px < 0:
                         px = 0
-                    k = _k_for(ctx[3, qs], ctx[0, qs])
+                    k = _k_for(ctx[qs, 3], ctx[qs, 0])
                     merr, acc, nbits, pos, ff, fake = _ungolomb(
                         src, acc, nbits, pos, ff, fake, k, limit, qbpp
                     )
                     if merr < 0:
                         st[4] = ERR_CORRUPT
                         return
-                    if k == 0 and 2 * ctx[1, qs] <= -ctx[3, qs]:
+                    if k == 0 and 2 * ctx[qs, 1] <= -ctx[qs, 3]:
                         errval = (merr - 1) >> 1 if merr & 1 else -(merr >> 1) - 1
                     else:
                         errval = -((merr + 1) >> 1) if merr & 1 else merr >> 1
@@ -664,9 +697,7 @@ def _decode_line(
     ctx,
     maxval,
     rng,
-    t1,
-    t2,
-    t3,
+    qt,
     limit,
     qbpp,
     reset,
@@ -679,8 +710,8 @@ def _decode_line(
         rb = pl[x + 1]
         rc = pl[x]
         rd = pl[x + 2]
-        qs = (_quantize(rd - rb, t1, t2, t3) * 9 + _quantize(rb - rc, t1, t2, t3)) * 9
-        qs += _quantize(rc - ra, t1, t2, t3)
+        qs = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9
+        qs += qt[rc - ra + maxval]
         if qs == 0:
             ri = runindex[slot]
             while True:
@@ -711,15 +742,15 @@ def _decode_line(
                 rb = pl[x + 1]
                 ritype = 1 if ra == rb else 0
                 q = 365 + ritype
-                temp = ctx[0, q] + (ctx[3, q] >> 1) if ritype else ctx[0, q]
-                k = _k_for(ctx[3, q], temp)
+                temp = ctx[q, 0] + (ctx[q, 3] >> 1) if ritype else ctx[q, 0]
+                k = _k_for(ctx[q, 3], temp)
                 emerr, acc, nbits, pos, ff, fake = _ungolomb(
                     src, acc, nbits, pos, ff, fake, k, limit - J[ri] - 1, qbpp
                 )
                 if emerr < 0:
                     return acc, nbits, pos, ff, fake, ERR_CORRUPT
                 tmp = emerr + ritype
-                if k == 0 and 2 * ctx[4, q] < ctx[3, q]:
+                if k == 0 and 2 * ctx[q, 4] < ctx[q, 3]:
                     errval = (tmp + 1) >> 1 if tmp & 1 else -(tmp >> 1)
                 else:
                     errval = -((tmp + 1) >> 1) if tmp & 1 else tmp >> 1
@@ -744,26 +775,23 @@ def _decode_line(
             if fake > nbits + 64:
                 return acc, nbits, pos, ff, fake, ERR_TRUNCATED
             continue
-        sign = 1
-        if qs < 0:
-            sign = -1
-            qs = -qs
-        px = _predict(ra, rb, rc)
-        px = px + ctx[2, qs] if sign > 0 else px - ctx[2, qs]
+        sign = (qs >> 63) | 1  # -1 or 1, without a branch (the sign is unpredictable)
+        qs *= sign
+        px = _predict(ra, rb, rc) + sign * ctx[qs, 2]
         if px > maxval:
             px = maxval
         elif px < 0:
             px = 0
-        k = _k_for(ctx[3, qs], ctx[0, qs])
+        k = _k_for(ctx[qs, 3], ctx[qs, 0])
         merr, acc, nbits, pos, ff, fake = _ungolomb(src, acc, nbits, pos, ff, fake, k, limit, qbpp)
         if merr < 0:
             return acc, nbits, pos, ff, fake, ERR_CORRUPT
-        if k == 0 and 2 * ctx[1, qs] <= -ctx[3, qs]:
-            errval = (merr - 1) >> 1 if merr & 1 else -(merr >> 1) - 1
-        else:
-            errval = -((merr + 1) >> 1) if merr & 1 else merr >> 1
+        # inverse of the error mapping (A.5.2): even -> >= 0, odd -> < 0, swapped in the
+        # special k = 0 case; written as an xor so that no branch depends on the data
+        swap = 1 if (k == 0 and 2 * ctx[qs, 1] <= -ctx[qs, 3]) else 0
+        errval = (merr >> 1) ^ -((merr & 1) ^ swap)
         _update_regular(ctx, qs, errval, reset)
-        value = px + errval if sign > 0 else px - errval
+        value = px + sign * errval
         if value < 0:
             value += rng
         elif value > maxval:
