@@ -34,8 +34,7 @@ Frames are passed in their natural dtype: int16 (or int8/int32) for signed data
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -112,7 +111,6 @@ class RenderParams:
     voi_lut: Lut | None = None  # used when no window is given
     palette: tuple[Lut, Lut, Lut] | None = None  # red, green, blue (PALETTE COLOR)
     invert: bool = False  # flip the grey output (on top of MONOCHROME1's own inversion)
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         function = self.voi_function.strip().upper() or "LINEAR"
@@ -220,7 +218,14 @@ def _resample(
     out_rows: int,
     out_cols: int,
 ) -> np.ndarray:
+    """Area-average the source window to (out_rows, out_cols, samples) float32, or return
+    the window itself (any dtype) when it needs no resampling."""
     rows, cols = image.shape[:2]
+    if scale_y == 1.0 and scale_x == 1.0 and float(y0).is_integer() and float(x0).is_integer():
+        # no resampling: a view of the region (kernels compile for the source dtype)
+        top, left = int(y0), int(x0)
+        if top + out_rows <= rows and left + out_cols <= cols:
+            return image[top : top + out_rows, left : left + out_cols]
     y_ptr, y_idx, y_w = k.axis_weights(rows, y0, scale_y, out_rows)
     x_ptr, x_idx, x_w = k.axis_weights(cols, x0, scale_x, out_cols)
     out = np.empty((out_rows, out_cols, image.shape[2]), dtype=np.float32)
