@@ -64,6 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    sweeper = threading.Thread(
+        target=_sweep, args=(archive, stop, args.recover_after), name="kho-recovery", daemon=True
+    )
+    sweeper.start()
     server = DicomServer(archive, reuse_port=args.worker).start()
     # a line the tests and scripts wait for
     print(f"kho: DICOM {settings.ae_title} on {settings.host}:{server.port}", flush=True)
@@ -73,6 +77,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.stop()
         archive.close()
     return 0
+
+
+def _sweep(archive: Archive, stop: threading.Event, grace_s: float, every_s: float = 60) -> None:
+    """Roll back failed or orphaned ingests now and then (an outage leaves some behind)."""
+    while not stop.wait(every_s):
+        try:
+            cleaned = archive.recover(grace_s=grace_s)
+            if cleaned:
+                log.info("recovery: removed objects of %d failed ingests", cleaned)
+        except KhoError as exc:  # the store may still be down: try again later
+            log.warning("recovery pass failed: %s", exc)
 
 
 def _serve_workers(args: argparse.Namespace, settings: Settings, workers: int) -> int:

@@ -45,7 +45,10 @@ def _owner_of(pid: int) -> str:
 
 
 def owner_is_gone(owner: str) -> bool:
-    """Whether the process that wrote ``owner`` has ended (only knowable on this host)."""
+    """Whether the process that wrote ``owner`` has ended (only knowable on this host);
+    an empty owner is an ingest that failed and gave its objects up."""
+    if not owner:
+        return True
     host, _, rest = owner.partition(":")
     pid_text, _, started = rest.partition(":")
     if host != socket.gethostname() or not pid_text.isdigit():
@@ -396,6 +399,10 @@ class Catalog:
 
     def _in_transaction(self) -> bool:
         return self.dialect == "sqlite" and bool(self.connection.in_transaction)
+
+    def disown_pending(self, object_prefix: str) -> None:
+        """Hand a journalled prefix to the next recovery pass (its ingest has failed)."""
+        self.execute("UPDATE pending SET owner = '' WHERE object_prefix = ?", (object_prefix,))
 
     def pending_prefixes(self, older_than_s: float = 0.0) -> list[str]:
         cutoff = time.time() - older_than_s

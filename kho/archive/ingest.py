@@ -7,6 +7,7 @@ Nothing is visible before the commit; everything acknowledged was durable before
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +23,12 @@ from kho.archive.attributes import InstanceAttributes, extract_attributes, read_
 from kho.archive.catalog import InstanceRecord
 from kho.archive.part10 import Part10Layout, build_file_meta, parse_part10
 from kho.archive.pixels import encode_pixels
-from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError
+from kho.errors import (
+    DatasetMismatchError,
+    DuplicateInstanceError,
+    InvalidDicomError,
+    KhoError,
+)
 from kho.storage import ObjectStore
 
 if TYPE_CHECKING:
@@ -141,10 +147,14 @@ def _ingest_part10(
         )
 
     prefix = keys.instance_prefix(attrs.study_uid, attrs.series_uid, attrs.sop_uid, sha)
-    record = _write_objects(archive, data, layout, ds, attrs, sha, prefix, source)
-    outcome, previous = catalog.commit_instance(
-        attrs, record, policy=archive.settings.duplicate_policy.value
-    )
+    try:
+        record = _write_objects(archive, data, layout, ds, attrs, sha, prefix, source)
+        outcome, previous = catalog.commit_instance(
+            attrs, record, policy=archive.settings.duplicate_policy.value
+        )
+    except BaseException:
+        _abandon(archive, prefix)
+        raise
     if outcome in ("kept", "rejected"):
         archive.delete_prefix(record.object_prefix)
         catalog.end_pending(record.object_prefix)
@@ -269,6 +279,19 @@ def _write_objects(
         received_at=time.time(),
         source=source[:64],
     )
+
+
+def _abandon(archive: Archive, prefix: str) -> None:
+    """A failed ingest: delete what it wrote (unless the commit went through after all);
+    if the store cannot even delete now (an outage), leave the journal row to recovery."""
+    try:
+        if archive.catalog.prefix_in_use(prefix):
+            return
+        archive.delete_prefix(prefix)
+        archive.catalog.end_pending(prefix)
+    except KhoError:
+        with contextlib.suppress(KhoError):
+            archive.catalog.disown_pending(prefix)
 
 
 def put_objects(store: ObjectStore, objects: dict[str, bytes]) -> None:
