@@ -82,6 +82,9 @@ def _instance(patient: str, study: dict[str, Any], series: dict[str, Any], numbe
 
 def _fill(archive: Archive) -> dict[str, Any]:
     """Ingest the synthetic studies and the real samples; return what was made."""
+    # queries and retrieval need the catalog rows and the stored bytes, not thumbnails:
+    # without derivers these tests do not wait on rendering (nor its JIT compilation)
+    archive.derivers = []
     made: dict[str, Any] = {"studies": {}, "series": {}, "instances": {}}
     for key, patient, date, time, accession, description, series_list in STUDIES:
         study = {

@@ -725,3 +725,32 @@ def test_direct_response_encoding_equals_pydicom(qr: dict[str, Any]) -> None:
         for explicit in (False, True):
             direct = plan.encode(match, "KHO", explicit)
             assert direct == encode(plan.response(match, "KHO"), not explicit, True), match
+
+
+def test_responses_larger_than_the_peer_pdu_take_pynetdicoms_path(qr: dict[str, Any]) -> None:
+    """A peer with a tiny maximum PDU gets the same answers, fragmented by pynetdicom."""
+    identifier = _identifier(
+        QueryRetrieveLevel="STUDY",
+        PatientID="Q*",
+        StudyInstanceUID="",
+        StudyDescription="",
+        PatientName="",
+        ModalitiesInStudy="",
+    )
+    model = StudyRootQueryRetrieveInformationModelFind
+    answers = {}
+    for max_pdu in (0, 200):
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(model)
+        assoc = ae.associate("127.0.0.1", qr["port"], ae_title="KHO", max_pdu=max_pdu)
+        assert assoc.is_established
+        try:
+            responses = list(assoc.send_c_find(identifier, model))
+        finally:
+            assoc.release()
+        assert int(responses[-1][0].Status) == 0
+        answers[max_pdu] = sorted(
+            (str(a.StudyInstanceUID), str(a.PatientName)) for _s, a in responses[:-1]
+        )
+    assert len(answers[0]) == 6
+    assert answers[0] == answers[200]
