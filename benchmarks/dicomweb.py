@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_kind": args.requests,
             "clients": clients_list,
             "targets_ms_median": TARGETS_MS,
+            # other work on the machine skews latencies: say how loaded it was
+            "load_average_at_start": os.getloadavg(),
         }
         print("kho: ingest and serve ...", flush=True)
         proc, port, ingest_s = start_kho(work / "kho", [*ct, dx])
@@ -391,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             finally:
                 stop(oproc)
+        results["load_average_at_end"] = os.getloadavg()
         results["table"] = table(results, clients_list)
     path = write_results("dicomweb", results)
     (RESULTS_DIR / "dicomweb.md").write_text(results["table"] + "\n")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import threading
 import warnings
+from collections.abc import Iterable
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,20 @@ def instance_document(archive: Archive, record: InstanceRecord) -> bytes:
     return encode(dataset_json(header, pixel_vr(layout, record.bits_allocated), pixel_tag))
 
 
+def stored_header(archive: Archive, record: InstanceRecord) -> Dataset:
+    """The instance's full header, parsed from its stored header object (no pixel read)."""
+    from kho.archive import keys
+
+    header = archive.store.get(keys.header_key(record.object_prefix))
+    stop = record.pixel_split if record.pixel_format != "none" else len(header)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(BytesIO(header[:stop]), stop_before_pixels=True, force=True)
+    except Exception as exc:
+        raise InvalidDicomError(f"cannot parse the stored header: {exc}") from exc
+
+
 def with_absolute_uris(document: bytes, instance_url: str) -> bytes:
     """Make the stored relative BulkDataURIs absolute under ``instance_url``."""
     if _STORED_URI not in document:
@@ -139,7 +154,19 @@ def with_absolute_uris(document: bytes, instance_url: str) -> bytes:
 
 def documents_key(records: list[InstanceRecord]) -> str:
     """Changes whenever an instance of the list is added, removed or replaced."""
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(record.object_prefix.encode())
-    return digest.hexdigest()
+    return _version(record.object_prefix for record in records)
+
+
+def series_version(archive: Archive, study_uid: str, series_uid: str) -> str | None:
+    """documents_key() of a series from one indexed single-column query (a cache check
+    that costs far less than loading the instance records); None if there is no series."""
+    rows = archive.catalog.fetchall(
+        "SELECT object_prefix FROM instances WHERE series_uid = ? AND study_uid = ?",
+        (series_uid, study_uid),
+    )
+    return _version(r[0] for r in rows) if rows else None
+
+
+def _version(prefixes: Iterable[str]) -> str:
+    # each stored version of an instance has its own prefix (it ends with its SHA-256)
+    return hashlib.sha256("\n".join(sorted(prefixes)).encode()).hexdigest()

@@ -1,19 +1,15 @@
 """Rendered images for viewers: thumbnails made at ingest, rendered frames and tiles on request.
 
-Display pipeline (PS3.18 8.3.5 "rendered"): modality LUT (rescale slope/intercept), VOI
-window (from the request, else the header's first window, else the frame's min/max),
-MONOCHROME1 inversion, YBR_FULL -> RGB, then 8-bit.  Resizing happens on modality values
-first (box filter for integer factors, then nearest sampling), so a thumbnail of a large
-radiograph windows 16 K pixels, not 7.5 M.
+The pixels are rendered by kho.codecs.render (numba kernels: resampling on stored values,
+modality rescale or LUT, VOI window or LUT, MONOCHROME1, palette and YBR to RGB); this
+module turns headers and request parameters into its RenderParams, and images into JPEG
+or PNG with imagecodecs (already a dependency; Pillow is not needed).
 
-Images are encoded with imagecodecs (libjpeg-turbo / zlib), already a dependency; Pillow
-is not needed.
-
-Tiles (``frames/{f}/tiles/{level}/{x}/{y}``): level 0 is full resolution and level L is
-downsampled by 2**L, up to the level where the frame fits one tile.  They are rendered on
-request from the decoded frame; the display image of each level is cached in memory
-(:class:`RenderCache`), so neighbouring tiles cost a slice and a JPEG encode.  No tile
-pyramid is written at ingest.
+Tiles (``frames/{f}/tiles/{level}/{x}/{y}``): level 0 is full resolution and each next
+level half the previous (rounded up), up to the level where the frame fits one tile.
+They are rendered on request from the decoded frame, which the HTTP layer keeps in a
+bounded in-memory cache (:class:`RenderCache`); a tile then costs about its own area times
+4**level.  No tile pyramid is written at ingest.
 """
 
 from __future__ import annotations
@@ -32,6 +28,8 @@ from pydicom.dataset import Dataset
 from kho.archive.attributes import InstanceAttributes
 from kho.archive.part10 import Part10Layout, dataset_encoding
 from kho.archive.pixels import EncodedPixels
+from kho.codecs import render as codec_render
+from kho.codecs.render import Lut, RenderParams
 from kho.errors import CodecError, QueryError
 
 if TYPE_CHECKING:
@@ -46,69 +44,119 @@ PNG = "image/png"
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
-@dataclass(frozen=True, slots=True)
-class Display:
-    """How an instance's stored values map to display values."""
-
-    photometric: str = "MONOCHROME2"
-    slope: float = 1.0
-    intercept: float = 0.0
-    center: float | None = None
-    width: float | None = None
-    function: str = "LINEAR"
-
-    def with_window(self, center: float, width: float, function: str = "LINEAR") -> Display:
-        return replace(self, center=center, width=width, function=function)
-
-
 def _first_number(value: Any) -> float | None:
-    if isinstance(value, (list, tuple)):
-        value = value[0] if value else None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return number if math.isfinite(number) else None
 
 
-def display_from_json(meta: dict[str, Any]) -> Display:
-    """Display parameters from an instance's DICOM JSON document."""
+def _window(center: float | None, width: float | None, function: str) -> dict[str, Any]:
+    """Header window values the renderer accepts (a width too small is dropped)."""
+    function = function if function in VOI_FUNCTIONS else "LINEAR"
+    minimum = 1.0 if function == "LINEAR" else 0.0
+    if center is None or width is None or width < minimum or width <= 0:
+        return {"voi_function": function}
+    return {"window_center": center, "window_width": width, "voi_function": function}
+
+
+#: attributes whose values (LUT tables) the JSON document may hold only as bulk data
+_NEEDS_HEADER = ("00281201", "00281202", "00281203", "00283000", "00283010")
+
+
+def needs_header(meta: dict[str, Any]) -> bool:
+    """Palettes and LUT tables are read from the header, not the JSON document."""
+    return any(tag in meta for tag in _NEEDS_HEADER)
+
+
+def params_from_json(meta: dict[str, Any]) -> RenderParams:
+    """Render parameters from an instance's DICOM JSON (no LUT tables: see needs_header)."""
 
     def value(tag: str) -> Any:
-        elem = meta.get(tag) or {}
-        values = elem.get("Value")
+        values = (meta.get(tag) or {}).get("Value")
         return values[0] if values else None
 
-    function = str(value("00281056") or "LINEAR").upper()
-    width = _first_number(value("00281051"))
-    return Display(
-        photometric=str(value("00280004") or "MONOCHROME2").strip().upper(),
-        slope=_first_number(value("00281053")) or 1.0,
-        intercept=_first_number(value("00281052")) or 0.0,
-        center=_first_number(value("00281050")),
-        width=width if width and width > 0 else None,
-        function=function if function in VOI_FUNCTIONS else "LINEAR",
+    bits = value("00280101")
+    return RenderParams(
+        photometric_interpretation=str(value("00280004") or "MONOCHROME2"),
+        bits_stored=int(bits) if isinstance(bits, (int, float)) and 1 <= bits <= 32 else None,
+        pixel_representation=1 if value("00280103") == 1 else 0,
+        rescale_slope=_first_number(value("00281053")) or 1.0,
+        rescale_intercept=_first_number(value("00281052")) or 0.0,
+        **_window(
+            _first_number(value("00281050")),
+            _first_number(value("00281051")),
+            str(value("00281056") or "LINEAR").strip().upper(),
+        ),
     )
 
 
-def display_from_dataset(ds: Dataset) -> Display:
+def _lut(descriptor: Any, data: Any, little: bool = True) -> Lut | None:
+    try:
+        desc = tuple(int(v) for v in descriptor)
+        if isinstance(data, bytes):
+            table = np.frombuffer(data, dtype="<u2" if little else ">u2")
+        else:
+            table = np.asarray(data if isinstance(data, (list, tuple)) else [data])
+        return Lut((desc[0], desc[1], desc[2]), table)
+    except Exception:  # a broken table is rendered without it, not refused
+        return None
+
+
+def params_from_dataset(ds: Dataset) -> RenderParams:
+    """Render parameters from a parsed header, LUT tables and palettes included."""
+
     def get(keyword: str) -> Any:
         try:
             return ds.get(keyword)
         except Exception:
             return None
 
-    width = _first_number(get("WindowWidth"))
-    function = str(get("VOILUTFunction") or "LINEAR").upper()
-    return Display(
-        photometric=str(get("PhotometricInterpretation") or "MONOCHROME2").strip().upper(),
-        slope=_first_number(get("RescaleSlope")) or 1.0,
-        intercept=_first_number(get("RescaleIntercept")) or 0.0,
-        center=_first_number(get("WindowCenter")),
-        width=width if width and width > 0 else None,
-        function=function if function in VOI_FUNCTIONS else "LINEAR",
+    photometric = str(get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+    bits = get("BitsStored")
+    extra: dict[str, Any] = {}
+    modality = get("ModalityLUTSequence")
+    if modality:
+        extra["modality_lut"] = _lut(modality[0].get("LUTDescriptor"), modality[0].get("LUTData"))
+    voi = get("VOILUTSequence")
+    if voi:
+        extra["voi_lut"] = _lut(voi[0].get("LUTDescriptor"), voi[0].get("LUTData"))
+    if photometric == "PALETTE COLOR":
+        luts = [
+            _lut(
+                get(f"{c}PaletteColorLookupTableDescriptor"), get(f"{c}PaletteColorLookupTableData")
+            )
+            for c in ("Red", "Green", "Blue")
+        ]
+        if all(luts):
+            extra["palette"] = tuple(luts)
+        else:  # no usable palette (segmented palettes): show the indices as grey
+            photometric = "MONOCHROME2"
+    return RenderParams(
+        photometric_interpretation=photometric,
+        bits_stored=int(bits) if isinstance(bits, int) and 1 <= bits <= 32 else None,
+        pixel_representation=1 if get("PixelRepresentation") == 1 else 0,
+        rescale_slope=_first_number(get("RescaleSlope")) or 1.0,
+        rescale_intercept=_first_number(get("RescaleIntercept")) or 0.0,
+        **{k: v for k, v in extra.items() if v is not None},
+        **_window(
+            _first_number(get("WindowCenter")),
+            _first_number(get("WindowWidth")),
+            str(get("VOILUTFunction") or "LINEAR").strip().upper(),
+        ),
     )
+
+
+def with_window(params: RenderParams, window: tuple[float, float, str] | None) -> RenderParams:
+    if window is None:
+        return params
+    center, width, function = window
+    return replace(params, window_center=center, window_width=width, voi_function=function)
 
 
 def parse_window(text: str | None) -> tuple[float, float, str] | None:
@@ -161,65 +209,6 @@ def fit(rows: int, cols: int, max_rows: int, max_cols: int) -> tuple[int, int]:
     return max(1, round(rows * scale)), max(1, round(cols * scale))
 
 
-def resize(values: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Resize (float32 out): box average by the integer factor, then nearest sampling."""
-    src_rows, src_cols = values.shape[:2]
-    if (src_rows, src_cols) == (rows, cols):
-        return values.astype(np.float32, copy=False)
-    factor = max(1, min(src_rows // rows, src_cols // cols))
-    out = values
-    if factor > 1:
-        h, w = src_rows // factor * factor, src_cols // factor * factor
-        shape = (h // factor, factor, w // factor, factor, *values.shape[2:])
-        out = values[:h, :w].reshape(shape).mean(axis=(1, 3), dtype=np.float32)
-    row_index = (np.arange(rows) * (out.shape[0] / rows)).astype(np.intp)
-    col_index = (np.arange(cols) * (out.shape[1] / cols)).astype(np.intp)
-    return np.asarray(out[row_index][:, col_index], dtype=np.float32)
-
-
-def to_display(values: np.ndarray, display: Display) -> np.ndarray:
-    """Stored values (any dtype) -> uint8 display image, (rows, cols) or (rows, cols, 3)."""
-    if values.ndim == 3:
-        return _colour(values, display.photometric)
-    data = values.astype(np.float32, copy=False)
-    if display.slope != 1.0 or display.intercept != 0.0:
-        data = data * np.float32(display.slope) + np.float32(display.intercept)
-    if display.center is not None and display.width is not None:
-        center, width = display.center, display.width
-    else:
-        low, high = (float(data.min()), float(data.max())) if data.size else (0.0, 1.0)
-        center, width = (low + high) / 2, max(high - low, 1.0)
-    if display.function == "SIGMOID":
-        out = 255.0 / (1.0 + np.exp(-4.0 * (data - center) / width))
-    elif display.function == "LINEAR_EXACT":
-        out = (data - (center - width / 2)) * (255.0 / width)
-    else:  # PS3.3 C.11.2.1.2.1
-        out = ((data - (center - 0.5)) / max(width - 1, 1.0) + 0.5) * 255.0
-    img = np.clip(out, 0, 255).astype(np.uint8)
-    if display.photometric == "MONOCHROME1":
-        img = np.subtract(255, img, dtype=np.uint8)
-    return img
-
-
-def _colour(values: np.ndarray, photometric: str) -> np.ndarray:
-    data = values[..., :3]
-    if data.dtype != np.uint8:
-        peak = float(data.max()) if data.size else 1.0
-        data = data.astype(np.float32) * (255.0 / max(peak, 1.0))
-    if photometric.startswith("YBR_FULL"):
-        y, cb, cr = (data[..., i].astype(np.float32) for i in range(3))
-        rgb = np.stack(
-            (
-                y + 1.402 * (cr - 128),
-                y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
-                y + 1.772 * (cb - 128),
-            ),
-            axis=-1,
-        )
-        return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
-    return np.clip(data, 0, 255).astype(np.uint8)
-
-
 def encode_image(img: np.ndarray, media_type: str = JPEG, quality: int = 90) -> bytes:
     import imagecodecs
 
@@ -231,25 +220,25 @@ def encode_image(img: np.ndarray, media_type: str = JPEG, quality: int = 90) -> 
 
 def render(
     values: np.ndarray,
-    display: Display,
+    params: RenderParams,
     *,
     viewport: Viewport | None = None,
     max_size: int | None = None,
 ) -> np.ndarray:
-    """Decoded frame -> display image, cropped/resized per viewport or to ``max_size``."""
+    """Decoded frame -> display image (kho.codecs.render), cropped and resized per
+    viewport (aspect kept within vw x vh) or to fit ``max_size``."""
+    if viewport is None and max_size is not None:
+        return codec_render.thumbnail(values, params, max_size)
     rows, cols = values.shape[:2]
+    region = None
     if viewport is not None and viewport.region is not None:
         sx, sy, sw, sh = viewport.region
         if sx >= cols or sy >= rows:
             raise QueryError("viewport region lies outside the image")
-        values = values[sy : min(rows, sy + sh), sx : min(cols, sx + sw)]
-        rows, cols = values.shape[:2]
-    out_rows, out_cols = rows, cols
-    if viewport is not None:
-        out_rows, out_cols = fit(rows, cols, viewport.height, viewport.width)
-    elif max_size is not None and max(rows, cols) > max_size:
-        out_rows, out_cols = fit(rows, cols, max_size, max_size)
-    return to_display(resize(values, out_rows, out_cols), display)
+        sw, sh = min(sw, cols - sx), min(sh, rows - sy)
+        region, rows, cols = (sx, sy, sw, sh), sh, sw
+    out_size = fit(rows, cols, viewport.height, viewport.width) if viewport else None
+    return codec_render.render_frame(values, params, region=region, out_size=out_size)
 
 
 # --- tiles ------------------------------------------------------------------------------
@@ -257,13 +246,17 @@ def render(
 
 def tile_levels(rows: int, cols: int, tile: int = TILE_SIZE) -> int:
     """How many levels the pyramid has (level 0 full size; the last fits one tile)."""
-    longest = max(rows, cols, 1)
-    return max(1, math.ceil(math.log2(longest / tile)) + 1) if longest > tile else 1
+    return len(codec_render.tile_pyramid_levels(rows, cols, tile))
 
 
-def level_shape(rows: int, cols: int, level: int) -> tuple[int, int]:
-    factor = 1 << level
-    return max(1, rows // factor), max(1, cols // factor)
+def render_tile(values: np.ndarray, params: RenderParams, level: int, x: int, y: int) -> np.ndarray:
+    """Tile (x, y) of ``level``; IndexError outside the pyramid."""
+    try:
+        return codec_render.render_tile(values, params, level, x, y, TILE_SIZE)
+    except CodecError as exc:
+        if "outside" in str(exc):
+            raise IndexError(str(exc)) from None
+        raise
 
 
 class RenderCache:
@@ -297,19 +290,6 @@ class RenderCache:
                     _old, evicted = self._items.popitem(last=False)
                     self._bytes -= evicted.nbytes
         return made
-
-
-def level_image(values: np.ndarray, display: Display, level: int) -> np.ndarray:
-    rows, cols = values.shape[:2]
-    out_rows, out_cols = level_shape(rows, cols, level)
-    return to_display(resize(values, out_rows, out_cols), display)
-
-
-def cut_tile(level_img: np.ndarray, x: int, y: int, tile: int = TILE_SIZE) -> np.ndarray:
-    rows, cols = level_img.shape[:2]
-    if x < 0 or y < 0 or x * tile >= cols or y * tile >= rows:
-        raise IndexError(f"tile ({x}, {y}) outside the level ({cols}x{rows})")
-    return level_img[y * tile : (y + 1) * tile, x * tile : (x + 1) * tile]
 
 
 # --- the thumbnail deriver --------------------------------------------------------------
@@ -362,8 +342,8 @@ def thumbnail_deriver(
 
     try:
         frame = first_frame(data, layout, attrs)
-        display = display_from_dataset(full_header(data, layout))
-        img = render(frame, display, max_size=THUMBNAIL_SIZE)
+        params = params_from_dataset(full_header(data, layout))
+        img = codec_render.thumbnail(frame, params, THUMBNAIL_SIZE)
         return {THUMBNAIL_OBJECT: encode_image(img, JPEG, 85)}
     except Exception:  # a thumbnail is a convenience, never a reason to refuse an image
         return {}

@@ -18,6 +18,7 @@ from kho.archive import dicomjson, rendering
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
 from kho.archive.pixels import frame_array, frame_count
+from kho.codecs.render import RenderParams
 from kho.errors import NotFoundError
 from kho.viewer_api import multipart
 from kho.viewer_api.deps import ArchiveDep, InstanceDep, StateDep
@@ -26,6 +27,9 @@ from kho.viewer_api.media import parse_accept, parse_media_type
 from kho.viewer_api.wado import series_records
 
 router = APIRouter(tags=["WADO-RS rendered"])
+
+#: frames larger than this (pixels a side) keep their decoded values in the render cache
+LARGE_IMAGE = 1024
 
 WindowParam = Annotated[str | None, Query(description="center,width[,LINEAR|LINEAR_EXACT|SIGMOID]")]
 ViewportParam = Annotated[str | None, Query(description="vw,vh[,sx,sy,sw,sh]")]
@@ -50,17 +54,16 @@ def choose_image_type(request: Request, accept_param: str | None) -> str:
     raise NotAcceptableError("rendered images are image/jpeg or image/png")
 
 
-def display_of(archive: Archive, record: InstanceRecord) -> rendering.Display:
+def params_of(archive: Archive, record: InstanceRecord) -> RenderParams:
+    """From the instance's DICOM JSON; from its header when it has LUT tables."""
     document = json.loads(dicomjson.instance_document(archive, record))
-    return rendering.display_from_json(document)
+    if not rendering.needs_header(document):
+        return rendering.params_from_json(document)
+    return rendering.params_from_dataset(dicomjson.stored_header(archive, record))
 
 
-def _display_with(
-    archive: Archive, record: InstanceRecord, window: str | None
-) -> rendering.Display:
-    display = display_of(archive, record)
-    parsed = rendering.parse_window(window)
-    return display.with_window(*parsed) if parsed else display
+def _params_with(archive: Archive, record: InstanceRecord, window: str | None) -> RenderParams:
+    return rendering.with_window(params_of(archive, record), rendering.parse_window(window))
 
 
 def _image(img: np.ndarray, media_type: str, quality: int) -> Response:
@@ -90,13 +93,20 @@ def render_frame(
     window: str | None,
     viewport: str | None,
     max_size: int | None = None,
+    cache: rendering.RenderCache | None = None,
 ) -> np.ndarray:
     if record.pixel_format == "none":
         raise NotFoundError(f"instance {record.sop_uid} has no pixel data")
-    display = _display_with(archive, record, window)
+    params = _params_with(archive, record, window)
     parsed_viewport = rendering.parse_viewport(viewport)
-    values = frame_array(archive, record, number)
-    return rendering.render(values, display, viewport=parsed_viewport, max_size=max_size)
+    large = max(record.rows_ or 0, record.columns_ or 0) > LARGE_IMAGE
+    if cache is not None and large:
+        # viewers pan over large images with viewport regions: decode the frame once
+        key = (record.sop_uid, record.sha256, number, "values")
+        values = cache.get_or_make(key, lambda: frame_array(archive, record, number))
+    else:
+        values = frame_array(archive, record, number)
+    return rendering.render(values, params, viewport=parsed_viewport, max_size=max_size)
 
 
 @router.get(
@@ -106,14 +116,16 @@ def render_frame(
 def rendered_instance(
     record: InstanceDep,
     request: Request,
-    archive: ArchiveDep,
+    state: StateDep,
     window: WindowParam = None,
     viewport: ViewportParam = None,
     quality: QualityParam = 90,
     accept: AcceptParam = None,
 ) -> Response:
     media_type = choose_image_type(request, accept)
-    img = render_frame(archive, record, 1, window=window, viewport=viewport)
+    img = render_frame(
+        state.archive, record, 1, window=window, viewport=viewport, cache=state.render_cache
+    )
     return _image(img, media_type, quality)
 
 
@@ -125,14 +137,16 @@ def rendered_frame(
     record: InstanceDep,
     frame: int,
     request: Request,
-    archive: ArchiveDep,
+    state: StateDep,
     window: WindowParam = None,
     viewport: ViewportParam = None,
     quality: QualityParam = 90,
     accept: AcceptParam = None,
 ) -> Response:
     media_type = choose_image_type(request, accept)
-    img = render_frame(archive, record, frame, window=window, viewport=viewport)
+    img = render_frame(
+        state.archive, record, frame, window=window, viewport=viewport, cache=state.render_cache
+    )
     return _image(img, media_type, quality)
 
 
@@ -259,25 +273,18 @@ async def tile(
     levels = rendering.tile_levels(rows, cols)
     if not 0 <= level < levels:
         raise NotFoundError(f"no level {level}: levels 0..{levels - 1}")
-    parsed = rendering.parse_window(window)
-    identity = (record.sop_uid, record.sha256, frame)
-    cache = state.render_cache
-
-    def values() -> np.ndarray:
-        return cache.get_or_make((*identity, "values"), lambda: frame_array(archive, record, frame))
-
-    def make_level() -> np.ndarray:
-        display = display_of(archive, record)
-        if parsed:
-            display = display.with_window(*parsed)
-        return rendering.level_image(values(), display, level)
-
-    key = (*identity, level, parsed)
-    level_img = cache.get(key)
-    if level_img is None:  # decode and render the level once, off the event loop
-        level_img = await run_in_threadpool(cache.get_or_make, key, make_level)
+    params = _params_with(archive, record, window)
+    key = (record.sop_uid, record.sha256, frame, "values")
+    values = state.render_cache.get(key)
+    if values is None:  # decode once, off the event loop; neighbouring tiles reuse it
+        values = await run_in_threadpool(
+            state.render_cache.get_or_make, key, lambda: frame_array(archive, record, frame)
+        )
     try:
-        piece = rendering.cut_tile(level_img, x, y)
+        if level < 2:  # a tile's cost is its area times 4**level: small ones stay inline
+            piece = rendering.render_tile(values, params, level, x, y)
+        else:
+            piece = await run_in_threadpool(rendering.render_tile, values, params, level, x, y)
     except IndexError as exc:
         raise NotFoundError(str(exc)) from None
     return _image(piece, media_type, quality)

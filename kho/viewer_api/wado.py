@@ -206,10 +206,14 @@ async def series_metadata(
     study: str, series: str, request: Request, state: StateDep, base: BaseUrlDep
 ) -> Response:
     _check_json_accept(request)
-    records = series_records(state.archive, study, series)
-    cached = _cached_series(state, base, series, records)
+    cached = None
+    version = dicomjson.series_version(state.archive, study, series)
+    if version is not None:
+        found = state.metadata_cache.get((series, base))
+        if found is not None and found[0] == version:
+            cached = found[1], found[2]
     if cached is None:
-        cached = await run_in_threadpool(_series_metadata, state, base, study, series, records)
+        cached = await run_in_threadpool(_series_metadata, state, base, study, series)
     body, gzipped = cached
     return json_response(request, body, gzipped=gzipped)
 
