@@ -90,9 +90,9 @@ def encode_frame(
 
 
 @njit(cache=True, nogil=True)
-def decode_segment(data: np.ndarray, start: int, end: int, out: np.ndarray, column: int) -> int:
-    """Decode data[start:end] into out[:, column]; out has exactly rows * columns rows."""
-    total = out.shape[0]
+def decode_segment(data: np.ndarray, start: int, end: int, plane: np.ndarray) -> int:
+    """Decode data[start:end] into the contiguous byte plane (exactly rows * columns)."""
+    total = plane.shape[0]
     if end > data.shape[0] or start < 0 or start > end:
         return ERR_SHORT
     pos = start
@@ -108,8 +108,7 @@ def decode_segment(data: np.ndarray, start: int, end: int, out: np.ndarray, colu
                 return ERR_SHORT
             if n + length > total:
                 return ERR_LONG
-            for k in range(length):
-                out[n + k, column] = data[pos + k]
+            plane[n : n + length] = data[pos : pos + length]
             pos += length
             n += length
         elif header > 128:  # replicate the next byte 257 - header times
@@ -118,10 +117,8 @@ def decode_segment(data: np.ndarray, start: int, end: int, out: np.ndarray, colu
                 return ERR_SHORT
             if n + length > total:
                 return ERR_LONG
-            value = data[pos]
+            plane[n : n + length] = data[pos]
             pos += 1
-            for k in range(length):
-                out[n + k, column] = value
             n += length
         # header == 128 (-128): no operation
     # what follows a complete segment may only be padding or no-ops
@@ -136,12 +133,22 @@ def decode_segment(data: np.ndarray, start: int, end: int, out: np.ndarray, colu
 def decode_frame(
     data: np.ndarray, starts: np.ndarray, ends: np.ndarray, nbytes: int, out: np.ndarray
 ) -> int:
+    """Decode every segment into out (pixels, samples * nbytes) little-endian bytes."""
     segments = starts.shape[0]
+    if out.shape[1] != segments:
+        return ERR_OUTPUT
+    pixels = out.shape[0]
+    plane = np.empty(pixels, dtype=np.uint8)
     for seg in range(segments):
         sample = seg // nbytes
         byte = seg - sample * nbytes
         column = sample * nbytes + (nbytes - 1 - byte)
-        code = decode_segment(data, starts[seg], ends[seg], out, column)
+        code = decode_segment(data, starts[seg], ends[seg], plane)
         if code != OK:
             return code
+        if segments == 1:
+            out[:, 0] = plane
+        else:  # interleave the plane into its byte of every pixel
+            for i in range(pixels):
+                out[i, column] = plane[i]
     return OK
