@@ -754,3 +754,49 @@ def test_responses_larger_than_the_peer_pdu_take_pynetdicoms_path(qr: dict[str, 
         )
     assert len(answers[0]) == 6
     assert answers[0] == answers[200]
+
+
+def test_c_cancel_stops_a_move(tmp_path: Path) -> None:
+    """C-CANCEL during a C-MOVE of 150 instances: the move ends with Cancel (0xFE00) and
+    the sub-operations still to do are counted as remaining, not sent."""
+    from tests.archive.test_query import CT, _instance
+
+    port = dcmtk.free_port()
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        dicom_port=0,
+        fsync=False,
+        move_destinations={"STORESCP": f"127.0.0.1:{port}"},
+    )
+    study = {"uid": pydicom.uid.generate_uid(), "date": "20240101", "time": "", "key": "c"}
+    study.update(accession="", description="")
+    series = {"uid": pydicom.uid.generate_uid(), "modality": "CT", "sop_class": CT, "number": 1}
+    with Archive(settings) as archive:
+        archive.derivers = []
+        for number in range(1, 151):
+            archive.ingest_part10(_instance("Q1", study, series, number))
+        server = DicomServer(archive).start()
+        try:
+            with dcmtk.run_storescp(tmp_path / "dest", port=port) as scp:
+                ae = AE(ae_title="PYSCU")
+                model = "1.2.840.10008.5.1.4.1.2.2.2"  # study root MOVE
+                ae.add_requested_context(model)
+                assoc = ae.associate("127.0.0.1", server.port, ae_title="KHO")
+                assert assoc.is_established
+                identifier = _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study["uid"])
+                responses = assoc.send_c_move(identifier, "STORESCP", model, msg_id=7)
+                first_status, _ = next(responses)
+                assert int(first_status.Status) == 0xFF00
+                assoc.send_c_cancel(7, query_model=model)
+                rest = list(responses)
+                assoc.release()
+                final = rest[-1][0]
+                assert int(final.Status) == 0xFE00, final
+                remaining = int(final.NumberOfRemainingSuboperations)
+                completed = int(final.NumberOfCompletedSuboperations)
+                assert remaining > 0
+                assert completed + remaining + int(final.NumberOfFailedSuboperations) == 150
+                assert len(scp.files()) == completed
+            _still_serving(server.port)
+        finally:
+            server.stop()
