@@ -57,6 +57,7 @@ _TRANSIENT_CODES = {
     "TooManyRequests",
 }
 _TRUE = ("1", "true", "yes", "on")
+_URL_OPTIONS = {"secure", "region", "cert_check", "create_bucket"}
 
 
 def _is_transient_status(status: int) -> bool:
@@ -84,7 +85,7 @@ class S3Store:
         cert_check: bool = True,
         timeout_s: float = 10.0,
         connect_timeout_s: float = 2.0,
-        max_connections: int = 32,
+        max_connections: int = 64,
     ) -> None:
         try:
             check_bucket_name(bucket, strict=True)
@@ -105,8 +106,9 @@ class S3Store:
         self.max_retries = max(0, max_retries)
         self.backoff_s = backoff_s
         # One pool shared by every thread (urllib3 pools are thread-safe); sized for ~16
-        # ingest threads plus minio's parallel part uploads.  urllib3's own retries are off:
-        # the loop in _call decides, and knows which errors are worth another try.
+        # ingest threads, put_many's workers and minio's parallel part uploads (3 per put).
+        # urllib3's own retries are off: the loop in _call decides, and knows which errors
+        # are worth another try.
         self._http = urllib3.PoolManager(
             num_pools=4,
             maxsize=max_connections,
@@ -141,6 +143,11 @@ class S3Store:
         if not bucket:
             raise ConfigError("the s3:// URL names no bucket")
         query = {name: values[-1] for name, values in parse_qs(parsed.query).items()}
+        unknown = sorted(set(query) - _URL_OPTIONS)
+        if unknown:  # a typo must not silently fall back to a default (secure=false...)
+            raise ConfigError(
+                f"unknown s3:// URL option(s) {unknown}; known: {sorted(_URL_OPTIONS)}"
+            )
         host = parsed.hostname
         if ":" in host:  # an IPv6 literal keeps its brackets in the endpoint
             host = f"[{host}]"

@@ -187,7 +187,7 @@ class SeaweedFS:
             return False
         return True
 
-    def stop(self, grace_s: float = 2.0) -> None:
+    def stop(self, grace_s: float = 1.0) -> None:
         """SIGTERM, then SIGKILL after ``grace_s`` (weed's filer can take 15 s to drain its
         gRPC streams), and wait for the process to be gone so its ports are free."""
         process = self.process

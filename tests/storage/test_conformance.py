@@ -465,6 +465,7 @@ class TestOpenStore:
             "s3://key:secret@127.0.0.1:9000/Bad_Bucket",  # not a valid bucket name
             "s3://key:secret@127.0.0.1:9000/bucket/../escape",
             "s3://key:secret@127.0.0.1:notaport/bucket",
+            "s3://key:secret@127.0.0.1:9000/bucket?secrue=true",  # typo: must not be ignored
         ],
     )
     def test_bad_s3_urls_are_config_errors(self, url: str) -> None:
