@@ -19,10 +19,8 @@ ERR_OUTPUT = -4  # encoder output buffer too small (a bug: the wrapper sizes it)
 
 
 @njit(cache=True, nogil=True)
-def _encode_row(
-    pixels: np.ndarray, column: int, first: int, count: int, out: np.ndarray, pos: int
-) -> int:
-    """PackBits-encode ``count`` bytes of one row (pixels[first:first+count, column]).
+def _encode_row(plane: np.ndarray, first: int, count: int, out: np.ndarray, pos: int) -> int:
+    """PackBits-encode ``count`` bytes of one row (plane[first:first+count]).
 
     Replicate runs of 2..128 bytes; literal runs of 1..128, broken where three equal bytes
     start (a run of two inside a literal costs no more than the literal itself)."""
@@ -30,9 +28,9 @@ def _encode_row(
     i = first
     limit = out.shape[0]
     while i < end:
-        value = pixels[i, column]
+        value = plane[i]
         j = i + 1
-        while j < end and j - i < 128 and pixels[j, column] == value:
+        while j < end and j - i < 128 and plane[j] == value:
             j += 1
         run = j - i
         if run >= 2:
@@ -46,11 +44,7 @@ def _encode_row(
         start = i
         i += 1
         while i < end and i - start < 128:
-            if (
-                i + 2 < end
-                and pixels[i, column] == pixels[i + 1, column]
-                and pixels[i, column] == pixels[i + 2, column]
-            ):
+            if i + 2 < end and plane[i] == plane[i + 1] and plane[i] == plane[i + 2]:
                 break
             i += 1
         n = i - start
@@ -58,9 +52,8 @@ def _encode_row(
             return ERR_OUTPUT
         out[pos] = n - 1
         pos += 1
-        for k in range(start, i):
-            out[pos] = pixels[k, column]
-            pos += 1
+        out[pos : pos + n] = plane[start:i]
+        pos += n
     return pos
 
 
@@ -71,14 +64,16 @@ def encode_frame(
     """Encode every segment after a 64-byte header space; returns the total length or an
     error code.  ``offsets`` receives each segment's start; the caller writes the header."""
     segments = pixels.shape[1]
+    plane = np.empty(pixels.shape[0], dtype=np.uint8)
     pos = 64
     for seg in range(segments):
         sample = seg // nbytes
         byte = seg - sample * nbytes
         column = sample * nbytes + (nbytes - 1 - byte)  # little-endian: MSB is the last byte
         offsets[seg] = pos
+        plane[:] = pixels[:, column]  # contiguous copy of this byte of every pixel
         for r in range(rows):
-            pos = _encode_row(pixels, column, r * cols, cols, out, pos)
+            pos = _encode_row(plane, r * cols, cols, out, pos)
             if pos < 0:
                 return pos
         if pos & 1:  # segments have even length: pad with a no-op (-128)
