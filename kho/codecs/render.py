@@ -169,6 +169,11 @@ def _as_image(frame: np.ndarray, params: RenderParams) -> np.ndarray:
         raise CodecError("PALETTE COLOR indices must be integers")
     if not image.dtype.isnative:
         image = image.astype(image.dtype.newbyteorder("="))
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        # NaN/inf (float parametric maps) would poison the window: NaN -> 0, inf -> extremes
+        finite = image[np.isfinite(image)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        image = np.nan_to_num(image, nan=0.0, posinf=high, neginf=low)
     if params.signed and image.dtype.kind == "u" and not params.is_colour:
         image = _sign_extend(image, params.bits_stored or image.dtype.itemsize * 8)
     return image

@@ -272,6 +272,12 @@ def test_unsigned_input_with_signed_representation_is_sign_extended() -> None:
     np.testing.assert_array_equal(render_frame(stored, params), render_frame(signed, params))
 
 
+def test_float_frames_with_nan_and_inf() -> None:
+    frame = np.array([[0.0, 0.5, np.nan], [1.0, np.inf, -np.inf]], np.float32)
+    out = render_frame(frame, RenderParams())
+    assert out.tolist() == [[0, 128, 0], [255, 255, 0]]
+
+
 def test_region_and_out_size() -> None:
     frame = RNG.integers(0, 256, (60, 80)).astype(np.uint8)
     params = RenderParams(window_center=127.5, window_width=256, voi_function="LINEAR_EXACT")
