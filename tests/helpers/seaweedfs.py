@@ -201,6 +201,14 @@ class SeaweedFS:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGKILL)
             process.wait(30)
+        self._remove_grpc_sockets()
+
+    def _remove_grpc_sockets(self) -> None:
+        # weed puts a Unix socket per gRPC port in /tmp (not $TMPDIR) and a killed weed
+        # leaves them: remove the ones named after this server's own ports
+        for role in ("master", "volume", "filer", "s3"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"/tmp/seaweedfs-{role}-grpc-{self.ports[role + '_grpc']}.sock")
 
     def __enter__(self) -> SeaweedFS:
         self.start()
