@@ -39,7 +39,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from io import BytesIO
 from itertools import islice
 from pathlib import Path
@@ -420,7 +420,8 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset,
         # The cap: a query with more matches than find_result_limit is refused before any
         # match is sent, with 0xA700 "Refused: Out of resources" (C-FIND has no warning
         # status, PS3.4 C.4.1.1.4); a truncated list ending in success would look complete.
-        found = list(islice(matches, limit + 1)) if limit > 0 else list(matches)
+        # (no cap: matches stream from the catalog cursor as they are sent)
+        found: Iterable[dict[str, Any]] = list(islice(matches, limit + 1)) if limit > 0 else matches
     except Refusal as refusal:
         yield status_dataset(refusal.status, str(refusal)), None
         return
@@ -431,7 +432,7 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset,
         log.error("C-FIND failed in the catalog: %s", exc)
         yield status_dataset(QR_UNABLE_TO_CALCULATE_MATCHES, str(exc)), None
         return
-    if limit > 0 and len(found) > limit:
+    if isinstance(found, list) and len(found) > limit:
         yield (
             status_dataset(QR_OUT_OF_RESOURCES, f"more than {limit} matches: narrow the query"),
             None,
@@ -440,7 +441,16 @@ def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset,
     status = PENDING_WARNING if plan.unsupported else PENDING
     ae_title = archive.settings.ae_title
     direct = _DirectResponses(event)
-    for match in found:
+    matches_left = iter(found)
+    while True:
+        try:
+            match = next(matches_left)
+        except StopIteration:
+            return
+        except CatalogError as exc:  # streaming (no cap): the catalog failed mid-way
+            log.error("C-FIND failed in the catalog: %s", exc)
+            yield status_dataset(QR_UNABLE_TO_CALCULATE_MATCHES, str(exc)), None
+            return
         _wait_until_sent(event.assoc)
         if event.is_cancelled:
             yield CANCEL, None
