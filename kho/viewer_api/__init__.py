@@ -1,5 +1,23 @@
-"""DICOMweb (PS3.18) for EMR viewers: QIDO-RS, WADO-RS, STOW-RS, rendered, thumbnails, tiles.
+"""DICOMweb (PS3.18) for EMR viewers, under ``/dicom-web``.
 
-Entry points: :func:`kho.viewer_api.app.create_app` (the FastAPI application) and
-:class:`kho.viewer_api.server.HttpServer` (uvicorn in a background thread).
+Entry points: :func:`kho.viewer_api.app.create_app` (the FastAPI application; OpenAPI at
+``/openapi.json``, docs at ``/docs``) and :class:`kho.viewer_api.server.HttpServer`
+(uvicorn in a background thread).
+
+Resources (one router per module):
+
+- qido.py: ``GET /studies``, ``/series``, ``/instances``, ``/studies/{s}/series``,
+  ``/studies/{s}/instances``, ``/studies/{s}/series/{se}/instances`` (keywords or tags,
+  ``includefield`` incl. ``all``, ``limit``, ``offset``, ``fuzzymatching``);
+- wado.py: ``GET /studies/{s}[/series/{se}[/instances/{i}]]`` (multipart application/dicom,
+  as stored), ``.../metadata`` (DICOM JSON made at ingest), ``.../frames/{list}``
+  (stored syntax when accepted, else decoded), ``.../bulkdata/{tag}``;
+- rendered.py: ``.../rendered``, ``.../frames/{f}/rendered`` (``window``, ``viewport``,
+  ``quality``, ``accept``), ``thumbnail`` at study, series, instance and frame level, and
+  ``.../frames/{f}/tiles/{level}/{x}/{y}`` (256x256 JPEG/PNG tiles; level 0 = full size);
+- stow.py: ``POST /studies``, ``POST /studies/{s}`` (multipart/related application/dicom).
+
+Errors map to statuses in errors.py only.  CORS origins come from ``KHO_CORS_ORIGINS``
+(comma-separated) and the STOW-RS size limit from ``KHO_STOW_MAX_BYTES`` until the settings
+object carries them.
 """
