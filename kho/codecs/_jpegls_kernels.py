@@ -13,7 +13,9 @@ import numpy as np
 from numba import config, njit
 from numba.cpython.unsafe.numbers import leading_zeros
 
-if config.DISABLE_JIT:
+# count leading zeros: numba's LLVM intrinsic when compiling, plain Python under
+# NUMBA_DISABLE_JIT=1 (intrinsics cannot run as Python)
+if getattr(config, "DISABLE_JIT", False):
 
     def _clz64(x):
         return 64 - int(x).bit_length()
@@ -22,7 +24,7 @@ else:
 
     @njit(cache=True, nogil=True, inline="always")
     def _clz64(x):
-        return leading_zeros(x)
+        return leading_zeros(x)  # type: ignore[call-arg]
 
 
 # J table of run lengths (A.7.1.2)

@@ -66,13 +66,13 @@ def _as_image(frame: np.ndarray, bits_stored: int | None) -> tuple[np.ndarray, i
 
 
 def encode(
-    frame: np.ndarray, *, bits_stored: int | None = None, interleave: str | None = None
+    frame: np.ndarray, *, bits_stored: int | None = None, interleave: str = "sample"
 ) -> bytes:
-    """Encode one frame losslessly; ``interleave`` "none" | "line" | "sample" (default:
-    "none" for one component, "sample" for several)."""
+    """Encode one frame losslessly; ``interleave`` "none" | "line" | "sample" applies to
+    colour (several components); one component is always written with ILV = 0."""
     image, bits = _as_image(frame, bits_stored)
     rows, cols, comps = image.shape
-    mode_name = interleave or ("none" if comps == 1 else "sample")
+    mode_name = interleave or "sample"
     if mode_name not in _INTERLEAVE:
         raise CodecError(f"unknown interleave mode {mode_name!r}")
     ilv = _INTERLEAVE[mode_name] if comps > 1 else 0
@@ -123,6 +123,7 @@ def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
     maxval = 0
     thresholds: tuple[int, int, int] | None = None
     reset = 64
+    restart = 0
     image: np.ndarray | None = None
     decoded: set[int] = set()
     while True:
@@ -152,6 +153,8 @@ def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
                 raise CodecError(f"unsupported frame: P={bits} {rows}x{cols}x{comps}")
             if len(segment) < 6 + 3 * comps or rows * cols * comps > _MAX_SAMPLES:
                 raise CodecError("bad SOF55 component list or absurd size")
+            if (size - pos) * 8 < rows:  # every line costs at least one bit
+                raise CodecError(f"{size - pos} bytes cannot hold {rows} JPEG-LS lines")
             ids = [segment[6 + 3 * i] for i in range(comps)]
             frame = (bits, rows, cols, comps, ids)
             maxval = maxval or (1 << bits) - 1
@@ -167,12 +170,15 @@ def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
             if t1 or t2 or t3:
                 thresholds = (t1, t2, t3)
         elif marker == DRI:
-            if len(segment) >= 2 and struct.unpack_from(">H", segment)[0] != 0:
-                raise CodecError("JPEG-LS restart intervals are not supported")
+            if not 2 <= len(segment) <= 4:
+                raise CodecError("bad DRI segment")
+            restart = int.from_bytes(segment, "big")  # lines per restart interval, 0: none
         elif marker == SOS:
             if frame is None or image is None:
                 raise CodecError("SOS before SOF55")
-            pos = _decode_scan(buf, pos, segment, frame, image, maxval, thresholds, reset, decoded)
+            pos = _decode_scan(
+                buf, pos, segment, frame, image, maxval, thresholds, reset, restart, decoded
+            )
         elif 0xE0 <= marker <= 0xEF or marker == 0xFE:
             continue  # APPn, COM
         else:
@@ -194,6 +200,7 @@ def _decode_scan(
     maxval: int,
     thresholds: tuple[int, int, int] | None,
     reset: int,
+    restart: int,
     decoded: set[int],
 ) -> int:
     _bits, _rows, _cols, _comps, ids = frame
@@ -218,17 +225,39 @@ def _decode_scan(
     t1, t2, t3 = thresholds or default_thresholds(maxval)
     if not 0 < t1 <= t2 <= t3 <= maxval:
         t1, t2, t3 = default_thresholds(maxval)
-    end = _scan_end(buf, pos)
-    state = np.zeros(6, dtype=np.int64)
-    k.decode_scan(
-        buf[pos:end], image, np.array(comps, dtype=np.int64), ilv, maxval, t1, t2, t3, reset, state
-    )
-    if state[4] == k.ERR_TRUNCATED:
-        raise CodecError("truncated JPEG-LS scan data")
-    if state[4] != k.OK:
-        raise CodecError("corrupt JPEG-LS scan data")
+    rows = image.shape[0]
+    band = restart or rows
+    component_indices = np.array(comps, dtype=np.int64)
+    for number, first in enumerate(range(0, rows, band)):
+        if first:
+            # a restart interval ends with RSTm (m = count modulo 8), fill bytes allowed;
+            # the next interval starts byte-aligned with fresh contexts and a zero line above
+            while pos < len(buf) - 1 and buf[pos] == 0xFF and buf[pos + 1] == 0xFF:
+                pos += 1
+            if pos + 2 > len(buf) or buf[pos] != 0xFF or buf[pos + 1] != 0xD0 + (number - 1) % 8:
+                raise CodecError("missing or out-of-order JPEG-LS restart marker")
+            pos += 2
+        end = _scan_end(buf, pos)
+        state = np.zeros(6, dtype=np.int64)
+        k.decode_scan(
+            buf[pos:end],
+            image[first : first + band],
+            component_indices,
+            ilv,
+            maxval,
+            t1,
+            t2,
+            t3,
+            reset,
+            state,
+        )
+        if state[4] == k.ERR_TRUNCATED:
+            raise CodecError("truncated JPEG-LS scan data")
+        if state[4] != k.OK:
+            raise CodecError("corrupt JPEG-LS scan data")
+        pos = end
     decoded.update(comps)
-    return end
+    return pos
 
 
 class JpegLsCodec(FrameCodec):

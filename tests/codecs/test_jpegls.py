@@ -25,7 +25,7 @@ def _dtype(bits: int) -> type[np.unsignedinteger]:
     return np.uint8 if bits <= 8 else np.uint16
 
 
-def _roundtrip_everywhere(image: np.ndarray, bits: int, interleave: str | None = None) -> bytes:
+def _roundtrip_everywhere(image: np.ndarray, bits: int, interleave: str = "sample") -> bytes:
     stream = jpegls.encode(image, bits_stored=bits, interleave=interleave)
     assert np.array_equal(jpegls.decode(stream), image)
     charls = imagecodecs.jpegls_decode(stream)
@@ -168,5 +168,39 @@ def test_random_images_roundtrip_with_charls(bits, rows, cols, comps, seed, runs
     image = rng.integers(0, 1 << bits, shape).astype(_dtype(bits))
     if runs:
         image[:, : cols // 2] = image[0, 0]
-    for interleave in [None] if comps == 1 else ["none", "line", "sample"]:
+    for interleave in ["sample"] if comps == 1 else ["none", "line", "sample"]:
         _roundtrip_everywhere(image, bits, interleave)
+
+
+def _with_restart_intervals(image: np.ndarray, bits: int, interval: int) -> bytes:
+    """A stream with a restart interval: every band of ``interval`` lines is coded like an
+    image of its own (fresh contexts, zero line above), bands joined by RST0..RST7."""
+    bands = [
+        _scan_bytes(jpegls.encode(image[y : y + interval], bits_stored=bits))
+        for y in range(0, image.shape[0], interval)
+    ]
+    whole = jpegls.encode(image, bits_stored=bits)
+    sos = whole.index(b"\xff\xda")
+    dri = b"\xff\xdd\x00\x04" + struct.pack(">H", interval)
+    data = b"".join(
+        (b"\xff" + bytes([0xD0 + (i - 1) % 8]) if i else b"") + band for i, band in enumerate(bands)
+    )
+    sos_length = struct.unpack_from(">H", whole, sos + 2)[0]
+    return whole[:sos] + dri + whole[sos : sos + 2 + sos_length] + data + b"\xff\xd9"
+
+
+def test_restart_markers_are_decoded() -> None:
+    image = (ct_slice_hu(30, 100, rows=75, cols=64).astype(np.int32) + 1024).astype(np.uint16)
+    stream = _with_restart_intervals(image, 12, 7)  # 11 bands: RST0..RST7 wrap around
+    assert stream.count(b"\xff\xd7") >= 1
+    assert np.array_equal(jpegls.decode(stream), image)
+    broken = stream.replace(b"\xff\xd3", b"\xff\xd4", 1)  # out-of-order marker
+    with pytest.raises(CodecError):
+        jpegls.decode(broken)
+
+
+def test_app_and_com_segments_are_skipped() -> None:
+    image = np.arange(120, dtype=np.uint8).reshape(10, 12)
+    stream = jpegls.encode(image, bits_stored=8)
+    extra = b"\xff\xe8\x00\x06SPIF" + b"\xff\xfe\x00\x05hi\x00"
+    assert np.array_equal(jpegls.decode(stream[:2] + extra + stream[2:]), image)
