@@ -68,12 +68,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         target=_sweep, args=(archive, stop, args.recover_after), name="kho-recovery", daemon=True
     )
     sweeper.start()
+    from kho.viewer_api.server import HttpServer
+
     server = DicomServer(archive, reuse_port=args.worker).start()
-    # a line the tests and scripts wait for
+    http = HttpServer(
+        archive, host=settings.host, port=settings.http_port, reuse_port=args.worker
+    ).start()
+    # lines the tests and scripts wait for
     print(f"kho: DICOM {settings.ae_title} on {settings.host}:{server.port}", flush=True)
+    print(f"kho: HTTP (DICOMweb) on http://{settings.host}:{http.port}/dicom-web", flush=True)
     try:
         stop.wait()
     finally:
+        http.stop()
         server.stop()
         archive.close()
     return 0
@@ -106,7 +113,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, workers: int) -
         argv += ["--config", args.config]
     argv += ["serve", "--worker", "--data-dir", str(settings.data_dir)]
     argv += ["--ae-title", settings.ae_title, "--host", settings.host]
-    argv += ["--port", str(settings.dicom_port)]
+    argv += ["--port", str(settings.dicom_port), "--http-port", str(settings.http_port)]
     children = [subprocess.Popen(argv) for _ in range(workers)]
     stop = threading.Event()
 
@@ -311,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", type=Path, help="data directory (KHO_DATA_DIR)")
 
-    serve = sub.add_parser("serve", help="run the DICOM server")
+    serve = sub.add_parser("serve", help="run the DICOM and DICOMweb servers")
     common(serve)
     serve.add_argument("--ae-title", help="AE title (KHO_AE_TITLE)")
     serve.add_argument("--host", help="bind address (KHO_HOST)")

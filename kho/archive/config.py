@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     fsync: bool = Field(True, description="fsync objects and catalog commits (durability)")
     require_called_ae: bool = Field(False, description="refuse associations to another AE title")
     find_result_limit: int = Field(10000, description="C-FIND / QIDO-RS result cap")
+    fuzzy_names: bool = Field(False, description="C-FIND matches person names case-insensitively")
     move_destinations: dict[str, str] = Field(
         default_factory=dict, description="C-MOVE destinations: AE title -> host:port"
     )

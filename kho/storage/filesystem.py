@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -129,7 +130,7 @@ class FilesystemStore:
         path = self._path(key)
         try:
             return path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFoundError(f"no object {key}") from None
         except OSError as exc:
             raise _wrap(exc, f"cannot read object {key}") from exc
@@ -151,15 +152,20 @@ class FilesystemStore:
         return self._path(key).is_file()
 
     def size(self, key: str) -> int:
+        path = self._path(key)
         try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError:
+            info = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
             raise ObjectNotFoundError(f"no object {key}") from None
+        if not stat.S_ISREG(info.st_mode):  # a fan-out folder is not an object
+            raise ObjectNotFoundError(f"no object {key}")
+        return info.st_size
 
     def delete(self, key: str) -> None:
+        path = self._path(key)  # InvalidKeyError, not wrapped below
         try:
-            self._path(key).unlink()
-        except FileNotFoundError:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return
         except OSError as exc:
             raise _wrap(exc, f"cannot delete object {key}") from exc

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from kho.archive.archive import Archive
-from kho.viewer_api import qido, rendered, stow, wado
+from kho.viewer_api import metrics, qido, rendered, stow, wado
 from kho.viewer_api.deps import ViewerState, max_upload_from_env
 from kho.viewer_api.errors import install_error_handlers
 
@@ -55,4 +55,6 @@ def create_app(
     # QIDO first: its /studies/{s}/series must not be read as a WADO retrieve
     for module in (qido, wado, rendered, stow):
         app.include_router(module.router, prefix=PREFIX)
+    # /metrics and request latencies by route template
+    metrics.install(app, [(PREFIX, m.router) for m in (qido, wado, rendered, stow)])
     return app

@@ -25,6 +25,8 @@ def kho_serve(
     port = port or free_port()
     command = [sys.executable, "-m", "kho.cli", "serve", "--data-dir", str(data_dir)]
     command += ["--port", str(port), *args]
+    if "--http-port" not in args:
+        command += ["--http-port", "0"]  # a free port; tests that need it pass one
     with open(data_dir.parent / f"serve-{port}.log", "ab") as log:
         proc = subprocess.Popen(
             command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT

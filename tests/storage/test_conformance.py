@@ -312,25 +312,6 @@ class TestFilesystemStore(ObjectStoreConformance):
     def store(self, tmp_path: Path) -> ObjectStore:
         return FilesystemStore(tmp_path / "objects")
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=StorageError,
-        reason="FilesystemStore.get/size on a folder: IsADirectoryError / the folder's size "
-        "instead of ObjectNotFoundError (kho/storage/filesystem.py, reported to the lead)",
-    )
-    def test_a_folder_is_not_an_object(self, store: ObjectStore) -> None:
-        super().test_a_folder_is_not_an_object(store)
-
-    @pytest.mark.xfail(
-        strict=True,
-        raises=StorageError,
-        reason="FilesystemStore.delete wraps InvalidKeyError (an OSError) into a plain "
-        "StorageError (kho/storage/filesystem.py, reported to the lead)",
-    )
-    @pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "", "a b"], ids=repr)
-    def test_delete_refuses_invalid_keys(self, store: ObjectStore, key: str) -> None:
-        super().test_delete_refuses_invalid_keys(store, key)
-
     def test_crash_mid_put_leaves_no_visible_object(self, tmp_path: Path) -> None:
         root = tmp_path / "objects"
         store = FilesystemStore(root)
