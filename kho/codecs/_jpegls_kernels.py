@@ -461,7 +461,7 @@ def _get(src, acc, nbits, pos, ff, fake, count):
 @njit(cache=True, nogil=True, inline="always")
 def _ungolomb(src, acc, nbits, pos, ff, fake, k, limit, qbpp):
     """Decode one LG(k, limit) code; value -1 for a code no valid stream contains."""
-    if nbits <= 40:
+    if nbits < 24:  # refill rarely, a few bytes at a time
         acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
     live = acc & ((1 << nbits) - 1)  # bits above nbits are stale
     if live:  # the usual case: the whole code is in the accumulator

@@ -54,10 +54,11 @@ def test_random_bytes_after_a_valid_header(tail: bytes) -> None:
     "sof",
     [
         b"\xff\xf7\x00\x0b\x0c\xff\xff\xff\xff\x01\x01\x11\x00",  # 65535 x 65535
+        b"\xff\xf7\x00\x0b\x0c\x75\x30\x75\x30\x01\x01\x11\x00",  # 30000 x 30000, tiny data
         b"\xff\xf7\x00\x0b\x01\x00\x10\x00\x10\x01\x01\x11\x00",  # P = 1
         b"\xff\xf7\x00\x0b\x0c\x00\x00\x00\x10\x01\x01\x11\x00",  # zero rows
     ],
-    ids=["absurd-size", "bad-precision", "zero-rows"],
+    ids=["absurd-size", "more-lines-than-bits", "bad-precision", "zero-rows"],
 )
 def test_absurd_frames_are_refused_before_allocating(sof: bytes) -> None:
     start = STREAM.index(b"\xff\xf7")
