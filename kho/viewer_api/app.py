@@ -15,6 +15,7 @@ from kho.archive.archive import Archive
 from kho.viewer_api import metrics, qido, rendered, stow, wado
 from kho.viewer_api.deps import ViewerState, max_upload_from_env
 from kho.viewer_api.errors import install_error_handlers
+from kho.viewer_api.fastpath import FastPath
 
 PREFIX = "/dicom-web"
 
@@ -28,8 +29,12 @@ def create_app(
     *,
     cors_origins: list[str] | None = None,
     max_upload_bytes: int | None = None,
+    fast_path: bool = True,
 ) -> FastAPI:
-    """The DICOMweb application for ``archive`` (the caller keeps and closes it)."""
+    """The DICOMweb application for ``archive`` (the caller keeps and closes it).
+
+    ``fast_path=False``: every request through FastAPI's router (the reference the fast
+    path is tested against)."""
     app = FastAPI(
         title="kho DICOMweb",
         summary="QIDO-RS, WADO-RS (metadata, frames, bulk data, rendered, thumbnails, tiles) "
@@ -43,6 +48,10 @@ def create_app(
         else max_upload_from_env(),
     )
     install_error_handlers(app)
+    # the hot GET routes (frames, thumbnails, tiles, series metadata) without FastAPI's
+    # routing and dependency solving; inside CORS and the request timer (added later)
+    if fast_path:
+        app.add_middleware(FastPath, state=app.state.viewer, prefix=PREFIX)
     origins = cors_origins if cors_origins is not None else cors_origins_from_env()
     if origins:
         app.add_middleware(

@@ -81,12 +81,17 @@ def status_for(exc: Exception) -> int:
     return 500
 
 
+def error_response(exc: Exception) -> PlainTextResponse:
+    """The response for an archive or HTTP-level error (the handler of both routers)."""
+    status = status_for(exc)
+    if status >= 500:
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+    return PlainTextResponse(str(exc) or type(exc).__name__, status_code=status)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_kho_error(_request: Request, exc: Exception) -> PlainTextResponse:
-        status = status_for(exc)
-        if status >= 500:
-            log.error("request failed: %s: %s", type(exc).__name__, exc)
-        return PlainTextResponse(str(exc) or type(exc).__name__, status_code=status)
+        return error_response(exc)
 
     async def on_validation(_request: Request, exc: Exception) -> PlainTextResponse:
         errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()

@@ -21,7 +21,7 @@ from kho.archive.pixels import frame_array, frame_count
 from kho.codecs.render import RenderParams
 from kho.errors import NotFoundError
 from kho.viewer_api import multipart
-from kho.viewer_api.deps import ArchiveDep, InstanceDep, StateDep
+from kho.viewer_api.deps import ArchiveDep, InstanceDep, StateDep, ViewerState
 from kho.viewer_api.errors import NotAcceptableError
 from kho.viewer_api.media import parse_accept, parse_media_type
 from kho.viewer_api.wado import series_records
@@ -264,6 +264,24 @@ async def tile(
     window: WindowParam = None,
     quality: QualityParam = 90,
     accept: AcceptParam = None,
+) -> Response:
+    return await tile_response(
+        state, request, record, frame, level, x, y, window=window, quality=quality, accept=accept
+    )
+
+
+async def tile_response(
+    state: ViewerState,
+    request: Request,
+    record: InstanceRecord,
+    frame: int,
+    level: int,
+    x: int,
+    y: int,
+    *,
+    window: str | None,
+    quality: int,
+    accept: str | None,
 ) -> Response:
     archive = state.archive
     media_type = choose_image_type(request, accept)

@@ -205,6 +205,13 @@ def study_metadata(study: str, request: Request, state: StateDep, base: BaseUrlD
 async def series_metadata(
     study: str, series: str, request: Request, state: StateDep, base: BaseUrlDep
 ) -> Response:
+    return await series_metadata_response(state, request, base, study, series)
+
+
+async def series_metadata_response(
+    state: ViewerState, request: Request, base: str, study: str, series: str
+) -> Response:
+    """The series' metadata: from the cache while the series' version is unchanged."""
     _check_json_accept(request)
     cached = None
     version = dicomjson.series_version(state.archive, study, series)
@@ -284,12 +291,16 @@ def parse_frame_list(text: str) -> list[int]:
 
 
 def frames_response(
-    archive: Archive, record: InstanceRecord, numbers: list[int], accept: str | None
+    archive: Archive,
+    record: InstanceRecord,
+    numbers: list[int],
+    accept: str | None,
+    negotiated: tuple[str, str | None] | None = None,
 ) -> Response:
     if record.pixel_format == "none":
         raise NotFoundError(f"instance {record.sop_uid} has no pixel data")
     stored_ts = stored_syntax(record)
-    mode, single = negotiate_frames(accept, stored_ts, len(numbers))
+    mode, single = negotiated or negotiate_frames(accept, stored_ts, len(numbers))
     parts: list[tuple[bytes, str]] = []
     for number in numbers:
         if mode == "stored":
@@ -318,14 +329,21 @@ FrameList = Annotated[str, Path(description="frame numbers, 1-based, comma-separ
 async def retrieve_frames(
     record: InstanceDep, frames: FrameList, request: Request, archive: ArchiveDep
 ) -> Response:
+    return await retrieve_frames_response(archive, record, frames, request.headers.get("accept"))
+
+
+async def retrieve_frames_response(
+    archive: Archive, record: InstanceRecord, frames: str, accept: str | None
+) -> Response:
+    """Frames in the stored syntax (a ranged read or two: cheaper on the event loop than a
+    thread hop) or decoded (in the thread pool: the decoders release the GIL)."""
     numbers = parse_frame_list(frames)
-    accept = request.headers.get("accept")
-    if record.pixel_format != "none" and len(numbers) <= 4:
-        mode, _single = negotiate_frames(accept, stored_syntax(record), len(numbers))
-        if mode == "stored" or record.pixel_format == "raw":
-            # a ranged read or two: cheaper on the event loop than a thread hop
-            return frames_response(archive, record, numbers, accept)
-    return await run_in_threadpool(frames_response, archive, record, numbers, accept)
+    negotiated = None
+    if record.pixel_format != "none":
+        negotiated = negotiate_frames(accept, stored_syntax(record), len(numbers))
+        if len(numbers) <= 4 and (negotiated[0] == "stored" or record.pixel_format == "raw"):
+            return frames_response(archive, record, numbers, accept, negotiated)
+    return await run_in_threadpool(frames_response, archive, record, numbers, accept, negotiated)
 
 
 # --- bulk data --------------------------------------------------------------------------

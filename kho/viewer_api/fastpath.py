@@ -1,0 +1,185 @@
+"""A dispatcher in front of FastAPI's router for the requests viewers make by the thousand.
+
+A viewer scrolling a series asks for hundreds of frames, thumbnails and tiles, each a
+ranged read of well under a millisecond.  FastAPI's routing and dependency solving cost
+more than that per request (~0.5 ms of CPU), and on a busy server every request waits for
+the CPU time of the ones before it.  This middleware matches those GET routes with one
+regular expression each and calls the same functions the FastAPI endpoints call, so the
+responses are the same; anything it is not sure of (an unexpected query parameter value,
+a root path, another method) goes to FastAPI, which stays the reference (and the OpenAPI
+document).  ``tests/viewer_api/test_fastpath.py`` checks that FastAPI's router picks the
+same route for every path matched here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kho.errors import KhoError
+from kho.viewer_api import rendered, wado
+from kho.viewer_api.deps import ViewerState, base_url, instance_record
+from kho.viewer_api.errors import error_response
+from kho.viewer_api.metrics import ROUTE_KEY
+
+Handler = Callable[[ViewerState, Request, tuple[str, ...]], Awaitable[Response | None]]
+
+_SEGMENT = "([^/]+)"
+_NUMBER = "([0-9]{1,9})"
+_INSTANCE = f"/studies/{_SEGMENT}/series/{_SEGMENT}/instances/{_SEGMENT}"
+_QUALITY = re.compile("[0-9]{1,3}")
+
+
+@dataclass(frozen=True, slots=True)
+class FastRoute:
+    regex: re.Pattern[str]
+    template: str  # the FastAPI route's path, prefix included
+    handler: Handler
+
+
+async def _frames(state: ViewerState, request: Request, groups: tuple[str, ...]) -> Response:
+    study, series, sop, frames = groups
+    record = instance_record(state.archive, study, series, sop)
+    return await wado.retrieve_frames_response(
+        state.archive, record, frames, request.headers.get("accept")
+    )
+
+
+def _query(request: Request, names: tuple[str, ...]) -> dict[str, str | None] | None:
+    """The named query parameters (None when absent); None when one is repeated."""
+    params = request.query_params
+    out: dict[str, str | None] = {}
+    for name in names:
+        values = params.getlist(name)
+        if len(values) > 1:
+            return None
+        out[name] = values[0] if values else None
+    return out
+
+
+async def _thumbnail(
+    state: ViewerState, request: Request, groups: tuple[str, ...]
+) -> Response | None:
+    study, series, sop, *frame = groups
+    query = _query(request, ("viewport", "accept"))
+    if query is None:
+        return None
+    record = instance_record(state.archive, study, series, sop)
+    return await rendered._thumbnail(
+        state.archive,
+        record,
+        int(frame[0]) if frame else 1,
+        request,
+        query["viewport"],
+        query["accept"],
+    )
+
+
+async def _tile(state: ViewerState, request: Request, groups: tuple[str, ...]) -> Response | None:
+    study, series, sop, frame, level, x, y = groups
+    query = _query(request, ("window", "quality", "accept"))
+    if query is None:
+        return None
+    quality_text = query["quality"]
+    if quality_text is None:
+        quality = 90
+    elif _QUALITY.fullmatch(quality_text) and 1 <= int(quality_text) <= 100:
+        quality = int(quality_text)
+    else:
+        return None  # FastAPI's validation answers
+    record = instance_record(state.archive, study, series, sop)
+    return await rendered.tile_response(
+        state,
+        request,
+        record,
+        int(frame),
+        int(level),
+        int(x),
+        int(y),
+        window=query["window"],
+        quality=quality,
+        accept=query["accept"],
+    )
+
+
+async def _series_metadata(
+    state: ViewerState, request: Request, groups: tuple[str, ...]
+) -> Response:
+    study, series = groups
+    return await wado.series_metadata_response(
+        state, request, await base_url(request), study, series
+    )
+
+
+def _route(prefix: str, path: str, pattern: str, handler: Handler) -> FastRoute:
+    return FastRoute(re.compile(re.escape(prefix) + pattern), prefix + path, handler)
+
+
+def fast_routes(prefix: str) -> list[FastRoute]:
+    instance = "/studies/{study}/series/{series}/instances/{instance}"
+    return [
+        _route(prefix, f"{instance}/frames/{{frames}}", f"{_INSTANCE}/frames/{_SEGMENT}", _frames),
+        _route(prefix, f"{instance}/thumbnail", f"{_INSTANCE}/thumbnail", _thumbnail),
+        _route(
+            prefix,
+            f"{instance}/frames/{{frame}}/thumbnail",
+            f"{_INSTANCE}/frames/{_NUMBER}/thumbnail",
+            _thumbnail,
+        ),
+        _route(
+            prefix,
+            f"{instance}/frames/{{frame}}/tiles/{{level}}/{{x}}/{{y}}",
+            f"{_INSTANCE}/frames/{_NUMBER}/tiles/{_NUMBER}/{_NUMBER}/{_NUMBER}",
+            _tile,
+        ),
+        _route(
+            prefix,
+            "/studies/{study}/series/{series}/metadata",
+            f"/studies/{_SEGMENT}/series/{_SEGMENT}/metadata",
+            _series_metadata,
+        ),
+    ]
+
+
+class FastPath:
+    """ASGI middleware: the routes of :func:`fast_routes` without FastAPI's machinery;
+    errors become the same responses as the application's exception handlers give."""
+
+    def __init__(self, app: ASGIApp, state: ViewerState, prefix: str) -> None:
+        self.app = app
+        self.state = state
+        self.prefix = prefix
+        self.routes = fast_routes(prefix)
+
+    def match(self, scope: Scope) -> tuple[FastRoute, tuple[str, ...]] | None:
+        if scope["type"] != "http" or scope["method"] != "GET" or scope.get("root_path"):
+            return None
+        path: str = scope["path"]
+        if not path.startswith(self.prefix):
+            return None
+        for route in self.routes:
+            m = route.regex.fullmatch(path)
+            if m is not None:
+                return route, m.groups()
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = self.match(scope)
+        if found is not None:
+            route, groups = found
+            request = Request(scope, receive)
+            response: Response | None
+            try:
+                response = await route.handler(self.state, request, groups)
+            except KhoError as exc:
+                response = error_response(exc)
+            if response is not None:
+                scope[ROUTE_KEY] = route.template
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
