@@ -22,7 +22,7 @@ if getattr(config, "DISABLE_JIT", False):
 
 else:
 
-    @njit(cache=True, nogil=True, inline="always")
+    @njit(cache=True, nogil=True)
     def _clz64(x):
         return leading_zeros(x)  # type: ignore[call-arg]
 
@@ -43,7 +43,7 @@ ERR_TRUNCATED = 2  # the scan data ended (or met a marker) before the image was 
 ERR_CORRUPT = 3  # a code that cannot occur in a valid stream
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _quantize(d, t1, t2, t3):
     if d <= -t3:
         return -4
@@ -68,13 +68,13 @@ def _quantize(d, t1, t2, t3):
 def _quant_table(maxval, t1, t2, t3):
     """Q(d) for every gradient d in -maxval..maxval, at index d + maxval: a table lookup
     instead of a chain of unpredictable branches per gradient."""
-    table = np.empty(2 * maxval + 1, np.int64)
+    table = np.empty(2 * maxval + 1, np.int8)  # int8: small enough to stay in L1 cache
     for i in range(2 * maxval + 1):
         table[i] = _quantize(i - maxval, t1, t2, t3)
     return table
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _predict(ra, rb, rc):
     if rc >= max(ra, rb):
         return min(ra, rb)
@@ -92,7 +92,7 @@ def _contexts(rng):
     return ctx
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _k_for(n, a):
     """The least k with n << k >= a (A.5.1), from bit lengths instead of a loop."""
     k = _clz64(n) - _clz64(a)  # bit_length(a) - bit_length(n): k is this or one more
@@ -101,7 +101,7 @@ def _k_for(n, a):
     return k + ((n << k) < a)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _mod_reduce(errval, rng):
     if errval < 0:
         errval += rng
@@ -110,7 +110,7 @@ def _mod_reduce(errval, rng):
     return errval
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _update_regular(ctx, q, errval, reset):
     b = ctx[q, 1] + errval
     a = ctx[q, 0] + abs(errval)
@@ -139,7 +139,34 @@ def _update_regular(ctx, q, errval, reset):
     ctx[q, 3] = n
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
+def _adapt(a, b, c, n, errval, reset):
+    """_update_regular on scalars (A.6.1, A.6.2): the hot loops load and store the context
+    themselves, so that no array crosses a call (numba counts references on every call
+    that passes an array, with atomic instructions)."""
+    b += errval
+    a += abs(errval)
+    if n == reset:
+        a >>= 1
+        b = b >> 1 if b >= 0 else -((1 - b) >> 1)
+        n >>= 1
+    n += 1
+    if b <= -n:
+        b += n
+        if c > -128:
+            c -= 1
+        if b <= -n:
+            b = -n + 1
+    elif b > 0:
+        b -= n
+        if c < 127:
+            c += 1
+        if b > 0:
+            b = 0
+    return a, b, c, n
+
+
+@njit(cache=True, nogil=True)
 def _update_ri(ctx, q, errval, emerr, ritype, reset):
     if errval < 0:
         ctx[q, 4] += 1
@@ -151,7 +178,7 @@ def _update_ri(ctx, q, errval, emerr, ritype, reset):
     ctx[q, 3] += 1
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _ri_k_and_map(ctx, q, errval, ritype):
     temp = ctx[q, 0] + (ctx[q, 3] >> 1) if ritype else ctx[q, 0]
     k = _k_for(ctx[q, 3], temp)
@@ -166,7 +193,7 @@ def _ri_k_and_map(ctx, q, errval, ritype):
 # writer state: acc (pending bits, right-aligned), nbits, pos, ff (last byte was 0xFF)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _put(out, acc, nbits, pos, ff, value, count):
     """Append ``count`` (<= 32) bits of ``value``, MSB first, with 0xFF bit stuffing."""
     acc = (acc << count) | (value & ((1 << count) - 1))
@@ -183,7 +210,7 @@ def _put(out, acc, nbits, pos, ff, value, count):
     return acc, nbits, pos, ff
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _golomb(out, acc, nbits, pos, ff, value, k, limit, qbpp):
     high = value >> k
     if high < limit - qbpp - 1:
@@ -219,8 +246,8 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
     limit = 2 * (bpp + max(8, bpp))
     ctx = _contexts(rng)
     qt = _quant_table(maxval, t1, t2, t3)
-    prev = np.zeros((nc, cols + 2), np.int64)
-    cur = np.zeros((nc, cols + 2), np.int64)
+    prev = np.zeros((nc, cols + 2), np.int32)
+    cur = np.zeros((nc, cols + 2), np.int32)
     runindex = np.zeros(nc, np.int64)
     qs_all = np.zeros(nc, np.int64)
     acc, nbits, pos, ff = 0, 0, 0, 0
@@ -312,84 +339,34 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                 x += 1
         else:
             for ci in range(nc):
-                comp = comps[ci]
-                pl = prev[ci]
-                cl = cur[ci]
-                x = 0
-                while x < cols:
-                    ra = cl[x]
-                    rb = pl[x + 1]
-                    rc = pl[x]
-                    rd = pl[x + 2]
-                    qs = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9
-                    qs += qt[rc - ra + maxval]
-                    if qs == 0:
-                        run = 0
-                        while x + run < cols and img[y, x + run, comp] == ra:
-                            cl[x + run + 1] = ra
-                            run += 1
-                        ri = runindex[ci]
-                        while run >= (1 << J[ri]):
-                            acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, 1)
-                            run -= 1 << J[ri]
-                            x += 1 << J[ri]
-                            if ri < 31:
-                                ri += 1
-                        x += run
-                        if x == cols:
-                            if run > 0:
-                                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, 1)
-                            runindex[ci] = ri
-                            break
-                        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 1)
-                        if J[ri]:
-                            acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, run, J[ri])
-                        value = int(img[y, x, comp])
-                        rb = pl[x + 1]
-                        ritype = 1 if ra == rb else 0
-                        if ritype:
-                            errval = value - ra
-                        else:
-                            errval = value - rb if ra <= rb else rb - value
-                        errval = _mod_reduce(errval, rng)
-                        q = 365 + ritype
-                        k, mapped = _ri_k_and_map(ctx, q, errval, ritype)
-                        emerr = 2 * abs(errval) - ritype - mapped
-                        acc, nbits, pos, ff = _golomb(
-                            out, acc, nbits, pos, ff, emerr, k, limit - J[ri] - 1, qbpp
-                        )
-                        _update_ri(ctx, q, errval, emerr, ritype, reset)
-                        if ri > 0:
-                            ri -= 1
-                        runindex[ci] = ri
-                        cl[x + 1] = value
-                        x += 1
-                        continue
-                    value = int(img[y, x, comp])
-                    acc, nbits, pos, ff = _regular(
-                        out,
-                        acc,
-                        nbits,
-                        pos,
-                        ff,
-                        ctx,
-                        qs,
-                        value,
-                        _predict(ra, rb, rc),
-                        rng,
-                        maxval,
-                        limit,
-                        qbpp,
-                        reset,
-                    )
-                    cl[x + 1] = value
-                    x += 1
+                acc, nbits, pos, ff = _encode_line(
+                    img,
+                    y,
+                    comps[ci],
+                    prev[ci],
+                    cur[ci],
+                    runindex,
+                    ci,
+                    ctx,
+                    qt,
+                    out,
+                    acc,
+                    nbits,
+                    pos,
+                    ff,
+                    maxval,
+                    rng,
+                    limit,
+                    qbpp,
+                    reset,
+                )
         if pos > out.shape[0]:
             st[4] = ERR_OVERFLOW
             return
         prev, cur = cur, prev
     # flush: pad with zeros; a final 0xFF is followed by 7 zero bits (a 0x00 byte) so the
     # marker after the scan cannot be misread
+    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)  # whole bytes first
     if nbits > 0:
         acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 8 - ff - nbits)
     if ff:
@@ -398,7 +375,152 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
     st[4] = ERR_OVERFLOW if pos > out.shape[0] else OK
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
+def _encode_line(
+    img,
+    y,
+    comp,
+    pl,
+    cl,
+    runindex,
+    slot,
+    ctx,
+    qt,
+    out,
+    acc,
+    nbits,
+    pos,
+    ff,
+    maxval,
+    rng,
+    limit,
+    qbpp,
+    reset,
+):
+    """One line of one component (interleave none or line).  The per-sample path calls no
+    helper that takes an array (numba would count references, atomically, on every such
+    call): the writer keeps up to 63 pending bits in ``acc`` and writes whole bytes once 32
+    are pending; a code that does not fit goes through the general ``_golomb``."""
+    cols = img.shape[1]
+    size = out.shape[0]
+    x = 0
+    while x < cols:
+        if nbits >= 32:
+            while nbits >= 8 - ff:
+                take = 8 - ff
+                nbits -= take
+                byte = (acc >> nbits) & ((1 << take) - 1)
+                if pos < size:
+                    out[pos] = byte
+                pos += 1  # past the end is detected by the caller (pos > len)
+                ff = 1 if byte == 0xFF else 0
+            acc &= (1 << nbits) - 1
+        ra = np.int64(cl[x])
+        rb = np.int64(pl[x + 1])
+        rc = np.int64(pl[x])
+        rd = np.int64(pl[x + 2])
+        qs = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9 + qt[rc - ra + maxval]
+        if qs == 0:
+            run = 0
+            while x + run < cols and img[y, x + run, comp] == ra:
+                cl[x + run + 1] = ra
+                run += 1
+            ri = runindex[slot]
+            while run >= (1 << J[ri]):
+                if nbits >= 56:
+                    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)
+                acc = (acc << 1) | 1
+                nbits += 1
+                run -= 1 << J[ri]
+                x += 1 << J[ri]
+                if ri < 31:
+                    ri += 1
+            x += run
+            if x == cols:
+                if run > 0:
+                    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, 1)
+                runindex[slot] = ri
+                break
+            if nbits >= 16:
+                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)
+            j = J[ri]
+            acc = (acc << (j + 1)) | run  # a 0, then the remaining run length in J bits
+            nbits += j + 1
+            # the run interruption sample (A.7.2)
+            value = np.int64(img[y, x, comp])
+            rb = np.int64(pl[x + 1])
+            ritype = 1 if ra == rb else 0
+            if ritype:
+                errval = value - ra
+            else:
+                errval = value - rb if ra <= rb else rb - value
+            errval = _mod_reduce(errval, rng)
+            q = 365 + ritype
+            a = ctx[q, 0]
+            n = ctx[q, 3]
+            nn = ctx[q, 4]
+            k = _k_for(n, a + (n >> 1) if ritype else a)
+            mapped = 0
+            if (k == 0 and errval > 0 and 2 * nn < n) or (errval < 0 and (2 * nn >= n or k)):
+                mapped = 1
+            emerr = 2 * abs(errval) - ritype - mapped
+            rlimit = limit - j - 1
+            high = emerr >> k
+            if high < rlimit - qbpp - 1 and high + 1 + k <= 32:
+                acc = (acc << (high + 1 + k)) | (1 << k) | (emerr & ((1 << k) - 1))
+                nbits += high + 1 + k
+            else:
+                acc, nbits, pos, ff = _golomb(out, acc, nbits, pos, ff, emerr, k, rlimit, qbpp)
+            if errval < 0:
+                nn += 1
+            a += (emerr + 1 - ritype) >> 1
+            if n == reset:
+                a >>= 1
+                n >>= 1
+                nn >>= 1
+            ctx[q, 0] = a
+            ctx[q, 3] = n + 1
+            ctx[q, 4] = nn
+            if ri > 0:
+                ri -= 1
+            runindex[slot] = ri
+            cl[x + 1] = value
+            x += 1
+            continue
+        value = np.int64(img[y, x, comp])
+        sign = (qs >> 63) | 1  # -1 or 1, without a branch
+        qs *= sign
+        a = ctx[qs, 0]
+        b = ctx[qs, 1]
+        c = ctx[qs, 2]
+        n = ctx[qs, 3]
+        px = _predict(ra, rb, rc) + sign * c
+        if px > maxval:
+            px = maxval
+        elif px < 0:
+            px = 0
+        errval = _mod_reduce(sign * (value - px), rng)
+        k = _k_for(n, a)
+        # error mapping (A.5.2), the k = 0 special case as a complement: branch-free
+        e = errval ^ (-1 if (k == 0 and 2 * b <= -n) else 0)
+        merr = (e << 1) ^ (e >> 63)
+        high = merr >> k
+        if high < limit - qbpp - 1 and high + 1 + k <= 32:
+            acc = (acc << (high + 1 + k)) | (1 << k) | (merr & ((1 << k) - 1))
+            nbits += high + 1 + k
+        else:
+            acc, nbits, pos, ff = _golomb(out, acc, nbits, pos, ff, merr, k, limit, qbpp)
+        a, b, c, n = _adapt(a, b, c, n, errval, reset)
+        ctx[qs, 0] = a
+        ctx[qs, 1] = b
+        ctx[qs, 2] = c
+        ctx[qs, 3] = n
+        cl[x + 1] = value
+        x += 1
+    return acc, nbits, pos, ff
+
+
+@njit(cache=True, nogil=True)
 def _regular(out, acc, nbits, pos, ff, ctx, qs, value, px, rng, maxval, limit, qbpp, reset):
     sign = 1
     if qs < 0:
@@ -425,7 +547,7 @@ def _regular(out, acc, nbits, pos, ff, ctx, qs, value, px, rng, maxval, limit, q
 # reader state: acc, nbits, pos, ff, fake (zero bits invented past the end of the data)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _fill(src, acc, nbits, pos, ff, fake):
     end = src.shape[0]
     while nbits <= 48:
@@ -450,7 +572,7 @@ def _fill(src, acc, nbits, pos, ff, fake):
     return acc, nbits, pos, ff, fake
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _get(src, acc, nbits, pos, ff, fake, count):
     if nbits < count:
         acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
@@ -458,7 +580,7 @@ def _get(src, acc, nbits, pos, ff, fake, count):
     return (acc >> nbits) & ((1 << count) - 1), acc, nbits, pos, ff, fake
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _ungolomb(src, acc, nbits, pos, ff, fake, k, limit, qbpp):
     """Decode one LG(k, limit) code; value -1 for a code no valid stream contains."""
     if nbits < 24:  # refill rarely, a few bytes at a time
@@ -509,8 +631,8 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
     limit = 2 * (bpp + max(8, bpp))
     ctx = _contexts(rng)
     qt = _quant_table(maxval, t1, t2, t3)
-    prev = np.zeros((nc, cols + 2), np.int64)
-    cur = np.zeros((nc, cols + 2), np.int64)
+    prev = np.zeros((nc, cols + 2), np.int32)
+    cur = np.zeros((nc, cols + 2), np.int32)
     runindex = np.zeros(nc, np.int64)
     qs_all = np.zeros(nc, np.int64)
     acc, nbits, pos, ff, fake = 0, 0, 0, 0, 0
@@ -681,7 +803,7 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
         st[4] = ERR_TRUNCATED
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _decode_line(
     src,
     acc,
@@ -704,21 +826,49 @@ def _decode_line(
     qbpp,
     reset,
 ):
-    """One line of one component (interleave none or line)."""
+    """One line of one component (interleave none or line).  As in ``_encode_line`` the
+    per-sample path passes no array to a helper: the reader refills ``acc`` in place when
+    fewer than 32 bits are left and decodes a Golomb code found whole in it directly; other
+    codes go through the general ``_ungolomb``."""
     cols = img.shape[1]
+    end = src.shape[0]
     x = 0
     while x < cols:
-        ra = cl[x]
-        rb = pl[x + 1]
-        rc = pl[x]
-        rd = pl[x + 2]
-        qs = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9
-        qs += qt[rc - ra + maxval]
+        if nbits < 32:
+            while nbits <= 48:
+                if pos < end:
+                    byte = np.int64(src[pos])
+                    if ff:
+                        if byte & 0x80:  # a marker, not data: the scan data end here
+                            pos = end
+                            continue
+                        acc = (acc << 7) | byte
+                        nbits += 7
+                    else:
+                        acc = (acc << 8) | byte
+                        nbits += 8
+                    ff = 1 if byte == 0xFF else 0
+                    pos += 1
+                else:
+                    acc <<= 8  # zeros past the end, counted so over-reading is detected
+                    nbits += 8
+                    fake += 8
+            if fake > nbits + 64:  # far past the end of the data: truncated
+                return acc, nbits, pos, ff, fake, ERR_TRUNCATED
+        ra = np.int64(cl[x])
+        rb = np.int64(pl[x + 1])
+        rc = np.int64(pl[x])
+        rd = np.int64(pl[x + 2])
+        qs = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9 + qt[rc - ra + maxval]
         if qs == 0:
             ri = runindex[slot]
             while True:
-                bit, acc, nbits, pos, ff, fake = _get(src, acc, nbits, pos, ff, fake, 1)
-                if bit == 1:
+                if nbits == 0:
+                    acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
+                    if fake > nbits + 64:
+                        return acc, nbits, pos, ff, fake, ERR_TRUNCATED
+                nbits -= 1
+                if (acc >> nbits) & 1:
                     count = min(1 << J[ri], cols - x)
                     for i in range(count):
                         cl[x + 1 + i] = ra
@@ -728,35 +878,49 @@ def _decode_line(
                         ri += 1
                     if x == cols:
                         break
-                    if fake > nbits + 64:
-                        return acc, nbits, pos, ff, fake, ERR_TRUNCATED
                     continue
+                j = J[ri]
                 count = 0
-                if J[ri]:
-                    count, acc, nbits, pos, ff, fake = _get(src, acc, nbits, pos, ff, fake, J[ri])
+                if j:
+                    if nbits < j:
+                        acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
+                    nbits -= j
+                    count = (acc >> nbits) & ((1 << j) - 1)
                 if x + count >= cols:
                     return acc, nbits, pos, ff, fake, ERR_CORRUPT
                 for i in range(count):
                     cl[x + 1 + i] = ra
                     img[y, x + i, comp] = ra
                 x += count
-                # the run interruption sample
-                rb = pl[x + 1]
+                # the run interruption sample (A.7.2)
+                rb = np.int64(pl[x + 1])
                 ritype = 1 if ra == rb else 0
                 q = 365 + ritype
-                temp = ctx[q, 0] + (ctx[q, 3] >> 1) if ritype else ctx[q, 0]
-                k = _k_for(ctx[q, 3], temp)
+                a = ctx[q, 0]
+                n = ctx[q, 3]
+                nn = ctx[q, 4]
+                k = _k_for(n, a + (n >> 1) if ritype else a)
                 emerr, acc, nbits, pos, ff, fake = _ungolomb(
-                    src, acc, nbits, pos, ff, fake, k, limit - J[ri] - 1, qbpp
+                    src, acc, nbits, pos, ff, fake, k, limit - j - 1, qbpp
                 )
                 if emerr < 0:
                     return acc, nbits, pos, ff, fake, ERR_CORRUPT
+                # invert EMErrval = 2|E| - RItype - map (A.7.2.2)
                 tmp = emerr + ritype
-                if k == 0 and 2 * ctx[q, 4] < ctx[q, 3]:
+                if k == 0 and 2 * nn < n:
                     errval = (tmp + 1) >> 1 if tmp & 1 else -(tmp >> 1)
                 else:
                     errval = -((tmp + 1) >> 1) if tmp & 1 else tmp >> 1
-                _update_ri(ctx, q, errval, emerr, ritype, reset)
+                if errval < 0:
+                    nn += 1
+                a += (emerr + 1 - ritype) >> 1
+                if n == reset:
+                    a >>= 1
+                    n >>= 1
+                    nn >>= 1
+                ctx[q, 0] = a
+                ctx[q, 3] = n + 1
+                ctx[q, 4] = nn
                 if ritype:
                     value = ra + errval
                 else:
@@ -774,25 +938,41 @@ def _decode_line(
                 x += 1
                 break
             runindex[slot] = ri
-            if fake > nbits + 64:
-                return acc, nbits, pos, ff, fake, ERR_TRUNCATED
             continue
         sign = (qs >> 63) | 1  # -1 or 1, without a branch (the sign is unpredictable)
         qs *= sign
-        px = _predict(ra, rb, rc) + sign * ctx[qs, 2]
+        a = ctx[qs, 0]
+        b = ctx[qs, 1]
+        c = ctx[qs, 2]
+        n = ctx[qs, 3]
+        px = _predict(ra, rb, rc) + sign * c
         if px > maxval:
             px = maxval
         elif px < 0:
             px = 0
-        k = _k_for(ctx[qs, 3], ctx[qs, 0])
-        merr, acc, nbits, pos, ff, fake = _ungolomb(src, acc, nbits, pos, ff, fake, k, limit, qbpp)
-        if merr < 0:
-            return acc, nbits, pos, ff, fake, ERR_CORRUPT
+        k = _k_for(n, a)
+        # the Golomb code, when it lies whole in the accumulator (almost always)
+        live = acc & ((1 << nbits) - 1)  # bits above nbits are stale
+        top = 63 - _clz64(live)  # -1 when no bit is set
+        high = nbits - 1 - top
+        if top >= k and high < limit - qbpp - 1:
+            nbits = top - k
+            merr = (high << k) | ((acc >> nbits) & ((1 << k) - 1))
+        else:
+            merr, acc, nbits, pos, ff, fake = _ungolomb(
+                src, acc, nbits, pos, ff, fake, k, limit, qbpp
+            )
+            if merr < 0:
+                return acc, nbits, pos, ff, fake, ERR_CORRUPT
         # inverse of the error mapping (A.5.2): even -> >= 0, odd -> < 0, swapped in the
         # special k = 0 case; written as an xor so that no branch depends on the data
-        swap = 1 if (k == 0 and 2 * ctx[qs, 1] <= -ctx[qs, 3]) else 0
+        swap = 1 if (k == 0 and 2 * b <= -n) else 0
         errval = (merr >> 1) ^ -((merr & 1) ^ swap)
-        _update_regular(ctx, qs, errval, reset)
+        a, b, c, n = _adapt(a, b, c, n, errval, reset)
+        ctx[qs, 0] = a
+        ctx[qs, 1] = b
+        ctx[qs, 2] = c
+        ctx[qs, 3] = n
         value = px + sign * errval
         if value < 0:
             value += rng
