@@ -1,10 +1,21 @@
 """Ingest throughput: dcmtk storescu -> kho, against dcmtk storescp --bit-preserving (the
 ceiling for this machine), in the same run.
 
-A 300-slice 512x512 16-bit CT series (kho.archive.phantom: body, lungs, bone, noise) is sent over 1 and 4
-associations (4 storescu processes sending a quarter each).  Each run starts a fresh
-server with an empty data directory.  Reports instances/s and MB/s (received bytes),
-medians over --repeats, and kho / storescp ratios.
+A 300-slice 512x512 16-bit CT series (kho.archive.phantom: body, lungs, bone, noise) is sent
+over 1 and 4 associations (4 storescu processes sending a quarter each).  Each run starts a
+fresh server with an empty data directory (a fresh bucket and database for S3).  Reports
+instances/s and MB/s (received bytes) until the last acknowledgement, medians over
+--repeats, and kho / storescp ratios; for kho also the time until every instance is
+encoded at rest (the background finisher's queue empty), "at rest inst/s".
+
+kho variants (--variants):
+  durable      default settings: fsync, acknowledged once durable as received, JPEG-LS
+               encoding and thumbnails after the acknowledgement (finish_in_background)
+  inline       KHO_FINISH_IN_BACKGROUND=false: encoded and derived before acknowledging
+  no-fsync     KHO_FSYNC=false: no flush, like storescp
+  workers2     two `kho serve` processes sharing the port
+  s3-pg        SeaweedFS (S3) objects + PostgreSQL catalog, one process
+  s3-pg-workers2  the same with two processes
 
     python -m benchmarks.ingest [--slices 300] [--repeats 3] [--associations 1 4]
 """
@@ -12,6 +23,7 @@ medians over --repeats, and kho / storescp ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -38,6 +50,23 @@ def kho_target(
         if workers > 1:
             time.sleep(4)  # the workers bind after the parent: wait until all listen
         yield port
+
+
+def unfinished_count(catalog: str) -> int:
+    """Instances the archive acknowledged but has not encoded at rest yet."""
+    from kho.archive.catalog import Catalog
+
+    cat = Catalog(catalog)
+    try:
+        return cat.unfinished_count()
+    finally:
+        cat.close()
+
+
+def wait_at_rest(catalog: str, timeout: float = 1800) -> None:
+    deadline = time.monotonic() + timeout
+    while unfinished_count(catalog) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @contextmanager
@@ -71,17 +100,29 @@ def send(port: int, files: list[Path], associations: int, aec: str) -> float:
 
 
 def run_target(
-    name: str, target: Target, files: list[Path], associations: int, repeats: int, aec: str
+    name: str,
+    target: Target,
+    files: list[Path],
+    associations: int,
+    repeats: int,
+    aec: str,
+    catalog: Callable[[Path], str] | None = None,
 ) -> dict[str, Any]:
+    """Median figures over ``repeats`` fresh servers; ``catalog(work)`` names the kho
+    catalog to watch for the at-rest time."""
     total_bytes = sum(p.stat().st_size for p in files)
-    times = []
+    times, at_rest = [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix=f"kho-bench-{name}-") as tmp:
             work = Path(tmp)
             with target(work) as port:
+                start = time.perf_counter()
                 times.append(send(port, files, associations, aec))
+                if catalog is not None:
+                    wait_at_rest(catalog(work))
+                    at_rest.append(time.perf_counter() - start)
     stats = summary(times)
-    return {
+    out: dict[str, Any] = {
         "target": name,
         "associations": associations,
         "instances": len(files),
@@ -90,6 +131,48 @@ def run_target(
         "instances_per_s": len(files) / stats["median"],
         "mb_per_s": total_bytes / stats["median"] / 1e6,
     }
+    if at_rest:
+        rest = summary(at_rest)
+        out["seconds_at_rest"] = rest
+        out["at_rest_instances_per_s"] = len(files) / rest["median"]
+    return out
+
+
+def run_variant(
+    variant: str,
+    kho_env: dict[str, str],
+    seaweed: Any,
+    files: list[Path],
+    associations: int,
+    repeats: int,
+) -> dict[str, Any]:
+    env = dict(kho_env)
+    workers = 2 if variant.endswith("workers2") else 1
+    if variant == "no-fsync":
+        env["KHO_FSYNC"] = "false"
+    elif variant == "inline":
+        env["KHO_FINISH_IN_BACKGROUND"] = "false"
+    use_s3 = variant.startswith("s3-pg")
+
+    @contextmanager
+    def target(work: Path) -> Iterator[int]:
+        with contextlib.ExitStack() as stack:
+            run_env = dict(env)
+            if use_s3:
+                from tests.helpers.postgres import postgres_database
+
+                url = stack.enter_context(postgres_database())
+                (work / "catalog-url").write_text(url)
+                run_env["KHO_CATALOG_URL"] = url
+                run_env["KHO_STORAGE_URL"] = seaweed.url(f"kho-bench/{work.name}")
+            yield stack.enter_context(kho_target(work, run_env, workers))
+
+    def catalog(work: Path) -> str:
+        if use_s3:
+            return (work / "catalog-url").read_text()
+        return str(work / "kho-data" / "catalog.sqlite3")
+
+    return run_target(f"kho-{variant}", target, files, associations, repeats, "KHO", catalog)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["durable", "no-fsync"],
+        default=["durable", "inline", "workers2", "s3-pg", "s3-pg-workers2"],
         help="kho configurations: durable (default settings), no-fsync (KHO_FSYNC=false: "
-        "no flush, like storescp), workers2 (two processes on the port)",
+        "no flush, like storescp), workers2 (two processes on the port), inline, s3-pg, "
+        "s3-pg-workers2 (see the module docstring)",
     )
     args = parser.parse_args(argv)
 
@@ -118,25 +202,30 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted(write_ct_series(corpus_dir, args.slices))
     kho_env = dict(kv.split("=", 1) for kv in args.kho_env)
     results = []
-    for associations in args.associations:
-        ref = run_target(
-            "dcmtk-storescp", storescp_target, files, associations, args.repeats, "STORESCP"
-        )
-        results.append(ref)
-        for variant in args.variants:
-            env = dict(kho_env)
-            workers = 1
-            if variant == "no-fsync":
-                env["KHO_FSYNC"] = "false"
-            elif variant == "workers2":
-                workers = 2
+    with contextlib.ExitStack() as services:
+        seaweed = None
+        if any(v.startswith("s3-pg") for v in args.variants):
+            from tests.helpers.seaweedfs import run_seaweedfs
 
-            def target(work: Path, env: dict[str, str] = env, workers: int = workers) -> Any:
-                return kho_target(work, env, workers)
-
-            kho = run_target(f"kho-{variant}", target, files, associations, args.repeats, "KHO")
-            kho["ratio_to_storescp"] = kho["instances_per_s"] / ref["instances_per_s"]
-            results.append(kho)
+            seaweed = services.enter_context(
+                run_seaweedfs(Path(services.enter_context(tempfile.TemporaryDirectory())))
+            )
+        for associations in args.associations:
+            ref = run_target(
+                "dcmtk-storescp", storescp_target, files, associations, args.repeats, "STORESCP"
+            )
+            results.append(ref)
+            for variant in args.variants:
+                kho = run_variant(variant, kho_env, seaweed, files, associations, args.repeats)
+                kho["ratio_to_storescp"] = kho["instances_per_s"] / ref["instances_per_s"]
+                results.append(kho)
+    by_key = {(r["target"], r["associations"]): r for r in results}
+    for r in results:  # S3 + PostgreSQL against the local path with as many processes
+        local = {"kho-s3-pg": "kho-durable", "kho-s3-pg-workers2": "kho-workers2"}.get(r["target"])
+        if local and (local, r["associations"]) in by_key:
+            r["ratio_to_local"] = (
+                r["instances_per_s"] / by_key[(local, r["associations"])]["instances_per_s"]
+            )
     if not args.keep_corpus:
         shutil.rmtree(corpus_dir, ignore_errors=True)
 
@@ -144,13 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results("ingest", payload)
     print(f"machine: {payload['machine']['cpu']} x{payload['machine']['cores']}")
     print(
-        f"{'target':16} {'assoc':>5} {'inst/s':>9} {'MB/s':>8} {'median s':>9} {'vs storescp':>12}"
+        f"{'target':20} {'assoc':>5} {'inst/s':>9} {'MB/s':>8} {'median s':>9} "
+        f"{'vs storescp':>12} {'at rest inst/s':>15} {'vs local':>9}"
     )
     for r in results:
         ratio = f"{r['ratio_to_storescp']:.0%}" if "ratio_to_storescp" in r else "-"
+        rest = f"{r['at_rest_instances_per_s']:.1f}" if "at_rest_instances_per_s" in r else "-"
+        local = f"{r['ratio_to_local']:.0%}" if "ratio_to_local" in r else "-"
         print(
-            f"{r['target']:16} {r['associations']:>5} {r['instances_per_s']:>9.1f} "
-            f"{r['mb_per_s']:>8.1f} {r['seconds']['median']:>9.3f} {ratio:>12}"
+            f"{r['target']:20} {r['associations']:>5} {r['instances_per_s']:>9.1f} "
+            f"{r['mb_per_s']:>8.1f} {r['seconds']['median']:>9.3f} {ratio:>12} {rest:>15} "
+            f"{local:>9}"
         )
     print(f"results: {path}")
     return 0

@@ -56,6 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cleaned = archive.recover(grace_s=args.recover_after)
         if cleaned:
             log.info("recovery: removed objects of %d interrupted ingests", cleaned)
+    if settings.finish_in_background:
+        archive.finisher.start()  # also picks up what earlier runs left queued
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -171,6 +173,9 @@ def cmd_import(args: argparse.Namespace) -> int:
             except (KhoError, OSError) as exc:
                 outcomes["rejected"] += 1
                 rejected.append((str(path), str(exc)))
+        # what the background threads have not encoded yet: finish it before exiting
+        archive.finisher.drain()
+        archive.finisher.wait_idle(timeout=3600)
     summary = {
         "files": len(files),
         "stored": outcomes["stored"],
@@ -234,6 +239,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"received {_human(stats['received_bytes'])}  stored {_human(stats['stored_bytes'])}  "
         f"ratio {ratio}"
     )
+    if stats["unfinished"]:
+        print(f"{stats['unfinished']} instances still stored as received, being encoded")
     print(f"{'modality':10} {'instances':>10} {'received':>12} {'stored':>12} {'ratio':>7}")
     for row in stats["by_modality"]:
         r = f"{row['ratio']:.2f}x" if row["ratio"] else "-"

@@ -71,8 +71,13 @@ class Archive:
         self.at_rest_codec = settings.at_rest_codec
 
         self.derivers: list[Deriver] = default_derivers(settings)
+        from kho.archive.finisher import Finisher
+
+        #: encodes and derives what ingest acknowledged as received (finish_in_background)
+        self.finisher = Finisher(self, settings.finish_threads)
 
     def close(self) -> None:
+        self.finisher.stop()
         self.catalog.close()
         self.store.close()
 
@@ -85,9 +90,16 @@ class Archive:
     # --- ingest ----------------------------------------------------------------------
 
     def ingest_part10(
-        self, data: bytes, *, source: str = "", lenient_identity: bool = False
+        self,
+        data: bytes,
+        *,
+        source: str = "",
+        lenient_identity: bool = False,
+        defer: bool | None = None,
     ) -> IngestResult:
-        return ingest_part10(self, data, source=source, lenient_identity=lenient_identity)
+        return ingest_part10(
+            self, data, source=source, lenient_identity=lenient_identity, defer=defer
+        )
 
     def ingest_dimse(
         self,
@@ -146,6 +158,12 @@ class Archive:
                 self.delete_prefix(prefix)
                 cleaned += 1
             self.catalog.end_pending(prefix)
+        # finishing work a gone process had claimed goes back on the queue
+        if self.catalog.release_claims_of_gone_processes():
+            self.finisher.notify()
+        from kho.archive.finisher import collect_garbage
+
+        collect_garbage(self)
         return cleaned
 
     # --- retrieval -------------------------------------------------------------------
@@ -155,7 +173,7 @@ class Archive:
         header = self.store.get(keys.header_key(record.object_prefix))
         if record.pixel_format == "none":
             return header
-        payload = self.store.get(keys.pixels_key(record.object_prefix))
+        payload = self.store.get(record.pixels_key)
         value = pixel_value(self, record, payload)
         split = record.pixel_split
         return b"".join((header[:split], value, header[split:]))
@@ -203,6 +221,7 @@ class Archive:
         stored = sum(r["stored_bytes"] for r in per_modality)
         return {
             **counts,
+            "unfinished": self.catalog.unfinished_count(),
             "received_bytes": received,
             "stored_bytes": stored,
             "ratio": (received / stored) if stored else None,

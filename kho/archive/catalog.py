@@ -24,10 +24,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from kho.archive import keys
 from kho.archive.attributes import InstanceAttributes
 from kho.errors import CatalogError, NotFoundError
 
 SCHEMA_VERSION = 1
+#: the entry of ``instances.derived`` naming a pixel object written after ingest
+PIXELS_OBJECT = "pixels"
 #: who journals a prefix: host, process id and the process start time (pids are reused)
 PROCESS_OWNER = ""
 
@@ -138,6 +141,24 @@ CREATE TABLE IF NOT EXISTS pending (
     created_at DOUBLE PRECISION NOT NULL,
     owner TEXT NOT NULL DEFAULT ''
 );
+-- instances acknowledged as received, awaiting the at-rest codec and derived objects
+-- (kho.archive.finisher), claimed by one process at a time for a lease
+CREATE TABLE IF NOT EXISTS unfinished (
+    sop_uid TEXT PRIMARY KEY,
+    object_prefix TEXT NOT NULL,
+    queued_at DOUBLE PRECISION NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
+    claimed_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+    attempts BIGINT NOT NULL DEFAULT 0
+);
+-- objects no instance references any more, deleted once ``not_before`` has passed (a
+-- reader that loaded the old row a moment ago can still fetch them)
+CREATE TABLE IF NOT EXISTS garbage (
+    object_key TEXT PRIMARY KEY,
+    not_before DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_unfinished_queue ON unfinished (queued_at);
+CREATE INDEX IF NOT EXISTS ix_garbage_due ON garbage (not_before);
 CREATE INDEX IF NOT EXISTS ix_patients_id ON patients (patient_id);
 CREATE INDEX IF NOT EXISTS ix_patients_name ON patients (patient_name);
 CREATE INDEX IF NOT EXISTS ix_patients_name_folded ON patients (patient_name_folded);
@@ -182,7 +203,8 @@ class InstanceRecord:
     pixel_format: str  # "none" | "raw" | "encapsulated" | codec name ("jpeg-ls", ...) | "zstd"
     pixel_size: int  # bytes of the pixel object (0 if none)
     frame_index: str  # JSON: [[offset, length], ...] into the pixel object
-    derived: str  # JSON: {"metadata": key, "thumbnail": key, "tiles": ...}
+    # JSON: {"metadata": key, "thumbnail": key, "pixels": key of an at-rest pixel object}
+    derived: str
     received_at: float
     source: str
 
@@ -194,6 +216,13 @@ class InstanceRecord:
     def derived_keys(self) -> dict[str, Any]:
         loaded: dict[str, Any] = json.loads(self.derived or "{}")
         return loaded
+
+    @property
+    def pixels_key(self) -> str:
+        """The pixel object's key: the received value at ``<prefix>.pixels``, or the at-rest
+        encoding a background finisher wrote beside it (named in ``derived``)."""
+        key = self.derived_keys.get(PIXELS_OBJECT)
+        return str(key) if key else keys.pixels_key(self.object_prefix)
 
 
 INSTANCE_COLUMNS = [f.name for f in fields(InstanceRecord)]
@@ -367,14 +396,11 @@ class Catalog:
 
     # --- the ingest journal ----------------------------------------------------------
 
-    def begin_pending(self, object_prefix: str) -> None:
-        """Record that objects are about to be written under ``object_prefix``.
-
-        On SQLite this commit skips the WAL fsync (synchronous=NORMAL): it survives a crash
-        of the process (the case recovery is for); after a power loss the worst outcome is
-        objects that recovery cannot name, invisible and harmless.  The instance commit
-        that follows is fully synchronous and makes the journal row durable too.
-        """
+    @contextmanager
+    def _relaxed_write(self) -> Iterator[None]:
+        """A write outside any transaction whose commit skips SQLite's WAL fsync
+        (synchronous=NORMAL): it survives a crash of the process; after a power loss it may
+        be lost, which callers must tolerate.  Other engines: a plain write."""
         relaxed = (
             self.dialect == "sqlite"
             and self.synchronous_full
@@ -384,14 +410,24 @@ class Catalog:
             self.connection.execute("PRAGMA synchronous=NORMAL")
         try:
             with self.writer() if relaxed else nullcontext():
-                self.execute(
-                    "INSERT INTO pending (object_prefix, created_at, owner) VALUES (?, ?, ?) "
-                    "ON CONFLICT (object_prefix) DO NOTHING",
-                    (object_prefix, time.time(), PROCESS_OWNER),
-                )
+                yield
         finally:
             if relaxed:
                 self.connection.execute("PRAGMA synchronous=FULL")
+
+    def begin_pending(self, object_prefix: str) -> None:
+        """Record that objects are about to be written under ``object_prefix``.
+
+        A relaxed write (see _relaxed_write): after a power loss the worst outcome is
+        objects that recovery cannot name, invisible and harmless.  The instance commit
+        that follows is fully synchronous and makes the journal row durable too.
+        """
+        with self._relaxed_write():
+            self.execute(
+                "INSERT INTO pending (object_prefix, created_at, owner) VALUES (?, ?, ?) "
+                "ON CONFLICT (object_prefix) DO NOTHING",
+                (object_prefix, time.time(), PROCESS_OWNER),
+            )
 
     def end_pending(self, object_prefix: str) -> None:
         with self.writer() if not self._in_transaction() else nullcontext():
@@ -463,14 +499,20 @@ class Catalog:
             last = rows[-1][0]
 
     def commit_instance(
-        self, attrs: InstanceAttributes, record: InstanceRecord, *, policy: str
+        self,
+        attrs: InstanceAttributes,
+        record: InstanceRecord,
+        *,
+        policy: str,
+        unfinished: bool = False,
     ) -> tuple[str, InstanceRecord | None]:
         """Make an instance visible, deciding duplicates inside the write transaction.
 
         Returns (outcome, previous record): outcome is "stored" (new SOP Instance UID),
         "duplicate" (same bytes already stored), "replaced" (policy replace; the old objects
         are journalled for deletion), "kept" (policy keep) or "rejected" (policy reject).
-        For "kept" and "rejected" the caller deletes the objects it wrote.
+        For "kept" and "rejected" the caller deletes the objects it wrote.  ``unfinished``:
+        the instance is stored as received and queued for the background finisher.
         """
         values = asdict(record)
         cols = ", ".join(INSTANCE_COLUMNS)
@@ -485,6 +527,7 @@ class Catalog:
                 self._upsert_hierarchy(attrs)
                 self._count_instance(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
                 self.end_pending(record.object_prefix)
+                self._queue_unfinished(record, unfinished)
                 return "stored", None
             lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
             row = self.fetchone(
@@ -525,7 +568,144 @@ class Catalog:
             self.end_pending(record.object_prefix)
             if previous.object_prefix != record.object_prefix:
                 self.begin_pending(previous.object_prefix)  # old objects: delete after commit
+            self._queue_unfinished(record, unfinished)
             return "replaced", previous
+
+    def _queue_unfinished(self, record: InstanceRecord, unfinished: bool) -> None:
+        if not unfinished:
+            self.execute("DELETE FROM unfinished WHERE sop_uid = ?", (record.sop_uid,))
+            return
+        self.execute(
+            "INSERT INTO unfinished (sop_uid, object_prefix, queued_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (sop_uid) DO UPDATE SET object_prefix = excluded.object_prefix, "
+            "queued_at = excluded.queued_at, owner = '', claimed_at = 0, attempts = 0",
+            (record.sop_uid, record.object_prefix, time.time()),
+        )
+
+    # --- the background finisher's queue and the garbage list --------------------------
+
+    def claim_unfinished(self, limit: int, lease_s: float) -> list[tuple[str, str, int]]:
+        """Claim up to ``limit`` queued instances for this process, oldest first: rows no
+        one holds, or whose lease ran out.  Returns (sop_uid, object_prefix, attempts)."""
+        now = time.time()
+        cutoff = now - lease_s
+        candidates = self.fetchall(
+            "SELECT sop_uid, object_prefix, attempts FROM unfinished "
+            "WHERE owner = '' OR claimed_at < ? ORDER BY queued_at LIMIT ?",
+            (cutoff, int(limit) * 4),
+        )
+        claimed: list[tuple[str, str, int]] = []
+        for sop_uid, prefix, attempts in candidates:
+            if len(claimed) >= limit:
+                break
+            with self._relaxed_write():  # a lost claim is only re-claimed after its lease
+                cursor = self.execute(
+                    "UPDATE unfinished SET owner = ?, claimed_at = ?, attempts = attempts + 1 "
+                    "WHERE sop_uid = ? AND object_prefix = ? AND (owner = '' OR claimed_at < ?)",
+                    (PROCESS_OWNER, now, sop_uid, prefix, cutoff),
+                )
+            if cursor.rowcount == 1:
+                claimed.append((sop_uid, prefix, int(attempts) + 1))
+        return claimed
+
+    def release_unfinished(self, sop_uid: str, object_prefix: str) -> None:
+        """Give a claim back (a transient failure): any process may take it again."""
+        with self._relaxed_write():
+            self.execute(
+                "UPDATE unfinished SET owner = '', claimed_at = 0 "
+                "WHERE sop_uid = ? AND object_prefix = ?",
+                (sop_uid, object_prefix),
+            )
+
+    def release_claims_of_gone_processes(self) -> int:
+        rows = self.fetchall("SELECT DISTINCT owner FROM unfinished WHERE owner <> ''")
+        released = 0
+        for (owner,) in rows:
+            if owner_is_gone(owner):
+                with self._relaxed_write():
+                    cursor = self.execute(
+                        "UPDATE unfinished SET owner = '', claimed_at = 0 WHERE owner = ?",
+                        (owner,),
+                    )
+                released += max(0, cursor.rowcount)
+        return released
+
+    def drop_unfinished(self, sop_uid: str, object_prefix: str) -> None:
+        """Take an instance off the queue: it stays as received."""
+        with self.writer() if not self._in_transaction() else nullcontext():
+            self.execute(
+                "DELETE FROM unfinished WHERE sop_uid = ? AND object_prefix = ?",
+                (sop_uid, object_prefix),
+            )
+
+    def unfinished_count(self) -> int:
+        row = self.fetchone("SELECT count(*) FROM unfinished")
+        return int(row[0]) if row else 0
+
+    def finish_instance(
+        self,
+        sop_uid: str,
+        object_prefix: str,
+        *,
+        pixel_format: str,
+        pixel_size: int,
+        frame_index: str,
+        derived: str,
+        stored_size: int,
+        garbage: Sequence[str],
+        garbage_delay_s: float,
+    ) -> bool:
+        """Switch an instance to its finished objects, if it is still the version that was
+        finished (same prefix: not replaced meanwhile); ``garbage`` (what the switch leaves
+        unreferenced) is listed for deletion after ``garbage_delay_s``.  False: nothing
+        changed, the caller's new objects are surplus."""
+        with self.transaction():
+            cursor = self.execute(
+                "UPDATE instances SET pixel_format = ?, pixel_size = ?, frame_index = ?, "
+                "derived = ?, stored_size = ? WHERE sop_uid = ? AND object_prefix = ?",
+                (
+                    pixel_format,
+                    pixel_size,
+                    frame_index,
+                    derived,
+                    stored_size,
+                    sop_uid,
+                    object_prefix,
+                ),
+            )
+            self.execute(
+                "DELETE FROM unfinished WHERE sop_uid = ? AND object_prefix = ?",
+                (sop_uid, object_prefix),
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._add_garbage(garbage, garbage_delay_s)
+            return True
+
+    def add_garbage(self, object_keys: Sequence[str], delay_s: float = 0.0) -> None:
+        with self.transaction():
+            self._add_garbage(object_keys, delay_s)
+
+    def _add_garbage(self, object_keys: Sequence[str], delay_s: float) -> None:
+        not_before = time.time() + delay_s
+        for key in object_keys:
+            self.execute(
+                "INSERT INTO garbage (object_key, not_before) VALUES (?, ?) "
+                "ON CONFLICT (object_key) DO NOTHING",
+                (key, not_before),
+            )
+
+    def due_garbage(self, limit: int = 1000) -> list[str]:
+        rows = self.fetchall(
+            "SELECT object_key FROM garbage WHERE not_before <= ? ORDER BY not_before LIMIT ?",
+            (time.time(), int(limit)),
+        )
+        return [r[0] for r in rows]
+
+    def forget_garbage(self, object_keys: Sequence[str]) -> None:
+        with self.transaction():
+            for key in object_keys:
+                self.execute("DELETE FROM garbage WHERE object_key = ?", (key,))
 
     def _count_instance(self, study_uid: str, series_uid: str, pkey: str, delta: int) -> None:
         self.execute(

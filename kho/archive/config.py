@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     at_rest_codec: bool = Field(
         True, description="store native pixel data as JPEG-LS lossless (else as received)"
     )
+    finish_in_background: bool = Field(
+        True,
+        description="acknowledge an instance once it is durable as received, then encode "
+        "it (at-rest codec) and make its thumbnail and metadata in background threads; "
+        "false: all of that before the acknowledgement",
+    )
+    finish_threads: int = Field(
+        0, description="background finisher threads (0 = one per core)", ge=0
+    )
     fsync: bool = Field(True, description="fsync objects and catalog commits (durability)")
     require_called_ae: bool = Field(False, description="refuse associations to another AE title")
     find_result_limit: int = Field(10000, description="C-FIND / QIDO-RS result cap")

@@ -67,11 +67,17 @@ def dataset_json(ds: Dataset, pixels_vr: str | None, pixel_tag: int = PIXEL_DATA
         value = elem.value
         if elem.VR in _BINARY_VRS and isinstance(value, bytes) and len(value) > BULK_THRESHOLD:
             bulk[f"{elem.tag:08X}"] = elem.VR
+    # element by element: Dataset.to_json_dict(suppress_invalid_tags=True) would switch
+    # pydicom's process-wide reading mode to strict meanwhile, and every other thread
+    # (receiving over DIMSE) would then fail on values kho tolerates
+    out: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out: dict[str, Any] = ds.to_json_dict(
-            bulk_data_threshold=1 << 62, suppress_invalid_tags=True
-        )
+        for key in ds.keys():  # noqa: SIM118 (iterating a Dataset yields elements)
+            try:
+                out[f"{key:08X}"] = ds[key].to_json_dict(None, 1 << 62)
+            except Exception:  # a value pydicom cannot express in JSON: left out
+                continue
     for tag, vr in bulk.items():
         out[tag] = {"vr": vr, "BulkDataURI": BULKDATA_PLACEHOLDER + tag}
     if pixels_vr is not None:

@@ -85,8 +85,16 @@ def ingest_part10(
     expected_sop_instance_uid: str | None = None,
     source: str = "",
     lenient_identity: bool = False,
+    defer: bool | None = None,
 ) -> IngestResult:
-    """Ingest one DICOM file's bytes (see _ingest_part10), recording latency and outcome."""
+    """Ingest one DICOM file's bytes (see _ingest_part10), recording latency and outcome.
+
+    ``defer`` (default: the ``finish_in_background`` setting): store the instance as
+    received and acknowledge it; the archive's finisher encodes the pixels and makes the
+    derived objects afterwards.  Else all of that happens before this returns.
+    """
+    if defer is None:
+        defer = archive.settings.finish_in_background
     channel = source.split(":", 1)[0] or "api"
     started = time.perf_counter()
     try:
@@ -97,12 +105,15 @@ def ingest_part10(
             expected_sop_instance_uid=expected_sop_instance_uid,
             source=source,
             lenient_identity=lenient_identity,
+            defer=defer,
         )
     except Exception as exc:
         metrics.INGEST_OUTCOMES.labels(channel, type(exc).__name__).inc()
         raise
     metrics.INGEST_SECONDS.labels(channel).observe(time.perf_counter() - started)
     metrics.INGEST_OUTCOMES.labels(channel, result.outcome.value).inc()
+    if defer and result.outcome in (IngestOutcome.STORED, IngestOutcome.REPLACED):
+        archive.finisher.notify()
     return result
 
 
@@ -114,6 +125,7 @@ def _ingest_part10(
     expected_sop_instance_uid: str | None,
     source: str,
     lenient_identity: bool,
+    defer: bool,
 ) -> IngestResult:
     """Ingest one DICOM file's bytes; raise InvalidDicomError / DatasetMismatchError /
     DuplicateInstanceError / StorageError, having made nothing visible.
@@ -148,9 +160,9 @@ def _ingest_part10(
 
     prefix = keys.instance_prefix(attrs.study_uid, attrs.series_uid, attrs.sop_uid, sha)
     try:
-        record = _write_objects(archive, data, layout, ds, attrs, sha, prefix, source)
+        record = _write_objects(archive, data, layout, ds, attrs, sha, prefix, source, defer)
         outcome, previous = catalog.commit_instance(
-            attrs, record, policy=archive.settings.duplicate_policy.value
+            attrs, record, policy=archive.settings.duplicate_policy.value, unfinished=defer
         )
     except BaseException:
         _abandon(archive, prefix)
@@ -219,8 +231,10 @@ def _write_objects(
     sha: str,
     prefix: str,
     source: str,
+    defer: bool,
 ) -> InstanceRecord:
-    """Journal the prefix, then write header, pixels and derived objects durably."""
+    """Journal the prefix, then write header, pixels and derived objects durably
+    (``defer``: header and pixels as received; the finisher does the rest)."""
     archive.catalog.begin_pending(prefix)
     pixels = layout.pixels
     objects: dict[str, bytes] = {}
@@ -232,7 +246,7 @@ def _write_objects(
         value_end = pixels.value_offset + pixels.value_length
         header = data[: pixels.value_offset] + data[value_end:]
         split = pixels.value_offset
-        encoded = encode_pixels(archive, data, layout, attrs)
+        encoded = encode_pixels(archive, data, layout, attrs, use_codec=not defer)
     objects[keys.header_key(prefix)] = header
     frame_index: list[list[list[int]]] = []
     pixel_format = "none"
@@ -241,7 +255,8 @@ def _write_objects(
         pixel_format = encoded.pixel_format
         frame_index = encoded.frame_index
     derived: dict[str, object] = {}
-    for name, blob in archive.derive(data, layout, ds, attrs, encoded).items():
+    made = {} if defer else archive.derive(data, layout, ds, attrs, encoded)
+    for name, blob in made.items():
         key = keys.derived_key(prefix, name)
         objects[key] = blob
         derived[name] = key

@@ -7,12 +7,17 @@ objects evenly (S3 partitions by prefix, filesystems dislike huge folders).
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 
 def instance_prefix(study_uid: str, series_uid: str, sop_uid: str, sha256_hex: str) -> str:
-    """Prefix of one stored version of an instance (a replacement gets a new prefix)."""
+    """Prefix of one ingest of an instance: the UIDs' hash (fan-out), the content's hash,
+    and a random part.  Each ingest writes under its own prefix, so objects being deleted
+    (a replaced version, the surplus copy of a concurrent duplicate, garbage) can never be
+    the objects of a later ingest of the same bytes."""
     uid_hash = hashlib.sha256(f"{study_uid}\x00{series_uid}\x00{sop_uid}".encode()).hexdigest()
-    return f"i/{uid_hash[:2]}/{uid_hash[2:4]}/{uid_hash[:40]}-{sha256_hex[:16]}"
+    unique = secrets.token_hex(4)
+    return f"i/{uid_hash[:2]}/{uid_hash[2:4]}/{uid_hash[:40]}-{sha256_hex[:16]}-{unique}"
 
 
 # An instance's objects sit side by side in one fan-out folder ("<prefix>.<name>"): no
@@ -32,6 +37,12 @@ def header_key(prefix: str) -> str:
 
 def pixels_key(prefix: str) -> str:
     return object_key(prefix, "pixels")
+
+
+def at_rest_pixels_key(prefix: str, pixel_format: str) -> str:
+    """Where a background finisher puts an instance's re-encoded pixels (beside the value as
+    received, which stays readable until the catalog points here)."""
+    return object_key(prefix, f"pixels-{pixel_format}")
 
 
 def derived_key(prefix: str, name: str) -> str:

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kho.archive import keys
 from kho.archive.attributes import InstanceAttributes
 from kho.archive.part10 import ITEM, SEQUENCE_DELIMITER, Part10Layout, dataset_encoding
 from kho.errors import CodecError, IntegrityError, InvalidDicomError, KhoError, NotFoundError
@@ -115,9 +114,15 @@ def encapsulated_frame_index(value: bytes | memoryview, frames: int) -> FrameInd
 
 
 def encode_pixels(
-    archive: Archive, data: bytes, layout: Part10Layout, attrs: InstanceAttributes
+    archive: Archive,
+    data: bytes,
+    layout: Part10Layout,
+    attrs: InstanceAttributes,
+    *,
+    use_codec: bool = True,
 ) -> EncodedPixels:
-    """The pixel object for an instance's pixel value (see the module docstring)."""
+    """The pixel object for an instance's pixel value (see the module docstring);
+    ``use_codec=False``: native data stays as received (a finisher encodes it later)."""
     pixels = layout.pixels
     assert pixels is not None
     value = data[pixels.value_offset : pixels.value_offset + pixels.value_length]
@@ -125,6 +130,8 @@ def encode_pixels(
         return EncodedPixels(
             "encapsulated", value, encapsulated_frame_index(value, attrs.number_of_frames)
         )
+    if not use_codec:
+        return EncodedPixels("raw", value, native_frame_index(len(value), attrs))
     encoded = archive.encode_native(value, layout, attrs)
     if encoded is None and archive.at_rest_codec:
         encoded = encode_at_rest(value, layout.transfer_syntax_uid, attrs)
@@ -328,7 +335,7 @@ def stored_frame(archive: Archive, record: InstanceRecord, frame_number: int) ->
     little-endian bytes for "raw" (big endian data is byte-swapped).
     """
     fragments = _check_frame(record, frame_number)
-    key = keys.pixels_key(record.object_prefix)
+    key = record.pixels_key
     parts = [archive.store.get_range(key, off, length) for off, length in fragments]
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     if record.pixel_format == "encapsulated":
@@ -352,7 +359,7 @@ def frame_array(archive: Archive, record: InstanceRecord, frame_number: int) -> 
     signed = record.pixel_representation == 1
     if record.pixel_format in _AT_REST_SYNTAX:
         codec = _at_rest_codec(record.pixel_format)
-        key = keys.pixels_key(record.object_prefix)
+        key = record.pixels_key
         ((offset, length),) = fragments
         payload = archive.store.get_range(key, offset, length)
         raw = decode_stored_array(codec, record, payload, [[0, length]])

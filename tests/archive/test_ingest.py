@@ -80,6 +80,8 @@ def archive(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Arch
 
 
 def stored_keys(archive: Archive) -> list[str]:
+    """Every object, once the background finisher is done with what ingest queued."""
+    assert archive.finisher.wait_idle(timeout=60)
     return list(archive.store.list(""))
 
 

@@ -1,0 +1,271 @@
+"""The background finisher: what ingest leaves for after the acknowledgement.
+
+With ``finish_in_background`` (the default) a C-STORE or STOW-RS is acknowledged once the
+instance is durable as received and its catalog row is committed (DESIGN.md: "in the
+object store or an fsync'd local spool"); it is queryable and retrievable bit for bit at
+once.  The costly part, encoding native pixel data with the at-rest codec (about 20 ms of
+CPU for a 512x512 CT slice, verification included) and making the thumbnail and the DICOM
+JSON, runs here, in low-priority threads, so a modality's burst is received at network and
+disk speed and the CPU catches up in between.
+
+Finishing one instance: read it as received, encode and derive, write the new objects
+beside the received ones (same prefix, new names), then one catalog transaction switches
+the row to them if it is still the same stored version, takes it off the queue, and lists
+the received pixel object as garbage, deleted a minute later (a reader that loaded the
+old row just before can still fetch it).  A crash at any point leaves the instance intact
+and queued: its claim expires (or its process is found gone) and the work is redone, writing
+the same keys again.  Several processes on one catalog claim rows, so each instance is
+finished once.  Viewers asking before then get thumbnails and metadata made on request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from kho.archive import keys
+from kho.archive.attributes import extract_attributes, read_header
+from kho.archive.catalog import PIXELS_OBJECT
+from kho.archive.ingest import put_objects
+from kho.archive.part10 import parse_part10
+from kho.archive.pixels import encode_pixels
+from kho.errors import CatalogError, KhoError, ObjectNotFoundError, StorageError
+
+if TYPE_CHECKING:
+    from kho.archive.archive import Archive
+
+log = logging.getLogger(__name__)
+
+#: a claim older than this is taken to be abandoned (its process hung or is on another
+#: host that died); finishing one instance takes well under a second
+LEASE_S = 600.0
+#: a failing instance is retried this many times, then left as received
+MAX_ATTEMPTS = 3
+#: how long replaced objects stay readable after the switch
+GARBAGE_DELAY_S = 60.0
+#: how often idle threads look for work queued by other processes
+IDLE_POLL_S = 5.0
+#: background threads yield the CPU to receiving (Linux nice value, per thread)
+NICE = 10
+
+
+class Finisher:
+    """Threads that finish queued instances; started on the first notify() or start()."""
+
+    def __init__(self, archive: Archive, threads: int = 0) -> None:
+        self.archive = archive
+        self.threads = threads or os.cpu_count() or 1
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        self._last_gc = 0.0
+        self._busy = 0  # instances in hand in this process
+        self.finished = 0  # instances this process finished (for tests and metrics)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._workers or self._stop.is_set():
+                return
+            for n in range(self.threads):
+                worker = threading.Thread(target=self._run, name=f"kho-finisher-{n}", daemon=True)
+                worker.start()
+                self._workers.append(worker)
+
+    def notify(self) -> None:
+        """Work was queued: wake (or start) the threads."""
+        if not self._workers:
+            self.start()
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the instances in hand; queued ones wait for the next start."""
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def running(self) -> bool:
+        return any(w.is_alive() for w in self._workers)
+
+    # --- the work ----------------------------------------------------------------------
+
+    def drain(self, timeout: float | None = None) -> int:
+        """Finish everything queued, in this thread (``kho bench``, tests); how many.
+
+        Rows other processes hold are left to them; returns when none is left to claim.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = 0
+        while deadline is None or time.monotonic() < deadline:
+            claimed = self.archive.catalog.claim_unfinished(8, LEASE_S)
+            if not claimed:
+                break
+            for sop_uid, prefix, attempts in claimed:
+                done += self._finish_claimed(sop_uid, prefix, attempts)
+        self.collect_garbage(force=True)
+        return done
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until the queue is empty (the threads, or another process, emptied it) and
+        this process's threads have put down what they held."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.archive.catalog.unfinished_count() == 0 and self._busy == 0:
+                return True
+            self._wake.set()
+            time.sleep(0.05)
+        return False
+
+    def _run(self) -> None:
+        _lower_priority()
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                claimed = self.archive.catalog.claim_unfinished(1, LEASE_S)
+            except KhoError as exc:
+                log.warning("finisher: cannot read the queue: %s", exc)
+                self._stop.wait(IDLE_POLL_S)
+                continue
+            for sop_uid, prefix, attempts in claimed:
+                self._finish_claimed(sop_uid, prefix, attempts)
+            if not claimed:
+                self.collect_garbage()
+                self._wake.wait(IDLE_POLL_S)
+
+    def _finish_claimed(self, sop_uid: str, prefix: str, attempts: int) -> int:
+        with self._lock:
+            self._busy += 1
+        try:
+            return self._finish_counted(sop_uid, prefix, attempts)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _finish_counted(self, sop_uid: str, prefix: str, attempts: int) -> int:
+        catalog = self.archive.catalog
+        try:
+            done = self.finish_one(sop_uid, prefix)
+        except (StorageError, CatalogError) as exc:  # an outage: give it back, retry later
+            log.warning("finisher: %s postponed: %s", sop_uid, exc)
+            with contextlib.suppress(KhoError):
+                catalog.release_unfinished(sop_uid, prefix)
+            self._stop.wait(1.0)
+            return 0
+        except Exception as exc:
+            # a bug or an input no codec handles: never lose the instance, stop retrying
+            log.error("finisher: %s failed (attempt %d)", sop_uid, attempts, exc_info=exc)
+            with contextlib.suppress(KhoError):
+                if attempts >= MAX_ATTEMPTS:
+                    log.error("finisher: %s stays stored as received", sop_uid)
+                    catalog.drop_unfinished(sop_uid, prefix)
+                else:
+                    catalog.release_unfinished(sop_uid, prefix)
+            return 0
+        if done:
+            self.finished += 1
+        return int(done)
+
+    def finish_one(self, sop_uid: str, prefix: str) -> bool:
+        """Encode and derive one queued instance and switch its row; False if there was
+        nothing to do (replaced or removed meanwhile)."""
+        archive, catalog = self.archive, self.archive.catalog
+        record = catalog.get_instance(sop_uid)
+        if record is None or record.object_prefix != prefix:
+            catalog.drop_unfinished(sop_uid, prefix)
+            return False
+        try:
+            data = archive.read_part10(record)
+        except ObjectNotFoundError:  # replaced between the two reads: its objects are gone
+            catalog.drop_unfinished(sop_uid, prefix)
+            return False
+        layout = parse_part10(data)
+        split = layout.pixels.element_offset if layout.pixels else None
+        ds = read_header(data, split)
+        attrs = extract_attributes(
+            ds,
+            sop_uid_fallback=record.sop_uid,
+            sop_class_fallback=record.sop_class_uid,
+            surrogate_sop_anchor=record.sha256,
+        )
+        objects: dict[str, bytes] = {}
+        derived: dict[str, str] = dict(record.derived_keys)
+        garbage: list[str] = []
+        encoded = None
+        pixel_format, pixel_size, frame_index = (
+            record.pixel_format,
+            record.pixel_size,
+            record.frame_index,
+        )
+        if layout.pixels is not None:
+            encoded = encode_pixels(archive, data, layout, attrs)
+            if encoded.pixel_format != record.pixel_format:
+                key = keys.at_rest_pixels_key(prefix, encoded.pixel_format)
+                objects[key] = encoded.payload
+                derived[PIXELS_OBJECT] = key
+                garbage.append(record.pixels_key)
+                pixel_format, pixel_size = encoded.pixel_format, len(encoded.payload)
+                frame_index = _frame_index_json(encoded.frame_index)
+        for name, blob in archive.derive(data, layout, ds, attrs, encoded).items():
+            key = keys.derived_key(prefix, name)
+            objects[key] = blob
+            derived[name] = key
+        put_objects(archive.store, objects)
+        stored_size = record.header_size + pixel_size
+        stored_size += sum(len(v) for k, v in objects.items() if derived.get(PIXELS_OBJECT) != k)
+        switched = catalog.finish_instance(
+            sop_uid,
+            prefix,
+            pixel_format=pixel_format,
+            pixel_size=pixel_size,
+            frame_index=frame_index,
+            derived=json.dumps(derived, separators=(",", ":")),
+            stored_size=stored_size,
+            garbage=garbage,
+            garbage_delay_s=GARBAGE_DELAY_S,
+        )
+        if not switched:  # replaced while we worked: what we wrote was never referenced
+            try:
+                for key in objects:
+                    archive.store.delete(key)
+            except StorageError:
+                catalog.add_garbage(list(objects))
+        return switched
+
+    def collect_garbage(self, *, force: bool = False) -> int:
+        """Delete objects whose grace period is over (at most every few seconds)."""
+        now = time.monotonic()
+        if not force and now - self._last_gc < IDLE_POLL_S:
+            return 0
+        self._last_gc = now
+        return collect_garbage(self.archive)
+
+
+def collect_garbage(archive: Archive, limit: int = 1000) -> int:
+    """Delete due garbage objects; how many.  Safe in several processes at once."""
+    due = archive.catalog.due_garbage(limit)
+    for key in due:
+        archive.store.delete(key)
+    if due:
+        archive.catalog.forget_garbage(due)
+    return len(due)
+
+
+def _frame_index_json(index: list[list[list[int]]]) -> str:
+    return json.dumps(index, separators=(",", ":"))
+
+
+def _lower_priority() -> None:
+    """Linux schedules threads individually: a nice background thread takes only the CPU
+    that receiving leaves over, and all of it when the archive is idle."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)

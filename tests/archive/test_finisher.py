@@ -1,0 +1,242 @@
+"""The background finisher: instances acknowledged as received are encoded and derived
+afterwards, stay bit-exact throughout, and leave nothing behind, whatever happens meanwhile
+(replacement, two finishers, failures, SIGKILL)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from kho.archive import finisher as finisher_module
+from kho.archive.archive import Archive
+from kho.archive.catalog import PIXELS_OBJECT, Catalog
+from kho.archive.config import Settings
+from kho.archive.part10 import read_file_meta
+from kho.archive.phantom import ct_series_datasets
+from tests.archive.test_ingest import make_instance
+from tests.helpers import dcmtk
+from tests.helpers.postgres import postgres_database
+from tests.helpers.server import kho_serve
+
+
+@pytest.fixture(scope="module")
+def ct_slices() -> list[bytes]:
+    """Realistic, compressible CT slices (JPEG-LS holds them in about a third)."""
+    return list(ct_series_datasets(6, rows=128, cols=128))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def archive(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Archive]:
+    with contextlib.ExitStack() as stack:
+        catalog = None
+        if request.param == "postgresql":
+            catalog = Catalog(stack.enter_context(postgres_database()))
+        yield stack.enter_context(Archive(settings, catalog=catalog))
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _referenced_keys(archive: Archive) -> set[str]:
+    """Every object key the catalog points at, plus those listed as garbage."""
+    from kho.archive import keys
+
+    out: set[str] = set()
+    for record in archive.catalog.iter_instances():
+        out.add(keys.header_key(record.object_prefix))
+        if record.pixel_format != "none":
+            out.add(record.pixels_key)
+        out.update(str(v) for v in record.derived_keys.values())
+    out.update(r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage"))
+    return out
+
+
+def _expire_garbage(archive: Archive) -> None:
+    archive.catalog.execute("UPDATE garbage SET not_before = 0")
+
+
+def test_acknowledged_as_received_then_encoded_bit_for_bit(
+    archive: Archive, ct_slices: list[bytes]
+) -> None:
+    archive.finisher.stop()  # this test drains by hand, step by step
+    results = [archive.ingest_part10(data, defer=True) for data in ct_slices]
+    assert archive.catalog.unfinished_count() == len(ct_slices)
+    for data, result in zip(ct_slices, results, strict=True):
+        record, back = archive.read_instance(result.sop_uid)
+        assert record.pixel_format == "raw" and record.derived_keys == {}
+        assert back == data  # retrievable at once, as received
+
+    assert archive.finisher.drain() == len(ct_slices)
+    assert archive.catalog.unfinished_count() == 0
+    for data, result in zip(ct_slices, results, strict=True):
+        record, back = archive.read_instance(result.sop_uid)
+        assert record.pixel_format == "jpeg-ls"
+        assert {"metadata", "thumbnail", PIXELS_OBJECT} <= set(record.derived_keys)
+        assert _sha(back) == _sha(data) == record.sha256
+        assert record.pixel_size < 128 * 128 * 2 / 2  # 12-bit CT: about a third
+    assert archive.stats()["unfinished"] == 0
+
+    # the received pixel objects are garbage now, deleted once their grace period ends
+    raw_keys = [r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage")]
+    assert len(raw_keys) == len(ct_slices)
+    assert all(archive.store.exists(k) for k in raw_keys)
+    _expire_garbage(archive)
+    assert finisher_module.collect_garbage(archive) == len(ct_slices)
+    assert not any(archive.store.exists(k) for k in raw_keys)
+    assert set(archive.store.list("")) == _referenced_keys(archive)
+    assert [p for _r, p in archive.verify() if p] == []
+
+
+def test_background_threads_finish_what_ingest_queues(
+    archive: Archive, ct_slices: list[bytes]
+) -> None:
+    results = [archive.ingest_part10(data, defer=True) for data in ct_slices]
+    assert archive.finisher.wait_idle(timeout=120)
+    for data, result in zip(ct_slices, results, strict=True):
+        record, back = archive.read_instance(result.sop_uid)
+        assert record.pixel_format == "jpeg-ls"
+        assert back == data
+
+
+def test_inline_ingest_queues_nothing(archive: Archive, ct_slices: list[bytes]) -> None:
+    result = archive.ingest_part10(ct_slices[0], defer=False)
+    assert archive.catalog.unfinished_count() == 0
+    assert archive.catalog.require_instance(result.sop_uid).pixel_format == "jpeg-ls"
+
+
+def test_replaced_while_finishing_leaves_nothing_behind(
+    archive: Archive, ct_slices: list[bytes]
+) -> None:
+    archive.finisher.stop()
+    first = ct_slices[0]
+    ds = pydicom.dcmread(BytesIO(first))
+    ds.SeriesDescription = "corrected"
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    second = out.getvalue()
+
+    result = archive.ingest_part10(first, defer=True)
+    ((sop_uid, old_prefix, _attempts),) = archive.catalog.claim_unfinished(1, 600)
+    archive.ingest_part10(second, defer=True)  # replaces it before the finisher is done
+    assert archive.finisher.finish_one(sop_uid, old_prefix) is False
+    archive.recover(grace_s=0)  # the replaced version's objects are deleted
+    _expire_garbage(archive)
+    finisher_module.collect_garbage(archive)
+    assert not [k for k in archive.store.list("") if k.startswith(old_prefix)]
+
+    assert archive.finisher.drain() == 1
+    record, back = archive.read_instance(result.sop_uid)
+    assert back == second and record.pixel_format == "jpeg-ls"
+    _expire_garbage(archive)
+    finisher_module.collect_garbage(archive)
+    assert set(archive.store.list("")) == _referenced_keys(archive)
+
+
+def test_two_finishers_on_one_catalog_finish_each_instance_once(
+    settings: Settings, ct_slices: list[bytes]
+) -> None:
+    with Archive(settings) as first, Archive(settings) as second:
+        first.finisher.stop()
+        second.finisher.stop()
+        for data in ct_slices:
+            first.ingest_part10(data, defer=True)
+        counts: list[int] = []
+        threads = [
+            threading.Thread(target=lambda a=a: counts.append(a.finisher.drain()))
+            for a in (first, second)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(counts) == len(ct_slices)
+        assert first.catalog.unfinished_count() == 0
+        assert {r.pixel_format for r in first.catalog.iter_instances()} == {"jpeg-ls"}
+
+
+def test_an_instance_that_cannot_be_finished_stays_as_received(
+    archive: Archive, ct_slices: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive.finisher.stop()
+    result = archive.ingest_part10(ct_slices[0], defer=True)
+
+    def broken_deriver(*_args: object) -> dict[str, bytes]:
+        raise RuntimeError("deriver bug")
+
+    monkeypatch.setattr(archive, "derivers", [broken_deriver])
+    for _ in range(finisher_module.MAX_ATTEMPTS):
+        assert archive.finisher.drain() == 0
+    assert archive.catalog.unfinished_count() == 0  # given up on, not retried forever
+    record, back = archive.read_instance(result.sop_uid)
+    assert record.pixel_format == "raw" and back == ct_slices[0]
+    # what the failed attempts wrote is unreferenced but harmless: the next attempt (or the
+    # deletion of the prefix) overwrites it; nothing is visible
+    assert [p for _r, p in archive.verify() if p] == []
+
+
+def test_small_and_pixel_less_instances_are_finished_too(archive: Archive) -> None:
+    archive.finisher.stop()
+    tiny = make_instance()
+    result = archive.ingest_part10(tiny, defer=True)
+    assert archive.finisher.drain() == 1
+    record, back = archive.read_instance(result.sop_uid)
+    assert back == tiny
+    assert "metadata" in record.derived_keys
+
+
+def test_sigkill_while_finishing_then_restart_finishes_everything(tmp_path: Path) -> None:
+    """kho serve acknowledges a CT series, is killed while its finisher encodes it, and a
+    restarted kho serve finishes the rest: every instance bit-exact, no orphan objects."""
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    files = []
+    for i, data in enumerate(ct_series_datasets(40)):
+        path = folder / f"CT{i:03d}.dcm"
+        path.write_bytes(data)
+        files.append(path)
+    data_dir = tmp_path / "data"
+    with kho_serve(data_dir) as (proc, port):
+        sent = subprocess.run(
+            [dcmtk.tool("storescu"), "-aec", "KHO", "127.0.0.1", str(port), *map(str, files)],
+            env=dcmtk.env(),
+            capture_output=True,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr.decode(errors="replace")[-500:]
+        with Archive(Settings(data_dir=data_dir)) as probe:
+            probe.finisher.stop()
+            left = probe.catalog.unfinished_count()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert left > 0, "the kill must land while instances are still being finished"
+
+    with kho_serve(data_dir), Archive(Settings(data_dir=data_dir)) as archive:
+        archive.finisher.stop()  # the server's finisher does the work, not this probe
+        deadline = time.monotonic() + 120
+        while archive.catalog.unfinished_count() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert archive.catalog.unfinished_count() == 0
+    with Archive(Settings(data_dir=data_dir)) as archive:
+        archive.finisher.stop()
+        assert archive.catalog.counts()["instances"] == len(files)
+        for path in files:
+            sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            record, data = archive.read_instance(sop)
+            assert record.pixel_format == "jpeg-ls"
+            original = path.read_bytes()
+            assert data[read_file_meta(data)[1] :] == original[read_file_meta(original)[1] :]
+        assert [p for _r, p in archive.verify() if p] == []
+        _expire_garbage(archive)
+        finisher_module.collect_garbage(archive)
+        assert set(archive.store.list("")) == _referenced_keys(archive)
