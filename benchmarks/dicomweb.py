@@ -1,8 +1,8 @@
 """DICOMweb latency for EMR viewers: kho against Orthanc (+ DICOMweb plugin) on the same data.
 
 Data: a 300-slice 512x512 CT series (kho.archive.phantom) and a 3000x2500 radiograph
-(generated here).  Requests, each at 1 and 8 concurrent clients (threads, one persistent
-HTTP/1.1 connection each, in a process of their own):
+(generated here).  Requests, each at 1 and 8 concurrent clients (processes, one persistent
+HTTP/1.1 connection each), with the CPU time per request of the server and of the clients:
 
 - series metadata (300 instances, DICOM JSON, no gzip);
 - one 512x512 frame in the stored syntax (``transfer-syntax=*``) and decoded
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -30,7 +31,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -202,46 +202,92 @@ def fetch(conn: http.client.HTTPConnection, request: Request) -> tuple[int, int]
     return response.status, len(body)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its reaped children (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _client(
+    port: int,
+    make: Callable[[int], Request],
+    client: int,
+    count: int,
+    warmup: int,
+    start: Any,
+    out: Any,
+) -> None:
+    """One viewer: its own process and persistent connection (a process, not a thread, so
+    that eight clients are not serialised by one interpreter lock)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    for i in range(warmup):
+        fetch(conn, make(client * 7919 + i))
+    start.wait()
+    cpu0 = time.process_time()
+    mine, statuses, sizes = [], {}, []
+    for i in range(count):
+        request = make(client * 7919 + warmup + i)
+        started = time.perf_counter()
+        status, size = fetch(conn, request)
+        mine.append((time.perf_counter() - started) * 1000)
+        statuses[status] = statuses.get(status, 0) + 1
+        sizes.append(size)
+    cpu = time.process_time() - cpu0
+    conn.close()
+    out.put((mine, statuses, sizes, cpu))
+
+
 def measure(
-    port: int, make: Callable[[int], Request], clients: int, total: int, warmup: int = 3
+    port: int,
+    make: Callable[[int], Request],
+    clients: int,
+    total: int,
+    warmup: int = 3,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Latencies (ms) of ``total`` requests spread over ``clients`` threads."""
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    sizes: list[int] = []
-    lock = threading.Lock()
+    """Latencies (ms) of ``total`` requests spread over ``clients`` processes, and the CPU
+    time per request of the clients and of the server: on a small machine the clients
+    share the cores with the server, and when the two together keep every core busy the
+    latency at several clients is set by throughput, not by the server alone."""
+    ctx = multiprocessing.get_context("fork")
     per_client = max(1, total // clients)
-
-    def run(client: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        for i in range(warmup):
-            fetch(conn, make(client * 7919 + i))
-        mine = []
-        for i in range(per_client):
-            request = make(client * 7919 + warmup + i)
-            started = time.perf_counter()
-            status, size = fetch(conn, request)
-            mine.append((time.perf_counter() - started) * 1000)
-            with lock:
-                statuses[status] = statuses.get(status, 0) + 1
-                sizes.append(size)
-        conn.close()
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    start, out = ctx.Barrier(clients + 1, timeout=300), ctx.Queue()
+    procs = [
+        ctx.Process(target=_client, args=(port, make, c, per_client, warmup, start, out))
+        for c in range(clients)
+    ]
+    for proc in procs:
+        proc.start()
+    start.wait()  # every client connected and warmed up
+    server_cpu0 = cpu_seconds(server_pid) if server_pid else None
     started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = [out.get(timeout=600) for _ in procs]
     wall = time.perf_counter() - started
+    server_cpu = cpu_seconds(server_pid) - server_cpu0 if server_cpu0 is not None else None
+    for proc in procs:
+        proc.join()
+    latencies = [v for r in results for v in r[0]]
+    statuses: dict[int, int] = {}
+    for r in results:
+        for status, n in r[1].items():
+            statuses[status] = statuses.get(status, 0) + n
+    sizes = [v for r in results for v in r[2]]
+    client_cpu = sum(r[3] for r in results)
     stats = summary(latencies)
+    n = len(latencies)
+    cores = os.cpu_count() or 1
     return {
         **{k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()},
-        "throughput_rps": round(len(latencies) / wall, 1),
+        "throughput_rps": round(n / wall, 1),
         "statuses": statuses,
         "mean_bytes": int(sum(sizes) / max(1, len(sizes))),
+        "client_cpu_ms_per_request": round(client_cpu * 1000 / n, 3),
+        "server_cpu_ms_per_request": (
+            round(server_cpu * 1000 / n, 3) if server_cpu is not None else None
+        ),
+        # share of all cores that the clients and the server kept busy (other work on the
+        # machine comes on top of this)
+        "cpu_busy": round((client_cpu + (server_cpu or 0)) / (wall * cores), 2),
     }
 
 
@@ -287,28 +333,45 @@ def workloads(server: str, ids: dict[str, Any]) -> dict[str, Callable[[int], Req
 
 
 def bench_server(
-    server: str, port: int, ids: dict[str, Any], total: int, clients_list: list[int]
+    server: str,
+    port: int,
+    ids: dict[str, Any],
+    total: int,
+    clients_list: list[int],
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, make in workloads(server, ids).items():
         out[name] = {"first": first_request_ms(port, make(10_000))}
         for clients in clients_list:
             count = total if name != "series metadata" else max(20, total // 4)
-            out[name][f"c{clients}"] = measure(port, make, clients, count)
+            m = out[name][f"c{clients}"] = measure(port, make, clients, count, 3, server_pid)
             print(
-                f"  {server:8} {name:22} c={clients}: median "
-                f"{out[name][f'c{clients}']['median']:.2f} ms, "
-                f"p95 {out[name][f'c{clients}']['p95']:.2f} ms",
+                f"  {server:8} {name:22} c={clients}: median {m['median']:.2f} ms, "
+                f"p95 {m['p95']:.2f} ms, {m['throughput_rps']} req/s, CPU/request: "
+                f"server {m['server_cpu_ms_per_request']} ms, "
+                f"clients {m['client_cpu_ms_per_request']} ms, cores busy {m['cpu_busy']}",
                 flush=True,
             )
     return out
 
 
+def _cpu(m: dict[str, Any] | None) -> str:
+    """Server / clients CPU ms per request (and how busy all cores were)."""
+    if not m or m.get("server_cpu_ms_per_request") is None:
+        return "n/a"
+    return (
+        f"{m['server_cpu_ms_per_request']:.2f} / {m['client_cpu_ms_per_request']:.2f} "
+        f"({m['cpu_busy']:.0%})"
+    )
+
+
 def table(results: dict[str, Any], clients_list: list[int]) -> str:
     lines = [
         "| request | clients | kho median ms | kho p95 ms | Orthanc median ms | Orthanc p95 ms "
-        "| Orthanc/kho (median) | target |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Orthanc/kho (median) | target | kho req/s | kho CPU ms/req: server / clients "
+        "(cores busy) | Orthanc CPU ms/req: server / clients (cores busy) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     kho, orthanc = results["kho"], results.get("orthanc") or {}
     for name in kho:
@@ -321,9 +384,29 @@ def table(results: dict[str, Any], clients_list: list[int]) -> str:
             lines.append(
                 f"| {name} | {clients} | {k['median']:.2f} | {k['p95']:.2f} | "
                 f"{o['median'] if o_ok else 'n/a'} | {o['p95'] if o_ok else 'n/a'} | "
-                f"{ratio if o_ok else 'n/a'} | {f'<= {target:g}' if target else ''} |"
+                f"{ratio if o_ok else 'n/a'} | {f'<= {target:g}' if target else ''} | "
+                f"{k['throughput_rps']} | {_cpu(k)} | {_cpu(o) if o_ok else 'n/a'} |"
             )
+    load = results.get("load_average_at_start"), results.get("load_average_at_end")
+    lines += [
+        "",
+        f"Machine: {results['machine']['cores']} cores ({results['machine']['cpu']}); "
+        f"load average at start {_load(load[0])}, at end {_load(load[1])} "
+        "(other work on the machine shares the cores).",
+        "",
+        "Clients are separate processes (one persistent connection each) on the same "
+        "cores as the server. The CPU columns give the CPU time per request of the server "
+        "process and of all client processes together, and the share of all cores the two "
+        "kept busy. Where clients plus server (plus the machine's other work, see the load "
+        "average) keep the cores busy, the latency at 8 clients is bounded by throughput, "
+        "about 8 / (requests per second), and the clients' own CPU time is part of that "
+        "bound.",
+    ]
     return "\n".join(lines)
+
+
+def _load(value: Any) -> str:
+    return "n/a" if not value else "/".join(f"{v:.1f}" for v in value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         proc, port, ingest_s = start_kho(work / "kho", [*ct, dx])
         results["kho_ingest_s"] = round(ingest_s, 2)
         try:
-            results["kho"] = bench_server("kho", port, ids, args.requests, clients_list)
+            results["kho"] = bench_server("kho", port, ids, args.requests, clients_list, proc.pid)
         finally:
             stop(proc)
         if use_orthanc:
@@ -389,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             results["orthanc_version"] = "Orthanc 1.10.1 + DICOMweb plugin 1.7 (Debian 12)"
             try:
                 results["orthanc"] = bench_server(
-                    "orthanc", oport, ids, args.requests, clients_list
+                    "orthanc", oport, ids, args.requests, clients_list, oproc.pid
                 )
             finally:
                 stop(oproc)
