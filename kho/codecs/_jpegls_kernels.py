@@ -76,19 +76,18 @@ def _quant_table(maxval, t1, t2, t3):
 
 @njit(cache=True, nogil=True)
 def _predict(ra, rb, rc):
-    if rc >= max(ra, rb):
-        return min(ra, rb)
-    if rc <= min(ra, rb):
-        return max(ra, rb)
-    return ra + rb - rc
+    """The MED predictor (A.4.1): the median of Ra, Rb and Ra + Rb - Rc, as min / max
+    (conditional moves, no branch on the data)."""
+    return max(min(ra, rb), min(max(ra, rb), ra + rb - rc))
 
 
 @njit(cache=True, nogil=True)
 def _contexts(rng):
-    """A, B, C, N, Nn as rows of one array (A.2.1 initialisation)."""
-    ctx = np.zeros((N_CONTEXTS, 5), np.int64)  # one row per context: one cache line
-    ctx[:, 0] = max(2, (rng + 32) // 64)
-    ctx[:, 3] = 1
+    """A, B, C, N of context q at 4q .. 4q + 3 (A.2.1 initialisation); the two run
+    interruption contexts keep Nn where the regular ones keep B."""
+    ctx = np.zeros(N_CONTEXTS * 4, np.int64)  # flat, 4 per context: 32 bytes
+    ctx[0::4] = max(2, (rng + 32) // 64)
+    ctx[3::4] = 1
     return ctx
 
 
@@ -112,15 +111,15 @@ def _mod_reduce(errval, rng):
 
 @njit(cache=True, nogil=True)
 def _update_regular(ctx, q, errval, reset):
-    b = ctx[q, 1] + errval
-    a = ctx[q, 0] + abs(errval)
-    n = ctx[q, 3]
+    b = ctx[q * 4 + 1] + errval
+    a = ctx[q * 4] + abs(errval)
+    n = ctx[q * 4 + 3]
     if n == reset:
         a >>= 1
         b = b >> 1 if b >= 0 else -((1 - b) >> 1)
         n >>= 1
     n += 1
-    c = ctx[q, 2]
+    c = ctx[q * 4 + 2]
     if b <= -n:
         b += n
         if c > -128:
@@ -133,10 +132,10 @@ def _update_regular(ctx, q, errval, reset):
             c += 1
         if b > 0:
             b = 0
-    ctx[q, 0] = a
-    ctx[q, 1] = b
-    ctx[q, 2] = c
-    ctx[q, 3] = n
+    ctx[q * 4] = a
+    ctx[q * 4 + 1] = b
+    ctx[q * 4 + 2] = c
+    ctx[q * 4 + 3] = n
 
 
 @njit(cache=True, nogil=True)
@@ -169,22 +168,24 @@ def _adapt(a, b, c, n, errval, reset):
 @njit(cache=True, nogil=True)
 def _update_ri(ctx, q, errval, emerr, ritype, reset):
     if errval < 0:
-        ctx[q, 4] += 1
-    ctx[q, 0] += (emerr + 1 - ritype) >> 1
-    if ctx[q, 3] == reset:
-        ctx[q, 0] >>= 1
-        ctx[q, 3] >>= 1
-        ctx[q, 4] >>= 1
-    ctx[q, 3] += 1
+        ctx[q * 4 + 1] += 1
+    ctx[q * 4] += (emerr + 1 - ritype) >> 1
+    if ctx[q * 4 + 3] == reset:
+        ctx[q * 4] >>= 1
+        ctx[q * 4 + 3] >>= 1
+        ctx[q * 4 + 1] >>= 1
+    ctx[q * 4 + 3] += 1
 
 
 @njit(cache=True, nogil=True)
 def _ri_k_and_map(ctx, q, errval, ritype):
-    temp = ctx[q, 0] + (ctx[q, 3] >> 1) if ritype else ctx[q, 0]
-    k = _k_for(ctx[q, 3], temp)
-    nn2 = 2 * ctx[q, 4]
+    temp = ctx[q * 4] + (ctx[q * 4 + 3] >> 1) if ritype else ctx[q * 4]
+    k = _k_for(ctx[q * 4 + 3], temp)
+    nn2 = 2 * ctx[q * 4 + 1]
     mapped = 0
-    if (k == 0 and errval > 0 and nn2 < ctx[q, 3]) or (errval < 0 and (nn2 >= ctx[q, 3] or k)):
+    if (k == 0 and errval > 0 and nn2 < ctx[q * 4 + 3]) or (
+        errval < 0 and (nn2 >= ctx[q * 4 + 3] or k)
+    ):
         mapped = 1
     return k, mapped
 
@@ -264,8 +265,8 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                     rb = prev[ci, x + 1]
                     rc = prev[ci, x]
                     rd = prev[ci, x + 2]
-                    q = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9
-                    q += qt[rc - ra + maxval]
+                    q = (np.int64(qt[rd - rb + maxval]) * 9 + np.int64(qt[rb - rc + maxval])) * 9
+                    q += np.int64(qt[rc - ra + maxval])
                     qs_all[ci] = q
                     if q != 0:
                         all_zero = False
@@ -400,10 +401,18 @@ def _encode_line(
     """One line of one component (interleave none or line).  The per-sample path calls no
     helper that takes an array (numba would count references, atomically, on every such
     call): the writer keeps up to 63 pending bits in ``acc`` and writes whole bytes once 32
-    are pending; a code that does not fit goes through the general ``_golomb``."""
+    are pending; a code that does not fit goes through the general ``_golomb``.  Array
+    indices are unsigned (numba adds negative-index wraparound code for signed ones) and
+    Ra, Rb, Rc are carried in registers from one sample to the next."""
     cols = img.shape[1]
     size = out.shape[0]
+    for i in range(cols):  # the line itself goes into cl[1:], after cl[0] (= Rb of x = 0)
+        cl[i + 1] = img[y, i, comp]
+    escape = limit - qbpp - 1  # the unary part of a code must stay below this
     x = 0
+    ra = np.int64(cl[0])
+    rb = np.int64(pl[1])
+    rc = np.int64(pl[0])
     while x < cols:
         if nbits >= 32:
             while nbits >= 8 - ff:
@@ -411,112 +420,113 @@ def _encode_line(
                 nbits -= take
                 byte = (acc >> nbits) & ((1 << take) - 1)
                 if pos < size:
-                    out[pos] = byte
+                    out[np.uint64(pos)] = byte
                 pos += 1  # past the end is detected by the caller (pos > len)
                 ff = 1 if byte == 0xFF else 0
             acc &= (1 << nbits) - 1
-        ra = np.int64(cl[x])
-        rb = np.int64(pl[x + 1])
-        rc = np.int64(pl[x])
-        rd = np.int64(pl[x + 2])
-        qs = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9 + qt[rc - ra + maxval]
-        if qs == 0:
-            run = 0
-            while x + run < cols and img[y, x + run, comp] == ra:
-                cl[x + run + 1] = ra
-                run += 1
-            ri = runindex[slot]
-            while run >= (1 << J[ri]):
-                if nbits >= 56:
-                    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)
-                acc = (acc << 1) | 1
-                nbits += 1
-                run -= 1 << J[ri]
-                x += 1 << J[ri]
-                if ri < 31:
-                    ri += 1
-            x += run
-            if x == cols:
-                if run > 0:
-                    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, 1)
-                runindex[slot] = ri
-                break
-            if nbits >= 16:
-                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)
-            j = J[ri]
-            acc = (acc << (j + 1)) | run  # a 0, then the remaining run length in J bits
-            nbits += j + 1
-            # the run interruption sample (A.7.2)
-            value = np.int64(img[y, x, comp])
-            rb = np.int64(pl[x + 1])
-            ritype = 1 if ra == rb else 0
-            if ritype:
-                errval = value - ra
-            else:
-                errval = value - rb if ra <= rb else rb - value
-            errval = _mod_reduce(errval, rng)
-            q = 365 + ritype
-            a = ctx[q, 0]
-            n = ctx[q, 3]
-            nn = ctx[q, 4]
-            k = _k_for(n, a + (n >> 1) if ritype else a)
-            mapped = 0
-            if (k == 0 and errval > 0 and 2 * nn < n) or (errval < 0 and (2 * nn >= n or k)):
-                mapped = 1
-            emerr = 2 * abs(errval) - ritype - mapped
-            rlimit = limit - j - 1
-            high = emerr >> k
-            if high < rlimit - qbpp - 1 and high + 1 + k <= 32:
-                acc = (acc << (high + 1 + k)) | (1 << k) | (emerr & ((1 << k) - 1))
+        rd = np.int64(pl[np.uint64(x + 2)])
+        value = np.int64(cl[np.uint64(x + 1)])
+        qs = (
+            np.int64(qt[np.uint64(rd - rb + maxval)]) * 9
+            + np.int64(qt[np.uint64(rb - rc + maxval)])
+        ) * 9
+        qs += np.int64(qt[np.uint64(rc - ra + maxval)])
+        if qs != 0:
+            sign = (qs >> 63) | 1  # -1 or 1, without a branch
+            q = np.uint64((qs * sign) * 4)
+            a = ctx[q]
+            b = ctx[q + 1]
+            c = ctx[q + 2]
+            n = ctx[q + 3]
+            px = min(max(_predict(ra, rb, rc) + sign * c, 0), maxval)
+            errval = _mod_reduce(sign * (value - px), rng)
+            k = _k_for(n, a)
+            # error mapping (A.5.2), the k = 0 special case as a complement: branch-free
+            e = errval ^ (-1 if (k == 0 and 2 * b <= -n) else 0)
+            merr = (e << 1) ^ (e >> 63)
+            high = merr >> k
+            if high < escape and high + 1 + k <= 32:
+                acc = (acc << (high + 1 + k)) | (1 << k) | (merr & ((1 << k) - 1))
                 nbits += high + 1 + k
             else:
-                acc, nbits, pos, ff = _golomb(out, acc, nbits, pos, ff, emerr, k, rlimit, qbpp)
-            if errval < 0:
-                nn += 1
-            a += (emerr + 1 - ritype) >> 1
-            if n == reset:
-                a >>= 1
-                n >>= 1
-                nn >>= 1
-            ctx[q, 0] = a
-            ctx[q, 3] = n + 1
-            ctx[q, 4] = nn
-            if ri > 0:
-                ri -= 1
-            runindex[slot] = ri
-            cl[x + 1] = value
+                acc, nbits, pos, ff = _golomb(out, acc, nbits, pos, ff, merr, k, limit, qbpp)
+            a, b, c, n = _adapt(a, b, c, n, errval, reset)
+            ctx[q] = a
+            ctx[q + 1] = b
+            ctx[q + 2] = c
+            ctx[q + 3] = n
+            rc = rb
+            rb = rd
+            ra = value
             x += 1
             continue
-        value = np.int64(img[y, x, comp])
-        sign = (qs >> 63) | 1  # -1 or 1, without a branch
-        qs *= sign
-        a = ctx[qs, 0]
-        b = ctx[qs, 1]
-        c = ctx[qs, 2]
-        n = ctx[qs, 3]
-        px = _predict(ra, rb, rc) + sign * c
-        if px > maxval:
-            px = maxval
-        elif px < 0:
-            px = 0
-        errval = _mod_reduce(sign * (value - px), rng)
-        k = _k_for(n, a)
-        # error mapping (A.5.2), the k = 0 special case as a complement: branch-free
-        e = errval ^ (-1 if (k == 0 and 2 * b <= -n) else 0)
-        merr = (e << 1) ^ (e >> 63)
-        high = merr >> k
-        if high < limit - qbpp - 1 and high + 1 + k <= 32:
-            acc = (acc << (high + 1 + k)) | (1 << k) | (merr & ((1 << k) - 1))
+        # run mode (A.7)
+        run = 0
+        while x + run < cols and cl[np.uint64(x + run + 1)] == ra:
+            run += 1
+        ri = runindex[slot]
+        while run >= (1 << J[ri]):
+            if nbits >= 56:
+                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)
+            acc = (acc << 1) | 1
+            nbits += 1
+            run -= 1 << J[ri]
+            x += 1 << J[ri]
+            if ri < 31:
+                ri += 1
+        x += run
+        if x == cols:
+            if run > 0:
+                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, 1)
+            runindex[slot] = ri
+            break
+        if nbits >= 16:
+            acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)
+        j = J[ri]
+        acc = (acc << (j + 1)) | run  # a 0, then the remaining run length in J bits
+        nbits += j + 1
+        # the run interruption sample (A.7.2)
+        value = np.int64(cl[x + 1])
+        rb = np.int64(pl[x + 1])
+        ritype = 1 if ra == rb else 0
+        if ritype:
+            errval = value - ra
+        else:
+            errval = value - rb if ra <= rb else rb - value
+        errval = _mod_reduce(errval, rng)
+        q = (365 + ritype) * 4
+        a = ctx[q]
+        n = ctx[q + 3]
+        nn = ctx[q + 1]
+        k = _k_for(n, a + (n >> 1) if ritype else a)
+        mapped = 0
+        if (k == 0 and errval > 0 and 2 * nn < n) or (errval < 0 and (2 * nn >= n or k)):
+            mapped = 1
+        emerr = 2 * abs(errval) - ritype - mapped
+        rlimit = limit - j - 1
+        high = emerr >> k
+        if high < rlimit - qbpp - 1 and high + 1 + k <= 32:
+            acc = (acc << (high + 1 + k)) | (1 << k) | (emerr & ((1 << k) - 1))
             nbits += high + 1 + k
         else:
-            acc, nbits, pos, ff = _golomb(out, acc, nbits, pos, ff, merr, k, limit, qbpp)
-        a, b, c, n = _adapt(a, b, c, n, errval, reset)
-        ctx[qs, 0] = a
-        ctx[qs, 1] = b
-        ctx[qs, 2] = c
-        ctx[qs, 3] = n
-        cl[x + 1] = value
+            acc, nbits, pos, ff = _golomb(out, acc, nbits, pos, ff, emerr, k, rlimit, qbpp)
+        if errval < 0:
+            nn += 1
+        a += (emerr + 1 - ritype) >> 1
+        if n == reset:
+            a >>= 1
+            n >>= 1
+            nn >>= 1
+        ctx[q] = a
+        ctx[q + 3] = n + 1
+        ctx[q + 1] = nn
+        if ri > 0:
+            ri -= 1
+        runindex[slot] = ri
         x += 1
+        ra = value
+        rc = rb
+        rb = np.int64(pl[x + 1])
     return acc, nbits, pos, ff
 
 
@@ -526,15 +536,15 @@ def _regular(out, acc, nbits, pos, ff, ctx, qs, value, px, rng, maxval, limit, q
     if qs < 0:
         sign = -1
         qs = -qs
-    px = px + ctx[qs, 2] if sign > 0 else px - ctx[qs, 2]
+    px = px + ctx[qs * 4 + 2] if sign > 0 else px - ctx[qs * 4 + 2]
     if px > maxval:
         px = maxval
     elif px < 0:
         px = 0
     errval = value - px if sign > 0 else px - value
     errval = _mod_reduce(errval, rng)
-    k = _k_for(ctx[qs, 3], ctx[qs, 0])
-    if k == 0 and 2 * ctx[qs, 1] <= -ctx[qs, 3]:
+    k = _k_for(ctx[qs * 4 + 3], ctx[qs * 4])
+    if k == 0 and 2 * ctx[qs * 4 + 1] <= -ctx[qs * 4 + 3]:
         merr = 2 * errval + 1 if errval >= 0 else -2 * (errval + 1)
     else:
         merr = 2 * errval if errval >= 0 else -2 * errval - 1
@@ -683,8 +693,8 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                     rb = prev[ci, x + 1]
                     rc = prev[ci, x]
                     rd = prev[ci, x + 2]
-                    q = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9
-                    q += qt[rc - ra + maxval]
+                    q = (np.int64(qt[rd - rb + maxval]) * 9 + np.int64(qt[rb - rc + maxval])) * 9
+                    q += np.int64(qt[rc - ra + maxval])
                     qs_all[ci] = q
                     if q != 0:
                         all_zero = False
@@ -730,8 +740,8 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                             rb = prev[ci, x + 1]
                             ritype = 1 if (ilv != 2 and ra == rb) else 0
                             q = 365 + ritype
-                            temp = ctx[q, 0] + (ctx[q, 3] >> 1) if ritype else ctx[q, 0]
-                            k = _k_for(ctx[q, 3], temp)
+                            temp = ctx[q * 4] + (ctx[q * 4 + 3] >> 1) if ritype else ctx[q * 4]
+                            k = _k_for(ctx[q * 4 + 3], temp)
                             emerr, acc, nbits, pos, ff, fake = _ungolomb(
                                 src, acc, nbits, pos, ff, fake, k, limit - J[ri] - 1, qbpp
                             )
@@ -740,7 +750,7 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                                 return
                             # invert EMErrval = 2|E| - RItype - map (A.7.2.2)
                             tmp = emerr + ritype
-                            if k == 0 and 2 * ctx[q, 4] < ctx[q, 3]:
+                            if k == 0 and 2 * ctx[q * 4 + 1] < ctx[q * 4 + 3]:
                                 errval = (tmp + 1) >> 1 if tmp & 1 else -(tmp >> 1)
                             else:
                                 errval = -((tmp + 1) >> 1) if tmp & 1 else tmp >> 1
@@ -770,19 +780,19 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                         sign = -1
                         qs = -qs
                     px = _predict(cur[ci, x], prev[ci, x + 1], prev[ci, x])
-                    px = px + ctx[qs, 2] if sign > 0 else px - ctx[qs, 2]
+                    px = px + ctx[qs * 4 + 2] if sign > 0 else px - ctx[qs * 4 + 2]
                     if px > maxval:
                         px = maxval
                     elif px < 0:
                         px = 0
-                    k = _k_for(ctx[qs, 3], ctx[qs, 0])
+                    k = _k_for(ctx[qs * 4 + 3], ctx[qs * 4])
                     merr, acc, nbits, pos, ff, fake = _ungolomb(
                         src, acc, nbits, pos, ff, fake, k, limit, qbpp
                     )
                     if merr < 0:
                         st[4] = ERR_CORRUPT
                         return
-                    if k == 0 and 2 * ctx[qs, 1] <= -ctx[qs, 3]:
+                    if k == 0 and 2 * ctx[qs * 4 + 1] <= -ctx[qs * 4 + 3]:
                         errval = (merr - 1) >> 1 if merr & 1 else -(merr >> 1) - 1
                     else:
                         errval = -((merr + 1) >> 1) if merr & 1 else merr >> 1
@@ -826,18 +836,23 @@ def _decode_line(
     qbpp,
     reset,
 ):
-    """One line of one component (interleave none or line).  As in ``_encode_line`` the
-    per-sample path passes no array to a helper: the reader refills ``acc`` in place when
-    fewer than 32 bits are left and decodes a Golomb code found whole in it directly; other
-    codes go through the general ``_ungolomb``."""
+    """One line of one component (interleave none or line) into cl[1:], then copied into
+    the image.  As in ``_encode_line`` the per-sample path passes no array to a helper: the
+    reader refills ``acc`` in place when fewer than 32 bits are left and decodes a Golomb
+    code found whole in it directly; other codes go through the general ``_ungolomb``."""
     cols = img.shape[1]
     end = src.shape[0]
+    escape = limit - qbpp - 1
+    status = OK
     x = 0
+    ra = np.int64(cl[0])
+    rb = np.int64(pl[1])
+    rc = np.int64(pl[0])
     while x < cols:
         if nbits < 32:
             while nbits <= 48:
                 if pos < end:
-                    byte = np.int64(src[pos])
+                    byte = np.int64(src[np.uint64(pos)])
                     if ff:
                         if byte & 0x80:  # a marker, not data: the scan data end here
                             pos = end
@@ -854,133 +869,144 @@ def _decode_line(
                     nbits += 8
                     fake += 8
             if fake > nbits + 64:  # far past the end of the data: truncated
-                return acc, nbits, pos, ff, fake, ERR_TRUNCATED
-        ra = np.int64(cl[x])
-        rb = np.int64(pl[x + 1])
-        rc = np.int64(pl[x])
-        rd = np.int64(pl[x + 2])
-        qs = (qt[rd - rb + maxval] * 9 + qt[rb - rc + maxval]) * 9 + qt[rc - ra + maxval]
-        if qs == 0:
-            ri = runindex[slot]
-            while True:
-                if nbits == 0:
-                    acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
-                    if fake > nbits + 64:
-                        return acc, nbits, pos, ff, fake, ERR_TRUNCATED
-                nbits -= 1
-                if (acc >> nbits) & 1:
-                    count = min(1 << J[ri], cols - x)
-                    for i in range(count):
-                        cl[x + 1 + i] = ra
-                        img[y, x + i, comp] = ra
-                    x += count
-                    if count == (1 << J[ri]) and ri < 31:
-                        ri += 1
-                    if x == cols:
-                        break
-                    continue
-                j = J[ri]
-                count = 0
-                if j:
-                    if nbits < j:
-                        acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
-                    nbits -= j
-                    count = (acc >> nbits) & ((1 << j) - 1)
-                if x + count >= cols:
-                    return acc, nbits, pos, ff, fake, ERR_CORRUPT
+                status = ERR_TRUNCATED
+                break
+        rd = np.int64(pl[np.uint64(x + 2)])
+        qs = (
+            np.int64(qt[np.uint64(rd - rb + maxval)]) * 9
+            + np.int64(qt[np.uint64(rb - rc + maxval)])
+        ) * 9
+        qs += np.int64(qt[np.uint64(rc - ra + maxval)])
+        if qs != 0:
+            sign = (qs >> 63) | 1  # -1 or 1, without a branch (the sign is unpredictable)
+            q = np.uint64((qs * sign) * 4)
+            a = ctx[q]
+            b = ctx[q + 1]
+            c = ctx[q + 2]
+            n = ctx[q + 3]
+            px = min(max(_predict(ra, rb, rc) + sign * c, 0), maxval)
+            k = _k_for(n, a)
+            # the Golomb code, when it lies whole in the accumulator (almost always)
+            live = acc & ((1 << nbits) - 1)  # bits above nbits are stale
+            top = 63 - _clz64(live)  # -1 when no bit is set
+            high = nbits - 1 - top
+            if top >= k and high < escape:
+                nbits = top - k
+                merr = (high << k) | ((acc >> nbits) & ((1 << k) - 1))
+            else:
+                merr, acc, nbits, pos, ff, fake = _ungolomb(
+                    src, acc, nbits, pos, ff, fake, k, limit, qbpp
+                )
+                if merr < 0:
+                    status = ERR_CORRUPT
+                    break
+            # inverse of the error mapping (A.5.2): even -> >= 0, odd -> < 0, swapped in
+            # the special k = 0 case; written as an xor so that no branch depends on the data
+            swap = 1 if (k == 0 and 2 * b <= -n) else 0
+            errval = (merr >> 1) ^ -((merr & 1) ^ swap)
+            a, b, c, n = _adapt(a, b, c, n, errval, reset)
+            ctx[q] = a
+            ctx[q + 1] = b
+            ctx[q + 2] = c
+            ctx[q + 3] = n
+            value = px + sign * errval
+            if value < 0:
+                value += rng
+            elif value > maxval:
+                value -= rng
+            if value < 0 or value > maxval:
+                status = ERR_CORRUPT
+                break
+            cl[np.uint64(x + 1)] = value
+            rc = rb
+            rb = rd
+            ra = value
+            x += 1
+            continue
+        # run mode (A.7)
+        ri = runindex[slot]
+        while True:
+            if nbits == 0:
+                acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
+                if fake > nbits + 64:
+                    status = ERR_TRUNCATED
+                    break
+            nbits -= 1
+            if (acc >> nbits) & 1:
+                count = min(1 << J[ri], cols - x)
                 for i in range(count):
                     cl[x + 1 + i] = ra
-                    img[y, x + i, comp] = ra
                 x += count
-                # the run interruption sample (A.7.2)
-                rb = np.int64(pl[x + 1])
-                ritype = 1 if ra == rb else 0
-                q = 365 + ritype
-                a = ctx[q, 0]
-                n = ctx[q, 3]
-                nn = ctx[q, 4]
-                k = _k_for(n, a + (n >> 1) if ritype else a)
-                emerr, acc, nbits, pos, ff, fake = _ungolomb(
-                    src, acc, nbits, pos, ff, fake, k, limit - j - 1, qbpp
-                )
-                if emerr < 0:
-                    return acc, nbits, pos, ff, fake, ERR_CORRUPT
-                # invert EMErrval = 2|E| - RItype - map (A.7.2.2)
-                tmp = emerr + ritype
-                if k == 0 and 2 * nn < n:
-                    errval = (tmp + 1) >> 1 if tmp & 1 else -(tmp >> 1)
-                else:
-                    errval = -((tmp + 1) >> 1) if tmp & 1 else tmp >> 1
-                if errval < 0:
-                    nn += 1
-                a += (emerr + 1 - ritype) >> 1
-                if n == reset:
-                    a >>= 1
-                    n >>= 1
-                    nn >>= 1
-                ctx[q, 0] = a
-                ctx[q, 3] = n + 1
-                ctx[q, 4] = nn
-                if ritype:
-                    value = ra + errval
-                else:
-                    value = rb + errval if rb >= ra else rb - errval
-                if value < 0:
-                    value += rng
-                elif value > maxval:
-                    value -= rng
-                if value < 0 or value > maxval:
-                    return acc, nbits, pos, ff, fake, ERR_CORRUPT
-                if ri > 0:
-                    ri -= 1
-                cl[x + 1] = value
-                img[y, x, comp] = value
-                x += 1
+                if count == (1 << J[ri]) and ri < 31:
+                    ri += 1
+                if x == cols:
+                    break
+                continue
+            j = J[ri]
+            count = 0
+            if j:
+                if nbits < j:
+                    acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
+                nbits -= j
+                count = (acc >> nbits) & ((1 << j) - 1)
+            if x + count >= cols:
+                status = ERR_CORRUPT
                 break
-            runindex[slot] = ri
-            continue
-        sign = (qs >> 63) | 1  # -1 or 1, without a branch (the sign is unpredictable)
-        qs *= sign
-        a = ctx[qs, 0]
-        b = ctx[qs, 1]
-        c = ctx[qs, 2]
-        n = ctx[qs, 3]
-        px = _predict(ra, rb, rc) + sign * c
-        if px > maxval:
-            px = maxval
-        elif px < 0:
-            px = 0
-        k = _k_for(n, a)
-        # the Golomb code, when it lies whole in the accumulator (almost always)
-        live = acc & ((1 << nbits) - 1)  # bits above nbits are stale
-        top = 63 - _clz64(live)  # -1 when no bit is set
-        high = nbits - 1 - top
-        if top >= k and high < limit - qbpp - 1:
-            nbits = top - k
-            merr = (high << k) | ((acc >> nbits) & ((1 << k) - 1))
-        else:
-            merr, acc, nbits, pos, ff, fake = _ungolomb(
-                src, acc, nbits, pos, ff, fake, k, limit, qbpp
+            for i in range(count):
+                cl[x + 1 + i] = ra
+            x += count
+            # the run interruption sample (A.7.2)
+            rb = np.int64(pl[x + 1])
+            ritype = 1 if ra == rb else 0
+            q = (365 + ritype) * 4
+            a = ctx[q]
+            n = ctx[q + 3]
+            nn = ctx[q + 1]
+            k = _k_for(n, a + (n >> 1) if ritype else a)
+            emerr, acc, nbits, pos, ff, fake = _ungolomb(
+                src, acc, nbits, pos, ff, fake, k, limit - j - 1, qbpp
             )
-            if merr < 0:
-                return acc, nbits, pos, ff, fake, ERR_CORRUPT
-        # inverse of the error mapping (A.5.2): even -> >= 0, odd -> < 0, swapped in the
-        # special k = 0 case; written as an xor so that no branch depends on the data
-        swap = 1 if (k == 0 and 2 * b <= -n) else 0
-        errval = (merr >> 1) ^ -((merr & 1) ^ swap)
-        a, b, c, n = _adapt(a, b, c, n, errval, reset)
-        ctx[qs, 0] = a
-        ctx[qs, 1] = b
-        ctx[qs, 2] = c
-        ctx[qs, 3] = n
-        value = px + sign * errval
-        if value < 0:
-            value += rng
-        elif value > maxval:
-            value -= rng
-        if value < 0 or value > maxval:
-            return acc, nbits, pos, ff, fake, ERR_CORRUPT
-        cl[x + 1] = value
-        img[y, x, comp] = value
-        x += 1
-    return acc, nbits, pos, ff, fake, OK
+            if emerr < 0:
+                status = ERR_CORRUPT
+                break
+            # invert EMErrval = 2|E| - RItype - map (A.7.2.2)
+            tmp = emerr + ritype
+            if k == 0 and 2 * nn < n:
+                errval = (tmp + 1) >> 1 if tmp & 1 else -(tmp >> 1)
+            else:
+                errval = -((tmp + 1) >> 1) if tmp & 1 else tmp >> 1
+            if errval < 0:
+                nn += 1
+            a += (emerr + 1 - ritype) >> 1
+            if n == reset:
+                a >>= 1
+                n >>= 1
+                nn >>= 1
+            ctx[q] = a
+            ctx[q + 3] = n + 1
+            ctx[q + 1] = nn
+            if ritype:
+                value = ra + errval
+            else:
+                value = rb + errval if rb >= ra else rb - errval
+            if value < 0:
+                value += rng
+            elif value > maxval:
+                value -= rng
+            if value < 0 or value > maxval:
+                status = ERR_CORRUPT
+                break
+            if ri > 0:
+                ri -= 1
+            cl[x + 1] = value
+            x += 1
+            ra = value
+            rc = rb
+            rb = np.int64(pl[x + 1])
+            break
+        runindex[slot] = ri
+        if status != OK:
+            break
+    for i in range(cols):
+        img[y, i, comp] = cl[i + 1]
+    return acc, nbits, pos, ff, fake, status
