@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     finish_threads: int = Field(
         0, description="background finisher threads (0 = one per core)", ge=0
     )
+    tile_pyramid: bool = Field(
+        True, description="store a JPEG tile pyramid of images over 1024 pixels a side"
+    )
     fsync: bool = Field(True, description="fsync objects and catalog commits (durability)")
     require_called_ae: bool = Field(False, description="refuse associations to another AE title")
     find_result_limit: int = Field(10000, description="C-FIND / QIDO-RS result cap")

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from kho.archive import keys
+from kho.archive import keys, metrics
 from kho.archive.attributes import extract_attributes, read_header
 from kho.archive.catalog import PIXELS_OBJECT
 from kho.archive.ingest import put_objects
@@ -153,6 +153,7 @@ class Finisher:
 
     def _finish_counted(self, sop_uid: str, prefix: str, attempts: int) -> int:
         catalog = self.archive.catalog
+        started = time.perf_counter()
         try:
             done = self.finish_one(sop_uid, prefix)
         except (StorageError, CatalogError) as exc:  # an outage: give it back, retry later
@@ -173,6 +174,7 @@ class Finisher:
             return 0
         if done:
             self.finished += 1
+            metrics.FINISH_SECONDS.observe(time.perf_counter() - started)
         return int(done)
 
     def finish_one(self, sop_uid: str, prefix: str) -> bool:

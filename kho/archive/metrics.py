@@ -19,8 +19,15 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 INGEST_SECONDS = Histogram(
     "kho_ingest_seconds",
-    "Time to ingest one instance durably (parse, encode, write, commit)",
+    "Time to ingest one instance durably, until it can be acknowledged (parse, write, "
+    "commit; encoding too when not left to the background finisher)",
     ["source"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+FINISH_SECONDS = Histogram(
+    "kho_finish_seconds",
+    "Time the background finisher takes for one instance (encode, derive, write, switch)",
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
@@ -66,6 +73,11 @@ class ArchiveCollector(Collector):
         yield received
         yield stored
         yield instances
+        yield GaugeMetricFamily(
+            "kho_unfinished_instances",
+            "Instances acknowledged as received, not yet encoded at rest by the finisher",
+            value=stats["unfinished"],
+        )
 
 
 def exposition(archive: Archive) -> bytes:

@@ -7,9 +7,12 @@ or PNG with imagecodecs (already a dependency; Pillow is not needed).
 
 Tiles (``frames/{f}/tiles/{level}/{x}/{y}``): level 0 is full resolution and each next
 level half the previous (rounded up), up to the level where the frame fits one tile.
-They are rendered on request from the decoded frame, which the HTTP layer keeps in a
-bounded in-memory cache (:class:`RenderCache`); a tile then costs about its own area times
-4**level.  No tile pyramid is written at ingest.
+For frames larger than PYRAMID_MIN_SIDE a side, the finisher writes the whole pyramid
+of JPEG tiles with the instance's own window (:func:`tile_pyramid_deriver`), one object
+with an index in front, so the first look at a radiograph is one ranged read per tile.
+Tiles with another window or format are rendered on request from the decoded frame, which
+the HTTP layer keeps in a bounded in-memory cache (:class:`RenderCache`); a tile then costs
+about its own area times 4**level.
 """
 
 from __future__ import annotations
@@ -353,3 +356,108 @@ def stored_thumbnail(archive: Archive, record: InstanceRecord) -> bytes | None:
     """The JPEG thumbnail made at ingest, or None if there is none."""
     key = record.derived_keys.get(THUMBNAIL_OBJECT)
     return archive.store.get(key) if key else None
+
+
+# --- the stored tile pyramid ------------------------------------------------------------
+
+TILES_OBJECT = "tiles"
+#: frames with a side longer than this get a stored pyramid (DESIGN.md: "about 1024")
+PYRAMID_MIN_SIDE = 1024
+PYRAMID_QUALITY = 90
+_PYRAMID_MAGIC = b"KHOTILE1"
+
+
+def encode_pyramid(values: np.ndarray, params: RenderParams) -> bytes:
+    """Every tile of every level as JPEG, in one object: a 20-byte head (magic, u64 offset
+    and u32 length of the index), the tiles, then the index (JSON: tiles across and down
+    per level, and [offset, length] of each tile, level by level, row-major)."""
+    import json
+
+    rows, cols = values.shape[:2]
+    head = len(_PYRAMID_MAGIC) + 12
+    shape: list[list[int]] = []
+    tiles: list[bytes] = []
+    offsets: list[list[int]] = []
+    pos = head
+    for level, (level_rows, level_cols) in enumerate(
+        codec_render.tile_pyramid_levels(rows, cols, TILE_SIZE)
+    ):
+        across, down = math.ceil(level_cols / TILE_SIZE), math.ceil(level_rows / TILE_SIZE)
+        shape.append([across, down])
+        for y in range(down):
+            for x in range(across):
+                piece = codec_render.render_tile(values, params, level, x, y, TILE_SIZE)
+                tile = encode_image(piece, JPEG, PYRAMID_QUALITY)
+                tiles.append(tile)
+                offsets.append([pos, len(tile)])
+                pos += len(tile)
+    index = json.dumps({"levels": shape, "tiles": offsets}, separators=(",", ":")).encode()
+    return b"".join(
+        (
+            _PYRAMID_MAGIC,
+            pos.to_bytes(8, "little"),
+            len(index).to_bytes(4, "little"),
+            *tiles,
+            index,
+        )
+    )
+
+
+def tile_pyramid_deriver(
+    data: bytes,
+    layout: Part10Layout,
+    ds: Dataset,
+    attrs: InstanceAttributes,
+    encoded: EncodedPixels | None,
+) -> dict[str, bytes]:
+    """Deriver: the stored tile pyramid of frame 1 of a large single-frame image."""
+    rows, cols = attrs.rows or 0, attrs.columns or 0
+    if layout.pixels is None or max(rows, cols) <= PYRAMID_MIN_SIDE or attrs.number_of_frames != 1:
+        return {}
+    from kho.archive.dicomjson import full_header
+
+    try:
+        values = first_frame(data, layout, attrs)
+        params = params_from_dataset(full_header(data, layout))
+        return {TILES_OBJECT: encode_pyramid(values, params)}
+    except Exception:  # a convenience, as the thumbnail: tiles are then rendered on request
+        return {}
+
+
+_PYRAMID_INDEXES: OrderedDict[str, dict[str, Any]] = OrderedDict()
+_PYRAMID_LOCK = threading.Lock()
+
+
+def stored_tile(
+    archive: Archive, record: InstanceRecord, level: int, x: int, y: int
+) -> bytes | None:
+    """A tile from the stored pyramid (frame 1, the instance's window, JPEG), or None if
+    the instance has none; IndexError for a tile outside it."""
+    import json
+
+    key = record.derived_keys.get(TILES_OBJECT)
+    if not key:
+        return None
+    with _PYRAMID_LOCK:
+        index = _PYRAMID_INDEXES.get(key)
+    if index is None:
+        magic = len(_PYRAMID_MAGIC)
+        head = archive.store.get_range(key, 0, magic + 12)
+        if head[:magic] != _PYRAMID_MAGIC or len(head) != magic + 12:
+            return None
+        offset = int.from_bytes(head[magic : magic + 8], "little")
+        length = int.from_bytes(head[magic + 8 :], "little")
+        index = json.loads(archive.store.get_range(key, offset, length))
+        with _PYRAMID_LOCK:
+            _PYRAMID_INDEXES[key] = index
+            while len(_PYRAMID_INDEXES) > 4096:
+                _PYRAMID_INDEXES.popitem(last=False)
+    levels = index["levels"]
+    if not 0 <= level < len(levels):
+        raise IndexError(f"level {level} outside 0..{len(levels) - 1}")
+    across, down = levels[level]
+    if not (0 <= x < across and 0 <= y < down):
+        raise IndexError(f"tile {x},{y} outside level {level} ({across}x{down} tiles)")
+    number = sum(a * d for a, d in levels[:level]) + y * across + x
+    offset, length = index["tiles"][number]
+    return archive.store.get_range(key, int(offset), int(length))

@@ -291,6 +291,14 @@ async def tile_response(
     levels = rendering.tile_levels(rows, cols)
     if not 0 <= level < levels:
         raise NotFoundError(f"no level {level}: levels 0..{levels - 1}")
+    default_look = frame == 1 and window is None and quality == rendering.PYRAMID_QUALITY
+    if default_look and media_type == rendering.JPEG:
+        try:  # the pyramid the finisher stored: one ranged read
+            stored = rendering.stored_tile(archive, record, level, x, y)
+        except IndexError as exc:
+            raise NotFoundError(str(exc)) from None
+        if stored is not None:
+            return _encoded(stored, media_type)
     params = _params_with(archive, record, window)
     key = (record.sop_uid, record.sha256, frame, "values")
     values = state.render_cache.get(key)

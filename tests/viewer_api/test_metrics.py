@@ -19,3 +19,14 @@ def test_metrics_exposes_counts_bytes_and_latencies(archive: Archive) -> None:
     assert 'kho_stored_bytes{modality="CT"}' in body
     assert "kho_ingest_seconds_count" in body
     assert 'route="/dicom-web/studies"' in body  # by route template, never by UID
+
+
+def test_metrics_show_the_finishers_queue(archive: Archive) -> None:
+    archive.finisher.stop()  # hold the queue: the instance stays as received
+    archive.ingest_part10(make_instance(), defer=True)
+    client = TestClient(create_app(archive))
+    assert "kho_unfinished_instances 1.0" in client.get("/metrics").text
+    assert archive.finisher.drain() == 1
+    body = client.get("/metrics").text
+    assert "kho_unfinished_instances 0.0" in body
+    assert "kho_finish_seconds_count" in body
