@@ -17,6 +17,7 @@ from kho.dicom_scp import handlers, qr
 
 log = logging.getLogger(__name__)
 
+
 class _ReusePortServer(ThreadedAssociationServer):
     """Sets SO_REUSEPORT so several `kho serve` processes share one DICOM port."""
 
