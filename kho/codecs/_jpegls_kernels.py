@@ -216,19 +216,19 @@ def _golomb(out, acc, nbits, pos, ff, value, k, limit, qbpp):
     high = value >> k
     if high < limit - qbpp - 1:
         while high > 24:
-            acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 24)
+            acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(24))
             high -= 24
         # the unary zeros, the 1 and the k low bits together (high + 1 + k <= 24 + 1 + 16)
         if high + 1 + k <= 32:
             bits = (1 << k) | (value & ((1 << k) - 1))
             return _put(out, acc, nbits, pos, ff, bits, high + 1 + k)
-        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, high + 1)
+        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(1), high + 1)
         return _put(out, acc, nbits, pos, ff, value & ((1 << k) - 1), k)
     zeros = limit - qbpp - 1
     while zeros > 24:
-        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 24)
+        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(24))
         zeros -= 24
-    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, zeros + 1)
+    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(1), zeros + 1)
     return _put(out, acc, nbits, pos, ff, value - 1, qbpp)
 
 
@@ -251,7 +251,8 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
     cur = np.zeros((nc, cols + 2), np.int32)
     runindex = np.zeros(nc, np.int64)
     qs_all = np.zeros(nc, np.int64)
-    acc, nbits, pos, ff = 0, 0, 0, 0
+    # np.int64(0), not 0: a literal would make numba compile the callees once more for it
+    acc, nbits, pos, ff = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
     for y in range(rows):
         for ci in range(nc):
             cur[ci, 0] = prev[ci, 1]
@@ -284,7 +285,9 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                         run += 1
                     ri = runindex[0]
                     while run >= (1 << J[ri]):
-                        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, 1)
+                        acc, nbits, pos, ff = _put(
+                            out, acc, nbits, pos, ff, np.int64(1), np.int64(1)
+                        )
                         run -= 1 << J[ri]
                         x += 1 << J[ri]
                         if ri < 31:
@@ -292,10 +295,12 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                     x += run
                     if x == cols:
                         if run > 0:
-                            acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, 1)
+                            acc, nbits, pos, ff = _put(
+                                out, acc, nbits, pos, ff, np.int64(1), np.int64(1)
+                            )
                         runindex[0] = ri
                         break
-                    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 1)
+                    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(1))
                     if J[ri]:
                         acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, run, J[ri])
                     for ci in range(nc):
@@ -309,7 +314,7 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                         acc, nbits, pos, ff = _golomb(
                             out, acc, nbits, pos, ff, emerr, k, limit - J[ri] - 1, qbpp
                         )
-                        _update_ri(ctx, 365, errval, emerr, 0, reset)
+                        _update_ri(ctx, np.int64(365), errval, emerr, np.int64(0), reset)
                         cur[ci, x + 1] = value
                     if ri > 0:
                         ri -= 1
@@ -319,7 +324,9 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
                 for ci in range(nc):
                     qs = qs_all[ci]
                     value = int(img[y, x, comps[ci]])
-                    px = _predict(cur[ci, x], prev[ci, x + 1], prev[ci, x])
+                    px = _predict(
+                        np.int64(cur[ci, x]), np.int64(prev[ci, x + 1]), np.int64(prev[ci, x])
+                    )
                     acc, nbits, pos, ff = _regular(
                         out,
                         acc,
@@ -367,11 +374,13 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
         prev, cur = cur, prev
     # flush: pad with zeros; a final 0xFF is followed by 7 zero bits (a 0x00 byte) so the
     # marker after the scan cannot be misread
-    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)  # whole bytes first
+    acc, nbits, pos, ff = _put(
+        out, acc, nbits, pos, ff, np.int64(0), np.int64(0)
+    )  # whole bytes first
     if nbits > 0:
-        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 8 - ff - nbits)
+        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), 8 - ff - nbits)
     if ff:
-        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 7)
+        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(7))
     st[2] = pos
     st[4] = ERR_OVERFLOW if pos > out.shape[0] else OK
 
@@ -467,7 +476,7 @@ def _encode_line(
         ri = runindex[slot]
         while run >= (1 << J[ri]):
             if nbits >= 56:
-                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)
+                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(0))
             acc = (acc << 1) | 1
             nbits += 1
             run -= 1 << J[ri]
@@ -477,11 +486,11 @@ def _encode_line(
         x += run
         if x == cols:
             if run > 0:
-                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 1, 1)
+                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(1), np.int64(1))
             runindex[slot] = ri
             break
         if nbits >= 16:
-            acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, 0, 0)
+            acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(0))
         j = J[ri]
         acc = (acc << (j + 1)) | run  # a 0, then the remaining run length in J bits
         nbits += j + 1
@@ -645,7 +654,8 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
     cur = np.zeros((nc, cols + 2), np.int32)
     runindex = np.zeros(nc, np.int64)
     qs_all = np.zeros(nc, np.int64)
-    acc, nbits, pos, ff, fake = 0, 0, 0, 0, 0
+    # np.int64(0), not 0: a literal would make numba compile the callees once more for it
+    acc, nbits, pos, ff, fake = np.int64(0), np.int64(0), np.int64(0), np.int64(0), np.int64(0)
     for y in range(rows):
         for ci in range(nc):
             cur[ci, 0] = prev[ci, 1]
@@ -703,7 +713,9 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                     ri = runindex[slot]
                     interrupted = False
                     while True:
-                        bit, acc, nbits, pos, ff, fake = _get(src, acc, nbits, pos, ff, fake, 1)
+                        bit, acc, nbits, pos, ff, fake = _get(
+                            src, acc, nbits, pos, ff, fake, np.int64(1)
+                        )
                         if bit == 1:
                             count = min(1 << J[ri], cols - x)
                             for i in range(count):
@@ -779,7 +791,9 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                     if qs < 0:
                         sign = -1
                         qs = -qs
-                    px = _predict(cur[ci, x], prev[ci, x + 1], prev[ci, x])
+                    px = _predict(
+                        np.int64(cur[ci, x]), np.int64(prev[ci, x + 1]), np.int64(prev[ci, x])
+                    )
                     px = px + ctx[qs * 4 + 2] if sign > 0 else px - ctx[qs * 4 + 2]
                     if px > maxval:
                         px = maxval

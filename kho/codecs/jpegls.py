@@ -83,32 +83,42 @@ def encode(
     for c in range(comps):
         header += bytes((c + 1, 0x11, 0))
     qbpp = max(2, bits)
-    capacity = rows * cols * comps * ((2 * (qbpp + max(8, qbpp))) // 7 + 2) + 64
-    pieces = [bytes(header)]
+    # one kernel specialisation only: uint16 samples, read-only (a read-only input, e.g.
+    # np.frombuffer, would otherwise compile another copy of the kernel on first use)
+    samples = image.astype(np.uint16) if image.dtype != np.uint16 else image.view()
+    samples.flags.writeable = False
     scans = (
         [np.arange(comps, dtype=np.int64)]
         if ilv
         else [np.array([c], dtype=np.int64) for c in range(comps)]
     )
+    # the whole stream in one buffer (the worst case: every sample an escape code, 8/7 for
+    # bit stuffing); one copy into the bytes returned
+    per_scan = rows * cols * ((2 * (qbpp + max(8, qbpp))) // 7 + 2) * (comps if ilv else 1)
+    out = np.empty(len(header) + len(scans) * (per_scan + 64) + 2, dtype=np.uint8)
+    out[: len(header)] = np.frombuffer(bytes(header), dtype=np.uint8)
+    pos = len(header)
     for scan in scans:
         sos = struct.pack(">BBHB", 0xFF, SOS, 6 + 2 * len(scan), len(scan))
         for c in scan:
             sos += bytes((int(c) + 1, 0))
         sos += bytes((0, ilv, 0))  # NEAR = 0, ILV, point transform 0
-        out = np.empty(capacity, dtype=np.uint8)
+        out[pos : pos + len(sos)] = np.frombuffer(sos, dtype=np.uint8)
+        pos += len(sos)
         state = np.zeros(5, dtype=np.int64)
-        k.encode_scan(image, scan, ilv, maxval, t1, t2, t3, 64, out, state)
+        k.encode_scan(samples, scan, ilv, maxval, t1, t2, t3, 64, out[pos:], state)
         if state[4] != k.OK:
             raise CodecError("JPEG-LS encoder output overflow")
-        pieces += [sos, out[: state[2]].tobytes()]
-    pieces.append(b"\xff\xd9")
-    return b"".join(pieces)
+        pos += int(state[2])
+    out[pos : pos + 2] = (0xFF, EOI)
+    return out[: pos + 2].tobytes()
 
 
 def _scan_end(data: np.ndarray, start: int) -> int:
     """Index of the marker that ends the scan data starting at ``start``."""
     tail = data[start:]
-    hits = np.flatnonzero((tail[:-1] == 0xFF) & (tail[1:] >= 0x80))
+    ff = np.flatnonzero(tail[:-1] == 0xFF)  # few: a 0xFF is rare in the data
+    hits = ff[tail[ff + 1] >= 0x80]
     return start + int(hits[0]) if hits.size else len(data)
 
 
