@@ -204,3 +204,38 @@ def test_app_and_com_segments_are_skipped() -> None:
     stream = jpegls.encode(image, bits_stored=8)
     extra = b"\xff\xe8\x00\x06SPIF" + b"\xff\xfe\x00\x05hi\x00"
     assert np.array_equal(jpegls.decode(stream[:2] + extra + stream[2:]), image)
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_long_lines_with_long_runs_and_escape_codes(bits: int) -> None:
+    """Lines of 40000 samples: runs long enough for J = 15 and many run bits in a row, and
+    noise bursts that need escape codes (the bit writer's and reader's refill edges)."""
+    rng = np.random.default_rng(bits)
+    image = np.full((3, 40000), (1 << bits) // 3, dtype=np.int64)
+    image[1, 20000:20500] = rng.integers(0, 1 << bits, 500)
+    image[2, ::997] = (1 << bits) - 1
+    _roundtrip_everywhere(image.astype(_dtype(bits)), bits)
+
+
+def test_one_compiled_specialisation_per_kernel() -> None:
+    """8 and 16 bit, read-only input, colour in every interleave mode: all run the same
+    compiled kernels.  numba compiles a function again for every new argument type (a
+    literal constant argument is a type of its own), which once made a fresh-cache compile
+    take minutes."""
+    from numba.core.registry import CPUDispatcher
+
+    from kho.codecs import _jpegls_kernels as kernels
+
+    gray = np.arange(600, dtype=np.uint16).reshape(20, 30) % 4096
+    read_only = np.frombuffer(gray.tobytes(), dtype=np.uint16).reshape(gray.shape)
+    rgb = (np.arange(20 * 30 * 3).reshape(20, 30, 3) % 251).astype(np.uint8)
+    for image, bits in ((gray, 12), (read_only, 12), (gray.astype(np.uint8), 8), (rgb, 8)):
+        for interleave in ("none", "line", "sample"):
+            stream = jpegls.encode(image, bits_stored=bits, interleave=interleave)
+            assert np.array_equal(jpegls.decode(bytearray(stream)), image)
+    kernels_seen = 0
+    for name, function in vars(kernels).items():
+        if isinstance(function, CPUDispatcher):  # not under NUMBA_DISABLE_JIT=1
+            kernels_seen += 1
+            assert len(function.signatures) <= 1, (name, function.signatures)
+    assert kernels_seen or not hasattr(kernels.decode_scan, "signatures")
