@@ -62,3 +62,33 @@ def test_recv_reads_whole_pdus_and_returns_partial_data_on_close() -> None:
     finally:
         sender.join()
         right.close()
+
+
+def test_associations_run_on_kho_s_dul_reactor(archive, monkeypatch, tmp_path) -> None:
+    """Each association's DUL thread runs kho's loop (waits in select(), not sleeps), and a
+    real peer's store through it lands intact."""
+    from kho.dicom_scp.server import DicomServer
+    from tests.archive.test_ingest import make_instance
+    from tests.helpers import dcmtk
+
+    loops: list[int] = []
+    original = fast_dimse._run_reactor
+
+    def counted(self: object) -> None:
+        loops.append(1)
+        original(self)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fast_dimse, "_run_reactor", counted)
+    files = []
+    for i in range(3):
+        path = tmp_path / f"{i}.dcm"
+        path.write_bytes(make_instance())
+        files.append(path)
+    server = DicomServer(archive).start()
+    try:
+        result = dcmtk.storescu(server.port, files)
+        assert result.returncode == 0, result.stderr[-1000:]
+    finally:
+        server.stop()
+    assert loops == [1]
+    assert archive.catalog.counts()["instances"] == 3
