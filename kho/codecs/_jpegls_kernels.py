@@ -110,39 +110,10 @@ def _mod_reduce(errval, rng):
 
 
 @njit(cache=True, nogil=True)
-def _update_regular(ctx, q, errval, reset):
-    b = ctx[q * 4 + 1] + errval
-    a = ctx[q * 4] + abs(errval)
-    n = ctx[q * 4 + 3]
-    if n == reset:
-        a >>= 1
-        b = b >> 1 if b >= 0 else -((1 - b) >> 1)
-        n >>= 1
-    n += 1
-    c = ctx[q * 4 + 2]
-    if b <= -n:
-        b += n
-        if c > -128:
-            c -= 1
-        if b <= -n:
-            b = -n + 1
-    elif b > 0:
-        b -= n
-        if c < 127:
-            c += 1
-        if b > 0:
-            b = 0
-    ctx[q * 4] = a
-    ctx[q * 4 + 1] = b
-    ctx[q * 4 + 2] = c
-    ctx[q * 4 + 3] = n
-
-
-@njit(cache=True, nogil=True)
 def _adapt(a, b, c, n, errval, reset):
-    """_update_regular on scalars (A.6.1, A.6.2): the hot loops load and store the context
-    themselves, so that no array crosses a call (numba counts references on every call
-    that passes an array, with atomic instructions)."""
+    """Context update and bias correction (A.6.1, A.6.2) on scalars: the hot loops load
+    and store the context themselves, so that no array crosses a call (numba counts
+    references, with atomic instructions, on every call that passes an array)."""
     b += errval
     a += abs(errval)
     if n == reset:
@@ -163,31 +134,6 @@ def _adapt(a, b, c, n, errval, reset):
         if b > 0:
             b = 0
     return a, b, c, n
-
-
-@njit(cache=True, nogil=True)
-def _update_ri(ctx, q, errval, emerr, ritype, reset):
-    if errval < 0:
-        ctx[q * 4 + 1] += 1
-    ctx[q * 4] += (emerr + 1 - ritype) >> 1
-    if ctx[q * 4 + 3] == reset:
-        ctx[q * 4] >>= 1
-        ctx[q * 4 + 3] >>= 1
-        ctx[q * 4 + 1] >>= 1
-    ctx[q * 4 + 3] += 1
-
-
-@njit(cache=True, nogil=True)
-def _ri_k_and_map(ctx, q, errval, ritype):
-    temp = ctx[q * 4] + (ctx[q * 4 + 3] >> 1) if ritype else ctx[q * 4]
-    k = _k_for(ctx[q * 4 + 3], temp)
-    nn2 = 2 * ctx[q * 4 + 1]
-    mapped = 0
-    if (k == 0 and errval > 0 and nn2 < ctx[q * 4 + 3]) or (
-        errval < 0 and (nn2 >= ctx[q * 4 + 3] or k)
-    ):
-        mapped = 1
-    return k, mapped
 
 
 # --- encoder ------------------------------------------------------------------------------
@@ -258,93 +204,27 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
             cur[ci, 0] = prev[ci, 1]
             prev[ci, cols + 1] = prev[ci, cols]
         if ilv == 2:
-            x = 0
-            while x < cols:
-                all_zero = True
-                for ci in range(nc):
-                    ra = cur[ci, x]
-                    rb = prev[ci, x + 1]
-                    rc = prev[ci, x]
-                    rd = prev[ci, x + 2]
-                    q = (np.int64(qt[rd - rb + maxval]) * 9 + np.int64(qt[rb - rc + maxval])) * 9
-                    q += np.int64(qt[rc - ra + maxval])
-                    qs_all[ci] = q
-                    if q != 0:
-                        all_zero = False
-                if all_zero:
-                    run = 0
-                    while x + run < cols:
-                        same = True
-                        for ci in range(nc):
-                            if img[y, x + run, comps[ci]] != cur[ci, x]:
-                                same = False
-                        if not same:
-                            break
-                        for ci in range(nc):
-                            cur[ci, x + run + 1] = cur[ci, x]
-                        run += 1
-                    ri = runindex[0]
-                    while run >= (1 << J[ri]):
-                        acc, nbits, pos, ff = _put(
-                            out, acc, nbits, pos, ff, np.int64(1), np.int64(1)
-                        )
-                        run -= 1 << J[ri]
-                        x += 1 << J[ri]
-                        if ri < 31:
-                            ri += 1
-                    x += run
-                    if x == cols:
-                        if run > 0:
-                            acc, nbits, pos, ff = _put(
-                                out, acc, nbits, pos, ff, np.int64(1), np.int64(1)
-                            )
-                        runindex[0] = ri
-                        break
-                    acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(1))
-                    if J[ri]:
-                        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, run, J[ri])
-                    for ci in range(nc):
-                        ra = cur[ci, x]
-                        rb = prev[ci, x + 1]
-                        value = int(img[y, x, comps[ci]])
-                        errval = value - rb if rb >= ra else rb - value
-                        errval = _mod_reduce(errval, rng)
-                        k, mapped = _ri_k_and_map(ctx, 365, errval, 0)
-                        emerr = 2 * abs(errval) - mapped
-                        acc, nbits, pos, ff = _golomb(
-                            out, acc, nbits, pos, ff, emerr, k, limit - J[ri] - 1, qbpp
-                        )
-                        _update_ri(ctx, np.int64(365), errval, emerr, np.int64(0), reset)
-                        cur[ci, x + 1] = value
-                    if ri > 0:
-                        ri -= 1
-                    runindex[0] = ri
-                    x += 1
-                    continue
-                for ci in range(nc):
-                    qs = qs_all[ci]
-                    value = int(img[y, x, comps[ci]])
-                    px = _predict(
-                        np.int64(cur[ci, x]), np.int64(prev[ci, x + 1]), np.int64(prev[ci, x])
-                    )
-                    acc, nbits, pos, ff = _regular(
-                        out,
-                        acc,
-                        nbits,
-                        pos,
-                        ff,
-                        ctx,
-                        qs,
-                        value,
-                        px,
-                        rng,
-                        maxval,
-                        limit,
-                        qbpp,
-                        reset,
-                    )
-                    cur[ci, x + 1] = value
-                x += 1
+            acc, nbits, pos, ff = _encode_pixels(
+                img,
+                y,
+                comps,
+                prev,
+                cur,
+                runindex,
+                qs_all,
+                ctx,
+                qt,
+                out,
+                acc,
+                nbits,
+                pos,
+                ff,
+                maxval,
+                rng,
+                limit,
+                qbpp,
+                reset,
+            )
         else:
             for ci in range(nc):
                 acc, nbits, pos, ff = _encode_line(
@@ -383,6 +263,163 @@ def encode_scan(img, comps, ilv, maxval, t1, t2, t3, reset, out, st):
         acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(7))
     st[2] = pos
     st[4] = ERR_OVERFLOW if pos > out.shape[0] else OK
+
+
+@njit(cache=True, nogil=True)
+def _encode_pixels(
+    img,
+    y,
+    comps,
+    prev,
+    cur,
+    runindex,
+    qs_all,
+    ctx,
+    qt,
+    out,
+    acc,
+    nbits,
+    pos,
+    ff,
+    maxval,
+    rng,
+    limit,
+    qbpp,
+    reset,
+):
+    """One line of sample-interleaved pixels (ILV = 2), written like ``_encode_line``: no
+    array crosses a call per sample."""
+    cols = img.shape[1]
+    nc = comps.shape[0]
+    size = out.shape[0]
+    escape = limit - qbpp - 1
+    for ci in range(nc):
+        comp = comps[ci]
+        for i in range(cols):
+            cur[ci, i + 1] = img[y, i, comp]
+    x = 0
+    while x < cols:
+        all_zero = True
+        for ci in range(nc):
+            ra = np.int64(cur[ci, x])
+            rb = np.int64(prev[ci, x + 1])
+            rc = np.int64(prev[ci, x])
+            rd = np.int64(prev[ci, x + 2])
+            q1 = np.int64(qt[np.uint64(rd - rb + maxval)])
+            q2 = np.int64(qt[np.uint64(rb - rc + maxval)])
+            q = (q1 * 9 + q2) * 9 + np.int64(qt[np.uint64(rc - ra + maxval)])
+            qs_all[ci] = q
+            if q != 0:
+                all_zero = False
+        if not all_zero:
+            for ci in range(nc):
+                if nbits >= 32:
+                    while nbits >= 8 - ff:
+                        take = 8 - ff
+                        nbits -= take
+                        byte = (acc >> nbits) & ((1 << take) - 1)
+                        if pos < size:
+                            out[np.uint64(pos)] = byte
+                        pos += 1
+                        ff = 1 if byte == 0xFF else 0
+                    acc &= (1 << nbits) - 1
+                qs = qs_all[ci]
+                ra = np.int64(cur[ci, x])
+                rb = np.int64(prev[ci, x + 1])
+                rc = np.int64(prev[ci, x])
+                value = np.int64(cur[ci, x + 1])
+                sign = (qs >> 63) | 1
+                q = np.uint64((qs * sign) * 4)
+                a = ctx[q]
+                b = ctx[q + 1]
+                c = ctx[q + 2]
+                n = ctx[q + 3]
+                px = min(max(_predict(ra, rb, rc) + sign * c, 0), maxval)
+                errval = _mod_reduce(sign * (value - px), rng)
+                k = _k_for(n, a)
+                e = errval ^ (-1 if (k == 0 and 2 * b <= -n) else 0)
+                merr = (e << 1) ^ (e >> 63)
+                high = merr >> k
+                if high < escape and high + 1 + k <= 32:
+                    acc = (acc << (high + 1 + k)) | (1 << k) | (merr & ((1 << k) - 1))
+                    nbits += high + 1 + k
+                else:
+                    acc, nbits, pos, ff = _golomb(out, acc, nbits, pos, ff, merr, k, limit, qbpp)
+                a, b, c, n = _adapt(a, b, c, n, errval, reset)
+                ctx[q] = a
+                ctx[q + 1] = b
+                ctx[q + 2] = c
+                ctx[q + 3] = n
+            x += 1
+            continue
+        # run mode over whole pixels (A.7 with ILV = 2: one run index, RItype 0)
+        run = 0
+        while x + run < cols:
+            same = True
+            for ci in range(nc):
+                if cur[ci, x + run + 1] != cur[ci, x]:
+                    same = False
+            if not same:
+                break
+            run += 1
+        ri = runindex[0]
+        while run >= (1 << J[ri]):
+            if nbits >= 56:
+                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(0))
+            acc = (acc << 1) | 1
+            nbits += 1
+            run -= 1 << J[ri]
+            x += 1 << J[ri]
+            if ri < 31:
+                ri += 1
+        x += run
+        if x == cols:
+            if run > 0:
+                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(1), np.int64(1))
+            runindex[0] = ri
+            break
+        acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(0))
+        j = J[ri]
+        acc = (acc << (j + 1)) | run  # a 0, then the remaining run length in J bits
+        nbits += j + 1
+        rlimit = limit - j - 1
+        for ci in range(nc):
+            if nbits >= 24:
+                acc, nbits, pos, ff = _put(out, acc, nbits, pos, ff, np.int64(0), np.int64(0))
+            ra = np.int64(cur[ci, x])
+            rb = np.int64(prev[ci, x + 1])
+            value = np.int64(cur[ci, x + 1])
+            errval = value - rb if rb >= ra else rb - value
+            errval = _mod_reduce(errval, rng)
+            a = ctx[365 * 4]
+            n = ctx[365 * 4 + 3]
+            nn = ctx[365 * 4 + 1]
+            k = _k_for(n, a)
+            mapped = 0
+            if (k == 0 and errval > 0 and 2 * nn < n) or (errval < 0 and (2 * nn >= n or k)):
+                mapped = 1
+            emerr = 2 * abs(errval) - mapped
+            high = emerr >> k
+            if high < rlimit - qbpp - 1 and high + 1 + k <= 32:
+                acc = (acc << (high + 1 + k)) | (1 << k) | (emerr & ((1 << k) - 1))
+                nbits += high + 1 + k
+            else:
+                acc, nbits, pos, ff = _golomb(out, acc, nbits, pos, ff, emerr, k, rlimit, qbpp)
+            if errval < 0:
+                nn += 1
+            a += (emerr + 1) >> 1
+            if n == reset:
+                a >>= 1
+                n >>= 1
+                nn >>= 1
+            ctx[365 * 4] = a
+            ctx[365 * 4 + 3] = n + 1
+            ctx[365 * 4 + 1] = nn
+        if ri > 0:
+            ri -= 1
+        runindex[0] = ri
+        x += 1
+    return acc, nbits, pos, ff
 
 
 @njit(cache=True, nogil=True)
@@ -539,29 +576,6 @@ def _encode_line(
     return acc, nbits, pos, ff
 
 
-@njit(cache=True, nogil=True)
-def _regular(out, acc, nbits, pos, ff, ctx, qs, value, px, rng, maxval, limit, qbpp, reset):
-    sign = 1
-    if qs < 0:
-        sign = -1
-        qs = -qs
-    px = px + ctx[qs * 4 + 2] if sign > 0 else px - ctx[qs * 4 + 2]
-    if px > maxval:
-        px = maxval
-    elif px < 0:
-        px = 0
-    errval = value - px if sign > 0 else px - value
-    errval = _mod_reduce(errval, rng)
-    k = _k_for(ctx[qs * 4 + 3], ctx[qs * 4])
-    if k == 0 and 2 * ctx[qs * 4 + 1] <= -ctx[qs * 4 + 3]:
-        merr = 2 * errval + 1 if errval >= 0 else -2 * (errval + 1)
-    else:
-        merr = 2 * errval if errval >= 0 else -2 * errval - 1
-    acc, nbits, pos, ff = _golomb(out, acc, nbits, pos, ff, merr, k, limit, qbpp)
-    _update_regular(ctx, qs, errval, reset)
-    return acc, nbits, pos, ff
-
-
 # --- decoder ------------------------------------------------------------------------------
 # reader state: acc, nbits, pos, ff, fake (zero bits invented past the end of the data)
 
@@ -689,142 +703,227 @@ def decode_scan(src, img, comps, ilv, maxval, t1, t2, t3, reset, st):
                     return
             prev, cur = cur, prev
             continue
-        for line in range(1):
-            x = 0
-            while x < cols:
-                if fake > nbits + 64:  # far past the end of the data: truncated
-                    st[4] = ERR_TRUNCATED
-                    return
-                first = 0 if ilv == 2 else line
-                last = nc if ilv == 2 else line + 1
-                all_zero = True
-                for ci in range(first, last):
-                    ra = cur[ci, x]
-                    rb = prev[ci, x + 1]
-                    rc = prev[ci, x]
-                    rd = prev[ci, x + 2]
-                    q = (np.int64(qt[rd - rb + maxval]) * 9 + np.int64(qt[rb - rc + maxval])) * 9
-                    q += np.int64(qt[rc - ra + maxval])
-                    qs_all[ci] = q
-                    if q != 0:
-                        all_zero = False
-                if all_zero:
-                    slot = 0 if ilv == 2 else line
-                    ri = runindex[slot]
-                    interrupted = False
-                    while True:
-                        bit, acc, nbits, pos, ff, fake = _get(
-                            src, acc, nbits, pos, ff, fake, np.int64(1)
-                        )
-                        if bit == 1:
-                            count = min(1 << J[ri], cols - x)
-                            for i in range(count):
-                                for ci in range(first, last):
-                                    cur[ci, x + 1 + i] = cur[ci, x]
-                                    img[y, x + i, comps[ci]] = cur[ci, x]
-                            x += count
-                            if count == (1 << J[ri]) and ri < 31:
-                                ri += 1
-                            if x == cols:
-                                break
+        acc, nbits, pos, ff, fake, status = _decode_pixels(
+            src,
+            acc,
+            nbits,
+            pos,
+            ff,
+            fake,
+            img,
+            y,
+            comps,
+            prev,
+            cur,
+            runindex,
+            qs_all,
+            ctx,
+            maxval,
+            rng,
+            qt,
+            limit,
+            qbpp,
+            reset,
+        )
+        if status != OK:
+            st[4] = status
+            return
+        prev, cur = cur, prev
+    if fake > nbits:  # zero bits invented past the end of the data were used
+        st[4] = ERR_TRUNCATED
+
+
+@njit(cache=True, nogil=True)
+def _decode_pixels(
+    src,
+    acc,
+    nbits,
+    pos,
+    ff,
+    fake,
+    img,
+    y,
+    comps,
+    prev,
+    cur,
+    runindex,
+    qs_all,
+    ctx,
+    maxval,
+    rng,
+    qt,
+    limit,
+    qbpp,
+    reset,
+):
+    """One line of sample-interleaved pixels (ILV = 2), read like ``_decode_line``."""
+    cols = img.shape[1]
+    nc = comps.shape[0]
+    end = src.shape[0]
+    escape = limit - qbpp - 1
+    status = OK
+    x = 0
+    while x < cols and status == OK:
+        all_zero = True
+        for ci in range(nc):
+            ra = np.int64(cur[ci, x])
+            rb = np.int64(prev[ci, x + 1])
+            rc = np.int64(prev[ci, x])
+            rd = np.int64(prev[ci, x + 2])
+            q1 = np.int64(qt[np.uint64(rd - rb + maxval)])
+            q2 = np.int64(qt[np.uint64(rb - rc + maxval)])
+            q = (q1 * 9 + q2) * 9 + np.int64(qt[np.uint64(rc - ra + maxval)])
+            qs_all[ci] = q
+            if q != 0:
+                all_zero = False
+        if not all_zero:
+            for ci in range(nc):
+                if nbits < 32:
+                    while nbits <= 48:
+                        if pos < end:
+                            byte = np.int64(src[np.uint64(pos)])
+                            if ff:
+                                if byte & 0x80:  # a marker, not data: the scan data end here
+                                    pos = end
+                                    continue
+                                acc = (acc << 7) | byte
+                                nbits += 7
+                            else:
+                                acc = (acc << 8) | byte
+                                nbits += 8
+                            ff = 1 if byte == 0xFF else 0
+                            pos += 1
                         else:
-                            count = 0
-                            if J[ri]:
-                                count, acc, nbits, pos, ff, fake = _get(
-                                    src, acc, nbits, pos, ff, fake, J[ri]
-                                )
-                            if x + count >= cols:
-                                st[4] = ERR_CORRUPT
-                                return
-                            for i in range(count):
-                                for ci in range(first, last):
-                                    cur[ci, x + 1 + i] = cur[ci, x]
-                                    img[y, x + i, comps[ci]] = cur[ci, x]
-                            x += count
-                            interrupted = True
-                            break
-                        if fake > nbits + 64:
-                            st[4] = ERR_TRUNCATED
-                            return
-                    if interrupted:
-                        for ci in range(first, last):
-                            ra = cur[ci, x]
-                            rb = prev[ci, x + 1]
-                            ritype = 1 if (ilv != 2 and ra == rb) else 0
-                            q = 365 + ritype
-                            temp = ctx[q * 4] + (ctx[q * 4 + 3] >> 1) if ritype else ctx[q * 4]
-                            k = _k_for(ctx[q * 4 + 3], temp)
-                            emerr, acc, nbits, pos, ff, fake = _ungolomb(
-                                src, acc, nbits, pos, ff, fake, k, limit - J[ri] - 1, qbpp
-                            )
-                            if emerr < 0:
-                                st[4] = ERR_CORRUPT
-                                return
-                            # invert EMErrval = 2|E| - RItype - map (A.7.2.2)
-                            tmp = emerr + ritype
-                            if k == 0 and 2 * ctx[q * 4 + 1] < ctx[q * 4 + 3]:
-                                errval = (tmp + 1) >> 1 if tmp & 1 else -(tmp >> 1)
-                            else:
-                                errval = -((tmp + 1) >> 1) if tmp & 1 else tmp >> 1
-                            _update_ri(ctx, q, errval, emerr, ritype, reset)
-                            if ritype:
-                                value = ra + errval
-                            else:
-                                value = rb + errval if rb >= ra else rb - errval
-                            if value < 0:
-                                value += rng
-                            elif value > maxval:
-                                value -= rng
-                            if value < 0 or value > maxval:
-                                st[4] = ERR_CORRUPT
-                                return
-                            cur[ci, x + 1] = value
-                            img[y, x, comps[ci]] = value
-                        if ri > 0:
-                            ri -= 1
-                        x += 1
-                    runindex[slot] = ri
-                    continue
-                for ci in range(first, last):
-                    qs = qs_all[ci]
-                    sign = 1
-                    if qs < 0:
-                        sign = -1
-                        qs = -qs
-                    px = _predict(
-                        np.int64(cur[ci, x]), np.int64(prev[ci, x + 1]), np.int64(prev[ci, x])
-                    )
-                    px = px + ctx[qs * 4 + 2] if sign > 0 else px - ctx[qs * 4 + 2]
-                    if px > maxval:
-                        px = maxval
-                    elif px < 0:
-                        px = 0
-                    k = _k_for(ctx[qs * 4 + 3], ctx[qs * 4])
+                            acc <<= 8  # zeros past the end, counted
+                            nbits += 8
+                            fake += 8
+                    if fake > nbits + 64:
+                        status = ERR_TRUNCATED
+                        break
+                qs = qs_all[ci]
+                ra = np.int64(cur[ci, x])
+                rb = np.int64(prev[ci, x + 1])
+                rc = np.int64(prev[ci, x])
+                sign = (qs >> 63) | 1
+                q = np.uint64((qs * sign) * 4)
+                a = ctx[q]
+                b = ctx[q + 1]
+                c = ctx[q + 2]
+                n = ctx[q + 3]
+                px = min(max(_predict(ra, rb, rc) + sign * c, 0), maxval)
+                k = _k_for(n, a)
+                live = acc & ((1 << nbits) - 1)
+                top = 63 - _clz64(live)
+                high = nbits - 1 - top
+                if top >= k and high < escape:
+                    nbits = top - k
+                    merr = (high << k) | ((acc >> nbits) & ((1 << k) - 1))
+                else:
                     merr, acc, nbits, pos, ff, fake = _ungolomb(
                         src, acc, nbits, pos, ff, fake, k, limit, qbpp
                     )
                     if merr < 0:
-                        st[4] = ERR_CORRUPT
-                        return
-                    if k == 0 and 2 * ctx[qs * 4 + 1] <= -ctx[qs * 4 + 3]:
-                        errval = (merr - 1) >> 1 if merr & 1 else -(merr >> 1) - 1
-                    else:
-                        errval = -((merr + 1) >> 1) if merr & 1 else merr >> 1
-                    _update_regular(ctx, qs, errval, reset)
-                    value = px + errval if sign > 0 else px - errval
-                    if value < 0:
-                        value += rng
-                    elif value > maxval:
-                        value -= rng
-                    if value < 0 or value > maxval:
-                        st[4] = ERR_CORRUPT
-                        return
-                    cur[ci, x + 1] = value
-                    img[y, x, comps[ci]] = value
-                x += 1
-        prev, cur = cur, prev
-    if fake > nbits:  # zero bits invented past the end of the data were used
-        st[4] = ERR_TRUNCATED
+                        status = ERR_CORRUPT
+                        break
+                swap = 1 if (k == 0 and 2 * b <= -n) else 0
+                errval = (merr >> 1) ^ -((merr & 1) ^ swap)
+                a, b, c, n = _adapt(a, b, c, n, errval, reset)
+                ctx[q] = a
+                ctx[q + 1] = b
+                ctx[q + 2] = c
+                ctx[q + 3] = n
+                value = px + sign * errval
+                if value < 0:
+                    value += rng
+                elif value > maxval:
+                    value -= rng
+                if value < 0 or value > maxval:
+                    status = ERR_CORRUPT
+                    break
+                cur[ci, x + 1] = value
+            x += 1
+            continue
+        # run mode over whole pixels (ILV = 2: one run index, RItype 0)
+        ri = runindex[0]
+        while True:
+            if nbits == 0:
+                acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
+                if fake > nbits + 64:
+                    status = ERR_TRUNCATED
+                    break
+            nbits -= 1
+            if (acc >> nbits) & 1:
+                count = min(1 << J[ri], cols - x)
+                for i in range(count):
+                    for ci in range(nc):
+                        cur[ci, x + 1 + i] = cur[ci, x]
+                x += count
+                if count == (1 << J[ri]) and ri < 31:
+                    ri += 1
+                if x == cols:
+                    break
+                continue
+            j = J[ri]
+            count = 0
+            if j:
+                if nbits < j:
+                    acc, nbits, pos, ff, fake = _fill(src, acc, nbits, pos, ff, fake)
+                nbits -= j
+                count = (acc >> nbits) & ((1 << j) - 1)
+            if x + count >= cols:
+                status = ERR_CORRUPT
+                break
+            for i in range(count):
+                for ci in range(nc):
+                    cur[ci, x + 1 + i] = cur[ci, x]
+            x += count
+            # the run interruption pixel: every component with RItype 0
+            for ci in range(nc):
+                ra = np.int64(cur[ci, x])
+                rb = np.int64(prev[ci, x + 1])
+                a = ctx[365 * 4]
+                n = ctx[365 * 4 + 3]
+                nn = ctx[365 * 4 + 1]
+                k = _k_for(n, a)
+                emerr, acc, nbits, pos, ff, fake = _ungolomb(
+                    src, acc, nbits, pos, ff, fake, k, limit - j - 1, qbpp
+                )
+                if emerr < 0:
+                    status = ERR_CORRUPT
+                    break
+                if k == 0 and 2 * nn < n:
+                    errval = (emerr + 1) >> 1 if emerr & 1 else -(emerr >> 1)
+                else:
+                    errval = -((emerr + 1) >> 1) if emerr & 1 else emerr >> 1
+                if errval < 0:
+                    nn += 1
+                a += (emerr + 1) >> 1
+                if n == reset:
+                    a >>= 1
+                    n >>= 1
+                    nn >>= 1
+                ctx[365 * 4] = a
+                ctx[365 * 4 + 3] = n + 1
+                ctx[365 * 4 + 1] = nn
+                value = rb + errval if rb >= ra else rb - errval
+                if value < 0:
+                    value += rng
+                elif value > maxval:
+                    value -= rng
+                if value < 0 or value > maxval:
+                    status = ERR_CORRUPT
+                    break
+                cur[ci, x + 1] = value
+            if ri > 0:
+                ri -= 1
+            x += 1
+            break
+        runindex[0] = ri
+    for ci in range(nc):
+        comp = comps[ci]
+        for i in range(cols):
+            img[y, i, comp] = cur[ci, i + 1]
+    return acc, nbits, pos, ff, fake, status
 
 
 @njit(cache=True, nogil=True)
