@@ -3,9 +3,11 @@
     python -m benchmarks.codecs [--slices 50] [--repeats 3] [--no-radiograph]
 
 On a synthetic CT series (512x512, 12 bits stored) and a 3000x2500 12-bit radiograph:
-single-thread encode/decode speed (MB/s of raw pixels, medians over repeats) and
-compression ratio per codec, kho JPEG-LS on all cores (threads over frames: the kernels
-release the GIL), ratios against CharLS, and numba compile time (fresh cache) versus a
+single-thread encode/decode speed (MB/s of raw pixels, medians over repeats; the codecs
+take turns within each repeat, so that load from other work on the machine hits all alike)
+and compression ratio per codec, kho JPEG-LS on all cores (threads over frames: the kernels
+release the GIL; with the cores the process really got, and the scaling over one thread
+measured alongside), ratios against CharLS, and numba compile time (fresh cache) versus a
 cached cold start, each measured in a subprocess.  Writes benchmarks/results/codecs.json
 and prints a table.  Every codec's output is checked to decode to the input.
 """
@@ -93,53 +95,80 @@ def _codecs() -> dict[str, tuple[Encoder, Decoder]]:
     return out
 
 
-def _bench(
-    frames: list[np.ndarray], bits: int, encode: Encoder, decode: Decoder, repeats: int
-) -> dict[str, Any]:
+def _bench_codecs(
+    frames: list[np.ndarray], bits: int, codecs: dict[str, tuple[Encoder, Decoder]], repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Every codec in turn within each repeat (so a load change on a shared machine hits
+    all of them alike), medians over the repeats."""
     raw = sum(f.nbytes for f in frames)
-    encoded = [encode(f, bits) for f in frames]  # warm up (and JIT) outside the timing
-    for data, frame in zip(encoded, frames, strict=True):
-        if not np.array_equal(decode(data, frame).reshape(frame.shape), frame):
-            raise AssertionError("codec did not round-trip")
-    enc_times, dec_times = [], []
+    encoded: dict[str, list[bytes]] = {}
+    for name, (encode, decode) in codecs.items():
+        encoded[name] = [encode(f, bits) for f in frames]  # warm up (and JIT), untimed
+        for data, frame in zip(encoded[name], frames, strict=True):
+            if not np.array_equal(decode(data, frame).reshape(frame.shape), frame):
+                raise AssertionError(f"{name} did not round-trip")
+    times: dict[str, dict[str, list[float]]] = {n: {"enc": [], "dec": []} for n in codecs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for f in frames:
-            encode(f, bits)
-        enc_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for data, f in zip(encoded, frames, strict=True):
-            decode(data, f)
-        dec_times.append(time.perf_counter() - start)
-    size = sum(len(d) for d in encoded)
-    return {
-        "encode_mb_s": raw / 1e6 / statistics.median(enc_times),
-        "decode_mb_s": raw / 1e6 / statistics.median(dec_times),
-        "ratio": raw / size,
-        "bytes": size,
-        "raw_bytes": raw,
-    }
+        for name, (encode, decode) in codecs.items():
+            start = time.perf_counter()
+            for f in frames:
+                encode(f, bits)
+            times[name]["enc"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for data, f in zip(encoded[name], frames, strict=True):
+                decode(data, f)
+            times[name]["dec"].append(time.perf_counter() - start)
+    out = {}
+    for name in codecs:
+        size = sum(len(d) for d in encoded[name])
+        out[name] = {
+            "encode_mb_s": raw / 1e6 / statistics.median(times[name]["enc"]),
+            "decode_mb_s": raw / 1e6 / statistics.median(times[name]["dec"]),
+            "ratio": raw / size,
+            "bytes": size,
+            "raw_bytes": raw,
+        }
+    return out
 
 
 def _bench_threads(
     frames: list[np.ndarray], bits: int, repeats: int, workers: int
 ) -> dict[str, Any]:
+    """kho on ``workers`` threads over the frames, alternating with one thread in the same
+    repeats; cpu_per_wall says how many cores the process really got (on a machine shared
+    with other work it can be well below ``workers``)."""
     raw = sum(f.nbytes for f in frames)
     encoded = [jpegls.encode(f, bits_stored=bits) for f in frames]
-    enc_times, dec_times = [], []
-    with ThreadPoolExecutor(workers) as pool:
+
+    def encode(f: np.ndarray) -> bytes:
+        return jpegls.encode(f, bits_stored=bits)
+
+    runs: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    pools = {1: ThreadPoolExecutor(1), workers: ThreadPoolExecutor(workers)}
+    try:
         for _ in range(repeats):
-            start = time.perf_counter()
-            list(pool.map(lambda f: jpegls.encode(f, bits_stored=bits), frames))
-            enc_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            list(pool.map(jpegls.decode, encoded))
-            dec_times.append(time.perf_counter() - start)
-    return {
-        "workers": workers,
-        "encode_mb_s": raw / 1e6 / statistics.median(enc_times),
-        "decode_mb_s": raw / 1e6 / statistics.median(dec_times),
-    }
+            for n, pool in pools.items():
+                for kind, fn, data in (("enc", encode, frames), ("dec", jpegls.decode, encoded)):
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    list(pool.map(fn, data))
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                    runs.setdefault((n, kind), []).append((wall, cpu))
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+
+    def median_run(n: int, kind: str) -> tuple[float, float]:
+        ordered = sorted(runs[(n, kind)])
+        return ordered[len(ordered) // 2]
+
+    result: dict[str, Any] = {"workers": workers}
+    for kind, key in (("enc", "encode"), ("dec", "decode")):
+        wall, cpu = median_run(workers, kind)
+        one, _ = median_run(1, kind)
+        result[f"{key}_mb_s"] = raw / 1e6 / wall
+        result[f"{key}_cpu_per_wall"] = cpu / wall
+        result[f"{key}_scaling_vs_1_thread"] = one / wall
+    return result
 
 
 _STARTUP = """
@@ -189,19 +218,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_radiograph:
         datasets["radiograph-3000x2500-12bit"] = ([radiograph()], 12)
     codecs = _codecs()
-    results: dict[str, Any] = {"machine": machine(), "repeats": args.repeats, "datasets": {}}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "repeats": args.repeats,
+        "load_average_before": os.getloadavg(),
+        "datasets": {},
+    }
     for name, (frames, bits) in datasets.items():
-        per_codec: dict[str, Any] = {}
-        for codec_name, (encode, decode) in codecs.items():
-            per_codec[codec_name] = _bench(frames, bits, encode, decode, args.repeats)
         # kho at P=16 as well: the precision imagecodecs' CharLS binding always writes
-        per_codec["kho-jpegls-P16"] = _bench(
-            frames,
-            16,
-            lambda img, b: jpegls.encode(img, bits_stored=b),
+        variants = dict(codecs)
+        variants["kho-jpegls-P16"] = (
+            lambda img, b: jpegls.encode(img, bits_stored=16),
             lambda d, like: jpegls.decode(d),
-            args.repeats,
         )
+        per_codec = _bench_codecs(frames, bits, variants, args.repeats)
         per_codec[f"kho-jpegls-{args.workers}-threads"] = _bench_threads(
             frames, bits, args.repeats, args.workers
         )
@@ -212,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if key in entry:
                         entry[f"{key}_vs_charls"] = entry[key] / charls[key]
         results["datasets"][name] = per_codec
+    results["load_average_after"] = os.getloadavg()
     results["jit"] = _startup_seconds()
     path = write_results("codecs", results)
     _print_table(results)
@@ -236,6 +267,12 @@ def _print_table(results: dict[str, Any]) -> None:
                 f"{r.get('encode_mb_s_vs_charls', float('nan')):>12.2f}"
                 f"{r.get('decode_mb_s_vs_charls', float('nan')):>12.2f}{rel_ratio:>14}"
             )
+            if "workers" in r:
+                print(
+                    f"{'':<24}x{r['encode_scaling_vs_1_thread']:.2f} / "
+                    f"x{r['decode_scaling_vs_1_thread']:.2f} of one thread, cores used "
+                    f"{r['encode_cpu_per_wall']:.2f} / {r['decode_cpu_per_wall']:.2f}"
+                )
     jit = results["jit"]
     print(
         f"\nnumba: first run with empty cache {jit['compile_s']:.1f} s, "
