@@ -134,6 +134,12 @@ def start_kho(data_dir: Path, files: list[Path]) -> tuple[subprocess.Popen[bytes
     with Archive(Settings(data_dir=data_dir, fsync=False)) as archive:
         for path in files:
             archive.ingest_part10(path.read_bytes())
+        # serve what a viewer finds once the archive has caught up: every instance encoded
+        # at rest, with its thumbnail (and a tile pyramid for the radiograph), and no
+        # finisher threads competing with the server for the cores
+        finisher = getattr(archive, "finisher", None)
+        if finisher is not None and not finisher.wait_idle(timeout=1800):
+            raise RuntimeError("the finisher did not catch up within 30 minutes")
     ingest_s = time.perf_counter() - started
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _KHO_SERVER, str(data_dir), str(port)])
@@ -460,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print("kho: ingest and serve ...", flush=True)
         proc, port, ingest_s = start_kho(work / "kho", [*ct, dx])
-        results["kho_ingest_s"] = round(ingest_s, 2)
+        results["kho_ingest_until_finished_s"] = round(ingest_s, 2)
         try:
             results["kho"] = bench_server("kho", port, ids, args.requests, clients_list, proc.pid)
         finally:
