@@ -47,8 +47,13 @@ def kho_target(
 ) -> Iterator[int]:
     args = ("--workers", str(workers)) if workers > 1 else ()
     with kho_serve(work / "kho-data", env=extra_env, args=args) as (_proc, port):
-        if workers > 1:
-            time.sleep(4)  # the workers bind after the parent: wait until all listen
+        # steady state, as a PACS runs: every process listening with its kernels loaded
+        log = work / f"serve-{port}.log"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if log.exists() and log.read_text(errors="replace").count("codecs ready") >= workers:
+                break
+            time.sleep(0.1)
         yield port
 
 

@@ -56,6 +56,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cleaned = archive.recover(grace_s=args.recover_after)
         if cleaned:
             log.info("recovery: removed objects of %d interrupted ingests", cleaned)
+
+    def _warm_up() -> None:
+        from kho.archive.pixels import warm_up_codecs
+
+        log.info("codecs ready (%.1f s)", warm_up_codecs())
+
+    threading.Thread(target=_warm_up, name="kho-warm-up", daemon=True).start()
     if settings.finish_in_background:
         archive.finisher.start()  # also picks up what earlier runs left queued
     stop = threading.Event()

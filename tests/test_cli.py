@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kho.archive import keys
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
 from tests.conftest import sample_files
@@ -60,7 +59,7 @@ def test_verify_finds_a_damaged_object(tmp_path: Path) -> None:
     kho("import", "--data-dir", str(data_dir), "--quiet", str(sample_files()[0]))
     with Archive(Settings(data_dir=data_dir)) as archive:
         record = next(archive.catalog.iter_instances())
-        key = keys.header_key(record.object_prefix)
+        key = record.header_key
         header = bytearray(archive.store.get(key))
         header[-1] ^= 0xFF  # one flipped bit on disk
         archive.store.put(key, bytes(header))

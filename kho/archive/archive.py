@@ -170,8 +170,8 @@ class Archive:
 
     def read_part10(self, record: InstanceRecord) -> bytes:
         """The instance's bytes exactly as received (Part 10, with our meta for DIMSE)."""
-        header = self.store.get(keys.header_key(record.object_prefix))
-        if record.pixel_format == "none":
+        header = self.store.get(record.header_key)
+        if record.pixel_format == "none" or record.stored_as_received:
             return header
         payload = self.store.get(record.pixels_key)
         value = pixel_value(self, record, payload)

@@ -31,6 +31,8 @@ from kho.errors import CatalogError, NotFoundError
 SCHEMA_VERSION = 1
 #: the entry of ``instances.derived`` naming a pixel object written after ingest
 PIXELS_OBJECT = "pixels"
+#: the entry naming a header object other than ``<prefix>.header`` (the received object)
+HEADER_OBJECT = "header"
 #: who journals a prefix: host, process id and the process start time (pids are reused)
 PROCESS_OWNER = ""
 
@@ -216,6 +218,17 @@ class InstanceRecord:
     def derived_keys(self) -> dict[str, Any]:
         loaded: dict[str, Any] = json.loads(self.derived or "{}")
         return loaded
+
+    @property
+    def header_key(self) -> str:
+        """The header object's key; the same as :attr:`pixels_key` when the instance is
+        kept as one object, the Part 10 bytes exactly as received (until finished)."""
+        key = self.derived_keys.get(HEADER_OBJECT)
+        return str(key) if key else keys.header_key(self.object_prefix)
+
+    @property
+    def stored_as_received(self) -> bool:
+        return self.pixel_format != "none" and self.header_key == self.pixels_key
 
     @property
     def pixels_key(self) -> str:
@@ -525,9 +538,10 @@ class Catalog:
             )
             if cursor.rowcount == 1:
                 self._upsert_hierarchy(attrs)
-                self._count_instance(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
                 self.end_pending(record.object_prefix)
                 self._queue_unfinished(record, unfinished)
+                # last: these rows are shared by every instance of the series
+                self._count_instance(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
                 return "stored", None
             lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
             row = self.fetchone(
@@ -652,6 +666,7 @@ class Catalog:
         frame_index: str,
         derived: str,
         stored_size: int,
+        header_size: int,
         garbage: Sequence[str],
         garbage_delay_s: float,
     ) -> bool:
@@ -662,13 +677,15 @@ class Catalog:
         with self.transaction():
             cursor = self.execute(
                 "UPDATE instances SET pixel_format = ?, pixel_size = ?, frame_index = ?, "
-                "derived = ?, stored_size = ? WHERE sop_uid = ? AND object_prefix = ?",
+                "derived = ?, stored_size = ?, header_size = ? "
+                "WHERE sop_uid = ? AND object_prefix = ?",
                 (
                     pixel_format,
                     pixel_size,
                     frame_index,
                     derived,
                     stored_size,
+                    header_size,
                     sop_uid,
                     object_prefix,
                 ),
@@ -722,79 +739,106 @@ class Catalog:
         )
 
     def _upsert_hierarchy(self, a: InstanceAttributes) -> None:
+        """Patient, study and series rows for an instance: inserted when new, updated only
+        where the instance's values differ.  The rows of a series being received are the
+        same for every instance: reading them first, instead of an upsert that always
+        writes, takes no row lock, so concurrent ingests of one series (PostgreSQL) only
+        meet at the counter updates at the end of their transactions."""
         now = time.time()
         pkey = a.patient_key
-        self.execute(
-            "INSERT INTO patients (patient_key, patient_id, issuer_of_patient_id, patient_name, "
-            "patient_name_folded, patient_birth_date, patient_sex) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (patient_key) DO UPDATE SET patient_name = excluded.patient_name, "
-            "patient_name_folded = excluded.patient_name_folded, "
-            "patient_birth_date = excluded.patient_birth_date, "
-            "patient_sex = excluded.patient_sex",
-            (
-                pkey,
-                a.patient_id,
-                a.issuer_of_patient_id,
-                a.patient_name,
-                fold_name(a.patient_name),
-                a.patient_birth_date,
-                a.patient_sex,
-            ),
+        patient = (a.patient_name, fold_name(a.patient_name), a.patient_birth_date, a.patient_sex)
+        row = self.fetchone(
+            "SELECT patient_name, patient_name_folded, patient_birth_date, patient_sex "
+            "FROM patients WHERE patient_key = ?",
+            (pkey,),
         )
-        study = self.fetchone("SELECT patient_key FROM studies WHERE study_uid = ?", (a.study_uid,))
-        self.execute(
-            "INSERT INTO studies (study_uid, patient_key, study_date, study_time, "
-            "accession_number, study_id, study_description, referring_physician_name, "
-            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (study_uid) DO UPDATE SET study_date = excluded.study_date, "
-            "study_time = excluded.study_time, accession_number = excluded.accession_number, "
-            "study_id = excluded.study_id, study_description = excluded.study_description, "
-            "referring_physician_name = excluded.referring_physician_name, "
-            "updated_at = excluded.updated_at",
-            (
-                a.study_uid,
-                pkey,
-                a.study_date,
-                a.study_time,
-                a.accession_number,
-                a.study_id,
-                a.study_description,
-                a.referring_physician_name,
-                now,
-            ),
-        )
-        if study is None:
-            self.execute(
-                "UPDATE patients SET num_studies = num_studies + 1 WHERE patient_key = ?", (pkey,)
+        inserted = False
+        if row is None:
+            inserted = self._insert_new(
+                "INSERT INTO patients (patient_key, patient_id, issuer_of_patient_id, "
+                "patient_name, patient_name_folded, patient_birth_date, patient_sex) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (patient_key) DO NOTHING",
+                (pkey, a.patient_id, a.issuer_of_patient_id, *patient),
             )
-        series = self.fetchone("SELECT modality FROM series WHERE series_uid = ?", (a.series_uid,))
-        self.execute(
-            "INSERT INTO series (series_uid, study_uid, modality, series_number, "
-            "series_description, body_part_examined, series_date, series_time) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (series_uid) DO UPDATE SET modality = excluded.modality, "
-            "series_number = excluded.series_number, "
-            "series_description = excluded.series_description, "
-            "body_part_examined = excluded.body_part_examined, "
-            "series_date = excluded.series_date, series_time = excluded.series_time",
-            (
-                a.series_uid,
-                a.study_uid,
-                a.modality,
-                a.series_number,
-                a.series_description,
-                a.body_part_examined,
-                a.series_date,
-                a.series_time,
-            ),
+        if not inserted and (row is None or tuple(row) != patient):
+            self.execute(
+                "UPDATE patients SET patient_name = ?, patient_name_folded = ?, "
+                "patient_birth_date = ?, patient_sex = ? WHERE patient_key = ?",
+                (*patient, pkey),
+            )
+        study = (
+            a.study_date,
+            a.study_time,
+            a.accession_number,
+            a.study_id,
+            a.study_description,
+            a.referring_physician_name,
         )
-        if series is None or series[0] != a.modality:
+        row = self.fetchone(
+            "SELECT study_date, study_time, accession_number, study_id, study_description, "
+            "referring_physician_name FROM studies WHERE study_uid = ?",
+            (a.study_uid,),
+        )
+        inserted = False
+        if row is None:
+            inserted = self._insert_new(
+                "INSERT INTO studies (study_uid, patient_key, study_date, study_time, "
+                "accession_number, study_id, study_description, referring_physician_name, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (study_uid) DO NOTHING",
+                (a.study_uid, pkey, *study, now),
+            )
+            if inserted:
+                self.execute(
+                    "UPDATE patients SET num_studies = num_studies + 1 WHERE patient_key = ?",
+                    (pkey,),
+                )
+        if not inserted and (row is None or tuple(row) != study):
+            self.execute(
+                "UPDATE studies SET study_date = ?, study_time = ?, accession_number = ?, "
+                "study_id = ?, study_description = ?, referring_physician_name = ?, "
+                "updated_at = ? WHERE study_uid = ?",
+                (*study, now, a.study_uid),
+            )
+        series = (
+            a.modality,
+            a.series_number,
+            a.series_description,
+            a.body_part_examined,
+            a.series_date,
+            a.series_time,
+        )
+        row = self.fetchone(
+            "SELECT modality, series_number, series_description, body_part_examined, "
+            "series_date, series_time FROM series WHERE series_uid = ?",
+            (a.series_uid,),
+        )
+        inserted = False
+        if row is None:
+            inserted = self._insert_new(
+                "INSERT INTO series (series_uid, study_uid, modality, series_number, "
+                "series_description, body_part_examined, series_date, series_time) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (series_uid) DO NOTHING",
+                (a.series_uid, a.study_uid, *series),
+            )
+            if inserted:
+                self.execute(
+                    "UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?",
+                    (a.study_uid,),
+                )
+        if not inserted and (row is None or tuple(row) != series):
+            self.execute(
+                "UPDATE series SET modality = ?, series_number = ?, series_description = ?, "
+                "body_part_examined = ?, series_date = ?, series_time = ? WHERE series_uid = ?",
+                (*series, a.series_uid),
+            )
+        if inserted or row is None or row[0] != a.modality:
             self._refresh_modalities(a.study_uid)
-        if series is None:
-            self.execute(
-                "UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?",
-                (a.study_uid,),
-            )
+
+    def _insert_new(self, text: str, params: Sequence[Any]) -> bool:
+        """An INSERT ... ON CONFLICT DO NOTHING; whether it inserted (a concurrent
+        transaction may have inserted the same row first)."""
+        return int(self.execute(text, params).rowcount) == 1
 
     def _refresh_modalities(self, study_uid: str) -> None:
         rows = self.fetchall(

@@ -139,9 +139,11 @@ def instance_document(archive: Archive, record: InstanceRecord) -> bytes:
 
 def stored_header(archive: Archive, record: InstanceRecord) -> Dataset:
     """The instance's full header, parsed from its stored header object (no pixel read)."""
-    from kho.archive import keys
 
-    header = archive.store.get(keys.header_key(record.object_prefix))
+    if record.stored_as_received:  # the whole instance in one object: read its head only
+        header = archive.store.get_range(record.header_key, 0, record.pixel_split)
+    else:
+        header = archive.store.get(record.header_key)
     stop = record.pixel_split if record.pixel_format != "none" else len(header)
     try:
         with warnings.catch_warnings():

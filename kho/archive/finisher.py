@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from kho.archive import keys, metrics
 from kho.archive.attributes import extract_attributes, read_header
-from kho.archive.catalog import PIXELS_OBJECT
+from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT
 from kho.archive.ingest import put_objects
 from kho.archive.part10 import parse_part10
 from kho.archive.pixels import encode_pixels
@@ -208,6 +208,7 @@ class Finisher:
             record.pixel_size,
             record.frame_index,
         )
+        header_size = record.header_size
         if layout.pixels is not None:
             encoded = encode_pixels(archive, data, layout, attrs)
             if encoded.pixel_format != record.pixel_format:
@@ -215,6 +216,13 @@ class Finisher:
                 objects[key] = encoded.payload
                 derived[PIXELS_OBJECT] = key
                 garbage.append(record.pixels_key)
+                if record.stored_as_received:  # the header gets an object of its own
+                    pixels = layout.pixels
+                    value_end = pixels.value_offset + pixels.value_length
+                    header = data[: pixels.value_offset] + data[value_end:]
+                    objects[keys.header_key(prefix)] = header
+                    derived.pop(HEADER_OBJECT, None)
+                    header_size = len(header)
                 pixel_format, pixel_size = encoded.pixel_format, len(encoded.payload)
                 frame_index = _frame_index_json(encoded.frame_index)
         for name, blob in archive.derive(data, layout, ds, attrs, encoded).items():
@@ -222,8 +230,9 @@ class Finisher:
             objects[key] = blob
             derived[name] = key
         put_objects(archive.store, objects)
-        stored_size = record.header_size + pixel_size
-        stored_size += sum(len(v) for k, v in objects.items() if derived.get(PIXELS_OBJECT) != k)
+        own = {derived.get(PIXELS_OBJECT), keys.header_key(prefix)}
+        stored_size = header_size + (0 if record.stored_as_received and not garbage else pixel_size)
+        stored_size += sum(len(v) for k, v in objects.items() if k not in own)
         switched = catalog.finish_instance(
             sop_uid,
             prefix,
@@ -232,6 +241,7 @@ class Finisher:
             frame_index=frame_index,
             derived=json.dumps(derived, separators=(",", ":")),
             stored_size=stored_size,
+            header_size=header_size,
             garbage=garbage,
             garbage_delay_s=GARBAGE_DELAY_S,
         )

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from kho.archive import keys, metrics
 from kho.archive.attributes import InstanceAttributes, extract_attributes, read_header
-from kho.archive.catalog import InstanceRecord
+from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT, InstanceRecord
 from kho.archive.part10 import Part10Layout, build_file_meta, parse_part10
 from kho.archive.pixels import encode_pixels
 from kho.errors import (
@@ -247,14 +247,28 @@ def _write_objects(
         header = data[: pixels.value_offset] + data[value_end:]
         split = pixels.value_offset
         encoded = encode_pixels(archive, data, layout, attrs, use_codec=not defer)
-    objects[keys.header_key(prefix)] = header
     frame_index: list[list[list[int]]] = []
     pixel_format = "none"
+    derived: dict[str, object] = {}
+    if defer and pixels is not None and encoded is not None:
+        # one object, the bytes as received: one write (one PUT on S3) before the
+        # acknowledgement; frames are found inside it, past the pixel value's offset
+        received = keys.received_key(prefix)
+        objects[received] = data
+        derived = {HEADER_OBJECT: received, PIXELS_OBJECT: received}
+        header = data
+        pixel_format = encoded.pixel_format
+        frame_index = [
+            [[pixels.value_offset + off, length] for off, length in frame]
+            for frame in encoded.frame_index
+        ]
+        encoded = None  # nothing else is written: the pixel value is inside ``received``
+    else:
+        objects[keys.header_key(prefix)] = header
     if encoded is not None:
         objects[keys.pixels_key(prefix)] = encoded.payload
         pixel_format = encoded.pixel_format
         frame_index = encoded.frame_index
-    derived: dict[str, object] = {}
     made = {} if defer else archive.derive(data, layout, ds, attrs, encoded)
     for name, blob in made.items():
         key = keys.derived_key(prefix, name)
@@ -263,6 +277,8 @@ def _write_objects(
     put_objects(archive.store, objects)
     stored_size = sum(len(blob) for blob in objects.values())
     pixel_size = len(encoded.payload) if encoded is not None else 0
+    if pixels is not None and derived.get(PIXELS_OBJECT) == keys.received_key(prefix):
+        pixel_size = pixels.value_length
     return InstanceRecord(
         sop_uid=attrs.sop_uid,
         series_uid=attrs.series_uid,

@@ -39,6 +39,11 @@ def pixels_key(prefix: str) -> str:
     return object_key(prefix, "pixels")
 
 
+def received_key(prefix: str) -> str:
+    """An instance kept whole, as received, until the background finisher splits it."""
+    return object_key(prefix, "received")
+
+
 def at_rest_pixels_key(prefix: str, pixel_format: str) -> str:
     """Where a background finisher puts an instance's re-encoded pixels (beside the value as
     received, which stays readable until the catalog points here)."""

@@ -385,3 +385,27 @@ def frame_array(archive: Archive, record: InstanceRecord, frame_number: int) -> 
     if arr.ndim == 3 and spp == 1:
         arr = arr[0]
     return arr
+
+
+def warm_up_codecs() -> float:
+    """Load the numba kernels the archive uses (at-rest codec both ways, rendering) from
+    their on-disk cache, or compile them, so the first instance or viewer request does not
+    pay for it; seconds taken.  `kho serve` runs it in a background thread at start."""
+    import time
+
+    from kho.codecs import render
+
+    started = time.perf_counter()
+    codec = _at_rest_codec("jpeg-ls")
+    ramp16 = (np.arange(64 * 64, dtype=np.uint16) % 4096).reshape(64, 64)
+    samples: list[np.ndarray] = [ramp16, (ramp16 % 256).astype(np.uint8)]
+    samples.append(np.repeat(samples[1][:, :, None], 3, axis=2))
+    for image in samples:
+        if codec is not None:
+            bits = 12 if image.dtype == np.uint16 else 8
+            codec.decode(codec.encode(image, bits_stored=bits))
+        params = render.RenderParams(
+            photometric_interpretation="RGB" if image.ndim == 3 else "MONOCHROME2"
+        )
+        render.thumbnail(image, params, 16)
+    return time.perf_counter() - started

@@ -50,11 +50,10 @@ def _sha(data: bytes) -> str:
 
 def _referenced_keys(archive: Archive) -> set[str]:
     """Every object key the catalog points at, plus those listed as garbage."""
-    from kho.archive import keys
 
     out: set[str] = set()
     for record in archive.catalog.iter_instances():
-        out.add(keys.header_key(record.object_prefix))
+        out.add(record.header_key)
         if record.pixel_format != "none":
             out.add(record.pixels_key)
         out.update(str(v) for v in record.derived_keys.values())
@@ -74,14 +73,16 @@ def test_acknowledged_as_received_then_encoded_bit_for_bit(
     assert archive.catalog.unfinished_count() == len(ct_slices)
     for data, result in zip(ct_slices, results, strict=True):
         record, back = archive.read_instance(result.sop_uid)
-        assert record.pixel_format == "raw" and record.derived_keys == {}
+        assert record.pixel_format == "raw" and record.stored_as_received
+        assert record.derived_keys == {"header": record.pixels_key, "pixels": record.pixels_key}
+        assert archive.store.get(record.pixels_key) == data  # one object, the bytes received
         assert back == data  # retrievable at once, as received
 
     assert archive.finisher.drain() == len(ct_slices)
     assert archive.catalog.unfinished_count() == 0
     for data, result in zip(ct_slices, results, strict=True):
         record, back = archive.read_instance(result.sop_uid)
-        assert record.pixel_format == "jpeg-ls"
+        assert record.pixel_format == "jpeg-ls" and not record.stored_as_received
         assert {"metadata", "thumbnail", PIXELS_OBJECT} <= set(record.derived_keys)
         assert _sha(back) == _sha(data) == record.sha256
         assert record.pixel_size < 128 * 128 * 2 / 2  # 12-bit CT: about a third
@@ -179,7 +180,7 @@ def test_an_instance_that_cannot_be_finished_stays_as_received(
         assert archive.finisher.drain() == 0
     assert archive.catalog.unfinished_count() == 0  # given up on, not retried forever
     record, back = archive.read_instance(result.sop_uid)
-    assert record.pixel_format == "raw" and back == ct_slices[0]
+    assert record.pixel_format == "raw" and back == ct_slices[0] and record.stored_as_received
     # what the failed attempts wrote is unreferenced but harmless: the next attempt (or the
     # deletion of the prefix) overwrites it; nothing is visible
     assert [p for _r, p in archive.verify() if p] == []
@@ -240,3 +241,29 @@ def test_sigkill_while_finishing_then_restart_finishes_everything(tmp_path: Path
         _expire_garbage(archive)
         finisher_module.collect_garbage(archive)
         assert set(archive.store.list("")) == _referenced_keys(archive)
+
+
+def test_compressed_instances_stay_one_object_with_frames_found_inside(archive: Archive) -> None:
+    """An instance received compressed is kept whole (nothing to re-encode); its frames are
+    ranged reads inside that object, before and after finishing."""
+    from pydicom.encaps import generate_frames
+
+    from kho.archive.pixels import stored_frame
+    from tests.conftest import SAMPLES_DIR
+
+    archive.finisher.stop()
+    data = (SAMPLES_DIR / "JLSL_16_15_1_1F.dcm").read_bytes()
+    ds = pydicom.dcmread(BytesIO(data))
+    expected = next(generate_frames(ds.PixelData, number_of_frames=1))
+    result = archive.ingest_part10(data, defer=True)
+    for finished in (False, True):
+        record = archive.catalog.require_instance(result.sop_uid)
+        assert record.pixel_format == "encapsulated" and record.stored_as_received
+        frame, syntax = stored_frame(archive, record, 1)
+        assert frame.rstrip(b"\x00") == expected.rstrip(b"\x00")
+        assert syntax == ds.file_meta.TransferSyntaxUID
+        assert archive.read_instance(result.sop_uid)[1] == data
+        assert ("thumbnail" in record.derived_keys) is finished
+        if not finished:
+            assert archive.finisher.drain() == 1
+    assert archive.catalog.fetchall("SELECT object_key FROM garbage") == []
