@@ -200,8 +200,104 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 Request = tuple[str, dict[str, str]]
 
 
-def fetch(conn: http.client.HTTPConnection, request: Request) -> tuple[int, int]:
+class LeanConnection:
+    """A persistent HTTP/1.1 connection that does little more than the socket calls: GET,
+    status line, headers, a Content-Length or chunked body read into one buffer.
+
+    ``http.client`` spends about as much CPU per response as the server does on a frame
+    (its header parser, buffered reads); on a machine with two cores the clients' CPU is
+    part of what bounds the latency at eight clients, so the benchmark keeps it small.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 120) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.sock: socket.socket | None = None
+        self.buf = bytearray()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.buf = sock, bytearray()
+        return sock
+
+    def _fill(self, sock: socket.socket) -> None:
+        chunk = sock.recv(262144)
+        if not chunk:
+            raise ConnectionError("server closed the connection mid-response")
+        self.buf += chunk
+
+    def _read(self, sock: socket.socket, n: int) -> memoryview:
+        """Exactly ``n`` bytes (buffered ones first, then straight into one buffer)."""
+        out = bytearray(n)
+        view = memoryview(out)
+        have = min(n, len(self.buf))
+        view[:have] = self.buf[:have]
+        del self.buf[:have]
+        while have < n:
+            got = sock.recv_into(view[have:])
+            if not got:
+                raise ConnectionError("server closed the connection mid-body")
+            have += got
+        return view
+
+    def _line(self, sock: socket.socket) -> bytes:
+        while (end := self.buf.find(b"\r\n")) < 0:
+            self._fill(sock)
+        line = bytes(self.buf[:end])
+        del self.buf[: end + 2]
+        return line
+
+    def get(self, path: str, headers: dict[str, str]) -> tuple[int, int]:
+        """(status, body length) of ``GET path``."""
+        sock = self.sock or self._connect()
+        lines = [f"GET {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            self._fill(sock)
+        head = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
+        del self.buf[: end + 4]
+        status = int(head[0].split(" ", 2)[1])
+        fields: dict[str, str] = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        if "content-length" in fields:
+            size = len(self._read(sock, int(fields["content-length"])))
+        elif "chunked" in fields.get("transfer-encoding", "").lower():
+            size = 0
+            while (chunk := int(self._line(sock).split(b";")[0], 16)) > 0:
+                size += len(self._read(sock, chunk + 2)) - 2  # data and its CRLF
+            while self._line(sock):  # trailers up to the empty line
+                pass
+        else:  # the body runs to the end of the connection
+            while data := sock.recv(262144):
+                self.buf += data
+            size, self.buf = len(self.buf), bytearray()
+            fields["connection"] = "close"
+        if fields.get("connection", "").lower() == "close":
+            self.close()
+        return status, size
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+
+
+Connection = LeanConnection | http.client.HTTPConnection
+
+
+def connect(port: int, client: str = "lean") -> Connection:
+    if client == "http.client":
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    return LeanConnection("127.0.0.1", port)
+
+
+def fetch(conn: Connection, request: Request) -> tuple[int, int]:
     path, headers = request
+    if isinstance(conn, LeanConnection):
+        return conn.get(path, headers)
     conn.request("GET", path, headers=headers)
     response = conn.getresponse()
     body = response.read()
@@ -222,15 +318,18 @@ def _client(
     warmup: int,
     start: Any,
     out: Any,
+    kind: str,
 ) -> None:
     """One viewer: its own process and persistent connection (a process, not a thread, so
     that eight clients are not serialised by one interpreter lock)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn = connect(port, kind)
     for i in range(warmup):
         fetch(conn, make(client * 7919 + i))
     start.wait()
     cpu0 = time.process_time()
-    mine, statuses, sizes = [], {}, []
+    mine: list[float] = []
+    statuses: dict[int, int] = {}
+    sizes: list[int] = []
     for i in range(count):
         request = make(client * 7919 + warmup + i)
         started = time.perf_counter()
@@ -250,6 +349,7 @@ def measure(
     total: int,
     warmup: int = 3,
     server_pid: int | None = None,
+    client: str = "lean",
 ) -> dict[str, Any]:
     """Latencies (ms) of ``total`` requests spread over ``clients`` processes, and the CPU
     time per request of the clients and of the server: on a small machine the clients
@@ -259,7 +359,7 @@ def measure(
     per_client = max(1, total // clients)
     start, out = ctx.Barrier(clients + 1, timeout=300), ctx.Queue()
     procs = [
-        ctx.Process(target=_client, args=(port, make, c, per_client, warmup, start, out))
+        ctx.Process(target=_client, args=(port, make, c, per_client, warmup, start, out, client))
         for c in range(clients)
     ]
     for proc in procs:
@@ -269,7 +369,9 @@ def measure(
     started = time.perf_counter()
     results = [out.get(timeout=600) for _ in procs]
     wall = time.perf_counter() - started
-    server_cpu = cpu_seconds(server_pid) - server_cpu0 if server_cpu0 is not None else None
+    server_cpu = None
+    if server_pid and server_cpu0 is not None:
+        server_cpu = cpu_seconds(server_pid) - server_cpu0
     for proc in procs:
         proc.join()
     latencies = [v for r in results for v in r[0]]
@@ -297,8 +399,8 @@ def measure(
     }
 
 
-def first_request_ms(port: int, request: Request) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+def first_request_ms(port: int, request: Request, client: str = "lean") -> dict[str, Any]:
+    conn = connect(port, client)
     started = time.perf_counter()
     status, size = fetch(conn, request)
     conn.close()
@@ -345,13 +447,16 @@ def bench_server(
     total: int,
     clients_list: list[int],
     server_pid: int | None = None,
+    client: str = "lean",
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, make in workloads(server, ids).items():
-        out[name] = {"first": first_request_ms(port, make(10_000))}
+        out[name] = {"first": first_request_ms(port, make(10_000), client)}
         for clients in clients_list:
             count = total if name != "series metadata" else max(20, total // 4)
-            m = out[name][f"c{clients}"] = measure(port, make, clients, count, 3, server_pid)
+            m = out[name][f"c{clients}"] = measure(
+                port, make, clients, count, 3, server_pid, client
+            )
             print(
                 f"  {server:8} {name:22} c={clients}: median {m['median']:.2f} ms, "
                 f"p95 {m['p95']:.2f} ms, {m['throughput_rps']} req/s, CPU/request: "
@@ -385,7 +490,7 @@ def table(results: dict[str, Any], clients_list: list[int]) -> str:
             k = kho[name][f"c{clients}"]
             o = (orthanc.get(name) or {}).get(f"c{clients}")
             ratio = f"{o['median'] / k['median']:.1f}x" if o and k["median"] else "n/a"
-            o_ok = o and set(o["statuses"]) == {200}
+            o_ok = o is not None and set(o["statuses"]) == {200}
             target = TARGETS_MS.get(name)
             lines.append(
                 f"| {name} | {clients} | {k['median']:.2f} | {k['p95']:.2f} | "
@@ -421,6 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200, help="per request kind")
     parser.add_argument("--clients", default="1,8")
     parser.add_argument("--no-orthanc", action="store_true")
+    parser.add_argument(
+        "--client",
+        choices=["lean", "http.client"],
+        default="lean",
+        help="HTTP client of the load processes (lean: LeanConnection, less client CPU)",
+    )
     parser.add_argument("--no-netns", action="store_true", help="do not isolate the network")
     args = parser.parse_args(argv)
     use_orthanc = not args.no_orthanc and ORTHANC_PLUGIN.exists() and shutil.which("Orthanc")
@@ -460,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": {"ct_slices": len(ct), "ct_size": "512x512", "radiograph": "3000x2500"},
             "requests_per_kind": args.requests,
             "clients": clients_list,
+            "client": args.client,
             "targets_ms_median": TARGETS_MS,
             # other work on the machine skews latencies: say how loaded it was
             "load_average_at_start": os.getloadavg(),
@@ -468,7 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         proc, port, ingest_s = start_kho(work / "kho", [*ct, dx])
         results["kho_ingest_until_finished_s"] = round(ingest_s, 2)
         try:
-            results["kho"] = bench_server("kho", port, ids, args.requests, clients_list, proc.pid)
+            results["kho"] = bench_server(
+                "kho", port, ids, args.requests, clients_list, proc.pid, args.client
+            )
         finally:
             stop(proc)
         if use_orthanc:
@@ -478,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             results["orthanc_version"] = "Orthanc 1.10.1 + DICOMweb plugin 1.7 (Debian 12)"
             try:
                 results["orthanc"] = bench_server(
-                    "orthanc", oport, ids, args.requests, clients_list, oproc.pid
+                    "orthanc", oport, ids, args.requests, clients_list, oproc.pid, args.client
                 )
             finally:
                 stop(oproc)

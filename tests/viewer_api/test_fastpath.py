@@ -151,3 +151,18 @@ def test_same_responses_as_fastapi(
         want = _normalized(slow.get(url, headers=headers))
         assert got[0] == want[0], (path, headers, got[0], want[0], got[2][:200])
         assert got == want, (path, headers)
+
+
+def test_fast_requests_are_timed_by_route_template(
+    served: Served, clients: tuple[TestClient, TestClient, Recorder]
+) -> None:
+    fast, _slow, _reference = clients
+    path = served.instance_path("693_UNCR.dcm")
+    assert fast.get(PREFIX + path + "/frames/1", headers={"Accept": STORED}).status_code == 200
+    assert fast.get(PREFIX + path + "/frames/9", headers={"Accept": STORED}).status_code == 404
+    body = fast.get("/metrics").text
+    template = "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}"
+    route = f'route="{PREFIX}{template}"'
+    lines = [line for line in body.splitlines() if route in line and "_count" in line]
+    assert any('status="200"' in line for line in lines), lines
+    assert any('status="404"' in line for line in lines), lines
