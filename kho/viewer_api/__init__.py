@@ -17,7 +17,10 @@ Resources (one router per module):
   ``.../frames/{f}/tiles/{level}/{x}/{y}`` (256x256 JPEG/PNG tiles; level 0 = full size);
 - stow.py: ``POST /studies``, ``POST /studies/{s}`` (multipart/related application/dicom).
 
-Errors map to statuses in errors.py only.  CORS origins come from ``KHO_CORS_ORIGINS``
+fastpath.py dispatches the requests viewers repeat most (frames, instance and frame
+thumbnails, tiles, series metadata) to the same handlers without FastAPI's routing and
+dependency solving (most of a small request's CPU); metrics.py times every request by
+route template.  Errors map to statuses in errors.py only.  CORS origins come from ``KHO_CORS_ORIGINS``
 (comma-separated) and the STOW-RS size limit from ``KHO_STOW_MAX_BYTES`` until the settings
 object carries them.
 """
