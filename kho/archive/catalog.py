@@ -277,7 +277,7 @@ class Catalog:
 
     # --- connections -----------------------------------------------------------------
 
-    def _connect(self) -> Any:
+    def _connect(self, *, synchronous_commit: bool = True) -> Any:
         if self.dialect == "sqlite":
             conn = sqlite3.connect(
                 self.path, timeout=60, isolation_level=None, check_same_thread=False
@@ -292,13 +292,19 @@ class Catalog:
             return conn
         import psycopg
 
+        options = "" if synchronous_commit else "-c synchronous_commit=off"
         try:
+            if options:
+                return psycopg.connect(self.url, autocommit=True, options=options)
             return psycopg.connect(self.url, autocommit=True)
         except psycopg.Error as exc:
             raise CatalogError(f"cannot connect to the catalog: {exc}") from exc
 
     @property
     def connection(self) -> Any:
+        relaxed = getattr(self._local, "relaxed", None)
+        if relaxed is not None:
+            return relaxed
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
@@ -411,9 +417,32 @@ class Catalog:
 
     @contextmanager
     def _relaxed_write(self) -> Iterator[None]:
-        """A write outside any transaction whose commit skips SQLite's WAL fsync
-        (synchronous=NORMAL): it survives a crash of the process; after a power loss it may
-        be lost, which callers must tolerate.  Other engines: a plain write."""
+        """A write outside any transaction whose commit skips the flush to disk (SQLite:
+        synchronous=NORMAL; PostgreSQL: a second connection of this thread with
+        synchronous_commit off): it survives a crash of the process; after a power loss it
+        may be lost, which callers must tolerate."""
+        if self.dialect == "postgresql":
+            import psycopg
+
+            idle = psycopg.pq.TransactionStatus.IDLE
+            if (
+                getattr(self._local, "relaxed", None) is not None
+                or self.connection.info.transaction_status != idle
+            ):  # inside a transaction: part of it, committed with it
+                yield
+                return
+            conn = getattr(self._local, "relaxed_conn", None)
+            if conn is None:
+                conn = self._connect(synchronous_commit=False)
+                self._local.relaxed_conn = conn
+                with self._conn_lock:
+                    self._all_connections.append(conn)
+            self._local.relaxed = conn
+            try:
+                yield
+            finally:
+                self._local.relaxed = None
+            return
         relaxed = (
             self.dialect == "sqlite"
             and self.synchronous_full
