@@ -14,7 +14,7 @@ HTTP/1.1 connection each), with the CPU time per request of the server and of th
 
 Both servers run as child processes.  Orthanc 1.10 binds every interface, so the whole
 benchmark runs in a private network namespace (``unshare -n``) whose only interface is
-loopback.  Usage: ``python -m benchmarks.dicomweb [--slices 300] [--requests 200]``.
+loopback.  Usage: ``python -m benchmarks.dicomweb [--slices 300] [--requests 400]``.
 """
 
 from __future__ import annotations
@@ -523,7 +523,7 @@ def _load(value: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--requests", type=int, default=200, help="per request kind")
+    parser.add_argument("--requests", type=int, default=400, help="per request kind")
     parser.add_argument("--clients", default="1,8")
     parser.add_argument("--no-orthanc", action="store_true")
     parser.add_argument(
