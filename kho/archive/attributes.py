@@ -16,6 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 
+from kho.archive.sequences import SEQUENCES, extract_sequences
 from kho.errors import DatasetMismatchError, InvalidDicomError
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -122,6 +123,8 @@ class InstanceAttributes:
     content_time: str
     sop_uid_in_dataset: bool = True
     warnings: list[str] = field(default_factory=list)
+    #: catalogued sequences present in the instance (kho.archive.sequences)
+    sequences: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
 
     @property
     def patient_key(self) -> str:
@@ -163,7 +166,12 @@ CATALOG_KEYWORDS = (
     "PlanarConfiguration",
     "ContentDate",
     "ContentTime",
+    # the catalogued sequences (kho.archive.sequences)
+    "OtherPatientIDsSequence",
+    "ProcedureCodeSequence",
+    "RequestAttributesSequence",
 )
+assert set(SEQUENCES) <= set(CATALOG_KEYWORDS), "catalogued sequences must be parsed"
 #: only these top-level tags are parsed at ingest (derivers that need more re-read)
 CATALOG_TAGS = [int(pydicom.datadict.tag_for_keyword(k) or 0) for k in CATALOG_KEYWORDS]
 
@@ -254,4 +262,5 @@ def extract_attributes(
         content_time=_text(ds, "ContentTime", 16),
         sop_uid_in_dataset=bool(_text(ds, "SOPInstanceUID", 200)),
         warnings=warnings,
+        sequences=extract_sequences(ds),
     )

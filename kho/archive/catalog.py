@@ -26,6 +26,7 @@ from typing import Any
 
 from kho.archive import keys
 from kho.archive.attributes import InstanceAttributes
+from kho.archive.sequences import SEQUENCES
 from kho.errors import CatalogError, NotFoundError
 
 SCHEMA_VERSION = 1
@@ -159,6 +160,18 @@ CREATE TABLE IF NOT EXISTS garbage (
     object_key TEXT PRIMARY KEY,
     not_before DOUBLE PRECISION NOT NULL
 );
+-- items of the sequences C-FIND and QIDO-RS match on (kho.archive.sequences)
+CREATE TABLE IF NOT EXISTS sequence_items (
+    owner TEXT NOT NULL,
+    sequence TEXT NOT NULL,
+    item BIGINT NOT NULL,
+    v1 TEXT NOT NULL DEFAULT '',
+    v2 TEXT NOT NULL DEFAULT '',
+    v3 TEXT NOT NULL DEFAULT '',
+    v4 TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (owner, sequence, item)
+);
+CREATE INDEX IF NOT EXISTS ix_sequence_items_v1 ON sequence_items (sequence, v1);
 CREATE INDEX IF NOT EXISTS ix_unfinished_queue ON unfinished (queued_at);
 CREATE INDEX IF NOT EXISTS ix_garbage_due ON garbage (not_before);
 CREATE INDEX IF NOT EXISTS ix_patients_id ON patients (patient_id);
@@ -863,6 +876,38 @@ class Catalog:
             )
         if inserted or row is None or row[0] != a.modality:
             self._refresh_modalities(a.study_uid)
+        owners = {"PATIENT": pkey, "STUDY": a.study_uid, "SERIES": a.series_uid}
+        for keyword, items in a.sequences.items():
+            self._sync_sequence(owners[SEQUENCES[keyword].level], keyword, items)
+
+    def _sync_sequence(self, owner: str, keyword: str, items: list[tuple[str, ...]]) -> None:
+        """The catalogued items of one sequence, replaced when an instance carries others
+        (an instance without the sequence leaves them as they are)."""
+        stored = self.fetchall(
+            "SELECT v1, v2, v3, v4 FROM sequence_items WHERE owner = ? AND sequence = ? "
+            "ORDER BY item",
+            (owner, keyword),
+        )
+        padded = [tuple(list(item) + [""] * (4 - len(item))) for item in items]
+        if [tuple(r) for r in stored] == padded:
+            return
+        self.execute(
+            "DELETE FROM sequence_items WHERE owner = ? AND sequence = ?", (owner, keyword)
+        )
+        for number, values in enumerate(padded):
+            self.execute(
+                "INSERT INTO sequence_items (owner, sequence, item, v1, v2, v3, v4) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (owner, keyword, number, *values),
+            )
+
+    def sequence_rows(self, owner: str, keyword: str) -> list[tuple[str, ...]]:
+        rows = self.fetchall(
+            "SELECT v1, v2, v3, v4 FROM sequence_items WHERE owner = ? AND sequence = ? "
+            "ORDER BY item",
+            (owner, keyword),
+        )
+        return [tuple(r) for r in rows]
 
     def _insert_new(self, text: str, params: Sequence[Any]) -> bool:
         """An INSERT ... ON CONFLICT DO NOTHING; whether it inserted (a concurrent

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kho.archive.catalog import INSTANCE_COLUMNS, Catalog, InstanceRecord, fold_name
+from kho.archive.sequences import COLUMNS, SEQUENCES, matching_items, query_item
 from kho.errors import QueryError
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -46,7 +47,7 @@ class _Attribute:
     keyword: str
     level: str  # the level the attribute belongs to
     column: str  # SQL expression (alias.column) or "" for derived attributes
-    kind: str  # text | pn | uid | date | time | int | count | modalities | derived
+    kind: str  # text | pn | uid | date | time | int | count | modalities | derived | sequence
     folded: str = ""  # SQL expression for case-insensitive person-name matching
 
 
@@ -110,8 +111,13 @@ _ATTRIBUTES: dict[str, _Attribute] = {
         _A("ContentDate", "IMAGE", "i.content_date", "date"),
         _A("ContentTime", "IMAGE", "i.content_time", "time"),
         _A("AvailableTransferSyntaxUID", "IMAGE", "i.transfer_syntax_uid", "uid"),
+        # sequences (kho.archive.sequences); the column is the items' owner
+        _A("OtherPatientIDsSequence", "PATIENT", "p.patient_key", "sequence"),
+        _A("ProcedureCodeSequence", "STUDY", "s.study_uid", "sequence"),
+        _A("RequestAttributesSequence", "SERIES", "r.series_uid", "sequence"),
     )
 }
+assert all(a.keyword in SEQUENCES for a in _ATTRIBUTES.values() if a.kind == "sequence")
 
 # below the study level the study and series UIDs are read from the lowest table, so a
 # query "series of study X" uses the series index without joining studies at all
@@ -119,6 +125,9 @@ _LOWEST_COLUMN = {
     ("SERIES", "StudyInstanceUID"): "r.study_uid",
     ("IMAGE", "StudyInstanceUID"): "i.study_uid",
     ("IMAGE", "SeriesInstanceUID"): "i.series_uid",
+    ("SERIES", "ProcedureCodeSequence"): "r.study_uid",
+    ("IMAGE", "ProcedureCodeSequence"): "i.study_uid",
+    ("IMAGE", "RequestAttributesSequence"): "i.series_uid",
 }
 
 _BASE_TABLE = {
@@ -216,7 +225,10 @@ class _Compiler:
         self.aliases.update(re.findall(r"\b([psri])\.", expr))
         return expr
 
-    def add(self, attr: _Attribute, raw: str | Sequence[str] | None) -> None:
+    def add(self, attr: _Attribute, raw: Any) -> None:
+        if attr.kind == "sequence":
+            self._sequence(attr, raw)
+            return
         values = _values(raw)
         if not values:
             return
@@ -292,6 +304,32 @@ class _Compiler:
             parts.append(f"{column} <= ?")
             params.append(upper(high))
         return " AND ".join(parts), params
+
+    def _sequence(self, attr: _Attribute, raw: Any) -> None:
+        """Sequence matching: an item of the owner matches every key of the query item."""
+        seq = SEQUENCES[attr.keyword]
+        item = query_item(seq, raw)
+        conditions: list[str] = []
+        params: list[Any] = [attr.keyword]
+        for keyword, value in item.items():
+            column = f"q.{COLUMNS[seq.items.index(keyword)]}"
+            alternatives = [
+                self._one(_Attribute(keyword, attr.level, column, "text"), column, v)
+                for v in _values(value)
+            ]
+            if not alternatives:
+                continue  # universal within the item: returned, not matched
+            conditions.append("(" + " OR ".join(f"({a[0]})" for a in alternatives) + ")")
+            for _sql, alt_params in alternatives:
+                params.extend(alt_params)
+        if not conditions:
+            return  # an empty item: every owner matches (the items are returned)
+        owner = self.column(attr)
+        self.clauses.append(
+            f"EXISTS (SELECT 1 FROM sequence_items q WHERE q.owner = {owner} "
+            f"AND q.sequence = ? AND {' AND '.join(conditions)})"
+        )
+        self.params.extend(params)
 
     def _modality(self, column: str, value: str) -> tuple[str, list[Any]]:
         # modalities_in_study holds 'CT\\MR' (sorted, no duplicates): match one element
@@ -381,13 +419,19 @@ def find(
             continue
         _attribute(keyword, level)
         wanted.append(keyword)
-    selected = [k for k in wanted if _ATTRIBUTES[k].kind != "derived"]
+    selected = [k for k in wanted if _ATTRIBUTES[k].kind not in ("derived", "sequence")]
     derived = [k for k in wanted if _ATTRIBUTES[k].kind == "derived"]
+    sequences = {
+        k: query_item(SEQUENCES[k], filters.get(k))
+        for k in wanted
+        if _ATTRIBUTES[k].kind == "sequence"
+    }
     select = [compiler.column(_ATTRIBUTES[k]) for k in selected]
     study_column = ""
     if derived:
         study_column = compiler.column(_ATTRIBUTES["StudyInstanceUID"])
         select.append(study_column)
+    select += [compiler.column(_ATTRIBUTES[k]) for k in sequences]  # their owners
     where = " AND ".join(compiler.clauses) or "1 = 1"
     sql = f"SELECT {', '.join(select)} FROM {_from_clause(level, compiler.aliases)} WHERE {where}"
     params = list(compiler.params)
@@ -396,11 +440,16 @@ def find(
         sql += " LIMIT ? OFFSET ?"
         params += [limit if limit is not None else -1 if catalog.dialect == "sqlite" else None]
         params.append(offset)
-    return _rows(catalog, sql, params, selected, derived)
+    return _rows(catalog, sql, params, selected, derived, sequences)
 
 
 def _rows(
-    catalog: Catalog, sql: str, params: list[Any], selected: list[str], derived: list[str]
+    catalog: Catalog,
+    sql: str,
+    params: list[Any],
+    selected: list[str],
+    derived: list[str],
+    sequences: dict[str, dict[str, str]],
 ) -> Iterator[dict[str, Any]]:
     cursor = catalog.execute(sql, params)
     while True:
@@ -413,6 +462,11 @@ def _rows(
                 study_uid = row[len(selected)]
                 for keyword in derived:
                     result[keyword] = _derived(catalog, keyword, study_uid)
+            owners = row[len(selected) + (1 if derived else 0) :]
+            for (keyword, item), owner in zip(sequences.items(), owners, strict=True):
+                seq = SEQUENCES[keyword]
+                stored = catalog.sequence_rows(str(owner), keyword)
+                result[keyword] = matching_items(seq, stored, item)
             yield result
 
 

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
+from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
 from pynetdicom.pdu_primitives import P_DATA
@@ -154,6 +155,23 @@ def _text_value(elem: Any) -> str:
     return str(value).strip()
 
 
+def _query_item(elem: Any) -> dict[str, str]:
+    """A sequence key's one item as keyword -> value (PS3.4 C.2.2.2.6); no item: {}."""
+    items = list(elem.value or [])
+    if len(items) > 1:
+        raise Refusal(UNABLE_TO_PROCESS, f"{elem.keyword}: a sequence key has one item")
+    if not items:
+        return {}
+    return {e.keyword: _text_value(e) for e in items[0] if e.keyword and e.tag.element != 0}
+
+
+def _item(values: dict[str, str]) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        item.add_new(keyword, pydicom.datadict.dictionary_VR(keyword), value)
+    return item
+
+
 def _level(identifier: Dataset, model: str) -> str:
     raw = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if not raw:
@@ -187,6 +205,7 @@ class FindPlan:
         self.level = _level(identifier, model)
         supported = query.supported_keywords(self.level)
         self.filters: dict[str, str] = {}
+        self.sequences: dict[str, dict[str, str]] = {}  # sequence matching: the query item
         self.unsupported: list[Any] = []  # elements answered empty (status 0xFF01)
         self.requested: list[Any] = []  # the identifier's elements, in order
         for elem in identifier:
@@ -196,11 +215,14 @@ class FindPlan:
             if elem.tag.element == 0:  # group length: not a key
                 continue
             self.requested.append(elem)
-            if keyword in supported and elem.VR != "SQ":
+            if keyword in supported and elem.VR == "SQ":
+                self.sequences[keyword] = _query_item(elem)
+            elif keyword in supported:
                 self.filters[keyword] = _text_value(elem)
             else:
                 self.unsupported.append(elem)
         _check_hierarchy(self.level, model, self.filters)
+        self.filters.update(self.sequences)  # type: ignore[arg-type]
         self.retrieve_ae_requested = "RetrieveAETitle" in identifier
         # looked up once: pydicom's tag and keyword lookups would dominate each response
         self._unique_tags = [(_TAG_OF[k], k) for k in query.unique_keys(self.level, model)]
@@ -218,7 +240,9 @@ class FindPlan:
             ds.add_new(key, pydicom.datadict.dictionary_VR(key), match.get(key, ""))
         for elem in self.requested:
             keyword = elem.keyword
-            if keyword in match:
+            if keyword in match and elem.VR == "SQ":
+                ds.add_new(elem.tag, "SQ", Sequence([_item(i) for i in match[keyword]]))
+            elif keyword in match:
                 value = match[keyword]
                 if elem.VR in _BINARY_NUMBER_VRS:
                     value = int(value) if value != "" else None

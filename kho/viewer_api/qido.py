@@ -51,6 +51,9 @@ def _tag_hex(keyword: str) -> str:
 
 def _element(keyword: str, value: Any) -> dict[str, Any]:
     vr = dictionary_VR(keyword)
+    if vr == "SQ":  # sequence matching results: items of keyword -> value
+        items = [{_tag_hex(k): _element(k, v) for k, v in sorted(i.items())} for i in value or []]
+        return {"vr": vr, "Value": [dict(sorted(i.items())) for i in items]}
     if value is None or value == "":
         return {"vr": vr}
     if vr == "PN":
@@ -125,7 +128,7 @@ def search(
     path_filters: dict[str, str],
 ) -> Response:
     _check_accept(request)
-    filters: dict[str, str | list[str]] = {}
+    filters: dict[str, Any] = {}
     include: list[str] = []
     include_all = False
     limit: int | None = None
@@ -151,6 +154,14 @@ def search(
                         include.append(keyword)
         elif name in _CONTROL:
             continue
+        elif "." in name:  # a key inside a sequence (PS3.18 8.3.4.1): Sequence.Attribute
+            outer, _, inner = name.partition(".")
+            keyword, item_key = keyword_of(outer), keyword_of(inner)
+            if keyword not in supported or dictionary_VR(keyword) != "SQ":
+                raise QueryError(f"{keyword} is not a matchable sequence at the {level} level")
+            item = filters.setdefault(keyword, {})
+            assert isinstance(item, dict)
+            item[item_key] = value
         else:
             keyword = keyword_of(name)
             if keyword not in supported:
