@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,15 +40,46 @@ from benchmarks.common import machine, summary, write_results
 from tests.helpers import dcmtk
 from tests.helpers.server import kho_serve
 
-Target = Callable[[Path], AbstractContextManager[int]]
+#: a target yields its port and the processes whose CPU time the run is charged with
+Target = Callable[[Path], AbstractContextManager[tuple[int, list[int]]]]
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(parents.get(current, []))
+    return out
+
+
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds used so far by these processes and their descendants."""
+    return sum(_cpu_seconds(p) for root in pids for p in _descendants(root))
 
 
 @contextmanager
 def kho_target(
     work: Path, extra_env: dict[str, str] | None = None, workers: int = 1
-) -> Iterator[int]:
+) -> Iterator[tuple[int, list[int]]]:
     args = ("--workers", str(workers)) if workers > 1 else ()
-    with kho_serve(work / "kho-data", env=extra_env, args=args) as (_proc, port):
+    with kho_serve(work / "kho-data", env=extra_env, args=args) as (proc, port):
         # steady state, as a PACS runs: every process listening with its kernels loaded
         log = work / f"serve-{port}.log"
         deadline = time.monotonic() + 300
@@ -54,7 +87,7 @@ def kho_target(
             if log.exists() and log.read_text(errors="replace").count("codecs ready") >= workers:
                 break
             time.sleep(0.1)
-        yield port
+        yield port, [proc.pid]
 
 
 def unfinished_count(catalog: str) -> int:
@@ -75,9 +108,9 @@ def wait_at_rest(catalog: str, timeout: float = 1800) -> None:
 
 
 @contextmanager
-def storescp_target(work: Path) -> Iterator[int]:
+def storescp_target(work: Path) -> Iterator[tuple[int, list[int]]]:
     with dcmtk.run_storescp(work / "storescp-out") as scp:
-        yield scp.port
+        yield scp.port, [scp.process.pid]
 
 
 def send(port: int, files: list[Path], associations: int, aec: str) -> float:
@@ -112,20 +145,26 @@ def run_target(
     repeats: int,
     aec: str,
     catalog: Callable[[Path], str] | None = None,
+    extra_pids: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Median figures over ``repeats`` fresh servers; ``catalog(work)`` names the kho
     catalog to watch for the at-rest time."""
     total_bytes = sum(p.stat().st_size for p in files)
-    times, at_rest = [], []
+    times, at_rest, cpu_ack, cpu_rest, loads = [], [], [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix=f"kho-bench-{name}-") as tmp:
             work = Path(tmp)
-            with target(work) as port:
+            with target(work) as (port, pids):
+                charged = pids + list(extra_pids)
+                cpu0 = cpu_of(charged)
                 start = time.perf_counter()
                 times.append(send(port, files, associations, aec))
+                cpu_ack.append(cpu_of(charged) - cpu0)
+                loads.append(os.getloadavg()[0])
                 if catalog is not None:
                     wait_at_rest(catalog(work))
                     at_rest.append(time.perf_counter() - start)
+                    cpu_rest.append(cpu_of(charged) - cpu0)
     stats = summary(times)
     out: dict[str, Any] = {
         "target": name,
@@ -136,10 +175,17 @@ def run_target(
         "instances_per_s": len(files) / stats["median"],
         "mb_per_s": total_bytes / stats["median"] / 1e6,
     }
+    # CPU of the server (and of the S3 server, where there is one) per instance: what the
+    # machine's load does not change much, unlike the seconds
+    out["server_cpu_ms_per_instance_until_ack"] = 1e3 * statistics.median(cpu_ack) / len(files)
+    out["load_average_1min"] = loads
     if at_rest:
         rest = summary(at_rest)
         out["seconds_at_rest"] = rest
         out["at_rest_instances_per_s"] = len(files) / rest["median"]
+        out["server_cpu_ms_per_instance_until_at_rest"] = (
+            1e3 * statistics.median(cpu_rest) / len(files)
+        )
     return out
 
 
@@ -160,7 +206,7 @@ def run_variant(
     use_s3 = variant.startswith("s3-pg")
 
     @contextmanager
-    def target(work: Path) -> Iterator[int]:
+    def target(work: Path) -> Iterator[tuple[int, list[int]]]:
         with contextlib.ExitStack() as stack:
             run_env = dict(env)
             if use_s3:
@@ -177,7 +223,8 @@ def run_variant(
             return (work / "catalog-url").read_text()
         return str(work / "kho-data" / "catalog.sqlite3")
 
-    return run_target(f"kho-{variant}", target, files, associations, repeats, "KHO", catalog)
+    extra = (seaweed.pid,) if use_s3 else ()
+    return run_target(f"kho-{variant}", target, files, associations, repeats, "KHO", catalog, extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {payload['machine']['cpu']} x{payload['machine']['cores']}")
     print(
         f"{'target':20} {'assoc':>5} {'inst/s':>9} {'MB/s':>8} {'median s':>9} "
-        f"{'vs storescp':>12} {'at rest inst/s':>15} {'vs local':>9}"
+        f"{'vs storescp':>12} {'at rest inst/s':>15} {'vs local':>9} {'cpu ms/inst':>12}"
     )
     for r in results:
         ratio = f"{r['ratio_to_storescp']:.0%}" if "ratio_to_storescp" in r else "-"
@@ -248,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['target']:20} {r['associations']:>5} {r['instances_per_s']:>9.1f} "
             f"{r['mb_per_s']:>8.1f} {r['seconds']['median']:>9.3f} {ratio:>12} {rest:>15} "
-            f"{local:>9}"
+            f"{local:>9} {r['server_cpu_ms_per_instance_until_ack']:>12.2f}"
         )
     print(f"results: {path}")
     return 0
