@@ -75,6 +75,8 @@ class Archive:
 
         #: encodes and derives what ingest acknowledged as received (finish_in_background)
         self.finisher = Finisher(self, settings.finish_threads)
+        #: time.monotonic() of the latest ingest (the finisher waits while they come in)
+        self.last_ingest_at = 0.0
 
     def close(self) -> None:
         self.finisher.stop()

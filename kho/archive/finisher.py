@@ -12,10 +12,12 @@ Finishing one instance: read it as received, encode and derive, write the new ob
 beside the received ones (same prefix, new names), then one catalog transaction switches
 the row to them if it is still the same stored version, takes it off the queue, and lists
 the received pixel object as garbage, deleted a minute later (a reader that loaded the
-old row just before can still fetch it).  A crash at any point leaves the instance intact
-and queued: its claim expires (or its process is found gone) and the work is redone, writing
-the same keys again.  Several processes on one catalog claim rows, so each instance is
-finished once.  Viewers asking before then get thumbnails and metadata made on request.
+old row just before can still fetch it).  While instances are arriving the threads wait
+(QUIET_S), so a burst is received at full speed and encoded right after it.  A crash at
+any point leaves the instance intact and queued: its claim expires (or its process is
+found gone) and the work is redone, writing the same keys again.  Several processes on
+one catalog claim rows, so each instance is finished once.  Viewers asking before then
+get thumbnails and metadata made on request.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ GARBAGE_DELAY_S = 60.0
 IDLE_POLL_S = 5.0
 #: background threads yield the CPU to receiving (Linux nice value, per thread)
 NICE = 10
+#: the finisher waits while an instance arrived less than this long ago ...
+QUIET_S = 0.5
+#: ... unless this many are queued (then one thread keeps working)
+BUSY_BACKLOG = 2000
 
 
 class Finisher:
@@ -126,9 +132,28 @@ class Finisher:
             time.sleep(0.05)
         return False
 
+    def _receiving(self) -> bool:
+        """Whether this process is taking instances in: then the finisher waits (its
+        Python parts would compete for the interpreter lock with the receiving threads,
+        which a lower CPU priority does not help), unless the backlog has grown past
+        BUSY_BACKLOG, when one thread works on regardless so raw data cannot pile up
+        without bound under a sustained stream."""
+        if time.monotonic() - self.archive.last_ingest_at > QUIET_S:
+            return False
+        first = self._workers[0] if self._workers else None
+        if threading.current_thread() is first:
+            try:
+                return self.archive.catalog.unfinished_count() < BUSY_BACKLOG
+            except KhoError:
+                return True
+        return True
+
     def _run(self) -> None:
         _lower_priority()
         while not self._stop.is_set():
+            if self._receiving():
+                self._stop.wait(QUIET_S / 2)
+                continue
             self._wake.clear()
             try:
                 claimed = self.archive.catalog.claim_unfinished(1, LEASE_S)
