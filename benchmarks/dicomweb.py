@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -117,7 +118,9 @@ from kho.archive.archive import Archive
 from kho.archive.config import Settings
 from kho.viewer_api.server import HttpServer
 archive = Archive(Settings(data_dir=Path(sys.argv[1]), fsync=False))
-server = HttpServer(archive, host="127.0.0.1", port=int(sys.argv[2])).start()
+server = HttpServer(
+    archive, host="127.0.0.1", port=int(sys.argv[2]), reuse_port=sys.argv[3] == "1"
+).start()
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 stop.wait()
@@ -126,7 +129,11 @@ archive.close()
 """
 
 
-def start_kho(data_dir: Path, files: list[Path]) -> tuple[subprocess.Popen[bytes], int, float]:
+def start_kho(
+    data_dir: Path, files: list[Path], workers: int = 1
+) -> tuple[list[subprocess.Popen[bytes]], int, float]:
+    """Ingest, wait for the finisher, then ``workers`` server processes on one port
+    (SO_REUSEPORT, as ``kho serve --workers N``)."""
     from kho.archive.archive import Archive
     from kho.archive.config import Settings
 
@@ -142,9 +149,15 @@ def start_kho(data_dir: Path, files: list[Path]) -> tuple[subprocess.Popen[bytes
             raise RuntimeError("the finisher did not catch up within 30 minutes")
     ingest_s = time.perf_counter() - started
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _KHO_SERVER, str(data_dir), str(port)])
-    wait_port(port, proc)
-    return proc, port, ingest_s
+    shared = "1" if workers > 1 else "0"
+    procs = []
+    for _ in range(workers):
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", _KHO_SERVER, str(data_dir), str(port), shared])
+        )
+        wait_port(port, procs[-1])
+    time.sleep(1.0 if workers > 1 else 0)  # every process listening, not just the first
+    return procs, port, ingest_s
 
 
 def start_orthanc(work: Path, files: list[Path]) -> tuple[subprocess.Popen[bytes], int, float]:
@@ -348,7 +361,7 @@ def measure(
     clients: int,
     total: int,
     warmup: int = 3,
-    server_pid: int | None = None,
+    server_pids: list[int] | None = None,
     client: str = "lean",
 ) -> dict[str, Any]:
     """Latencies (ms) of ``total`` requests spread over ``clients`` processes, and the CPU
@@ -365,13 +378,13 @@ def measure(
     for proc in procs:
         proc.start()
     start.wait()  # every client connected and warmed up
-    server_cpu0 = cpu_seconds(server_pid) if server_pid else None
+    server_cpu0 = sum(cpu_seconds(pid) for pid in server_pids) if server_pids else None
     started = time.perf_counter()
     results = [out.get(timeout=600) for _ in procs]
     wall = time.perf_counter() - started
     server_cpu = None
-    if server_pid and server_cpu0 is not None:
-        server_cpu = cpu_seconds(server_pid) - server_cpu0
+    if server_pids and server_cpu0 is not None:
+        server_cpu = sum(cpu_seconds(pid) for pid in server_pids) - server_cpu0
     for proc in procs:
         proc.join()
     latencies = [v for r in results for v in r[0]]
@@ -446,7 +459,7 @@ def bench_server(
     ids: dict[str, Any],
     total: int,
     clients_list: list[int],
-    server_pid: int | None = None,
+    server_pids: list[int] | None = None,
     client: str = "lean",
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -455,7 +468,7 @@ def bench_server(
         for clients in clients_list:
             count = total if name != "series metadata" else max(20, total // 4)
             m = out[name][f"c{clients}"] = measure(
-                port, make, clients, count, 3, server_pid, client
+                port, make, clients, count, 3, server_pids, client
             )
             print(
                 f"  {server:8} {name:22} c={clients}: median {m['median']:.2f} ms, "
@@ -503,7 +516,9 @@ def table(results: dict[str, Any], clients_list: list[int]) -> str:
         "",
         f"Machine: {results['machine']['cores']} cores ({results['machine']['cpu']}); "
         f"load average at start {_load(load[0])}, at end {_load(load[1])} "
-        "(other work on the machine shares the cores).",
+        "(other work on the machine shares the cores). "
+        f"kho: {results.get('kho_workers', 1)} server process(es), HTTP parsed by "
+        f"{results.get('kho_http_parser', 'n/a')}; clients: {results.get('client', 'n/a')}.",
         "",
         "Clients are separate processes (one persistent connection each) on the same "
         "cores as the server. The CPU columns give the CPU time per request of the server "
@@ -531,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["lean", "http.client"],
         default="lean",
         help="HTTP client of the load processes (lean: LeanConnection, less client CPU)",
+    )
+    parser.add_argument(
+        "--kho-workers",
+        type=int,
+        default=1,
+        help="kho server processes sharing the port (as kho serve --workers N)",
     )
     parser.add_argument("--no-netns", action="store_true", help="do not isolate the network")
     args = parser.parse_args(argv)
@@ -572,19 +593,23 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_kind": args.requests,
             "clients": clients_list,
             "client": args.client,
+            "kho_workers": args.kho_workers,
+            # what uvicorn parses HTTP with in kho's server (kho.viewer_api.server)
+            "kho_http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
             "targets_ms_median": TARGETS_MS,
             # other work on the machine skews latencies: say how loaded it was
             "load_average_at_start": os.getloadavg(),
         }
         print("kho: ingest and serve ...", flush=True)
-        proc, port, ingest_s = start_kho(work / "kho", [*ct, dx])
+        procs, port, ingest_s = start_kho(work / "kho", [*ct, dx], args.kho_workers)
         results["kho_ingest_until_finished_s"] = round(ingest_s, 2)
         try:
             results["kho"] = bench_server(
-                "kho", port, ids, args.requests, clients_list, proc.pid, args.client
+                "kho", port, ids, args.requests, clients_list, [p.pid for p in procs], args.client
             )
         finally:
-            stop(proc)
+            for proc in procs:
+                stop(proc)
         if use_orthanc:
             print("Orthanc: upload and serve ...", flush=True)
             oproc, oport, upload_s = start_orthanc(work, [*ct, dx])
@@ -592,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             results["orthanc_version"] = "Orthanc 1.10.1 + DICOMweb plugin 1.7 (Debian 12)"
             try:
                 results["orthanc"] = bench_server(
-                    "orthanc", oport, ids, args.requests, clients_list, oproc.pid, args.client
+                    "orthanc", oport, ids, args.requests, clients_list, [oproc.pid], args.client
                 )
             finally:
                 stop(oproc)
