@@ -164,10 +164,13 @@ def _bench_threads(
     result: dict[str, Any] = {"workers": workers}
     for kind, key in (("enc", "encode"), ("dec", "decode")):
         wall, cpu = median_run(workers, kind)
-        one, _ = median_run(1, kind)
+        one_wall, one_cpu = median_run(1, kind)
         result[f"{key}_mb_s"] = raw / 1e6 / wall
         result[f"{key}_cpu_per_wall"] = cpu / wall
-        result[f"{key}_scaling_vs_1_thread"] = one / wall
+        result[f"{key}_scaling_vs_1_thread"] = one_wall / wall
+        # CPU seconds for the same work, one thread over many: 1.0 means threads cost
+        # nothing extra (no lock, no contention), whatever share of the cores we got
+        result[f"{key}_cpu_efficiency_vs_1_thread"] = one_cpu / cpu
     return result
 
 
@@ -271,7 +274,9 @@ def _print_table(results: dict[str, Any]) -> None:
                 print(
                     f"{'':<24}x{r['encode_scaling_vs_1_thread']:.2f} / "
                     f"x{r['decode_scaling_vs_1_thread']:.2f} of one thread, cores used "
-                    f"{r['encode_cpu_per_wall']:.2f} / {r['decode_cpu_per_wall']:.2f}"
+                    f"{r['encode_cpu_per_wall']:.2f} / {r['decode_cpu_per_wall']:.2f}, CPU "
+                    f"efficiency {r['encode_cpu_efficiency_vs_1_thread']:.2f} / "
+                    f"{r['decode_cpu_efficiency_vs_1_thread']:.2f}"
                 )
     jit = results["jit"]
     print(
