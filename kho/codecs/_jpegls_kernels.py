@@ -5,6 +5,23 @@ The bit writer and reader state (accumulator, bit count, position, last byte was
 is threaded through the helpers as scalars so that LLVM keeps it in registers.  Every read
 of the input and write of the output is bounds-checked by hand (numba does not check);
 errors come back as status codes and the public wrapper raises.
+
+What makes these kernels fast (measured; see benchmarks/codecs.py):
+
+- the per-sample paths (``_encode_line``, ``_decode_line``, ``_encode_pixels``,
+  ``_decode_pixels``) call no helper that takes an array: numba increments and decrements
+  the reference count of every array passed to a call it does not inline, with atomic
+  instructions, and that took ~40% of the time.  Helpers on that path take and return
+  scalars (LLVM inlines them); the ones that take arrays (``_put``, ``_golomb``,
+  ``_fill``, ``_ungolomb``) serve the rare cases (long codes, refills in run mode);
+- no ``inline="always"``: numba's IR inlining multiplied compile time and (passing
+  arrays) brought the reference counting back;
+- one specialisation per function: numba compiles a function again for each new tuple
+  of argument types, and a literal constant argument is a type of its own, so constants
+  are passed as ``np.int64(...)``; the wrapper hands the encoder read-only uint16 only;
+- indices known to be non-negative are cast to unsigned (numba emits wraparound code
+  for signed indices); Ra, Rb, Rc stay in registers from one sample to the next; the
+  quantisation table is int8 (L1-sized), the context array flat with 4 fields per context.
 """
 
 from __future__ import annotations
