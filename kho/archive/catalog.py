@@ -786,95 +786,55 @@ class Catalog:
         same for every instance: reading them first, instead of an upsert that always
         writes, takes no row lock, so concurrent ingests of one series (PostgreSQL) only
         meet at the counter updates at the end of their transactions."""
-        now = time.time()
         pkey = a.patient_key
-        patient = (a.patient_name, fold_name(a.patient_name), a.patient_birth_date, a.patient_sex)
-        row = self.fetchone(
-            "SELECT patient_name, patient_name_folded, patient_birth_date, patient_sex "
-            "FROM patients WHERE patient_key = ?",
-            (pkey,),
+        self._upsert_row(
+            "patients",
+            ("patient_key", pkey),
+            {
+                "patient_name": a.patient_name,
+                "patient_name_folded": fold_name(a.patient_name),
+                "patient_birth_date": a.patient_birth_date,
+                "patient_sex": a.patient_sex,
+            },
+            {"patient_id": a.patient_id, "issuer_of_patient_id": a.issuer_of_patient_id},
         )
-        inserted = False
-        if row is None:
-            inserted = self._insert_new(
-                "INSERT INTO patients (patient_key, patient_id, issuer_of_patient_id, "
-                "patient_name, patient_name_folded, patient_birth_date, patient_sex) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (patient_key) DO NOTHING",
-                (pkey, a.patient_id, a.issuer_of_patient_id, *patient),
-            )
-        if not inserted and (row is None or tuple(row) != patient):
+        new_study, _row = self._upsert_row(
+            "studies",
+            ("study_uid", a.study_uid),
+            {
+                "study_date": a.study_date,
+                "study_time": a.study_time,
+                "accession_number": a.accession_number,
+                "study_id": a.study_id,
+                "study_description": a.study_description,
+                "referring_physician_name": a.referring_physician_name,
+            },
+            {"patient_key": pkey},
+            stamp="updated_at",
+        )
+        if new_study:
             self.execute(
-                "UPDATE patients SET patient_name = ?, patient_name_folded = ?, "
-                "patient_birth_date = ?, patient_sex = ? WHERE patient_key = ?",
-                (*patient, pkey),
+                "UPDATE patients SET num_studies = num_studies + 1 WHERE patient_key = ?", (pkey,)
             )
-        study = (
-            a.study_date,
-            a.study_time,
-            a.accession_number,
-            a.study_id,
-            a.study_description,
-            a.referring_physician_name,
+        new_series, row = self._upsert_row(
+            "series",
+            ("series_uid", a.series_uid),
+            {
+                "modality": a.modality,
+                "series_number": a.series_number,
+                "series_description": a.series_description,
+                "body_part_examined": a.body_part_examined,
+                "series_date": a.series_date,
+                "series_time": a.series_time,
+            },
+            {"study_uid": a.study_uid},
         )
-        row = self.fetchone(
-            "SELECT study_date, study_time, accession_number, study_id, study_description, "
-            "referring_physician_name FROM studies WHERE study_uid = ?",
-            (a.study_uid,),
-        )
-        inserted = False
-        if row is None:
-            inserted = self._insert_new(
-                "INSERT INTO studies (study_uid, patient_key, study_date, study_time, "
-                "accession_number, study_id, study_description, referring_physician_name, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (study_uid) DO NOTHING",
-                (a.study_uid, pkey, *study, now),
-            )
-            if inserted:
-                self.execute(
-                    "UPDATE patients SET num_studies = num_studies + 1 WHERE patient_key = ?",
-                    (pkey,),
-                )
-        if not inserted and (row is None or tuple(row) != study):
+        if new_series:
             self.execute(
-                "UPDATE studies SET study_date = ?, study_time = ?, accession_number = ?, "
-                "study_id = ?, study_description = ?, referring_physician_name = ?, "
-                "updated_at = ? WHERE study_uid = ?",
-                (*study, now, a.study_uid),
+                "UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?",
+                (a.study_uid,),
             )
-        series = (
-            a.modality,
-            a.series_number,
-            a.series_description,
-            a.body_part_examined,
-            a.series_date,
-            a.series_time,
-        )
-        row = self.fetchone(
-            "SELECT modality, series_number, series_description, body_part_examined, "
-            "series_date, series_time FROM series WHERE series_uid = ?",
-            (a.series_uid,),
-        )
-        inserted = False
-        if row is None:
-            inserted = self._insert_new(
-                "INSERT INTO series (series_uid, study_uid, modality, series_number, "
-                "series_description, body_part_examined, series_date, series_time) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (series_uid) DO NOTHING",
-                (a.series_uid, a.study_uid, *series),
-            )
-            if inserted:
-                self.execute(
-                    "UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?",
-                    (a.study_uid,),
-                )
-        if not inserted and (row is None or tuple(row) != series):
-            self.execute(
-                "UPDATE series SET modality = ?, series_number = ?, series_description = ?, "
-                "body_part_examined = ?, series_date = ?, series_time = ? WHERE series_uid = ?",
-                (*series, a.series_uid),
-            )
-        if inserted or row is None or row[0] != a.modality:
+        if new_series or row is None or row[0] != a.modality:
             self._refresh_modalities(a.study_uid)
         owners = {"PATIENT": pkey, "STUDY": a.study_uid, "SERIES": a.series_uid}
         for keyword, items in a.sequences.items():
@@ -909,10 +869,42 @@ class Catalog:
         )
         return [tuple(r) for r in rows]
 
-    def _insert_new(self, text: str, params: Sequence[Any]) -> bool:
-        """An INSERT ... ON CONFLICT DO NOTHING; whether it inserted (a concurrent
-        transaction may have inserted the same row first)."""
-        return int(self.execute(text, params).rowcount) == 1
+    def _upsert_row(
+        self,
+        table: str,
+        key: tuple[str, str],
+        values: dict[str, Any],
+        insert_only: dict[str, Any],
+        *,
+        stamp: str = "",
+    ) -> tuple[bool, tuple[Any, ...] | None]:
+        """Insert a row, or update the columns of ``values`` where they differ; ``stamp``
+        names a column set to the time of either.  Returns (inserted, the row's earlier
+        ``values`` or None).  INSERT ... DO NOTHING: a concurrent transaction may insert
+        the row first, and then this one updates it."""
+        key_column, key_value = key
+        columns = list(values)
+        row = self.fetchone(
+            f"SELECT {', '.join(columns)} FROM {table} WHERE {key_column} = ?", (key_value,)
+        )
+        now = {stamp: time.time()} if stamp else {}
+        inserted = False
+        if row is None:
+            names = [key_column, *insert_only, *columns, *now]
+            cursor = self.execute(
+                f"INSERT INTO {table} ({', '.join(names)}) "
+                f"VALUES ({', '.join('?' for _ in names)}) "
+                f"ON CONFLICT ({key_column}) DO NOTHING",
+                (key_value, *insert_only.values(), *values.values(), *now.values()),
+            )
+            inserted = int(cursor.rowcount) == 1
+        if not inserted and (row is None or tuple(row) != tuple(values.values())):
+            sets = ", ".join(f"{c} = ?" for c in [*columns, *now])
+            self.execute(
+                f"UPDATE {table} SET {sets} WHERE {key_column} = ?",
+                (*values.values(), *now.values(), key_value),
+            )
+        return inserted, row
 
     def _refresh_modalities(self, study_uid: str) -> None:
         rows = self.fetchall(
