@@ -324,9 +324,9 @@ def _encode_pixels(
             rd = np.int64(prev[ci, x + 2])
             q1 = np.int64(qt[np.uint64(rd - rb + maxval)])
             q2 = np.int64(qt[np.uint64(rb - rc + maxval)])
-            q = (q1 * 9 + q2) * 9 + np.int64(qt[np.uint64(rc - ra + maxval)])
-            qs_all[ci] = q
-            if q != 0:
+            qn = (q1 * 9 + q2) * 9 + np.int64(qt[np.uint64(rc - ra + maxval)])
+            qs_all[ci] = qn
+            if qn != 0:
                 all_zero = False
         if not all_zero:
             for ci in range(nc):
@@ -557,10 +557,10 @@ def _encode_line(
         else:
             errval = value - rb if ra <= rb else rb - value
         errval = _mod_reduce(errval, rng)
-        q = (365 + ritype) * 4
-        a = ctx[q]
-        n = ctx[q + 3]
-        nn = ctx[q + 1]
+        qr = (365 + ritype) * 4
+        a = ctx[qr]
+        n = ctx[qr + 3]
+        nn = ctx[qr + 1]
         k = _k_for(n, a + (n >> 1) if ritype else a)
         mapped = 0
         if (k == 0 and errval > 0 and 2 * nn < n) or (errval < 0 and (2 * nn >= n or k)):
@@ -580,9 +580,9 @@ def _encode_line(
             a >>= 1
             n >>= 1
             nn >>= 1
-        ctx[q] = a
-        ctx[q + 3] = n + 1
-        ctx[q + 1] = nn
+        ctx[qr] = a
+        ctx[qr + 3] = n + 1
+        ctx[qr + 1] = nn
         if ri > 0:
             ri -= 1
         runindex[slot] = ri
@@ -789,9 +789,9 @@ def _decode_pixels(
             rd = np.int64(prev[ci, x + 2])
             q1 = np.int64(qt[np.uint64(rd - rb + maxval)])
             q2 = np.int64(qt[np.uint64(rb - rc + maxval)])
-            q = (q1 * 9 + q2) * 9 + np.int64(qt[np.uint64(rc - ra + maxval)])
-            qs_all[ci] = q
-            if q != 0:
+            qn = (q1 * 9 + q2) * 9 + np.int64(qt[np.uint64(rc - ra + maxval)])
+            qs_all[ci] = qn
+            if qn != 0:
                 all_zero = False
         if not all_zero:
             for ci in range(nc):
@@ -1088,10 +1088,10 @@ def _decode_line(
             # the run interruption sample (A.7.2)
             rb = np.int64(pl[x + 1])
             ritype = 1 if ra == rb else 0
-            q = (365 + ritype) * 4
-            a = ctx[q]
-            n = ctx[q + 3]
-            nn = ctx[q + 1]
+            qr = (365 + ritype) * 4
+            a = ctx[qr]
+            n = ctx[qr + 3]
+            nn = ctx[qr + 1]
             k = _k_for(n, a + (n >> 1) if ritype else a)
             emerr, acc, nbits, pos, ff, fake = _ungolomb(
                 src, acc, nbits, pos, ff, fake, k, limit - j - 1, qbpp
@@ -1112,9 +1112,9 @@ def _decode_line(
                 a >>= 1
                 n >>= 1
                 nn >>= 1
-            ctx[q] = a
-            ctx[q + 3] = n + 1
-            ctx[q + 1] = nn
+            ctx[qr] = a
+            ctx[qr + 3] = n + 1
+            ctx[qr + 1] = nn
             if ritype:
                 value = ra + errval
             else:
