@@ -90,21 +90,17 @@ def kho_target(
         yield port, [proc.pid]
 
 
-def unfinished_count(catalog: str) -> int:
-    """Instances the archive acknowledged but has not encoded at rest yet."""
+def wait_at_rest(catalog: str, timeout: float = 1800) -> None:
+    """Until the archive has encoded at rest every instance it acknowledged."""
     from kho.archive.catalog import Catalog
 
     cat = Catalog(catalog)
     try:
-        return cat.unfinished_count()
+        deadline = time.monotonic() + timeout
+        while cat.unfinished_count() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         cat.close()
-
-
-def wait_at_rest(catalog: str, timeout: float = 1800) -> None:
-    deadline = time.monotonic() + timeout
-    while unfinished_count(catalog) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 @contextmanager

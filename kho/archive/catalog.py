@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -400,9 +401,24 @@ class Catalog:
         except Exception as exc:
             raise CatalogError(f"catalog commit failed: {exc}") from exc
 
+    def _schema_in_place(self) -> bool:
+        """Whether every table and index of the schema exists (PostgreSQL): then opening
+        the catalog runs no DDL.  CREATE INDEX IF NOT EXISTS locks its table even when the
+        index is there, and a process starting beside one that ingests would deadlock
+        with it."""
+        names = re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA)
+        marks = ", ".join("to_regclass(?)" for _ in names)
+        row = self.fetchone(f"SELECT {marks}", names)
+        if row is None or any(found is None for found in row):
+            return False
+        version = self.fetchone("SELECT version FROM kho_schema")
+        return version is not None and int(version[0]) == SCHEMA_VERSION
+
     def _create_schema(self) -> None:
         schema = _SCHEMA
         if self.dialect == "postgresql":
+            if self._schema_in_place():
+                return
             # one DDL lock so several processes starting at once do not race
             with self.transaction():
                 self.execute("SELECT pg_advisory_xact_lock(7301)")

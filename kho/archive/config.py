@@ -7,15 +7,16 @@ The TOML file is named by ``KHO_CONFIG`` or ``--config``; its keys are the field
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kho.errors import ConfigError
 
@@ -75,7 +76,25 @@ class Settings(BaseSettings):
     move_destinations: dict[str, str] = Field(
         default_factory=dict, description="C-MOVE destinations: AE title -> host:port"
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins a browser viewer on another site may call DICOMweb from "
+        '(["*"] for any); none by default',
+    )
+    stow_max_bytes: int = Field(
+        2 * 1024 * 1024 * 1024, description="largest STOW-RS request body (else 413)", ge=1
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        # KHO_CORS_ORIGINS=https://emr.example,https://viewer.example (or a JSON list)
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
 
     @field_validator("ae_title")
     @classmethod

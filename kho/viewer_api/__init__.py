@@ -20,7 +20,6 @@ Resources (one router per module):
 fastpath.py dispatches the requests viewers repeat most (frames, instance and frame
 thumbnails, tiles, series metadata) to the same handlers without FastAPI's routing and
 dependency solving (most of a small request's CPU); metrics.py times every request by
-route template.  Errors map to statuses in errors.py only.  CORS origins come from ``KHO_CORS_ORIGINS``
-(comma-separated) and the STOW-RS size limit from ``KHO_STOW_MAX_BYTES`` until the settings
-object carries them.
+route template.  Errors map to statuses in errors.py only.  CORS origins and the STOW-RS
+size limit are settings (``cors_origins``, ``stow_max_bytes``).
 """

@@ -1,27 +1,21 @@
 """The FastAPI application: DICOMweb under ``/dicom-web`` on one Archive.
 
-CORS: origins from the environment variable ``KHO_CORS_ORIGINS`` (comma-separated, or
-``*``) until the settings object carries them; none by default.
+CORS origins and the STOW-RS size limit come from the archive's settings
+(``cors_origins`` / ``KHO_CORS_ORIGINS``, ``stow_max_bytes`` / ``KHO_STOW_MAX_BYTES``).
 """
 
 from __future__ import annotations
-
-import os
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from kho.archive.archive import Archive
 from kho.viewer_api import metrics, qido, rendered, stow, wado
-from kho.viewer_api.deps import ViewerState, max_upload_from_env
+from kho.viewer_api.deps import ViewerState
 from kho.viewer_api.errors import install_error_handlers
 from kho.viewer_api.fastpath import FastPath
 
 PREFIX = "/dicom-web"
-
-
-def cors_origins_from_env() -> list[str]:
-    return [o.strip() for o in os.environ.get("KHO_CORS_ORIGINS", "").split(",") if o.strip()]
 
 
 def create_app(
@@ -45,14 +39,14 @@ def create_app(
         archive=archive,
         max_upload_bytes=max_upload_bytes
         if max_upload_bytes is not None
-        else max_upload_from_env(),
+        else archive.settings.stow_max_bytes,
     )
     install_error_handlers(app)
     # the hot GET routes (frames, thumbnails, tiles, series metadata) without FastAPI's
     # routing and dependency solving; inside CORS and the request timer (added later)
     if fast_path:
         app.add_middleware(FastPath, state=app.state.viewer, prefix=PREFIX)
-    origins = cors_origins if cors_origins is not None else cors_origins_from_env()
+    origins = cors_origins if cors_origins is not None else archive.settings.cors_origins
     if origins:
         app.add_middleware(
             CORSMiddleware,

@@ -6,7 +6,6 @@ thread hop per dependency costs more than the catalog lookup itself (~50 us).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -17,13 +16,8 @@ from kho.archive.catalog import InstanceRecord
 from kho.archive.rendering import RenderCache
 from kho.errors import NotFoundError
 
-#: STOW-RS request bodies larger than this are refused with 413 (KHO_STOW_MAX_BYTES)
+#: STOW-RS request bodies larger than this are refused with 413 (settings.stow_max_bytes)
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024 * 1024
-
-
-def max_upload_from_env() -> int:
-    text = os.environ.get("KHO_STOW_MAX_BYTES", "")
-    return int(text) if text.strip().isdigit() else DEFAULT_MAX_UPLOAD_BYTES
 
 
 @dataclass

@@ -37,3 +37,13 @@ def test_bad_settings_are_refused_with_a_message(tmp_path: Path, monkeypatch, co
     toml.write_text(content)
     with pytest.raises(ConfigError):
         load_settings(toml)
+
+
+def test_cors_origins_from_the_environment_comma_separated_or_json(monkeypatch) -> None:
+    monkeypatch.delenv("KHO_CONFIG", raising=False)
+    monkeypatch.setenv("KHO_CORS_ORIGINS", "https://emr.example, https://viewer.example")
+    assert load_settings().cors_origins == ["https://emr.example", "https://viewer.example"]
+    monkeypatch.setenv("KHO_CORS_ORIGINS", '["*"]')
+    assert load_settings().cors_origins == ["*"]
+    monkeypatch.setenv("KHO_STOW_MAX_BYTES", "1000")
+    assert load_settings().stow_max_bytes == 1000

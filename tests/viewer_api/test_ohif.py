@@ -115,7 +115,7 @@ def test_thumbnails_as_ohif_asks(served: Served) -> None:
 def test_cors_preflight_when_origins_are_configured(served: Served, monkeypatch) -> None:
     from kho.viewer_api.server import HttpServer
 
-    monkeypatch.setenv("KHO_CORS_ORIGINS", "http://viewer.example")
+    monkeypatch.setattr(served.archive.settings, "cors_origins", ["http://viewer.example"])
     server = HttpServer(served.archive, host="127.0.0.1", port=0).start()
     try:
         url = f"http://127.0.0.1:{server.port}/dicom-web/studies"
