@@ -271,7 +271,7 @@ class Catalog:
     def __init__(self, url_or_path: str | Path, *, synchronous_full: bool = True) -> None:
         text = str(url_or_path)
         self._local = threading.local()
-        self._all_connections: list[Any] = []
+        self._all_connections: list[tuple[threading.Thread, Any]] = []
         self._conn_lock = threading.Lock()
         self.synchronous_full = synchronous_full
         if text.startswith(("postgresql://", "postgres://")):
@@ -323,16 +323,34 @@ class Catalog:
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
-            with self._conn_lock:
-                self._all_connections.append(conn)
+            self._register(conn)
         return conn
+
+    def _register(self, conn: Any) -> None:
+        """Keep a new connection of this thread; close those of threads that have ended
+        (each DIMSE association runs in a thread of its own: without this an archive
+        would keep one connection per association it ever served)."""
+        with self._conn_lock:
+            alive = []
+            for thread, old in self._all_connections:
+                if thread.is_alive():
+                    alive.append((thread, old))
+                else:
+                    with suppress(Exception):
+                        old.close()
+            alive.append((threading.current_thread(), conn))
+            self._all_connections = alive
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._all_connections)
 
     def close(self) -> None:
         if self._writer_fd is not None:
             os.close(self._writer_fd)
             self._writer_fd = None
         with self._conn_lock:
-            for conn in self._all_connections:
+            for _thread, conn in self._all_connections:
                 # closing another thread's connection may complain; it is closed anyway
                 with suppress(Exception):
                     conn.close()
@@ -464,8 +482,7 @@ class Catalog:
             if conn is None:
                 conn = self._connect(synchronous_commit=False)
                 self._local.relaxed_conn = conn
-                with self._conn_lock:
-                    self._all_connections.append(conn)
+                self._register(conn)
             self._local.relaxed = conn
             try:
                 yield

@@ -30,3 +30,24 @@ def test_opening_a_postgresql_catalog_beside_a_writer_runs_no_ddl() -> None:
                 opened[0].close()
         finally:
             writer.close()
+
+
+def test_connections_of_ended_threads_are_closed(tmp_path) -> None:
+    """Every association runs in its own thread; the catalog must not keep one open
+    connection per association it ever served."""
+    catalog = Catalog(tmp_path / "catalog.sqlite3")
+    try:
+        for _ in range(3):
+            threads = [threading.Thread(target=lambda: catalog.counts()) for _ in range(5)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert catalog.open_connections <= 6  # this thread's and the last batch's
+        # a new thread's first connection closes those of the threads that have ended
+        last = threading.Thread(target=catalog.unfinished_count)
+        last.start()
+        last.join()
+        assert catalog.open_connections == 2
+    finally:
+        catalog.close()
