@@ -13,7 +13,7 @@ kho variants (--variants):
                encoding and thumbnails after the acknowledgement (finish_in_background)
   inline       KHO_FINISH_IN_BACKGROUND=false: encoded and derived before acknowledging
   no-fsync     KHO_FSYNC=false: no flush, like storescp
-  workers2     two `kho serve` processes sharing the port
+  workersN     N `kho serve` processes sharing the port (workers2, workers4, ...)
   s3-pg        SeaweedFS (S3) objects + PostgreSQL catalog, one process
   s3-pg-workers2  the same with two processes
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -194,7 +195,8 @@ def run_variant(
     repeats: int,
 ) -> dict[str, Any]:
     env = dict(kho_env)
-    workers = 2 if variant.endswith("workers2") else 1
+    found = re.search(r"workers(\d+)$", variant)
+    workers = int(found.group(1)) if found else 1
     if variant == "no-fsync":
         env["KHO_FSYNC"] = "false"
     elif variant == "inline":
