@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["durable", "inline", "workers2", "s3-pg", "s3-pg-workers2"],
+        default=["durable", "inline", "workers2", "workers4", "s3-pg", "s3-pg-workers4"],
         help="kho configurations: durable (default settings), no-fsync (KHO_FSYNC=false: "
         "no flush, like storescp), workers2 (two processes on the port), inline, s3-pg, "
         "s3-pg-workers2 (see the module docstring)",
@@ -271,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(kho)
     by_key = {(r["target"], r["associations"]): r for r in results}
     for r in results:  # S3 + PostgreSQL against the local path with as many processes
-        local = {"kho-s3-pg": "kho-durable", "kho-s3-pg-workers2": "kho-workers2"}.get(r["target"])
+        local = None
+        if r["target"].startswith("kho-s3-pg"):
+            local = r["target"].replace("kho-s3-pg", "kho", 1)
+            local = "kho-durable" if local == "kho" else local
         if local and (local, r["associations"]) in by_key:
             r["ratio_to_local"] = (
                 r["instances_per_s"] / by_key[(local, r["associations"])]["instances_per_s"]
