@@ -171,7 +171,21 @@ class Archive:
     # --- retrieval -------------------------------------------------------------------
 
     def read_part10(self, record: InstanceRecord) -> bytes:
-        """The instance's bytes exactly as received (Part 10, with our meta for DIMSE)."""
+        """The instance's bytes exactly as received (Part 10, with our meta for DIMSE).
+
+        ``record`` may be older than the row: a C-MOVE or a study retrieve loads its records
+        first, and the finisher may switch one meanwhile and delete its received object a
+        minute later.  Then the row is read again and the instance rebuilt from it (the
+        same bytes either way)."""
+        try:
+            return self._read_part10(record)
+        except ObjectNotFoundError:
+            current = self.catalog.get_instance(record.sop_uid)
+            if current is None or current == record or current.sha256 != record.sha256:
+                raise
+            return self._read_part10(current)
+
+    def _read_part10(self, record: InstanceRecord) -> bytes:
         header = self.store.get(record.header_key)
         if record.pixel_format == "none" or record.stored_as_received:
             return header

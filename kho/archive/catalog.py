@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
@@ -30,7 +31,9 @@ from kho.archive.attributes import InstanceAttributes
 from kho.archive.sequences import SEQUENCES
 from kho.errors import CatalogError, NotFoundError
 
-SCHEMA_VERSION = 1
+LOG = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: unfinished, garbage, sequence_items; the received-object layout
 #: the entry of ``instances.derived`` naming a pixel object written after ingest
 PIXELS_OBJECT = "pixels"
 #: the entry naming a header object other than ``<prefix>.header`` (the received object)
@@ -49,6 +52,12 @@ def _process_start(pid: int) -> str:
 
 def _owner_of(pid: int) -> str:
     return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    """A PostgreSQL deadlock (40P01) or serialisation failure (40001) under ``exc``."""
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) in ("40P01", "40001")
 
 
 def owner_is_gone(owner: str) -> bool:
@@ -291,7 +300,7 @@ class Catalog:
 
     # --- connections -----------------------------------------------------------------
 
-    def _connect(self, *, synchronous_commit: bool = True) -> Any:
+    def _connect(self) -> Any:
         if self.dialect == "sqlite":
             conn = sqlite3.connect(
                 self.path, timeout=60, isolation_level=None, check_same_thread=False
@@ -306,19 +315,13 @@ class Catalog:
             return conn
         import psycopg
 
-        options = "" if synchronous_commit else "-c synchronous_commit=off"
         try:
-            if options:
-                return psycopg.connect(self.url, autocommit=True, options=options)
             return psycopg.connect(self.url, autocommit=True)
         except psycopg.Error as exc:
             raise CatalogError(f"cannot connect to the catalog: {exc}") from exc
 
     @property
     def connection(self) -> Any:
-        relaxed = getattr(self._local, "relaxed", None)
-        if relaxed is not None:
-            return relaxed
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._connect()
@@ -455,6 +458,8 @@ class Catalog:
         row = self.fetchone("SELECT version FROM kho_schema")
         if row is None:
             self.execute("INSERT INTO kho_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+        elif int(row[0]) < SCHEMA_VERSION:  # the new tables were just created: upgraded
+            self.execute("UPDATE kho_schema SET version = ?", (SCHEMA_VERSION,))
         elif int(row[0]) > SCHEMA_VERSION:
             raise CatalogError(
                 f"catalog schema version {row[0]} is newer than this kho ({SCHEMA_VERSION})"
@@ -465,29 +470,18 @@ class Catalog:
     @contextmanager
     def _relaxed_write(self) -> Iterator[None]:
         """A write outside any transaction whose commit skips the flush to disk (SQLite:
-        synchronous=NORMAL; PostgreSQL: a second connection of this thread with
-        synchronous_commit off): it survives a crash of the process; after a power loss it
-        may be lost, which callers must tolerate."""
+        synchronous=NORMAL; PostgreSQL: SET LOCAL synchronous_commit = off): it survives a
+        crash of the process; after a power loss it may be lost, which callers must
+        tolerate."""
         if self.dialect == "postgresql":
             import psycopg
 
-            idle = psycopg.pq.TransactionStatus.IDLE
-            if (
-                getattr(self._local, "relaxed", None) is not None
-                or self.connection.info.transaction_status != idle
-            ):  # inside a transaction: part of it, committed with it
-                yield
+            if self.connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                yield  # inside a transaction: part of it, committed with it
                 return
-            conn = getattr(self._local, "relaxed_conn", None)
-            if conn is None:
-                conn = self._connect(synchronous_commit=False)
-                self._local.relaxed_conn = conn
-                self._register(conn)
-            self._local.relaxed = conn
-            try:
+            with self.transaction():
+                self.execute("SET LOCAL synchronous_commit = off")
                 yield
-            finally:
-                self._local.relaxed = None
             return
         relaxed = (
             self.dialect == "sqlite"
@@ -594,6 +588,26 @@ class Catalog:
         policy: str,
         unfinished: bool = False,
     ) -> tuple[str, InstanceRecord | None]:
+        """See _commit_instance; a PostgreSQL deadlock or serialisation failure (another
+        ingest of the same patient, study or series) is retried: the transaction rolled
+        back whole and the objects are already written."""
+        for attempt in range(5):
+            try:
+                return self._commit_instance(attrs, record, policy=policy, unfinished=unfinished)
+            except CatalogError as exc:
+                if attempt == 4 or not _is_retryable(exc):
+                    raise
+                time.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _commit_instance(
+        self,
+        attrs: InstanceAttributes,
+        record: InstanceRecord,
+        *,
+        policy: str,
+        unfinished: bool,
+    ) -> tuple[str, InstanceRecord | None]:
         """Make an instance visible, deciding duplicates inside the write transaction.
 
         Returns (outcome, previous record): outcome is "stored" (new SOP Instance UID),
@@ -606,6 +620,15 @@ class Catalog:
         cols = ", ".join(INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in INSTANCE_COLUMNS)
         with self.transaction():
+            if self.dialect == "postgresql":
+                # the rows every instance of a series updates, locked first and in one order
+                # (patient, study, series): concurrent ingests queue instead of deadlocking
+                for table, column, key in (
+                    ("patients", "patient_key", attrs.patient_key),
+                    ("studies", "study_uid", attrs.study_uid),
+                    ("series", "series_uid", attrs.series_uid),
+                ):
+                    self.execute(f"SELECT 1 FROM {table} WHERE {column} = ? FOR UPDATE", (key,))
             # insert-first makes concurrent stores of one new instance count it once
             cursor = self.execute(
                 f"INSERT INTO instances ({cols}) VALUES ({marks}) ON CONFLICT (sop_uid) DO NOTHING",
@@ -673,11 +696,26 @@ class Catalog:
 
     # --- the background finisher's queue and the garbage list --------------------------
 
-    def claim_unfinished(self, limit: int, lease_s: float) -> list[tuple[str, str, int]]:
+    def claim_unfinished(
+        self, limit: int, lease_s: float, max_attempts: int = 3
+    ) -> list[tuple[str, str, int]]:
         """Claim up to ``limit`` queued instances for this process, oldest first: rows no
-        one holds, or whose lease ran out.  Returns (sop_uid, object_prefix, attempts)."""
+        one holds, or whose lease ran out.  Returns (sop_uid, object_prefix, attempts).
+        A row claimed ``max_attempts`` times and not finished (its process may have died
+        on it) is taken off the queue: the instance stays as received."""
         now = time.time()
         cutoff = now - lease_s
+        with self._relaxed_write():
+            given_up = self.execute(
+                "DELETE FROM unfinished WHERE attempts >= ? AND (owner = '' OR claimed_at < ?)",
+                (int(max_attempts), cutoff),
+            ).rowcount
+        if given_up and given_up > 0:
+            LOG.error(
+                "finisher: %d instances stay stored as received after %d attempts",
+                given_up,
+                max_attempts,
+            )
         candidates = self.fetchall(
             "SELECT sop_uid, object_prefix, attempts FROM unfinished "
             "WHERE owner = '' OR claimed_at < ? ORDER BY queued_at LIMIT ?",
@@ -744,16 +782,18 @@ class Catalog:
         header_size: int,
         garbage: Sequence[str],
         garbage_delay_s: float,
+        was: InstanceRecord,
     ) -> bool:
-        """Switch an instance to its finished objects, if it is still the version that was
-        finished (same prefix: not replaced meanwhile); ``garbage`` (what the switch leaves
+        """Switch an instance to its finished objects, if its row is still exactly ``was``,
+        the version that was finished (same prefix, format and objects: not replaced nor
+        finished by another process meanwhile); ``garbage`` (what the switch leaves
         unreferenced) is listed for deletion after ``garbage_delay_s``.  False: nothing
-        changed, the caller's new objects are surplus."""
+        changed."""
         with self.transaction():
             cursor = self.execute(
                 "UPDATE instances SET pixel_format = ?, pixel_size = ?, frame_index = ?, "
                 "derived = ?, stored_size = ?, header_size = ? "
-                "WHERE sop_uid = ? AND object_prefix = ?",
+                "WHERE sop_uid = ? AND object_prefix = ? AND pixel_format = ? AND derived = ?",
                 (
                     pixel_format,
                     pixel_size,
@@ -763,6 +803,8 @@ class Catalog:
                     header_size,
                     sop_uid,
                     object_prefix,
+                    was.pixel_format,
+                    was.derived,
                 ),
             )
             self.execute(
@@ -800,17 +842,19 @@ class Catalog:
                 self.execute("DELETE FROM garbage WHERE object_key = ?", (key,))
 
     def _count_instance(self, study_uid: str, series_uid: str, pkey: str, delta: int) -> None:
+        # patient, study, series: the order _upsert_hierarchy locks them in (PostgreSQL
+        # row locks taken in one order cannot deadlock)
         self.execute(
-            "UPDATE series SET num_instances = num_instances + ? WHERE series_uid = ?",
-            (delta, series_uid),
+            "UPDATE patients SET num_instances = num_instances + ? WHERE patient_key = ?",
+            (delta, pkey),
         )
         self.execute(
             "UPDATE studies SET num_instances = num_instances + ? WHERE study_uid = ?",
             (delta, study_uid),
         )
         self.execute(
-            "UPDATE patients SET num_instances = num_instances + ? WHERE patient_key = ?",
-            (delta, pkey),
+            "UPDATE series SET num_instances = num_instances + ? WHERE series_uid = ?",
+            (delta, series_uid),
         )
 
     def _upsert_hierarchy(self, a: InstanceAttributes) -> None:
@@ -884,15 +928,18 @@ class Catalog:
         padded = [tuple(list(item) + [""] * (4 - len(item))) for item in items]
         if [tuple(r) for r in stored] == padded:
             return
-        self.execute(
-            "DELETE FROM sequence_items WHERE owner = ? AND sequence = ?", (owner, keyword)
-        )
+        # upsert by item number, then trim: concurrent writers of one owner never collide
         for number, values in enumerate(padded):
             self.execute(
                 "INSERT INTO sequence_items (owner, sequence, item, v1, v2, v3, v4) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, sequence, item) DO UPDATE "
+                "SET v1 = excluded.v1, v2 = excluded.v2, v3 = excluded.v3, v4 = excluded.v4",
                 (owner, keyword, number, *values),
             )
+        self.execute(
+            "DELETE FROM sequence_items WHERE owner = ? AND sequence = ? AND item >= ?",
+            (owner, keyword, len(padded)),
+        )
 
     def sequence_rows(self, owner: str, keyword: str) -> list[tuple[str, ...]]:
         rows = self.fetchall(

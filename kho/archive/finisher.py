@@ -40,6 +40,7 @@ from kho.errors import CatalogError, KhoError, ObjectNotFoundError, StorageError
 
 if TYPE_CHECKING:
     from kho.archive.archive import Archive
+    from kho.archive.catalog import InstanceRecord
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Finisher:
         deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
         while deadline is None or time.monotonic() < deadline:
-            claimed = self.archive.catalog.claim_unfinished(8, LEASE_S)
+            claimed = self.archive.catalog.claim_unfinished(8, LEASE_S, MAX_ATTEMPTS)
             if not claimed:
                 break
             for sop_uid, prefix, attempts in claimed:
@@ -156,15 +157,18 @@ class Finisher:
                 continue
             self._wake.clear()
             try:
-                claimed = self.archive.catalog.claim_unfinished(1, LEASE_S)
+                claimed = self.archive.catalog.claim_unfinished(1, LEASE_S, MAX_ATTEMPTS)
             except KhoError as exc:
                 log.warning("finisher: cannot read the queue: %s", exc)
                 self._stop.wait(IDLE_POLL_S)
                 continue
             for sop_uid, prefix, attempts in claimed:
                 self._finish_claimed(sop_uid, prefix, attempts)
+            try:
+                self.collect_garbage()  # at most every few seconds, busy or not
+            except KhoError as exc:
+                log.warning("finisher: garbage collection failed: %s", exc)
             if not claimed:
-                self.collect_garbage()
                 self._wake.wait(IDLE_POLL_S)
 
     def _finish_claimed(self, sop_uid: str, prefix: str, attempts: int) -> int:
@@ -254,6 +258,9 @@ class Finisher:
             key = keys.derived_key(prefix, name)
             objects[key] = blob
             derived[name] = key
+        # journalled like an ingest: if the instance is replaced and this process dies
+        # before the switch, recovery deletes what it wrote with the replaced prefix
+        catalog.begin_pending(prefix)
         put_objects(archive.store, objects)
         own = {derived.get(PIXELS_OBJECT), keys.header_key(prefix)}
         stored_size = header_size + (0 if record.stored_as_received and not garbage else pixel_size)
@@ -269,13 +276,20 @@ class Finisher:
             header_size=header_size,
             garbage=garbage,
             garbage_delay_s=GARBAGE_DELAY_S,
+            was=record,
         )
-        if not switched:  # replaced while we worked: what we wrote was never referenced
+        if not switched:
+            # replaced, or finished by another process, while we worked: delete what we
+            # wrote unless the row now points at it (the same keys, written by the other)
+            current = catalog.get_instance(sop_uid)
+            live = _referenced(current) if current is not None else set()
+            surplus = [key for key in objects if key not in live]
             try:
-                for key in objects:
+                for key in surplus:
                     archive.store.delete(key)
             except StorageError:
-                catalog.add_garbage(list(objects))
+                catalog.add_garbage(surplus)
+        catalog.end_pending(prefix)
         return switched
 
     def collect_garbage(self, *, force: bool = False) -> int:
@@ -285,6 +299,15 @@ class Finisher:
             return 0
         self._last_gc = now
         return collect_garbage(self.archive)
+
+
+def _referenced(record: InstanceRecord) -> set[str]:
+    """Every object key an instance row points at."""
+    out = {record.header_key, keys.header_key(record.object_prefix)}
+    if record.pixel_format != "none":
+        out.add(record.pixels_key)
+    out.update(str(v) for v in record.derived_keys.values())
+    return out
 
 
 def collect_garbage(archive: Archive, limit: int = 1000) -> int:

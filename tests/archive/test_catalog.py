@@ -51,3 +51,52 @@ def test_connections_of_ended_threads_are_closed(tmp_path) -> None:
         assert catalog.open_connections == 2
     finally:
         catalog.close()
+
+
+def test_concurrent_ingest_of_one_series_with_changing_attributes(tmp_path) -> None:
+    """PostgreSQL: eight threads store one series whose instances disagree on patient,
+    study and sequence attributes (as re-sent or corrected studies do): row locks are taken
+    in one order and conflicts retried, so every instance is stored and counted once."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from kho.archive.archive import Archive
+    from kho.archive.config import Settings
+    from tests.archive.test_ingest import make_instance
+
+    datasets = []
+    for i in range(48):
+        ds = pydicom.dcmread(BytesIO(make_instance()))
+        ds.PatientSex = "MF"[i % 2]
+        ds.StudyDescription = f"desc {i % 3}"
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator = f"C{i % 4}", "99KHO"
+        ds.ProcedureCodeSequence = Sequence([code] * (1 + i % 2))
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        datasets.append(out.getvalue())
+    with postgres_database() as url:
+        settings = Settings(data_dir=tmp_path / "data", catalog_url=url)
+        with Archive(settings) as archive:
+            archive.finisher.stop()
+            errors: list[BaseException] = []
+
+            def store(chunk: list[bytes]) -> None:
+                for data in chunk:
+                    try:
+                        archive.ingest_part10(data, defer=True)
+                    except BaseException as exc:  # collected: the assertion shows them
+                        errors.append(exc)
+
+            threads = [threading.Thread(target=store, args=(datasets[i::8],)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert errors == []
+            assert archive.catalog.counts()["instances"] == 48
+            row = archive.catalog.fetchone("SELECT num_instances FROM series")
+            assert row == (48,)

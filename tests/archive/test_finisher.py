@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -267,3 +268,61 @@ def test_compressed_instances_stay_one_object_with_frames_found_inside(archive: 
         if not finished:
             assert archive.finisher.drain() == 1
     assert archive.catalog.fetchall("SELECT object_key FROM garbage") == []
+
+
+def test_a_record_loaded_before_the_switch_still_reads_after_the_grace(
+    archive: Archive, ct_slices: list[bytes]
+) -> None:
+    """A C-MOVE loads its records first; the finisher may switch one and its received
+    object be deleted before the move reaches it: the instance is rebuilt from the row."""
+    archive.finisher.stop()
+    result = archive.ingest_part10(ct_slices[0], defer=True)
+    stale = archive.catalog.require_instance(result.sop_uid)
+    assert archive.finisher.drain() == 1
+    _expire_garbage(archive)
+    assert finisher_module.collect_garbage(archive) == 1
+    assert not archive.store.exists(stale.pixels_key)
+    assert archive.read_part10(stale) == ct_slices[0]
+
+
+def test_a_second_finisher_with_a_stale_record_changes_nothing(
+    archive: Archive, ct_slices: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes finishing one instance (a lease ran out): the one that switches second
+    must not point the row back at the received object, which is garbage by then."""
+    archive.finisher.stop()
+    result = archive.ingest_part10(ct_slices[0], defer=True)
+    prefix = archive.catalog.require_instance(result.sop_uid).object_prefix
+    stale = archive.catalog.require_instance(result.sop_uid)
+    assert archive.finisher.drain() == 1  # process A switched the row
+    finished = archive.catalog.require_instance(result.sop_uid)
+    # process B, holding the row as it was, with no codec at hand (keeps it raw)
+    monkeypatch.setattr(archive, "at_rest_codec", False)
+    real_get = archive.catalog.get_instance
+    calls: list[str] = []
+
+    def stale_first(sop: str) -> Any:  # B read the row before A switched it
+        calls.append(sop)
+        return stale if len(calls) == 1 else real_get(sop)
+
+    monkeypatch.setattr(archive.catalog, "get_instance", stale_first)
+    assert archive.finisher.finish_one(result.sop_uid, prefix) is False
+    monkeypatch.undo()
+    assert archive.catalog.require_instance(result.sop_uid) == finished
+    _expire_garbage(archive)
+    finisher_module.collect_garbage(archive)
+    assert archive.read_instance(result.sop_uid)[1] == ct_slices[0]
+    assert set(archive.store.list("")) == _referenced_keys(archive)
+
+
+def test_an_instance_claimed_too_often_is_given_up(
+    archive: Archive, ct_slices: list[bytes]
+) -> None:
+    """A process that dies on an instance (a crash in native code) must not take every
+    process with it forever: after MAX_ATTEMPTS claims it stays as received."""
+    archive.finisher.stop()
+    result = archive.ingest_part10(ct_slices[0], defer=True)
+    archive.catalog.execute("UPDATE unfinished SET attempts = ?", (finisher_module.MAX_ATTEMPTS,))
+    assert archive.catalog.claim_unfinished(1, 600, finisher_module.MAX_ATTEMPTS) == []
+    assert archive.catalog.unfinished_count() == 0
+    assert archive.read_instance(result.sop_uid)[1] == ct_slices[0]
