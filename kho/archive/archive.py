@@ -18,6 +18,7 @@ from kho.archive import keys
 from kho.archive.attributes import InstanceAttributes
 from kho.archive.catalog import Catalog, InstanceRecord
 from kho.archive.config import Settings
+from kho.archive.finisher import Finisher, collect_garbage
 from kho.archive.ingest import IngestResult, ingest_dimse, ingest_part10
 from kho.archive.part10 import Part10Layout, read_file_meta
 from kho.archive.pixels import EncodedPixels, pixel_value
@@ -71,8 +72,6 @@ class Archive:
         self.at_rest_codec = settings.at_rest_codec
 
         self.derivers: list[Deriver] = default_derivers(settings)
-        from kho.archive.finisher import Finisher
-
         #: encodes and derives what ingest acknowledged as received (finish_in_background)
         self.finisher = Finisher(self, settings.finish_threads)
         #: time.monotonic() of the latest ingest (the finisher waits while they come in)
@@ -163,8 +162,6 @@ class Archive:
         # finishing work a gone process had claimed goes back on the queue
         if self.catalog.release_claims_of_gone_processes():
             self.finisher.notify()
-        from kho.archive.finisher import collect_garbage
-
         collect_garbage(self)
         return cleaned
 

@@ -920,13 +920,8 @@ class Catalog:
     def _sync_sequence(self, owner: str, keyword: str, items: list[tuple[str, ...]]) -> None:
         """The catalogued items of one sequence, replaced when an instance carries others
         (an instance without the sequence leaves them as they are)."""
-        stored = self.fetchall(
-            "SELECT v1, v2, v3, v4 FROM sequence_items WHERE owner = ? AND sequence = ? "
-            "ORDER BY item",
-            (owner, keyword),
-        )
         padded = [tuple(list(item) + [""] * (4 - len(item))) for item in items]
-        if [tuple(r) for r in stored] == padded:
+        if self.sequence_rows(owner, keyword) == padded:
             return
         # upsert by item number, then trim: concurrent writers of one owner never collide
         for number, values in enumerate(padded):

@@ -73,7 +73,6 @@ class Finisher:
         self._workers: list[threading.Thread] = []
         self._last_gc = 0.0
         self._busy = 0  # instances in hand in this process
-        self.finished = 0  # instances this process finished (for tests and metrics)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -99,10 +98,6 @@ class Finisher:
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
-
-    @property
-    def running(self) -> bool:
-        return any(w.is_alive() for w in self._workers)
 
     # --- the work ----------------------------------------------------------------------
 
@@ -202,7 +197,6 @@ class Finisher:
                     catalog.release_unfinished(sop_uid, prefix)
             return 0
         if done:
-            self.finished += 1
             metrics.FINISH_SECONDS.observe(time.perf_counter() - started)
         return int(done)
 
@@ -246,14 +240,12 @@ class Finisher:
                 derived[PIXELS_OBJECT] = key
                 garbage.append(record.pixels_key)
                 if record.stored_as_received:  # the header gets an object of its own
-                    pixels = layout.pixels
-                    value_end = pixels.value_offset + pixels.value_length
-                    header = data[: pixels.value_offset] + data[value_end:]
+                    header = layout.pixels.header_of(data)
                     objects[keys.header_key(prefix)] = header
                     derived.pop(HEADER_OBJECT, None)
                     header_size = len(header)
                 pixel_format, pixel_size = encoded.pixel_format, len(encoded.payload)
-                frame_index = _frame_index_json(encoded.frame_index)
+                frame_index = json.dumps(encoded.frame_index, separators=(",", ":"))
         for name, blob in archive.derive(data, layout, ds, attrs, encoded).items():
             key = keys.derived_key(prefix, name)
             objects[key] = blob
@@ -262,8 +254,10 @@ class Finisher:
         # before the switch, recovery deletes what it wrote with the replaced prefix
         catalog.begin_pending(prefix)
         put_objects(archive.store, objects)
+        # a received object kept whole holds the pixel value: header_size counts it already
+        kept_whole = record.stored_as_received and not garbage
+        stored_size = header_size + (0 if kept_whole else pixel_size)
         own = {derived.get(PIXELS_OBJECT), keys.header_key(prefix)}
-        stored_size = header_size + (0 if record.stored_as_received and not garbage else pixel_size)
         stored_size += sum(len(v) for k, v in objects.items() if k not in own)
         switched = catalog.finish_instance(
             sop_uid,
@@ -318,10 +312,6 @@ def collect_garbage(archive: Archive, limit: int = 1000) -> int:
     if due:
         archive.catalog.forget_garbage(due)
     return len(due)
-
-
-def _frame_index_json(index: list[list[list[int]]]) -> str:
-    return json.dumps(index, separators=(",", ":"))
 
 
 def _lower_priority() -> None:

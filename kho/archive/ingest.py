@@ -245,8 +245,7 @@ def _write_objects(
         split = len(data)
         encoded = None
     else:
-        value_end = pixels.value_offset + pixels.value_length
-        header = data[: pixels.value_offset] + data[value_end:]
+        header = pixels.header_of(data)
         split = pixels.value_offset
         encoded = encode_pixels(archive, data, layout, attrs, use_codec=not defer)
     frame_index: list[list[list[int]]] = []

@@ -52,6 +52,10 @@ class PixelLocation:
     value_length: int  # bytes of the value; for encapsulated data up to the end of the delimiter
     encapsulated: bool
 
+    def header_of(self, data: bytes) -> bytes:
+        """The header object: the bytes before the pixel value and any after it."""
+        return data[: self.value_offset] + data[self.value_offset + self.value_length :]
+
 
 @dataclass(frozen=True, slots=True)
 class Part10Layout:

@@ -4,7 +4,6 @@ afterwards, stay bit-exact throughout, and leave nothing behind, whatever happen
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import signal
 import subprocess
@@ -20,13 +19,13 @@ import pytest
 
 from kho.archive import finisher as finisher_module
 from kho.archive.archive import Archive
-from kho.archive.catalog import PIXELS_OBJECT, Catalog
+from kho.archive.catalog import PIXELS_OBJECT
 from kho.archive.config import Settings
 from kho.archive.part10 import read_file_meta
 from kho.archive.phantom import ct_series_datasets
 from tests.archive.test_ingest import make_instance
 from tests.helpers import dcmtk
-from tests.helpers.postgres import postgres_database
+from tests.helpers.postgres import ENGINES, archive_on
 from tests.helpers.server import kho_serve
 
 
@@ -36,13 +35,10 @@ def ct_slices() -> list[bytes]:
     return list(ct_series_datasets(6, rows=128, cols=128))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=ENGINES)
 def archive(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Archive]:
-    with contextlib.ExitStack() as stack:
-        catalog = None
-        if request.param == "postgresql":
-            catalog = Catalog(stack.enter_context(postgres_database()))
-        yield stack.enter_context(Archive(settings, catalog=catalog))
+    with archive_on(request.param, settings) as archive:
+        yield archive
 
 
 def _sha(data: bytes) -> str:

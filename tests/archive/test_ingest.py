@@ -3,7 +3,6 @@ refused with a precise error and nothing left behind; duplicates; crash recovery
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import socket
 import struct
@@ -19,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from kho.archive import keys
 from kho.archive.archive import Archive
-from kho.archive.catalog import PROCESS_OWNER, Catalog
+from kho.archive.catalog import PROCESS_OWNER
 from kho.archive.config import DuplicatePolicy, Settings
 from kho.archive.ingest import IngestOutcome
 from kho.archive.part10 import read_file_meta
@@ -30,7 +29,7 @@ from kho.errors import (
     StorageError,
 )
 from tests.conftest import sample_files
-from tests.helpers.postgres import postgres_database
+from tests.helpers.postgres import ENGINES, archive_on
 
 
 def make_instance(
@@ -68,14 +67,10 @@ def make_instance(
     return out.getvalue()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=ENGINES)
 def archive(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Archive]:
     """The ingest tests run on both catalog engines."""
-    with contextlib.ExitStack() as stack:
-        catalog = None
-        if request.param == "postgresql":
-            catalog = Catalog(stack.enter_context(postgres_database()))
-        archive = stack.enter_context(Archive(settings, catalog=catalog))
+    with archive_on(request.param, settings) as archive:
         yield archive
 
 

@@ -3,7 +3,6 @@ engine on both catalog engines, dcmtk's findscu, and QIDO-RS."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -18,13 +17,12 @@ from pydicom.uid import generate_uid
 
 from kho.archive import query
 from kho.archive.archive import Archive
-from kho.archive.catalog import Catalog
 from kho.archive.config import Settings
 from kho.dicom_scp.server import DicomServer
 from kho.errors import QueryError
 from tests.archive.test_ingest import make_instance
 from tests.dicom_scp.test_qr import findscu
-from tests.helpers.postgres import postgres_database
+from tests.helpers.postgres import ENGINES, archive_on
 
 
 def _code(value: str, meaning: str) -> Dataset:
@@ -70,13 +68,9 @@ def _fill(archive: Archive) -> dict[str, Any]:
     return made
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=ENGINES)
 def filled(request: pytest.FixtureRequest, settings: Settings) -> Iterator[tuple[Archive, Any]]:
-    with contextlib.ExitStack() as stack:
-        catalog = None
-        if request.param == "postgresql":
-            catalog = Catalog(stack.enter_context(postgres_database()))
-        archive = stack.enter_context(Archive(settings, catalog=catalog))
+    with archive_on(request.param, settings) as archive:
         yield archive, _fill(archive)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 
@@ -21,3 +22,21 @@ def postgres_database() -> Iterator[str]:
             yield f"postgresql://postgres@127.0.0.1:5432/{name}"
         finally:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+#: the catalog engines the catalog-level tests run on
+ENGINES = ["sqlite", "postgresql"]
+
+
+@contextlib.contextmanager
+def archive_on(engine: str, settings: Any) -> Iterator[Any]:
+    """An Archive on ``settings`` whose catalog is SQLite (in its data directory) or a
+    fresh PostgreSQL database."""
+    from kho.archive.archive import Archive
+    from kho.archive.catalog import Catalog
+
+    with contextlib.ExitStack() as stack:
+        catalog = None
+        if engine == "postgresql":
+            catalog = Catalog(stack.enter_context(postgres_database()))
+        yield stack.enter_context(Archive(settings, catalog=catalog))
