@@ -42,6 +42,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from benchmarks.common import RESULTS_DIR, machine, summary, write_results
+from benchmarks.common import cpu_seconds as common_cpu_seconds
 
 ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 TARGETS_MS = {"series metadata": 30.0, "frame (stored)": 3.0, "thumbnail": 3.0, "tile 256": 10.0}
@@ -319,8 +320,7 @@ def fetch(conn: Connection, request: Request) -> tuple[int, int]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and its reaped children (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return common_cpu_seconds(pid, reaped_children=True)
 
 
 def _client(

@@ -37,20 +37,12 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine, summary, write_results
+from benchmarks.common import cpu_seconds, machine, summary, write_results
 from tests.helpers import dcmtk
 from tests.helpers.server import kho_serve
 
 #: a target yields its port and the processes whose CPU time the run is charged with
 Target = Callable[[Path], AbstractContextManager[tuple[int, list[int]]]]
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -72,7 +64,7 @@ def _descendants(pid: int) -> list[int]:
 
 def cpu_of(pids: list[int]) -> float:
     """CPU seconds used so far by these processes and their descendants."""
-    return sum(_cpu_seconds(p) for root in pids for p in _descendants(root))
+    return sum(cpu_seconds(p) for root in pids for p in _descendants(root))
 
 
 @contextmanager

@@ -637,7 +637,8 @@ class Catalog:
             if cursor.rowcount == 1:
                 self._upsert_hierarchy(attrs)
                 self.end_pending(record.object_prefix)
-                self._queue_unfinished(record, unfinished)
+                if unfinished:  # a new SOP Instance UID has no queue row to clear
+                    self._queue_unfinished(record, unfinished)
                 # last: these rows are shared by every instance of the series
                 self._count_instance(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
                 return "stored", None

@@ -9,7 +9,7 @@ Tiles (``frames/{f}/tiles/{level}/{x}/{y}``): level 0 is full resolution and eac
 level half the previous (rounded up), up to the level where the frame fits one tile.
 For frames larger than PYRAMID_MIN_SIDE a side, the finisher writes the whole pyramid
 of JPEG tiles with the instance's own window (:func:`tile_pyramid_deriver`), one object
-with an index in front, so the first look at a radiograph is one ranged read per tile.
+with an index at its end, so the first look at a radiograph is one ranged read per tile.
 Tiles with another window or format are rendered on request from the decoded frame, which
 the HTTP layer keeps in a bounded in-memory cache (:class:`RenderCache`); a tile then costs
 about its own area times 4**level.
@@ -17,6 +17,7 @@ about its own area times 4**level.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections import OrderedDict
@@ -318,13 +319,24 @@ def first_frame(data: bytes, layout: Part10Layout, attrs: InstanceAttributes) ->
             if attrs.planar_configuration == 1:
                 return flat.reshape(spp, rows, cols).transpose(1, 2, 0)
             return flat.reshape(rows, cols, spp)
+    # the thumbnail and the tile pyramid derivers both need it: decode once per instance
+    cached = getattr(_decoded, "entry", None)
+    if cached is not None and cached[0] is data:
+        decoded: np.ndarray = cached[1]
+        return decoded
     from pydicom.pixels import pixel_array
 
     try:
         arr = pixel_array(BytesIO(data), index=0, raw=True)
     except Exception as exc:
         raise CodecError(f"cannot decode frame 1: {exc}") from exc
-    return np.asarray(arr)
+    decoded = np.asarray(arr)
+    _decoded.entry = (data, decoded)
+    return decoded
+
+
+#: the last compressed frame 1 first_frame decoded in this thread, with its instance bytes
+_decoded = threading.local()
 
 
 def thumbnail_deriver(
@@ -371,8 +383,6 @@ def encode_pyramid(values: np.ndarray, params: RenderParams) -> bytes:
     """Every tile of every level as JPEG, in one object: a 20-byte head (magic, u64 offset
     and u32 length of the index), the tiles, then the index (JSON: tiles across and down
     per level, and [offset, length] of each tile, level by level, row-major)."""
-    import json
-
     rows, cols = values.shape[:2]
     head = len(_PYRAMID_MAGIC) + 12
     shape: list[list[int]] = []
@@ -433,8 +443,6 @@ def stored_tile(
 ) -> bytes | None:
     """A tile from the stored pyramid (frame 1, the instance's window, JPEG), or None if
     the instance has none; IndexError for a tile outside it."""
-    import json
-
     key = record.derived_keys.get(TILES_OBJECT)
     if not key:
         return None

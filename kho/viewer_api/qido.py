@@ -52,8 +52,8 @@ def _tag_hex(keyword: str) -> str:
 def _element(keyword: str, value: Any) -> dict[str, Any]:
     vr = dictionary_VR(keyword)
     if vr == "SQ":  # sequence matching results: items of keyword -> value
-        items = [{_tag_hex(k): _element(k, v) for k, v in sorted(i.items())} for i in value or []]
-        return {"vr": vr, "Value": [dict(sorted(i.items())) for i in items]}
+        items = [{_tag_hex(k): _element(k, v) for k, v in i.items()} for i in value or []]
+        return {"vr": vr, "Value": [dict(sorted(i.items())) for i in items]}  # by tag
     if value is None or value == "":
         return {"vr": vr}
     if vr == "PN":
