@@ -19,7 +19,7 @@ from kho.archive.attributes import InstanceAttributes
 from kho.archive.catalog import Catalog, InstanceRecord
 from kho.archive.config import Settings
 from kho.archive.finisher import Finisher, collect_garbage
-from kho.archive.ingest import IngestResult, ingest_dimse, ingest_part10
+from kho.archive.ingest import DatasetBytes, IngestResult, ingest_dimse, ingest_part10
 from kho.archive.part10 import Part10Layout, read_file_meta
 from kho.archive.pixels import EncodedPixels, pixel_value
 from kho.errors import IntegrityError, ObjectNotFoundError, StorageError
@@ -104,7 +104,7 @@ class Archive:
 
     def ingest_dimse(
         self,
-        dataset: bytes | bytearray | memoryview,
+        dataset: DatasetBytes,
         *,
         transfer_syntax_uid: str,
         sop_class_uid: str,

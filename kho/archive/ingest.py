@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: a dataset's bytes, whole or as the fragments it arrived in
+DatasetBytes = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+
 
 class IngestOutcome(StrEnum):
     STORED = "stored"
@@ -57,20 +61,22 @@ class IngestResult:
 
 def ingest_dimse(
     archive: Archive,
-    dataset: bytes | bytearray | memoryview,
+    dataset: DatasetBytes,
     *,
     transfer_syntax_uid: str,
     sop_class_uid: str,
     sop_instance_uid: str,
     source_ae: str = "",
 ) -> IngestResult:
-    """Ingest a dataset received over DIMSE: wrap it in a File Meta Information first."""
-    if not dataset:
+    """Ingest a dataset received over DIMSE (its bytes, or its fragments in order): wrap it
+    in a File Meta Information first."""
+    parts = [dataset] if isinstance(dataset, (bytes, bytearray, memoryview)) else dataset
+    if not any(len(part) for part in parts):
         raise InvalidDicomError("empty dataset")
     meta = build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid, source_ae)
     return ingest_part10(
         archive,
-        meta + bytes(dataset),
+        b"".join((meta, *parts)),
         expected_sop_class_uid=sop_class_uid,
         expected_sop_instance_uid=sop_instance_uid,
         source=f"dimse:{source_ae.strip()}",

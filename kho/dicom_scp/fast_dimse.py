@@ -10,10 +10,8 @@ Receiving: pynetdicom reads each PDU from the socket 4096 bytes at a time into a
 bytearray; a 512 KB CT slice takes ~130 reads, each releasing and re-taking the GIL.  kho
 reads a PDU straight into a buffer of its final size, as much per call as the kernel has.
 
-Responding: profiling showed a quarter of the interpreter's time spent sending C-STORE
-responses, pynetdicom building and encoding a pydicom Dataset for a ~150-byte command set.
-A success response has a fixed shape (PS3.7 9.3.1.2), so kho writes it directly; every other
-message (failures with an Error Comment, C-FIND, C-MOVE, C-GET...) goes through pynetdicom.
+C-STORE: received, stored and answered in this thread (kho.dicom_scp.fast_store); every
+other message goes through pynetdicom.
 """
 
 from __future__ import annotations
@@ -21,72 +19,18 @@ from __future__ import annotations
 import logging
 import queue
 import select
-import struct
 import time
 import types
 from typing import Any
 
-from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import make_target
 
+from kho.dicom_scp import fast_store
+
 LOGGER = logging.getLogger("pynetdicom.dul")
-_C_STORE_RSP = 0x8001
-_NO_DATASET = 0x0101
-_COMMAND_LAST_FRAGMENT = b"\x03"  # PS3.8 E.2: command, last fragment
-
-
-def _element(element: int, value: bytes) -> bytes:
-    """An implicit VR little endian element of group 0000."""
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _uid(value: Any) -> bytes:
-    raw = str(value).encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def encode_store_response(primitive: C_STORE) -> bytes | None:
-    """The command set of a plain C-STORE response, or None when it needs more than
-    Status (an Error Comment or Offending Element: left to pynetdicom)."""
-    if primitive.ErrorComment or primitive.OffendingElement:
-        return None
-    message_id, status = primitive.MessageIDBeingRespondedTo, primitive.Status
-    if (
-        primitive.AffectedSOPClassUID is None
-        or primitive.AffectedSOPInstanceUID is None
-        or message_id is None
-        or status is None
-    ):
-        return None
-    body = b"".join(
-        (
-            _element(0x0002, _uid(primitive.AffectedSOPClassUID)),
-            _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
-            _element(0x0120, struct.pack("<H", message_id)),
-            _element(0x0800, struct.pack("<H", _NO_DATASET)),
-            _element(0x0900, struct.pack("<H", status)),
-            _element(0x1000, _uid(primitive.AffectedSOPInstanceUID)),
-        )
-    )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
-    if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
-        command = encode_store_response(primitive)
-        if command is not None:
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append(
-                (context_id, _COMMAND_LAST_FRAGMENT + command)
-            )
-            self.dul.send_pdu(pdata)
-            return
-    DIMSEServiceProvider.send_msg(self, primitive, context_id)
 
 
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -159,14 +103,17 @@ def _run_reactor(self: DULServiceProvider) -> None:
         wait = False
 
 
-def install(association: Any) -> None:
-    """Use the fast receive, wait and response paths on one association (before its
-    threads start: EVT_CONN_OPEN)."""
-    dimse = association.dimse
-    dimse.send_msg = types.MethodType(_send_msg, dimse)
+def install(association: Any, store: fast_store.StoreFunction | None = None) -> None:
+    """Use kho's receive and wait paths on one association (before its threads start:
+    EVT_CONN_OPEN); with ``store``, C-STOREs are received and answered by kho's path."""
     dul = association.dul
     if not dul.is_alive():  # the thread's target was bound when the DUL was made
         dul._target = make_target(types.MethodType(_run_reactor, dul))
     sock = getattr(dul, "socket", None)
     if isinstance(sock, AssociationSocket):
         sock.recv = types.MethodType(_recv, sock)  # type: ignore[method-assign]
+    if store is not None:
+        receiver = fast_store.StoreReceiver(
+            dul, store, lambda raw: fast_store.deliver_pdu(dul, raw)
+        )
+        dul._read_pdu_data = lambda: fast_store.read_pdu(dul, receiver)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_STORE
@@ -12,6 +13,7 @@ from kho.dicom_scp import fast_dimse
 from kho.dicom_scp.statuses import (
     PROCESSING_FAILURE,
     SUCCESS,
+    error_comment,
     status_dataset,
     store_status_for,
 )
@@ -20,13 +22,27 @@ if TYPE_CHECKING:
     from pynetdicom.events import Event
 
     from kho.archive.archive import Archive
+    from kho.archive.ingest import DatasetBytes
 
 log = logging.getLogger(__name__)
 
 
-def handle_association_open(event: Event) -> None:
-    """Per association: C-STORE responses take kho's direct encoding (fast_dimse)."""
-    fast_dimse.install(event.assoc)
+def handle_association_open(event: Event, archive: Archive) -> None:
+    """Per association: kho's own C-STORE receive path and response encoding (fast_dimse)."""
+
+    def store(
+        parts: Sequence[Any], transfer_syntax: str, sop_class: str, sop_instance: str, ae: str
+    ) -> tuple[int, str | None]:
+        return store_instance(
+            archive,
+            parts,
+            transfer_syntax_uid=transfer_syntax,
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            calling_ae=ae,
+        )
+
+    fast_dimse.install(event.assoc, store)
 
 
 def handle_echo(event: Event) -> int:
@@ -34,31 +50,51 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def handle_store(event: Event, archive: Archive) -> int | Dataset:
-    """C-STORE: ingest the dataset bytes exactly as received; success only once durable."""
-    request = cast(C_STORE, event.request)
-    buffer = request.DataSet
-    data = buffer.getvalue() if buffer is not None else b""
-    calling_ae = event.assoc.requestor.ae_title
+def store_instance(
+    archive: Archive,
+    dataset: DatasetBytes,
+    *,
+    transfer_syntax_uid: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    calling_ae: str,
+) -> tuple[int, str | None]:
+    """Ingest a C-STORE's dataset exactly as received (bytes, or its fragments in order):
+    the status to answer (success only once durable) and an Error Comment for failures."""
     try:
         result = archive.ingest_dimse(
-            data,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            sop_class_uid=str(request.AffectedSOPClassUID),
-            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            dataset,
+            transfer_syntax_uid=transfer_syntax_uid,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
             source_ae=calling_ae,
         )
     except Exception as exc:  # every failure becomes a status; the association lives on
         status = store_status_for(exc)
         log.warning(
             "C-STORE %s from %s refused with 0x%04X: %s",
-            request.AffectedSOPInstanceUID,
+            sop_instance_uid,
             calling_ae,
             status,
             exc,
         )
         if status == PROCESSING_FAILURE:  # not a known failure: keep the traceback
             log.error("unexpected C-STORE failure", exc_info=exc)
-        return status_dataset(status, str(exc))
+        return status, error_comment(str(exc))
     log.debug("C-STORE %s from %s: %s", result.sop_uid, calling_ae, result.outcome.value)
-    return SUCCESS
+    return SUCCESS, None
+
+
+def handle_store(event: Event, archive: Archive) -> int | Dataset:
+    """C-STORE through pynetdicom (associations without kho's receive path)."""
+    request = cast(C_STORE, event.request)
+    buffer = request.DataSet
+    status, comment = store_instance(
+        archive,
+        buffer.getvalue() if buffer is not None else b"",
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        calling_ae=event.assoc.requestor.ae_title,
+    )
+    return status if status == SUCCESS else status_dataset(status, comment)

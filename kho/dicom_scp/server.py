@@ -62,7 +62,7 @@ def build_ae(archive: Archive) -> AE:
 def event_handlers(archive: Archive) -> list[Any]:
     return [
         (evt.EVT_CONN_OPEN, qr.handle_connection_open),
-        (evt.EVT_CONN_OPEN, handlers.handle_association_open),
+        (evt.EVT_CONN_OPEN, handlers.handle_association_open, [archive]),
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [archive]),
         (evt.EVT_C_FIND, qr.handle_find, [archive]),

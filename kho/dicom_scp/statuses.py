@@ -54,11 +54,15 @@ def store_status_for(exc: BaseException) -> int:
     return PROCESSING_FAILURE
 
 
+def error_comment(message: str) -> str:
+    """An Error Comment (0000,0902) from a message: one line, as long as LO holds."""
+    return " ".join(message.split())[:_ERROR_COMMENT_LIMIT]
+
+
 def status_dataset(status: int, comment: str | None = None) -> Dataset:
     """A status dataset with an Error Comment (truncated to what LO holds)."""
     ds = Dataset()
     ds.Status = status
     if comment:
-        text = " ".join(comment.split())
-        ds.ErrorComment = text[:_ERROR_COMMENT_LIMIT]
+        ds.ErrorComment = error_comment(comment)
     return ds
