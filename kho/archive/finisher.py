@@ -222,7 +222,7 @@ class Finisher:
             sop_class_fallback=record.sop_class_uid,
             surrogate_sop_anchor=record.sha256,
         )
-        objects: dict[str, bytes] = {}
+        objects: dict[str, bytes | memoryview] = {}
         derived: dict[str, str] = dict(record.derived_keys)
         garbage: list[str] = []
         encoded = None

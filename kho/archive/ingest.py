@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING
 from pydicom.dataset import Dataset
 
 from kho.archive import keys, metrics
-from kho.archive.attributes import InstanceAttributes, extract_attributes, read_header
+from kho.archive.attributes import (
+    CatalogValues,
+    InstanceAttributes,
+    extract_attributes,
+    read_catalog_values,
+    read_header,
+)
 from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT, InstanceRecord
 from kho.archive.part10 import Part10Layout, build_file_meta, parse_part10
 from kho.archive.pixels import encode_pixels
@@ -145,7 +151,9 @@ def _ingest_part10(
         raise InvalidDicomError("empty input: 0 bytes")
     layout = parse_part10(data)
     split = layout.pixels.element_offset if layout.pixels else None
-    ds = read_header(data, split)
+    # deferred: nothing but the catalog needs the header now (the finisher re-reads it)
+    header_values = read_catalog_values(data, layout) if defer else None
+    ds = header_values or read_header(data, split)
     sha = hashlib.sha256(data).hexdigest()
     attrs = extract_attributes(
         ds,
@@ -234,7 +242,7 @@ def _write_objects(
     archive: Archive,
     data: bytes,
     layout: Part10Layout,
-    ds: Dataset,
+    ds: Dataset | CatalogValues,
     attrs: InstanceAttributes,
     sha: str,
     prefix: str,
@@ -245,7 +253,7 @@ def _write_objects(
     (``defer``: header and pixels as received; the finisher does the rest)."""
     archive.catalog.begin_pending(prefix)
     pixels = layout.pixels
-    objects: dict[str, bytes] = {}
+    objects: dict[str, bytes | memoryview] = {}
     if pixels is None:
         header = data
         split = len(data)
@@ -276,7 +284,10 @@ def _write_objects(
         objects[keys.pixels_key(prefix)] = encoded.payload
         pixel_format = encoded.pixel_format
         frame_index = encoded.frame_index
-    made = {} if defer else archive.derive(data, layout, ds, attrs, encoded)
+    made: dict[str, bytes] = {}
+    if not defer:
+        assert isinstance(ds, Dataset), "derivers read pydicom's dataset"
+        made = archive.derive(data, layout, ds, attrs, encoded)
     for name, blob in made.items():
         key = keys.derived_key(prefix, name)
         objects[key] = blob
@@ -332,7 +343,7 @@ def _abandon(archive: Archive, prefix: str) -> None:
             archive.catalog.disown_pending(prefix)
 
 
-def put_objects(store: ObjectStore, objects: dict[str, bytes]) -> None:
+def put_objects(store: ObjectStore, objects: dict[str, bytes | memoryview]) -> None:
     """Write objects durably, in one batch where the backend offers one."""
     put_many = getattr(store, "put_many", None)
     if put_many is not None:

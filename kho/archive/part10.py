@@ -57,6 +57,21 @@ class PixelLocation:
         return data[: self.value_offset] + data[self.value_offset + self.value_length :]
 
 
+#: a top-level element as found by the walker: (explicit VR or None, value offset, length)
+ElementSpan = tuple[bytes | None, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TopLevel:
+    """The dataset's top-level elements as encoded (the walk that finds the pixels
+    records them): what a catalog reader needs to pick values without pydicom."""
+
+    implicit: bool
+    little: bool
+    elements: dict[int, ElementSpan]
+    duplicated: bool  # a tag occurs twice: only pydicom's reading is trusted then
+
+
 @dataclass(frozen=True, slots=True)
 class Part10Layout:
     """The parts of a Part 10 file that the archive stores separately."""
@@ -66,6 +81,7 @@ class Part10Layout:
     media_sop_instance_uid: str
     dataset_offset: int  # first byte after the File Meta Information
     pixels: PixelLocation | None
+    top_level: TopLevel | None = None  # None for deflated datasets (not walked)
 
 
 def _uid_text(raw: bytes) -> str:
@@ -141,6 +157,7 @@ class _Walker:
         self._u16 = struct.Struct("<H" if little else ">H")
         self._u32 = struct.Struct("<I" if little else ">I")
         self._tag = struct.Struct("<HH" if little else ">HH")
+        self.duplicated = False
 
     def _need(self, pos: int, count: int, what: str) -> None:
         if pos + count > self.end:
@@ -209,10 +226,16 @@ class _Walker:
         *,
         item: bool,
         pixels: list[PixelLocation] | None = None,
+        top_level: dict[int, ElementSpan] | None = None,
     ) -> int:
-        """Walk elements from ``pos`` to ``stop`` (or to an item delimiter if ``item``)."""
+        """Walk elements from ``pos`` to ``stop`` (or to an item delimiter if ``item``);
+        ``top_level`` receives each element walked at this level."""
         while pos < stop:
             tag, vr, length, value_pos = self.header(pos, implicit)
+            if top_level is not None:
+                if tag in top_level:
+                    self.duplicated = True
+                top_level[tag] = (vr, value_pos, length)
             if tag == ITEM_DELIMITER:
                 if item:
                     return value_pos
@@ -281,17 +304,29 @@ def locate_pixels(
     data: bytes | memoryview, dataset_offset: int, transfer_syntax_uid: str
 ) -> PixelLocation | None:
     """Walk the dataset and return where its top-level pixel element is (None if absent)."""
+    return walk_dataset(data, dataset_offset, transfer_syntax_uid)[0]
+
+
+def walk_dataset(
+    data: bytes | memoryview, dataset_offset: int, transfer_syntax_uid: str
+) -> tuple[PixelLocation | None, TopLevel | None]:
+    """Walk the dataset: where its top-level pixel element is (None if absent) and its
+    top-level elements (None for a deflated dataset, which is not walked)."""
     if dataset_encoding(transfer_syntax_uid) is None:
-        return None
+        return None, None
     # follow the bytes, not the declared syntax: some writers put an implicit VR dataset
     # behind an explicit VR transfer syntax, and readers (pydicom, dcmtk) accept it
     implicit, little = sniff_encoding(data, dataset_offset)
     walker = _Walker(data, implicit=implicit, little=little)
     found: list[PixelLocation] = []
-    walker.elements(dataset_offset, len(data), implicit, 0, item=False, pixels=found)
+    elements: dict[int, ElementSpan] = {}
+    walker.elements(
+        dataset_offset, len(data), implicit, 0, item=False, pixels=found, top_level=elements
+    )
     if len(found) > 1:
         raise InvalidDicomError("dataset holds more than one pixel data element")
-    return found[0] if found else None
+    top_level = TopLevel(implicit, little, elements, walker.duplicated)
+    return (found[0] if found else None), top_level
 
 
 def parse_part10(data: bytes | memoryview) -> Part10Layout:
@@ -306,13 +341,14 @@ def parse_part10(data: bytes | memoryview) -> Part10Layout:
     ts = _uid_text(meta.get(0x00020010, b""))
     if not ts:
         ts = syntax_for_encoding(*sniff_encoding(data, dataset_offset))
-    pixels = locate_pixels(data, dataset_offset, ts)
+    pixels, top_level = walk_dataset(data, dataset_offset, ts)
     return Part10Layout(
         transfer_syntax_uid=ts,
         media_sop_class_uid=_uid_text(meta.get(0x00020002, b"")),
         media_sop_instance_uid=_uid_text(meta.get(0x00020003, b"")),
         dataset_offset=dataset_offset,
         pixels=pixels,
+        top_level=top_level,
     )
 
 

@@ -37,7 +37,7 @@ FrameIndex = list[list[list[int]]]
 @dataclass(frozen=True, slots=True)
 class EncodedPixels:
     pixel_format: str
-    payload: bytes
+    payload: bytes | memoryview
     frame_index: FrameIndex
 
 
@@ -125,13 +125,17 @@ def encode_pixels(
     ``use_codec=False``: native data stays as received (a finisher encodes it later)."""
     pixels = layout.pixels
     assert pixels is not None
+    if not use_codec:  # a view: the caller stores the received bytes whole, not this value
+        view = memoryview(data)[pixels.value_offset : pixels.value_offset + pixels.value_length]
+        if pixels.encapsulated:
+            index = encapsulated_frame_index(view, attrs.number_of_frames)
+            return EncodedPixels("encapsulated", view, index)
+        return EncodedPixels("raw", view, native_frame_index(len(view), attrs))
     value = data[pixels.value_offset : pixels.value_offset + pixels.value_length]
     if pixels.encapsulated:
         return EncodedPixels(
             "encapsulated", value, encapsulated_frame_index(value, attrs.number_of_frames)
         )
-    if not use_codec:
-        return EncodedPixels("raw", value, native_frame_index(len(value), attrs))
     encoded = archive.encode_native(value, layout, attrs)
     if encoded is None and archive.at_rest_codec:
         encoded = encode_at_rest(value, layout.transfer_syntax_uid, attrs)
