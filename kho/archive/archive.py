@@ -24,6 +24,7 @@ from kho.archive.part10 import Part10Layout, read_file_meta
 from kho.archive.pixels import EncodedPixels, pixel_value
 from kho.errors import IntegrityError, ObjectNotFoundError, StorageError
 from kho.storage import FilesystemStore, ObjectStore, open_store
+from kho.storage.spool import Spool, SpooledStore
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,15 @@ class Archive:
     ) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = store if store is not None else open_object_store(settings)
+        store = store if store is not None else open_object_store(settings)
+        #: where received instances wait for the finisher (None: in the object store)
+        self.spool: Spool | None = None
+        if settings.uses_spool and settings.finish_in_background:
+            self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
+        # spool keys stay readable even when this process does not spool (set off since)
+        self.store: ObjectStore = SpooledStore(
+            store, self.spool or Spool(settings.spool_dir, fsync=settings.fsync)
+        )
         self.catalog = (
             catalog
             if catalog is not None

@@ -30,6 +30,7 @@ from kho.archive import keys
 from kho.archive.attributes import InstanceAttributes
 from kho.archive.sequences import SEQUENCES
 from kho.errors import CatalogError, NotFoundError
+from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of
 
 LOG = logging.getLogger(__name__)
 
@@ -816,6 +817,24 @@ class Catalog:
                 return False
             self._add_garbage(garbage, garbage_delay_s)
             return True
+
+    def spool_segments_in_use(self) -> set[str]:
+        """Spool segments (kho.storage.spool) an instance row or pending garbage refers to.
+        Only queued instances can be spooled: the finisher moves each out before it takes
+        it off the queue."""
+        used: set[str] = set()
+        rows = self.fetchall(
+            "SELECT i.derived FROM unfinished u JOIN instances i ON i.sop_uid = u.sop_uid"
+        )
+        for (derived,) in rows:
+            for key in json.loads(derived or "{}").values():
+                if isinstance(key, str) and is_spool_key(key):
+                    used.add(segment_of(key))
+        for (key,) in self.fetchall(
+            "SELECT object_key FROM garbage WHERE object_key LIKE ?", (f"{SPOOL_PREFIX}%",)
+        ):
+            used.add(segment_of(key))
+        return used
 
     def add_garbage(self, object_keys: Sequence[str], delay_s: float = 0.0) -> None:
         with self.transaction():

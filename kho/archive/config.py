@@ -29,6 +29,14 @@ class DuplicatePolicy(StrEnum):
     REJECT = "reject"  # refuse the newcomer (DIMSE 0x0111, HTTP 409)
 
 
+class SpoolMode(StrEnum):
+    """Where an instance received for background finishing is kept until it is finished."""
+
+    AUTO = "auto"  # the spool with a filesystem store; the object store itself with S3
+    ON = "on"  # always the local spool (one host: its processes share the data directory)
+    OFF = "off"  # the object store: one object per instance before the acknowledgement
+
+
 class Settings(BaseSettings):
     """Everything `kho serve`, `kho import` and the tests configure."""
 
@@ -65,6 +73,13 @@ class Settings(BaseSettings):
     )
     finish_threads: int = Field(
         0, description="background finisher threads (0 = one per core)", ge=0
+    )
+    spool: SpoolMode = Field(
+        SpoolMode.AUTO,
+        description="with finish_in_background, acknowledge once appended to a local "
+        "fsync'd spool in data_dir/spool (on), or once written to the object store (off); "
+        "auto: on for a filesystem store, off for S3, whose other hosts must read at once "
+        "what one acknowledged",
     )
     tile_pyramid: bool = Field(
         True, description="store a JPEG tile pyramid of images over 1024 pixels a side"
@@ -124,6 +139,16 @@ class Settings(BaseSettings):
     @property
     def objects_dir(self) -> Path:
         return self.data_dir / "objects"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def uses_spool(self) -> bool:
+        if self.spool == SpoolMode.AUTO:
+            return not self.storage_url.startswith("s3://")
+        return self.spool == SpoolMode.ON
 
     def move_destination(self, ae_title: str) -> tuple[str, int] | None:
         """(host, port) of a configured C-MOVE destination, or None."""

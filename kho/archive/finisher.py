@@ -37,6 +37,7 @@ from kho.archive.ingest import put_objects
 from kho.archive.part10 import parse_part10
 from kho.archive.pixels import encode_pixels
 from kho.errors import CatalogError, KhoError, ObjectNotFoundError, StorageError
+from kho.storage.spool import Spool, is_spool_key
 
 if TYPE_CHECKING:
     from kho.archive.archive import Archive
@@ -57,6 +58,8 @@ IDLE_POLL_S = 5.0
 NICE = 10
 #: the finisher waits while an instance arrived less than this long ago ...
 QUIET_S = 0.5
+#: how often spool segments are looked at for deletion
+SPOOL_RECLAIM_S = 30.0
 #: ... unless this many are queued (then one thread keeps working)
 BUSY_BACKLOG = 2000
 
@@ -192,6 +195,8 @@ class Finisher:
             with contextlib.suppress(KhoError):
                 if attempts >= MAX_ATTEMPTS:
                     log.error("finisher: %s stays stored as received", sop_uid)
+                    if self.move_out_of_spool(sop_uid, prefix):
+                        return 0
                     catalog.drop_unfinished(sop_uid, prefix)
                 else:
                     catalog.release_unfinished(sop_uid, prefix)
@@ -246,6 +251,10 @@ class Finisher:
                     header_size = len(header)
                 pixel_format, pixel_size = encoded.pixel_format, len(encoded.payload)
                 frame_index = json.dumps(encoded.frame_index, separators=(",", ":"))
+        moved_whole = is_spool_key(record.pixels_key) and record.pixels_key not in garbage
+        if moved_whole:  # kept as received (no at-rest codec for it): out of the spool
+            objects.update(_out_of_spool(record, derived, data))
+            garbage.append(record.pixels_key)
         for name, blob in archive.derive(data, layout, ds, attrs, encoded).items():
             key = keys.derived_key(prefix, name)
             objects[key] = blob
@@ -255,7 +264,7 @@ class Finisher:
         catalog.begin_pending(prefix)
         put_objects(archive.store, objects)
         # a received object kept whole holds the pixel value: header_size counts it already
-        kept_whole = record.stored_as_received and not garbage
+        kept_whole = record.stored_as_received and (moved_whole or not garbage)
         stored_size = header_size + (0 if kept_whole else pixel_size)
         own = {derived.get(PIXELS_OBJECT), keys.header_key(prefix)}
         stored_size += sum(len(v) for k, v in objects.items() if k not in own)
@@ -286,6 +295,38 @@ class Finisher:
         catalog.end_pending(prefix)
         return switched
 
+    def move_out_of_spool(self, sop_uid: str, prefix: str) -> bool:
+        """Put a spooled instance into the object store as received, unfinished, and take
+        it off the queue (what is left of an instance no finishing succeeds on); False if
+        it is not spooled.  On a failure it stays queued, in the spool."""
+        archive, catalog = self.archive, self.archive.catalog
+        record = catalog.get_instance(sop_uid)
+        if record is None or record.object_prefix != prefix:
+            return False
+        if not is_spool_key(record.pixels_key):
+            return False
+        derived = dict(record.derived_keys)
+        objects = _out_of_spool(record, derived, archive.read_part10(record))
+        catalog.begin_pending(prefix)
+        put_objects(archive.store, objects)
+        switched = catalog.finish_instance(
+            sop_uid,
+            prefix,
+            pixel_format=record.pixel_format,
+            pixel_size=record.pixel_size,
+            frame_index=record.frame_index,
+            derived=json.dumps(derived, separators=(",", ":")),
+            stored_size=record.stored_size,
+            header_size=record.header_size,
+            garbage=[record.pixels_key],
+            garbage_delay_s=GARBAGE_DELAY_S,
+            was=record,
+        )
+        if not switched:  # changed meanwhile: what was written is nobody's
+            catalog.add_garbage(list(objects))
+        catalog.end_pending(prefix)
+        return True
+
     def collect_garbage(self, *, force: bool = False) -> int:
         """Delete objects whose grace period is over (at most every few seconds)."""
         now = time.monotonic()
@@ -293,6 +334,16 @@ class Finisher:
             return 0
         self._last_gc = now
         return collect_garbage(self.archive)
+
+
+def _out_of_spool(
+    record: InstanceRecord, derived: dict[str, str], data: bytes
+) -> dict[str, bytes | memoryview]:
+    """The object that takes a spooled instance's place in the object store (its bytes as
+    received, at the key they would have had without a spool); ``derived`` points at it."""
+    key = keys.received_key(record.object_prefix)
+    derived[HEADER_OBJECT] = derived[PIXELS_OBJECT] = key
+    return {key: data}
 
 
 def _referenced(record: InstanceRecord) -> set[str]:
@@ -305,13 +356,36 @@ def _referenced(record: InstanceRecord) -> set[str]:
 
 
 def collect_garbage(archive: Archive, limit: int = 1000) -> int:
-    """Delete due garbage objects; how many.  Safe in several processes at once."""
+    """Delete due garbage objects, then spool segments nothing refers to any more; how many
+    objects.  Safe in several processes at once."""
     due = archive.catalog.due_garbage(limit)
     for key in due:
         archive.store.delete(key)
     if due:
         archive.catalog.forget_garbage(due)
+    spool = getattr(archive.store, "spool", None)
+    if isinstance(spool, Spool):
+        reclaim_spool(archive, spool)
     return len(due)
+
+
+def reclaim_spool(archive: Archive, spool: Spool, *, force: bool = False) -> int:
+    """Delete the spool segments that no process writes and no catalog row refers to (at
+    most every SPOOL_RECLAIM_S unless ``force``: the look-up reads every queued row)."""
+    now = time.monotonic()
+    if not force and now - spool.last_reclaim < SPOOL_RECLAIM_S:
+        return 0
+    spool.last_reclaim = now
+    spool.retire_idle(0.0 if force else SPOOL_RECLAIM_S)  # an idle archive frees it all
+    # unlocked first, references second: a segment is unlocked only after every
+    # instance in it was committed, so what the catalog shows then is complete
+    with spool.unlocked_segments() as candidates:
+        if not candidates:
+            return 0
+        removed = spool.reclaim(archive.catalog.spool_segments_in_use(), candidates)
+    if removed:
+        log.info("spool: %d segment(s) deleted", removed)
+    return removed
 
 
 def _lower_priority() -> None:

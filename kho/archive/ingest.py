@@ -37,6 +37,7 @@ from kho.errors import (
     KhoError,
 )
 from kho.storage import ObjectStore
+from kho.storage.spool import is_spool_key
 
 if TYPE_CHECKING:
     from kho.archive.archive import Archive
@@ -175,6 +176,7 @@ def _ingest_part10(
         )
 
     prefix = keys.instance_prefix(attrs.study_uid, attrs.series_uid, attrs.sop_uid, sha)
+    record = None
     try:
         record = _write_objects(archive, data, layout, ds, attrs, sha, prefix, source, defer)
         outcome, previous = catalog.commit_instance(
@@ -183,6 +185,9 @@ def _ingest_part10(
     except BaseException:
         _abandon(archive, prefix)
         raise
+    finally:
+        if record is not None and archive.spool is not None and is_spool_key(record.pixels_key):
+            archive.spool.release(record.pixels_key)  # committed or not: never appended to
     if outcome in ("kept", "rejected"):
         archive.delete_prefix(record.object_prefix)
         catalog.end_pending(record.object_prefix)
@@ -250,8 +255,8 @@ def _write_objects(
     defer: bool,
 ) -> InstanceRecord:
     """Journal the prefix, then write header, pixels and derived objects durably
-    (``defer``: header and pixels as received; the finisher does the rest)."""
-    archive.catalog.begin_pending(prefix)
+    (``defer``: header and pixels as received, in the spool if the archive has one; the
+    finisher does the rest)."""
     pixels = layout.pixels
     objects: dict[str, bytes | memoryview] = {}
     if pixels is None:
@@ -266,10 +271,14 @@ def _write_objects(
     pixel_format = "none"
     derived: dict[str, object] = {}
     if defer and pixels is not None and encoded is not None:
-        # one object, the bytes as received: one write (one PUT on S3) before the
-        # acknowledgement; frames are found inside it, past the pixel value's offset
-        received = keys.received_key(prefix)
-        objects[received] = data
+        # one object, the bytes as received: one append to the spool (or one write, one
+        # PUT on S3) before the acknowledgement; frames are found inside it, past the
+        # pixel value's offset
+        if archive.spool is not None:
+            received = archive.spool.append(data)  # durable on return; released by caller
+        else:
+            received = keys.received_key(prefix)
+            objects[received] = data
         derived = {HEADER_OBJECT: received, PIXELS_OBJECT: received}
         header = data
         pixel_format = encoded.pixel_format
@@ -292,11 +301,19 @@ def _write_objects(
         key = keys.derived_key(prefix, name)
         objects[key] = blob
         derived[name] = key
-    put_objects(archive.store, objects)
+    if objects:
+        archive.catalog.begin_pending(prefix)  # journalled: recovery deletes them if need be
+        put_objects(archive.store, objects)
     stored_size = sum(len(blob) for blob in objects.values())
     pixel_size = len(encoded.payload) if encoded is not None else 0
-    if pixels is not None and derived.get(PIXELS_OBJECT) == keys.received_key(prefix):
-        pixel_size = pixels.value_length
+    if (
+        pixels is not None
+        and PIXELS_OBJECT in derived
+        and derived[PIXELS_OBJECT] == derived.get(HEADER_OBJECT)
+    ):
+        pixel_size = pixels.value_length  # stored as received, in one object
+        if is_spool_key(str(derived[PIXELS_OBJECT])):
+            stored_size = len(data)
     return InstanceRecord(
         sop_uid=attrs.sop_uid,
         series_uid=attrs.series_uid,

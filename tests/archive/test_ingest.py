@@ -251,8 +251,24 @@ def test_recovery_removes_objects_of_an_interrupted_ingest(archive: Archive) -> 
     assert archive.read_instance(kept.sop_uid)[1]
 
 
-def test_storage_outage_is_reported_and_nothing_is_visible(tmp_path: Path) -> None:
+def test_spool_outage_is_reported_and_nothing_is_visible(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "d")
+    with Archive(settings) as archive:
+        assert archive.spool is not None  # the default with a filesystem store
+        settings.spool_dir.rmdir()
+        settings.spool_dir.write_bytes(b"")  # a file where the segments must go
+        with pytest.raises(StorageError):
+            archive.ingest_part10(make_instance())
+        assert archive.catalog.counts()["instances"] == 0
+        assert archive.catalog.unfinished_count() == 0
+        settings.spool_dir.unlink()
+        settings.spool_dir.mkdir()
+        result = archive.ingest_part10(make_instance())  # back by itself
+        assert archive.read_instance(result.sop_uid)[1]
+
+
+def test_storage_outage_is_reported_and_nothing_is_visible(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "d", spool="off")
     with Archive(settings) as archive:
         objects = settings.objects_dir
         objects.chmod(0o500)  # the store refuses writes (root ignores modes: use a file)
