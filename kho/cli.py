@@ -248,6 +248,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     )
     if stats["unfinished"]:
         print(f"{stats['unfinished']} instances still stored as received, being encoded")
+    if stats["spool"]["segments"]:
+        spool = stats["spool"]
+        print(f"ingest spool: {spool['segments']} segment(s), {spool['bytes'] / 1e6:.1f} MB")
     print(f"{'modality':10} {'instances':>10} {'received':>12} {'stored':>12} {'ratio':>7}")
     for row in stats["by_modality"]:
         r = f"{row['ratio']:.2f}x" if row["ratio"] else "-"

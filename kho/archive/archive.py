@@ -227,6 +227,12 @@ class Archive:
             else:
                 yield record, None
 
+    def spool_stats(self) -> dict[str, int]:
+        """Segments and bytes in this host's ingest spool (instances awaiting the finisher,
+        and finished ones until their segment is deleted)."""
+        spool = getattr(self.store, "spool", None)
+        return spool.stats() if isinstance(spool, Spool) else {"segments": 0, "bytes": 0}
+
     def stats(self) -> dict[str, Any]:
         counts = self.catalog.counts()
         per_modality: list[dict[str, Any]] = [
@@ -244,6 +250,7 @@ class Archive:
         return {
             **counts,
             "unfinished": self.catalog.unfinished_count(),
+            "spool": self.spool_stats(),
             "received_bytes": received,
             "stored_bytes": stored,
             "ratio": (received / stored) if stored else None,

@@ -78,6 +78,11 @@ class ArchiveCollector(Collector):
             "Instances acknowledged as received, not yet encoded at rest by the finisher",
             value=stats["unfinished"],
         )
+        yield GaugeMetricFamily(
+            "kho_spool_bytes",
+            "Bytes in this host's ingest spool (segments not yet deleted)",
+            value=stats["spool"]["bytes"],
+        )
 
 
 def exposition(archive: Archive) -> bytes:

@@ -38,11 +38,11 @@ from kho.storage.base import ObjectStore
 SPOOL_PREFIX = "spool/"
 SEGMENT_SUFFIX = ".seg"
 DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
-_KEY = re.compile(r"^spool/([A-Za-z0-9_.-]+)/([0-9]+)-([0-9]+)$")
+_KEY = re.compile(r"^spool/([A-Za-z0-9][A-Za-z0-9_-]*)/([0-9]+)-([0-9]+)$")
 
 
-def is_spool_key(key: str) -> bool:
-    return key.startswith(SPOOL_PREFIX)
+def is_spool_key(key: object) -> bool:
+    return isinstance(key, str) and key.startswith(SPOOL_PREFIX)
 
 
 def parse_spool_key(key: str) -> tuple[str, int, int]:
@@ -95,7 +95,7 @@ class Spool:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create the spool folder {self.folder}: {exc}") from exc
-        host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+        host = "h" + re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
         self._name_stem = f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
         self._serial = 0
         self._lock = threading.Lock()
@@ -266,8 +266,12 @@ class Spool:
         return removed
 
     def stats(self) -> dict[str, int]:
-        files = list(self.folder.glob(f"*{SEGMENT_SUFFIX}"))
-        return {"segments": len(files), "bytes": sum(f.stat().st_size for f in files)}
+        segments = size = 0
+        for path in self.folder.glob(f"*{SEGMENT_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):  # reclaimed meanwhile
+                size += path.stat().st_size
+                segments += 1
+        return {"segments": segments, "bytes": size}
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -23,7 +23,7 @@ from kho.archive.catalog import PIXELS_OBJECT
 from kho.archive.config import Settings
 from kho.archive.part10 import read_file_meta
 from kho.archive.phantom import ct_series_datasets
-from kho.storage.spool import is_spool_key
+from kho.storage.spool import is_spool_key, segment_of
 from tests.archive.test_ingest import make_instance
 from tests.helpers import dcmtk
 from tests.helpers.postgres import ENGINES, archive_on
@@ -335,3 +335,85 @@ def test_an_instance_claimed_too_often_is_given_up(
     assert archive.catalog.claim_unfinished(1, 600, finisher_module.MAX_ATTEMPTS) == []
     assert archive.catalog.unfinished_count() == 0
     assert archive.read_instance(result.sop_uid)[1] == ct_slices[0]
+
+
+# --- the ingest spool (kho.storage.spool) -----------------------------------------------
+
+
+def test_spooled_instances_survive_a_restart_and_leave_the_spool_when_finished(
+    settings: Settings, ct_slices: list[bytes]
+) -> None:
+    """Acknowledged from the spool, read back by the next process, moved into the object
+    store by its finisher, and the segment deleted once nothing refers to it."""
+    with Archive(settings) as first:
+        first.finisher.stop()
+        results = [first.ingest_part10(data, defer=True) for data in ct_slices]
+        spooled = first.catalog.require_instance(results[0].sop_uid).pixels_key
+        assert is_spool_key(spooled)
+    with Archive(settings) as second:  # the first one's segment is nobody's now
+        second.finisher.stop()
+        assert second.spool is not None
+        assert finisher_module.reclaim_spool(second, second.spool, force=True) == 0
+        for data, result in zip(ct_slices, results, strict=True):
+            assert second.read_instance(result.sop_uid)[1] == data
+        assert second.finisher.drain() == len(ct_slices)
+        _expire_garbage(second)
+        finisher_module.collect_garbage(second)
+        assert finisher_module.reclaim_spool(second, second.spool, force=True) == 1
+        assert second.spool.segment_names() == []
+        for data, result in zip(ct_slices, results, strict=True):
+            record, back = second.read_instance(result.sop_uid)
+            assert _sha(back) == _sha(data) and record.pixel_format == "jpeg-ls"
+        assert [p for _r, p in second.verify() if p] == []
+
+
+def test_a_process_never_deletes_the_segment_another_is_writing(
+    settings: Settings, ct_slices: list[bytes]
+) -> None:
+    with Archive(settings) as writer, Archive(settings) as other:
+        writer.finisher.stop()
+        other.finisher.stop()
+        result = writer.ingest_part10(ct_slices[0], defer=True)
+        writer.catalog.execute("DELETE FROM unfinished")  # as if nothing referred to it
+        assert other.spool is not None
+        assert finisher_module.reclaim_spool(other, other.spool, force=True) == 0
+        assert other.read_instance(result.sop_uid)[1] == ct_slices[0]  # read across
+
+
+def test_an_instance_no_finishing_succeeds_on_is_moved_out_of_the_spool(
+    archive: Archive, ct_slices: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given up after MAX_ATTEMPTS, it stays as received, in the object store: its spool
+    segment can go."""
+    archive.finisher.stop()
+    result = archive.ingest_part10(ct_slices[0], defer=True)
+    spooled = archive.catalog.require_instance(result.sop_uid).pixels_key
+    assert is_spool_key(spooled)
+
+    def broken(*_args: object, **_kwargs: object) -> object:
+        raise RuntimeError("a codec bug")
+
+    monkeypatch.setattr(finisher_module, "encode_pixels", broken)
+    for _ in range(finisher_module.MAX_ATTEMPTS):
+        archive.finisher.drain()
+        archive.catalog.execute("UPDATE unfinished SET claimed_at = 0, owner = ''")
+    assert archive.catalog.unfinished_count() == 0
+    record, back = archive.read_instance(result.sop_uid)
+    assert back == ct_slices[0] and record.pixel_format == "raw"
+    assert not is_spool_key(record.pixels_key) and record.stored_as_received
+    garbage = [r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage")]
+    assert garbage == [spooled]
+
+
+def test_the_catalog_knows_which_spool_segments_are_in_use(
+    archive: Archive, ct_slices: list[bytes]
+) -> None:
+    archive.finisher.stop()
+    result = archive.ingest_part10(ct_slices[0], defer=True)
+    segment = segment_of(archive.catalog.require_instance(result.sop_uid).pixels_key)
+    assert archive.catalog.spool_segments_in_use() == {segment}  # queued
+    assert archive.finisher.drain() == 1
+    assert archive.catalog.spool_segments_in_use() == {segment}  # garbage, in its grace
+    _expire_garbage(archive)
+    finisher_module.collect_garbage(archive)
+    assert archive.catalog.spool_segments_in_use() == set()

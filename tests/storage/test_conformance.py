@@ -25,6 +25,7 @@ from kho.storage import FilesystemStore, ObjectStore, open_store
 from kho.storage.base import MAX_KEY_LENGTH
 from kho.storage.filesystem import _TMP_SUFFIX
 from kho.storage.s3 import MIN_PART_SIZE, S3Store
+from kho.storage.spool import Spool, SpooledStore
 from tests.helpers.seaweedfs import SeaweedFS
 
 MIB = 1024 * 1024
@@ -340,6 +341,16 @@ class TestFilesystemStore(ObjectStoreConformance):
         with pytest.raises(StorageError):
             store.put("blocked/x", b"data")
         assert list(store.list()) == ["blocked"]  # no temp file is left visible
+
+
+class TestSpooledStore(ObjectStoreConformance):
+    """The archive's store is the object store with the spool beside it: everything that is
+    not a spool key behaves exactly as the backend does (tests/storage/test_spool.py has
+    the spool's own)."""
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> ObjectStore:
+        return SpooledStore(FilesystemStore(tmp_path / "objects"), Spool(tmp_path / "spool"))
 
 
 class TestS3Store(ObjectStoreConformance):

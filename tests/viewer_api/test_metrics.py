@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi.testclient import TestClient
 
 from kho.archive.archive import Archive
@@ -25,7 +27,9 @@ def test_metrics_show_the_finishers_queue(archive: Archive) -> None:
     archive.finisher.stop()  # hold the queue: the instance stays as received
     archive.ingest_part10(make_instance(), defer=True)
     client = TestClient(create_app(archive))
-    assert "kho_unfinished_instances 1.0" in client.get("/metrics").text
+    waiting = client.get("/metrics").text
+    assert "kho_unfinished_instances 1.0" in waiting
+    assert re.search(r"^kho_spool_bytes [1-9]", waiting, re.MULTILINE)  # in the spool
     assert archive.finisher.drain() == 1
     body = client.get("/metrics").text
     assert "kho_unfinished_instances 0.0" in body
