@@ -9,13 +9,18 @@ instances/s and MB/s (received bytes) until the last acknowledgement, medians ov
 encoded at rest (the background finisher's queue empty), "at rest inst/s".
 
 kho variants (--variants):
-  durable      default settings: fsync, acknowledged once durable as received, JPEG-LS
-               encoding and thumbnails after the acknowledgement (finish_in_background)
+  durable      default settings: fsync, acknowledged once appended to the fsync'd ingest
+               spool and committed, JPEG-LS encoding and thumbnails after the
+               acknowledgement (finish_in_background)
+  no-spool     KHO_SPOOL=off: acknowledged once written as an object file of its own
   inline       KHO_FINISH_IN_BACKGROUND=false: encoded and derived before acknowledging
   no-fsync     KHO_FSYNC=false: no flush, like storescp
   workersN     N `kho serve` processes sharing the port (workers2, workers4, ...)
-  s3-pg        SeaweedFS (S3) objects + PostgreSQL catalog, one process
-  s3-pg-workers2  the same with two processes
+  s3-pg        SeaweedFS (S3) objects + PostgreSQL catalog, one process; the default for
+               S3 (spool auto = off): each instance PUT to the bucket before the ack
+  s3-pg-spool  the same with KHO_SPOOL=on (one host: acknowledged from the local spool,
+               the finisher PUTs to the bucket)
+  ...-workersN any of these with N processes
 
     python -m benchmarks.ingest [--slices 300] [--repeats 3] [--associations 1 4]
 """
@@ -193,6 +198,10 @@ def run_variant(
         env["KHO_FSYNC"] = "false"
     elif variant == "inline":
         env["KHO_FINISH_IN_BACKGROUND"] = "false"
+    elif variant.startswith("no-spool"):
+        env["KHO_SPOOL"] = "off"
+    if variant.startswith("s3-pg-spool"):
+        env["KHO_SPOOL"] = "on"
     use_s3 = variant.startswith("s3-pg")
 
     @contextmanager
@@ -227,7 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=["durable", "inline", "workers2", "workers4", "s3-pg", "s3-pg-workers4"],
+        default=[
+            "durable",
+            "no-spool",
+            "inline",
+            "workers2",
+            "workers4",
+            "s3-pg",
+            "s3-pg-workers2",
+            "s3-pg-spool",
+            "s3-pg-spool-workers2",
+        ],
         help="kho configurations: durable (default settings), no-fsync (KHO_FSYNC=false: "
         "no flush, like storescp), workers2 (two processes on the port), inline, s3-pg, "
         "s3-pg-workers2 (see the module docstring)",
@@ -265,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:  # S3 + PostgreSQL against the local path with as many processes
         local = None
         if r["target"].startswith("kho-s3-pg"):
-            local = r["target"].replace("kho-s3-pg", "kho", 1)
+            local = r["target"].replace("kho-s3-pg-spool", "kho", 1).replace("kho-s3-pg", "kho", 1)
             local = "kho-durable" if local == "kho" else local
         if local and (local, r["associations"]) in by_key:
             r["ratio_to_local"] = (
