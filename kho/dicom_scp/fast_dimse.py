@@ -43,17 +43,23 @@ from kho.dicom_scp import fast_store
 LOGGER = logging.getLogger("pynetdicom.dul")
 
 
+_FIRST_BUFFER = 1 << 20  # a PDU's announced length is the peer's word: grow as data comes
+
+
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """Read exactly ``nr_bytes`` (fewer only if the peer closes the connection)."""
+    """Read exactly ``nr_bytes`` (fewer only if the peer closes the connection).  The buffer
+    starts at most 1 MiB and doubles as bytes arrive, so a header announcing 4 GiB costs
+    nothing until the bytes are really sent."""
     sock = self.socket
     assert sock is not None
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
+    buffer = bytearray(min(nr_bytes, _FIRST_BUFFER))
     received = 0
     while received < nr_bytes:
-        count = sock.recv_into(view[received:], nr_bytes - received)
+        if received == len(buffer):
+            buffer.extend(bytes(min(len(buffer), nr_bytes - len(buffer))))
+        with memoryview(buffer) as view:
+            count = sock.recv_into(view[received:], len(buffer) - received)
         if not count:  # connection closed: pynetdicom expects what arrived so far
-            del view
             del buffer[received:]
             return buffer
         received += count

@@ -268,6 +268,11 @@ def read_pdu(dul: DULServiceProvider, receiver: StoreReceiver) -> None:
         log.error("unknown PDU type 0x%02X received", pdu_type)
         dul.event_queue.put("Evt19")
         return
+    limit = dul.assoc.acceptor.maximum_length if pdu_type == _P_DATA_TF else 0
+    if limit and length > limit + 6:  # PS3.8 9.3.1: beyond what kho accepted (+ slack)
+        log.error("P-DATA-TF PDU of %d bytes exceeds the negotiated %d", length, limit)
+        dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT
+        return
     try:
         body = sock.recv(length)
     except (OSError, TimeoutError):

@@ -44,7 +44,7 @@ def test_recv_reads_whole_pdus_and_returns_partial_data_on_close() -> None:
     sock = AssociationSocket.__new__(AssociationSocket)
     sock.socket = right
     sock.recv = types.MethodType(fast_dimse._recv, sock)  # type: ignore[method-assign]
-    payload = bytes(range(256)) * 4096  # 1 MiB, arriving in many segments
+    payload = bytes(range(256)) * 4096 * 3  # 3 MiB, in many segments: the buffer grows
 
     def send() -> None:
         left.sendall(payload)

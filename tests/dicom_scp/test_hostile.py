@@ -79,6 +79,20 @@ def test_truncated_pdu_stream_drops_the_association_only(archive: Archive, dicom
     _assert_still_serving(dicom_server.port, archive)
 
 
+def test_a_pdu_beyond_the_negotiated_maximum_aborts_at_once(archive: Archive, dicom_server) -> None:
+    """A P-DATA-TF header announcing ~4 GiB: refused before anything is read or allocated
+    (the association is aborted), and the server keeps serving."""
+    assoc = _associate(dicom_server.port)
+    raw = assoc.dul.socket.socket
+    raw.sendall(struct.pack(">BBI", 0x04, 0, 0xFFFFFFF0) + b"\x00" * 1000)
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    assert archive.catalog.counts()["instances"] == 0
+    _assert_still_serving(dicom_server.port, archive)
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [("dotdot-uid", 0xA900), ("absurd-length", 0xC000), ("garbage", 0xC000)],
