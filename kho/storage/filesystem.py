@@ -24,6 +24,15 @@ def _wrap(exc: OSError, what: str) -> StorageError:
     return StorageError(f"{what}: {exc}")
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (new files, renames) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FilesystemStore:
     """Objects as files: atomic writes (temp file, fsync, rename, fsync of the folder).
 
@@ -63,16 +72,8 @@ class FilesystemStore:
         if self.fsync:
             # a new folder's entry must reach disk too, or the file in it can vanish on crash
             for created in reversed(missing):
-                self._fsync_dir(created.parent)
+                fsync_dir(created.parent)
         self._known_dirs.add(folder)
-
-    @staticmethod
-    def _fsync_dir(folder: Path) -> None:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def remove_temporaries(self) -> int:
         """Delete temp files left by a crash mid-put; return how many."""
@@ -107,7 +108,7 @@ class FilesystemStore:
                 os.replace(tmp, path)
             if self.fsync:
                 for folder in {path.parent for _tmp, path in written}:
-                    self._fsync_dir(folder)
+                    fsync_dir(folder)
         except OSError as exc:
             for tmp, _path in written:
                 with contextlib.suppress(OSError):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kho.errors import InvalidKeyError, ObjectNotFoundError, StorageError
 from kho.storage.base import ObjectStore
+from kho.storage.filesystem import fsync_dir
 
 SPOOL_PREFIX = "spool/"
 SEGMENT_SUFFIX = ".seg"
@@ -158,7 +159,7 @@ class Spool:
         try:
             segment = _Segment(self.folder, f"{self._name_stem}-{self._serial:06d}")
             if self.fsync:  # the new file's name must survive a crash too
-                _fsync_dir(self.folder)
+                fsync_dir(self.folder)
         except OSError as exc:
             self._active = None
             raise StorageError(f"cannot create a spool segment in {self.folder}: {exc}") from exc
@@ -272,14 +273,6 @@ class Spool:
                 size += path.stat().st_size
                 segments += 1
         return {"segments": segments, "bytes": size}
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SpooledStore:
