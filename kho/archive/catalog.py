@@ -55,6 +55,76 @@ def _owner_of(pid: int) -> str:
     return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
 
 
+def _hierarchy_values(a: InstanceAttributes) -> tuple[dict[str, Any], ...]:
+    """The catalogued values of an instance's patient, study and series rows."""
+    patient = {
+        "patient_name": a.patient_name,
+        "patient_name_folded": fold_name(a.patient_name),
+        "patient_birth_date": a.patient_birth_date,
+        "patient_sex": a.patient_sex,
+    }
+    study = {
+        "study_date": a.study_date,
+        "study_time": a.study_time,
+        "accession_number": a.accession_number,
+        "study_id": a.study_id,
+        "study_description": a.study_description,
+        "referring_physician_name": a.referring_physician_name,
+    }
+    series = {
+        "modality": a.modality,
+        "series_number": a.series_number,
+        "series_description": a.series_description,
+        "body_part_examined": a.body_part_examined,
+        "series_date": a.series_date,
+        "series_time": a.series_time,
+    }
+    return patient, study, series
+
+
+def _hierarchy_unchanged(
+    rows: list[tuple[Any, ...] | None], hierarchy: tuple[dict[str, Any], ...]
+) -> bool:
+    """Whether every row exists with exactly these values (nothing to write)."""
+    return all(
+        row is not None and tuple(row) == tuple(values.values())
+        for row, values in zip(rows, hierarchy, strict=True)
+    )
+
+
+def _count_statements(
+    study_uid: str, series_uid: str, pkey: str, delta: int
+) -> list[tuple[str, Sequence[Any]]]:
+    """The instance counters of a patient, study and series, in the order their rows are
+    locked (PostgreSQL row locks taken in one order cannot deadlock)."""
+    return [
+        (
+            "UPDATE patients SET num_instances = num_instances + ? WHERE patient_key = ?",
+            (delta, pkey),
+        ),
+        (
+            "UPDATE studies SET num_instances = num_instances + ? WHERE study_uid = ?",
+            (delta, study_uid),
+        ),
+        (
+            "UPDATE series SET num_instances = num_instances + ? WHERE series_uid = ?",
+            (delta, series_uid),
+        ),
+    ]
+
+
+def _queue_statement(record: InstanceRecord, unfinished: bool) -> tuple[str, Sequence[Any]]:
+    """Queue an instance for the background finisher, or take it off the queue."""
+    if not unfinished:
+        return ("DELETE FROM unfinished WHERE sop_uid = ?", (record.sop_uid,))
+    return (
+        "INSERT INTO unfinished (sop_uid, object_prefix, queued_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (sop_uid) DO UPDATE SET object_prefix = excluded.object_prefix, "
+        "queued_at = excluded.queued_at, owner = '', claimed_at = 0, attempts = 0",
+        (record.sop_uid, record.object_prefix, time.time()),
+    )
+
+
 def _is_retryable(exc: BaseException) -> bool:
     """A PostgreSQL deadlock (40P01) or serialisation failure (40001) under ``exc``."""
     cause = exc.__cause__
@@ -375,6 +445,21 @@ class Catalog:
                 raise CatalogError(f"catalog error: {exc}") from exc
             raise
 
+    def execute_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Run statements in order; their cursors.  PostgreSQL sends them in one pipeline
+        (one round trip instead of one each; psycopg's per-statement wait dominated the
+        catalog's cost of an ingest); an error in any raises CatalogError once all ran."""
+        if self.dialect == "sqlite" or len(statements) < 2:
+            return [self.execute(text, params) for text, params in statements]
+        conn = self.connection
+        try:
+            with conn.pipeline():
+                return [conn.execute(self.sql(text), params) for text, params in statements]
+        except Exception as exc:
+            if type(exc).__module__.startswith("psycopg"):
+                raise CatalogError(f"catalog error: {exc}") from exc
+            raise
+
     def fetchall(self, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self.execute(text, params).fetchall())
 
@@ -588,13 +673,17 @@ class Catalog:
         *,
         policy: str,
         unfinished: bool = False,
+        journalled: bool = True,
     ) -> tuple[str, InstanceRecord | None]:
         """See _commit_instance; a PostgreSQL deadlock or serialisation failure (another
         ingest of the same patient, study or series) is retried: the transaction rolled
-        back whole and the objects are already written."""
+        back whole and the objects are already written.  ``journalled``: the objects'
+        prefix has a journal row (begin_pending) that a new instance's commit ends."""
         for attempt in range(5):
             try:
-                return self._commit_instance(attrs, record, policy=policy, unfinished=unfinished)
+                return self._commit_instance(
+                    attrs, record, policy=policy, unfinished=unfinished, journalled=journalled
+                )
             except CatalogError as exc:
                 if attempt == 4 or not _is_retryable(exc):
                     raise
@@ -608,6 +697,7 @@ class Catalog:
         *,
         policy: str,
         unfinished: bool,
+        journalled: bool,
     ) -> tuple[str, InstanceRecord | None]:
         """Make an instance visible, deciding duplicates inside the write transaction.
 
@@ -620,29 +710,38 @@ class Catalog:
         values = asdict(record)
         cols = ", ".join(INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in INSTANCE_COLUMNS)
+        hierarchy = _hierarchy_values(attrs)
         with self.transaction():
-            if self.dialect == "postgresql":
-                # the rows every instance of a series updates, locked first and in one order
-                # (patient, study, series): concurrent ingests queue instead of deadlocking
-                for table, column, key in (
-                    ("patients", "patient_key", attrs.patient_key),
-                    ("studies", "study_uid", attrs.study_uid),
-                    ("series", "series_uid", attrs.series_uid),
-                ):
-                    self.execute(f"SELECT 1 FROM {table} WHERE {column} = ? FOR UPDATE", (key,))
-            # insert-first makes concurrent stores of one new instance count it once
-            cursor = self.execute(
+            # insert-first makes concurrent stores of one new instance count it once; the
+            # patient, study and series rows are read in the same round trip, unlocked
+            insert = (
                 f"INSERT INTO instances ({cols}) VALUES ({marks}) ON CONFLICT (sop_uid) DO NOTHING",
                 [values[c] for c in INSTANCE_COLUMNS],
             )
-            if cursor.rowcount == 1:
-                self._upsert_hierarchy(attrs)
-                self.end_pending(record.object_prefix)
+            cursors = self.execute_batch([insert, *self._hierarchy_reads(attrs, hierarchy)])
+            if cursors[0].rowcount == 1:
+                read = [c.fetchone() for c in cursors[1:]]
+                rows: list[tuple[Any, ...] | None] | None = read
+                if attrs.sequences or not _hierarchy_unchanged(read, hierarchy):
+                    # rows to write: lock them first, in one order, and read them again
+                    self._lock_hierarchy(attrs)
+                    rows = None
+                # else (every instance of a series after its first) the row locks come
+                # with the counter updates at the end: concurrent ingests of one series
+                # hold them only for the last round trip and the commit
+                self._upsert_hierarchy(attrs, hierarchy, rows)
+                tail: list[tuple[str, Sequence[Any]]] = []
+                if journalled:
+                    tail.append(
+                        ("DELETE FROM pending WHERE object_prefix = ?", (record.object_prefix,))
+                    )
                 if unfinished:  # a new SOP Instance UID has no queue row to clear
-                    self._queue_unfinished(record, unfinished)
+                    tail.append(_queue_statement(record, unfinished))
                 # last: these rows are shared by every instance of the series
-                self._count_instance(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
+                tail += _count_statements(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
+                self.execute_batch(tail)
                 return "stored", None
+            self._lock_hierarchy(attrs)
             lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
             row = self.fetchone(
                 f"SELECT {cols} FROM instances WHERE sop_uid = ?{lock}", (record.sop_uid,)
@@ -686,15 +785,7 @@ class Catalog:
             return "replaced", previous
 
     def _queue_unfinished(self, record: InstanceRecord, unfinished: bool) -> None:
-        if not unfinished:
-            self.execute("DELETE FROM unfinished WHERE sop_uid = ?", (record.sop_uid,))
-            return
-        self.execute(
-            "INSERT INTO unfinished (sop_uid, object_prefix, queued_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (sop_uid) DO UPDATE SET object_prefix = excluded.object_prefix, "
-            "queued_at = excluded.queued_at, owner = '', claimed_at = 0, attempts = 0",
-            (record.sop_uid, record.object_prefix, time.time()),
-        )
+        self.execute(*_queue_statement(record, unfinished))
 
     # --- the background finisher's queue and the garbage list --------------------------
 
@@ -862,76 +953,85 @@ class Catalog:
                 self.execute("DELETE FROM garbage WHERE object_key = ?", (key,))
 
     def _count_instance(self, study_uid: str, series_uid: str, pkey: str, delta: int) -> None:
-        # patient, study, series: the order _upsert_hierarchy locks them in (PostgreSQL
-        # row locks taken in one order cannot deadlock)
-        self.execute(
-            "UPDATE patients SET num_instances = num_instances + ? WHERE patient_key = ?",
-            (delta, pkey),
-        )
-        self.execute(
-            "UPDATE studies SET num_instances = num_instances + ? WHERE study_uid = ?",
-            (delta, study_uid),
-        )
-        self.execute(
-            "UPDATE series SET num_instances = num_instances + ? WHERE series_uid = ?",
-            (delta, series_uid),
+        self.execute_batch(_count_statements(study_uid, series_uid, pkey, delta))
+
+    def _lock_hierarchy(self, a: InstanceAttributes) -> None:
+        """PostgreSQL: lock the patient, study and series rows of an instance, in that
+        order (the counter updates take them in the same order: no deadlock)."""
+        if self.dialect != "postgresql":
+            return  # SQLite: the write transaction holds the whole database
+        self.execute_batch(
+            [
+                (f"SELECT 1 FROM {table} WHERE {column} = ? FOR UPDATE", (key,))
+                for table, column, key in (
+                    ("patients", "patient_key", a.patient_key),
+                    ("studies", "study_uid", a.study_uid),
+                    ("series", "series_uid", a.series_uid),
+                )
+            ]
         )
 
-    def _upsert_hierarchy(self, a: InstanceAttributes) -> None:
+    def _hierarchy_reads(
+        self, a: InstanceAttributes, hierarchy: tuple[dict[str, Any], ...]
+    ) -> list[tuple[str, Sequence[Any]]]:
+        """The statements reading an instance's patient, study and series rows (the columns
+        of ``hierarchy``, see _hierarchy_values)."""
+        patient, study, series = hierarchy
+        return [
+            (f"SELECT {', '.join(patient)} FROM patients WHERE patient_key = ?", (a.patient_key,)),
+            (f"SELECT {', '.join(study)} FROM studies WHERE study_uid = ?", (a.study_uid,)),
+            (f"SELECT {', '.join(series)} FROM series WHERE series_uid = ?", (a.series_uid,)),
+        ]
+
+    def _upsert_hierarchy(
+        self,
+        a: InstanceAttributes,
+        hierarchy: tuple[dict[str, Any], ...] | None = None,
+        rows: list[tuple[Any, ...] | None] | None = None,
+    ) -> None:
         """Patient, study and series rows for an instance: inserted when new, updated only
         where the instance's values differ.  The rows of a series being received are the
-        same for every instance: reading them first, instead of an upsert that always
-        writes, takes no row lock, so concurrent ingests of one series (PostgreSQL) only
-        meet at the counter updates at the end of their transactions."""
+        same for every instance: reading them first (``rows``, else read here in one
+        batch), instead of an upsert that always writes, takes no row lock, so concurrent
+        ingests of one series (PostgreSQL) only meet at the counter updates at the end of
+        their transactions."""
         pkey = a.patient_key
+        patient, study, series = hierarchy or _hierarchy_values(a)
+        if rows is None:
+            reads = self._hierarchy_reads(a, (patient, study, series))
+            rows = [cursor.fetchone() for cursor in self.execute_batch(reads)]
         self._upsert_row(
             "patients",
             ("patient_key", pkey),
-            {
-                "patient_name": a.patient_name,
-                "patient_name_folded": fold_name(a.patient_name),
-                "patient_birth_date": a.patient_birth_date,
-                "patient_sex": a.patient_sex,
-            },
+            patient,
             {"patient_id": a.patient_id, "issuer_of_patient_id": a.issuer_of_patient_id},
+            current=rows[0],
         )
-        new_study, _row = self._upsert_row(
+        new_study = self._upsert_row(
             "studies",
             ("study_uid", a.study_uid),
-            {
-                "study_date": a.study_date,
-                "study_time": a.study_time,
-                "accession_number": a.accession_number,
-                "study_id": a.study_id,
-                "study_description": a.study_description,
-                "referring_physician_name": a.referring_physician_name,
-            },
+            study,
             {"patient_key": pkey},
             stamp="updated_at",
+            current=rows[1],
         )
         if new_study:
             self.execute(
                 "UPDATE patients SET num_studies = num_studies + 1 WHERE patient_key = ?", (pkey,)
             )
-        new_series, row = self._upsert_row(
+        new_series = self._upsert_row(
             "series",
             ("series_uid", a.series_uid),
-            {
-                "modality": a.modality,
-                "series_number": a.series_number,
-                "series_description": a.series_description,
-                "body_part_examined": a.body_part_examined,
-                "series_date": a.series_date,
-                "series_time": a.series_time,
-            },
+            series,
             {"study_uid": a.study_uid},
+            current=rows[2],
         )
         if new_series:
             self.execute(
                 "UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?",
                 (a.study_uid,),
             )
-        if new_series or row is None or row[0] != a.modality:
+        if new_series or rows[2] is None or rows[2][0] != a.modality:
             self._refresh_modalities(a.study_uid)
         owners = {"PATIENT": pkey, "STUDY": a.study_uid, "SERIES": a.series_uid}
         for keyword, items in a.sequences.items():
@@ -972,19 +1072,18 @@ class Catalog:
         insert_only: dict[str, Any],
         *,
         stamp: str = "",
-    ) -> tuple[bool, tuple[Any, ...] | None]:
-        """Insert a row, or update the columns of ``values`` where they differ; ``stamp``
-        names a column set to the time of either.  Returns (inserted, the row's earlier
-        ``values`` or None).  INSERT ... DO NOTHING: a concurrent transaction may insert
-        the row first, and then this one updates it."""
+        current: tuple[Any, ...] | None,
+    ) -> bool:
+        """Insert a row, or update the columns of ``values`` where they differ from
+        ``current`` (the row's ``values`` as read in this transaction, None if absent);
+        ``stamp`` names a column set to the time of either.  Whether it was inserted.
+        INSERT ... DO NOTHING: a concurrent transaction may insert the row first, and then
+        this one updates it."""
         key_column, key_value = key
         columns = list(values)
-        row = self.fetchone(
-            f"SELECT {', '.join(columns)} FROM {table} WHERE {key_column} = ?", (key_value,)
-        )
         now = {stamp: time.time()} if stamp else {}
         inserted = False
-        if row is None:
+        if current is None:
             names = [key_column, *insert_only, *columns, *now]
             cursor = self.execute(
                 f"INSERT INTO {table} ({', '.join(names)}) "
@@ -993,13 +1092,13 @@ class Catalog:
                 (key_value, *insert_only.values(), *values.values(), *now.values()),
             )
             inserted = int(cursor.rowcount) == 1
-        if not inserted and (row is None or tuple(row) != tuple(values.values())):
+        if not inserted and (current is None or tuple(current) != tuple(values.values())):
             sets = ", ".join(f"{c} = ?" for c in [*columns, *now])
             self.execute(
                 f"UPDATE {table} SET {sets} WHERE {key_column} = ?",
                 (*values.values(), *now.values(), key_value),
             )
-        return inserted, row
+        return inserted
 
     def _refresh_modalities(self, study_uid: str) -> None:
         rows = self.fetchall(
