@@ -180,13 +180,17 @@ def _ingest_part10(
     try:
         record = _write_objects(archive, data, layout, ds, attrs, sha, prefix, source, defer)
         outcome, previous = catalog.commit_instance(
-            attrs, record, policy=archive.settings.duplicate_policy.value, unfinished=defer
+            attrs,
+            record,
+            policy=archive.settings.duplicate_policy.value,
+            unfinished=defer,
+            journalled=not _spooled(archive, record),  # a spooled ingest wrote no object
         )
     except BaseException:
         _abandon(archive, prefix)
         raise
     finally:
-        if record is not None and archive.spool is not None and is_spool_key(record.pixels_key):
+        if record is not None and archive.spool is not None and _spooled(archive, record):
             archive.spool.release(record.pixels_key)  # committed or not: never appended to
     if outcome in ("kept", "rejected"):
         archive.delete_prefix(record.object_prefix)
@@ -211,6 +215,10 @@ def _ingest_part10(
             catalog.end_pending(previous.object_prefix)
         return _result(IngestOutcome.REPLACED, attrs, record)
     return _result(IngestOutcome.STORED, attrs, record)
+
+
+def _spooled(archive: Archive, record: InstanceRecord) -> bool:
+    return archive.spool is not None and is_spool_key(record.pixels_key)
 
 
 def _check_identity(
