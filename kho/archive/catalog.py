@@ -436,6 +436,8 @@ class Catalog:
         return text if self.dialect == "sqlite" else text.replace("?", "%s")
 
     def execute(self, text: str, params: Sequence[Any] = ()) -> Any:
+        if getattr(self._local, "begin_unsent", False):
+            return self.execute_batch([(text, params)])[-1]
         try:
             return self.connection.execute(self.sql(text), params)
         except sqlite3.Error as exc:
@@ -449,6 +451,9 @@ class Catalog:
         """Run statements in order; their cursors.  PostgreSQL sends them in one pipeline
         (one round trip instead of one each; psycopg's per-statement wait dominated the
         catalog's cost of an ingest); an error in any raises CatalogError once all ran."""
+        if getattr(self._local, "begin_unsent", False):
+            self._local.begin_unsent = False
+            return self.execute_batch([("BEGIN", ()), *statements])[1:]
         if self.dialect == "sqlite" or len(statements) < 2:
             return [self.execute(text, params) for text, params in statements]
         conn = self.connection
@@ -490,23 +495,41 @@ class Catalog:
 
     def _transaction(self) -> Iterator[None]:
         conn = self.connection
+        local = self._local
         try:
             if self.dialect == "sqlite":
                 conn.execute("BEGIN IMMEDIATE")
             else:
-                conn.execute("BEGIN")
+                # sent with the transaction's first statements (one round trip less)
+                local.begin_unsent = True
+                local.committed = False
         except Exception as exc:
             raise CatalogError(f"cannot begin a catalog transaction: {exc}") from exc
         try:
             yield
         except BaseException:
-            with suppress(Exception):
-                conn.execute("ROLLBACK")
+            if not getattr(local, "begin_unsent", False):
+                with suppress(Exception):
+                    conn.execute("ROLLBACK")
+            local.begin_unsent = False
             raise
+        if self.dialect == "postgresql":
+            unsent, local.begin_unsent = local.begin_unsent, False
+            if unsent or local.committed:  # nothing ran, or commit_batch committed
+                return
         try:
             conn.execute("COMMIT")
         except Exception as exc:
             raise CatalogError(f"catalog commit failed: {exc}") from exc
+
+    def commit_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """The last statements of a transaction, and its commit: PostgreSQL sends them in
+        one round trip; the transaction's end then commits nothing more."""
+        if self.dialect == "postgresql" and getattr(self._local, "committed", None) is False:
+            self.execute_batch([*statements, ("COMMIT", ())])
+            self._local.committed = True
+            return
+        self.execute_batch(statements)
 
     def _schema_in_place(self) -> bool:
         """Whether every table and index of the schema exists (PostgreSQL): then opening
@@ -739,7 +762,7 @@ class Catalog:
                     tail.append(_queue_statement(record, unfinished))
                 # last: these rows are shared by every instance of the series
                 tail += _count_statements(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
-                self.execute_batch(tail)
+                self.commit_batch(tail)
                 return "stored", None
             self._lock_hierarchy(attrs)
             lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
