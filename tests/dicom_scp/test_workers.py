@@ -35,6 +35,15 @@ def _get_study(port: int, study_uid: str, out: Path) -> dict[str, bytes]:
     return got
 
 
+def _storescu(port: int, files: list[Path]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [dcmtk.tool("storescu"), "-aec", "KHO", "127.0.0.1", str(port), *map(str, files)],
+        env=dcmtk.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
 def test_two_workers_retrieve_what_either_acknowledged(tmp_path: Path) -> None:
     files = write_ct_series(tmp_path / "ct", 16)
     sent = {}
@@ -45,22 +54,7 @@ def test_two_workers_retrieve_what_either_acknowledged(tmp_path: Path) -> None:
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     data_dir = tmp_path / "data"
     with kho_serve(data_dir, args=("--workers", "2")) as (_proc, port):
-        senders = [
-            subprocess.Popen(
-                [
-                    dcmtk.tool("storescu"),
-                    "-aec",
-                    "KHO",
-                    "127.0.0.1",
-                    str(port),
-                    *map(str, files[i::4]),
-                ],
-                env=dcmtk.env(),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )  # fmt: skip
-            for i in range(4)
-        ]
+        senders = [_storescu(port, files[i::4]) for i in range(4)]
         for sender in senders:
             _out, err = sender.communicate(timeout=120)
             assert sender.returncode == 0, err[-2000:]
