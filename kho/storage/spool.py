@@ -103,6 +103,7 @@ class Spool:
         self._active: _Segment | None = None
         self._segments: dict[str, _Segment] = {}  # this process's: active and draining
         self.last_reclaim = 0.0  # time.monotonic() of the last look for deletable segments
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"Spool({str(self.folder)!r})"
@@ -114,6 +115,8 @@ class Spool:
         catalog commit that refers to it is done (or has failed)."""
         length = len(data)
         with self._lock:
+            if self._closed:
+                raise StorageError(f"the spool in {self.folder} is closed")
             segment = self._active
             if segment is None or (segment.size and segment.size + length > self.segment_bytes):
                 segment = self._rotate()
@@ -184,11 +187,17 @@ class Spool:
             return True
 
     def close(self) -> None:
+        """Stop appending.  A segment with appends in flight is closed by their release:
+        closing its descriptor under them could let a pwrite land in whatever file reuses
+        the number."""
         with self._lock:
-            for segment in self._segments.values():
-                segment.close()
-            self._segments.clear()
+            self._closed = True
             self._active = None
+            for name, segment in list(self._segments.items()):
+                segment.full = True
+                if segment.in_flight <= 0:
+                    del self._segments[name]
+                    segment.close()
 
     # --- reading ---------------------------------------------------------------------
 

@@ -198,3 +198,22 @@ def test_segments_are_locked_by_their_writer(tmp_path: Path) -> None:
         os.close(fd)
     spool.release(key)
     spool.close()
+
+
+def test_closing_waits_for_appends_in_flight_before_closing_their_segment(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    key = spool.append(b"in flight")
+    spool.close()
+    with pytest.raises(StorageError):
+        spool.append(b"after close")
+    path = tmp_path / "spool" / f"{segment_of(key)}.seg"
+    fd = os.open(path, os.O_RDONLY)
+    try:  # still held by the writer until the ingest in flight is done
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        spool.release(key)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released now
+    finally:
+        os.close(fd)
