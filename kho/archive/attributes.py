@@ -243,11 +243,17 @@ def read_catalog_values(data: bytes | memoryview, layout: Part10Layout) -> Catal
     else:  # other character sets and code extensions: pydicom's decoding
         return None
     values: dict[str, str | int] = {}
+    # pydicom reads the header only, up to the pixel data
+    header_end = layout.pixels.element_offset if layout.pixels is not None else len(data)
     for keyword, (tag, vr) in _CATALOG_ELEMENTS.items():
         span = elements.get(tag)
-        if span is None or not span[2]:
+        if span is None:
             continue
         encoded_vr, offset, length = span
+        if offset > header_end:
+            return None  # out of order, after the pixel data: left to pydicom's reading
+        if not length:
+            continue
         if encoded_vr is not None and encoded_vr.decode("latin_1") != vr:
             return None  # pydicom would read it by the VR as encoded
         raw = bytes(data[offset : offset + length])

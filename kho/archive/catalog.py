@@ -512,10 +512,12 @@ class Catalog:
                 with suppress(Exception):
                     conn.execute("ROLLBACK")
             local.begin_unsent = False
+            local.committed = None
             raise
         if self.dialect == "postgresql":
             unsent, local.begin_unsent = local.begin_unsent, False
-            if unsent or local.committed:  # nothing ran, or commit_batch committed
+            committed, local.committed = local.committed, None
+            if unsent or committed:  # nothing ran, or commit_batch committed
                 return
         try:
             conn.execute("COMMIT")
@@ -585,7 +587,10 @@ class Catalog:
         if self.dialect == "postgresql":
             import psycopg
 
-            if self.connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            in_transaction = getattr(self._local, "begin_unsent", False) or (
+                self.connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+            )
+            if in_transaction:
                 yield  # inside a transaction: part of it, committed with it
                 return
             with self.transaction():
@@ -822,9 +827,13 @@ class Catalog:
         now = time.time()
         cutoff = now - lease_s
         with self._relaxed_write():
+            # a spooled instance stays queued: the finisher moves it out of the spool as
+            # received (its segment would otherwise be deleted under it)
             given_up = self.execute(
-                "DELETE FROM unfinished WHERE attempts >= ? AND (owner = '' OR claimed_at < ?)",
-                (int(max_attempts), cutoff),
+                "DELETE FROM unfinished WHERE attempts >= ? AND (owner = '' OR claimed_at < ?) "
+                "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.sop_uid = unfinished.sop_uid "
+                "AND i.derived LIKE ?)",
+                (int(max_attempts), cutoff, f'%"{SPOOL_PREFIX}%'),
             ).rowcount
         if given_up and given_up > 0:
             LOG.error(
@@ -851,13 +860,18 @@ class Catalog:
                 claimed.append((sop_uid, prefix, int(attempts) + 1))
         return claimed
 
-    def release_unfinished(self, sop_uid: str, object_prefix: str) -> None:
-        """Give a claim back (a transient failure): any process may take it again."""
+    def release_unfinished(
+        self, sop_uid: str, object_prefix: str, *, count_attempt: bool = True
+    ) -> None:
+        """Give a claim back: any process may take it again.  ``count_attempt=False``: the
+        failure was not the instance's (an outage), so the claim's attempt is taken back."""
+        undo = 1 if not count_attempt else 0
         with self._relaxed_write():
             self.execute(
-                "UPDATE unfinished SET owner = '', claimed_at = 0 "
+                "UPDATE unfinished SET owner = '', claimed_at = 0, "
+                "attempts = CASE WHEN attempts > ? THEN attempts - ? ELSE 0 END "
                 "WHERE sop_uid = ? AND object_prefix = ?",
-                (sop_uid, object_prefix),
+                (undo, undo, sop_uid, object_prefix),
             )
 
     def release_claims_of_gone_processes(self) -> int:

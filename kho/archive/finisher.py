@@ -181,12 +181,21 @@ class Finisher:
     def _finish_counted(self, sop_uid: str, prefix: str, attempts: int) -> int:
         catalog = self.archive.catalog
         started = time.perf_counter()
+        if attempts > MAX_ATTEMPTS:  # given up, still spooled: only copy it out, as received
+            try:
+                if not self.move_out_of_spool(sop_uid, prefix):
+                    catalog.drop_unfinished(sop_uid, prefix)
+            except KhoError as exc:
+                log.warning("finisher: %s stays in the spool for now: %s", sop_uid, exc)
+                with contextlib.suppress(KhoError):
+                    catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
+            return 0
         try:
             done = self.finish_one(sop_uid, prefix)
         except (StorageError, CatalogError) as exc:  # an outage: give it back, retry later
             log.warning("finisher: %s postponed: %s", sop_uid, exc)
             with contextlib.suppress(KhoError):
-                catalog.release_unfinished(sop_uid, prefix)
+                catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
             self._stop.wait(1.0)
             return 0
         except Exception as exc:
@@ -215,8 +224,13 @@ class Finisher:
             return False
         try:
             data = archive.read_part10(record)
-        except ObjectNotFoundError:  # replaced between the two reads: its objects are gone
-            catalog.drop_unfinished(sop_uid, prefix)
+        except ObjectNotFoundError as exc:
+            current = catalog.get_instance(sop_uid)
+            if current is not None and current.object_prefix == prefix:
+                # not replaced: its bytes are where this process cannot read them (another
+                # host's spool) or missing; leave it queued, never drop it
+                raise StorageError(f"instance {sop_uid} is not readable here: {exc}") from exc
+            catalog.drop_unfinished(sop_uid, prefix)  # replaced: its objects are gone
             return False
         layout = parse_part10(data)
         split = layout.pixels.element_offset if layout.pixels else None
@@ -377,6 +391,7 @@ def reclaim_spool(archive: Archive, spool: Spool, *, force: bool = False) -> int
         return 0
     spool.last_reclaim = now
     spool.retire_idle(0.0 if force else SPOOL_RECLAIM_S)  # an idle archive frees it all
+    spool.remove_stale_makings()
     # unlocked first, references second: a segment is unlocked only after every
     # instance in it was committed, so what the catalog shows then is complete
     with spool.unlocked_segments() as candidates:

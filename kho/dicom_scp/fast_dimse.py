@@ -135,14 +135,17 @@ def _run_association_reactor(self: Association) -> None:
     instead of sleeping 1 ms a turn; the same checks in the same order."""
     wake: threading.Event = self.dul._kho_wake  # type: ignore[attr-defined]
     self._is_paused = False
+    served = False
     while not self._kill:
-        wake.wait(_ASSOCIATION_WAIT_S)
+        if not served:  # after a message, look again at once: another may be queued
+            wake.wait(_ASSOCIATION_WAIT_S)
         wake.clear()  # anything queued from here on sets it again
         # pynetdicom pauses the loop here while an SCP handler sends on the association
         self._is_paused = True
         self._reactor_checkpoint.wait()
         self._is_paused = False
         context_id, message = self.dimse.get_msg(block=False)
+        served = bool(message)
         if message:
             self._serve_request(message, cast(int, context_id))
         if self.is_established and self.acse.is_release_requested():

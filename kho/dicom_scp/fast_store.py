@@ -214,6 +214,10 @@ class StoreReceiver:
         (context_id, command), self._storing = self._storing, None
         parts, self._parts = self._parts, []
         context = self.dul.assoc._accepted_cx[context_id]
+        # a long store (a huge instance, a catalog lock wait) is not the peer's silence
+        timer = getattr(self.dul, "_idle_timer", None)
+        if timer is not None:
+            timer.restart()
         status, comment = self.store(
             parts,
             str(context.transfer_syntax[0]),
@@ -222,6 +226,8 @@ class StoreReceiver:
             self.dul.assoc.requestor.ae_title,
         )
         del parts
+        if timer is not None:
+            timer.restart()
         response = store_response_command(
             command.sop_class_uid, command.sop_instance_uid, command.message_id, status, comment
         )

@@ -38,6 +38,7 @@ from kho.storage.filesystem import fsync_dir
 
 SPOOL_PREFIX = "spool/"
 SEGMENT_SUFFIX = ".seg"
+MAKING_SUFFIX = ".making"  # a segment being created (see _Segment)
 DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
 _KEY = re.compile(r"^spool/([A-Za-z0-9][A-Za-z0-9_-]*)/([0-9]+)-([0-9]+)$")
 
@@ -64,11 +65,17 @@ class _Segment:
     def __init__(self, folder: Path, name: str) -> None:
         self.name = name
         self.path = folder / f"{name}{SEGMENT_SUFFIX}"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        # made and locked under a name the reclaimer does not look at, then renamed: a
+        # segment is never seen unlocked before its first append
+        making = folder / f"{name}{MAKING_SUFFIX}"
+        self.fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(making, self.path)
         except OSError:
             os.close(self.fd)
+            with contextlib.suppress(OSError):
+                making.unlink()
             raise
         self.size = 0
         self.in_flight = 0  # appended, not yet released by the ingest that appended it
@@ -93,7 +100,10 @@ class Spool:
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            if not self.folder.is_dir():
+                self.folder.mkdir(parents=True, exist_ok=True)
+                if fsync:  # the folder's own entry, or a crash could lose it whole
+                    fsync_dir(self.folder.parent)
         except OSError as exc:
             raise StorageError(f"cannot create the spool folder {self.folder}: {exc}") from exc
         host = "h" + re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
@@ -262,6 +272,27 @@ class Spool:
         finally:
             for _name, fd in held:
                 os.close(fd)
+
+    def remove_stale_makings(self) -> int:
+        """Delete segments a crashed process left half made (created, never renamed: they
+        hold nothing anyone was told is stored); how many."""
+        removed = 0
+        for path in self.folder.glob(f"*{MAKING_SUFFIX}"):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # being made right now
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+            finally:
+                os.close(fd)
+        return removed
 
     def reclaim(self, referenced: set[str] | frozenset[str], candidates: list[str]) -> int:
         """Delete the ``candidates`` (from :meth:`unlocked_segments`, still held) that

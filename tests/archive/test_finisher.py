@@ -332,7 +332,15 @@ def test_an_instance_claimed_too_often_is_given_up(
     archive.finisher.stop()
     result = archive.ingest_part10(ct_slices[0], defer=True)
     archive.catalog.execute("UPDATE unfinished SET attempts = ?", (finisher_module.MAX_ATTEMPTS,))
-    assert archive.catalog.claim_unfinished(1, 600, finisher_module.MAX_ATTEMPTS) == []
+    claimed = archive.catalog.claim_unfinished(1, 600, finisher_module.MAX_ATTEMPTS)
+    if archive.spool is not None:
+        # spooled: claimed once more, only to be copied out of the spool as received
+        assert [c[2] for c in claimed] == [finisher_module.MAX_ATTEMPTS + 1]
+        archive.finisher._finish_claimed(*claimed[0])
+        record = archive.catalog.require_instance(result.sop_uid)
+        assert record.pixel_format == "raw" and not is_spool_key(record.pixels_key)
+    else:
+        assert claimed == []
     assert archive.catalog.unfinished_count() == 0
     assert archive.read_instance(result.sop_uid)[1] == ct_slices[0]
 
@@ -417,3 +425,63 @@ def test_the_catalog_knows_which_spool_segments_are_in_use(
     _expire_garbage(archive)
     finisher_module.collect_garbage(archive)
     assert archive.catalog.spool_segments_in_use() == set()
+
+
+def test_transient_failures_never_give_up_a_spooled_instance(
+    archive: Archive, ct_slices: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outages are not the instance's fault: its attempts are not counted, and even a
+    spooled instance given up on (a process dying on it) stays queued until it is out of
+    the spool; its segment is never deleted under it."""
+    from kho.errors import StorageError
+
+    archive.finisher.stop()
+    monkeypatch.setattr(archive.finisher._stop, "wait", lambda *_a, **_k: False)
+    result = archive.ingest_part10(ct_slices[0], defer=True)
+    assert is_spool_key(archive.catalog.require_instance(result.sop_uid).pixels_key)
+
+    def outage(*_args: object, **_kwargs: object) -> None:
+        raise StorageError("object store unavailable")
+
+    monkeypatch.setattr(finisher_module, "put_objects", outage)
+    for _ in range(finisher_module.MAX_ATTEMPTS + 1):
+        archive.finisher.drain(timeout=0.3)
+    assert archive.catalog.fetchall("SELECT attempts FROM unfinished") == [(0,)]
+    # as if processes had died on it MAX_ATTEMPTS times
+    archive.catalog.execute("UPDATE unfinished SET attempts = ?", (finisher_module.MAX_ATTEMPTS,))
+    archive.finisher.drain(timeout=0.3)  # still an outage: it stays queued, in the spool
+    assert archive.catalog.unfinished_count() == 1
+    assert archive.spool is not None
+    finisher_module.reclaim_spool(archive, archive.spool, force=True)
+    assert archive.read_instance(result.sop_uid)[1] == ct_slices[0]
+    monkeypatch.undo()
+    monkeypatch.setattr(archive.finisher._stop, "wait", lambda *_a, **_k: False)
+    archive.catalog.execute(
+        "UPDATE unfinished SET attempts = ?, owner = '', claimed_at = 0",
+        (finisher_module.MAX_ATTEMPTS,),
+    )
+    archive.finisher.drain(timeout=0.3)  # given up: moved out as received, not encoded
+    assert archive.catalog.unfinished_count() == 0
+    record, back = archive.read_instance(result.sop_uid)
+    assert back == ct_slices[0] and record.pixel_format == "raw"
+    assert not is_spool_key(record.pixels_key)
+    _expire_garbage(archive)
+    finisher_module.collect_garbage(archive)
+    assert finisher_module.reclaim_spool(archive, archive.spool, force=True) == 1
+    assert archive.read_instance(result.sop_uid)[1] == ct_slices[0]
+
+
+def test_a_replaced_spooled_version_keeps_its_grace(
+    archive: Archive, ct_slices: list[bytes]
+) -> None:
+    archive.finisher.stop()
+    first = archive.ingest_part10(ct_slices[0], defer=True)
+    stale = archive.catalog.require_instance(first.sop_uid)
+    ds = pydicom.dcmread(BytesIO(ct_slices[0]))
+    ds.SeriesDescription = "corrected"
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    archive.ingest_part10(out.getvalue(), defer=True)  # replaces it
+    garbage = [r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage")]
+    assert stale.pixels_key in garbage  # its segment stays through a reader's grace
+    assert archive.read_part10(stale) == ct_slices[0]

@@ -217,3 +217,42 @@ def test_closing_waits_for_appends_in_flight_before_closing_their_segment(
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released now
     finally:
         os.close(fd)
+
+
+def test_a_segment_is_never_seen_unlocked_while_it_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process reclaiming at the moment a segment is created (before its lock) must
+    not delete it: it is made under another name, locked, then renamed."""
+    import types
+
+    from kho.storage import spool as spool_module
+
+    folder = tmp_path / "spool"
+    writer, other = Spool(folder), Spool(folder)
+    real_flock = fcntl.flock
+    seen: list[list[str]] = []
+
+    def flock(fd: int, operation: int) -> None:
+        if not seen:
+            with other.unlocked_segments() as candidates:
+                seen.append(candidates)
+                other.reclaim(set(), candidates)
+        real_flock(fd, operation)
+
+    shim = types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+    monkeypatch.setattr(spool_module, "fcntl", shim)
+    key = writer.append(b"acknowledged bytes")
+    monkeypatch.undo()
+    assert seen == [[]]  # the reclaimer saw nothing to take
+    assert writer.read(key) == b"acknowledged bytes"
+    writer.release(key)
+    writer.close()
+
+
+def test_half_made_segments_of_a_crash_are_removed(tmp_path: Path) -> None:
+    folder = tmp_path / "spool"
+    spool = Spool(folder)
+    (folder / "hdead-1-abc-000001.making").write_bytes(b"")
+    assert spool.remove_stale_makings() == 1
+    assert list(folder.iterdir()) == []
