@@ -168,3 +168,13 @@ def test_repeated_tags_are_left_to_pydicom(tmp_path: Path) -> None:
     layout = parse_part10(doubled)
     assert layout.top_level is not None and layout.top_level.duplicated
     assert read_catalog_values(doubled, layout) is None
+
+
+def test_values_after_the_pixel_data_are_left_to_pydicom() -> None:
+    """pydicom reads the header up to the pixel data; an out-of-order element after it
+    must not be read by kho's reader either."""
+    ds = _rich_dataset()
+    del ds.Modality
+    data = _part10(ds) + b"\x08\x00\x60\x00CS\x02\x00MR"  # Modality, after (7FE0,0010)
+    ours, reference = _both(data)
+    assert ours is None and reference.modality == ""
