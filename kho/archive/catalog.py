@@ -34,7 +34,9 @@ from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of
 
 LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: unfinished, garbage, sequence_items; the received-object layout
+SCHEMA_VERSION = (
+    3  # 3: instance_deltas; 2: unfinished, garbage, sequence_items; the received-object layout
+)
 #: the entry of ``instances.derived`` naming a pixel object written after ingest
 PIXELS_OBJECT = "pixels"
 #: the entry naming a header object other than ``<prefix>.header`` (the received object)
@@ -93,10 +95,19 @@ def _hierarchy_unchanged(
 
 
 def _count_statements(
-    study_uid: str, series_uid: str, pkey: str, delta: int
+    study_uid: str, series_uid: str, pkey: str, delta: int, dialect: str = "sqlite"
 ) -> list[tuple[str, Sequence[Any]]]:
-    """The instance counters of a patient, study and series, in the order their rows are
-    locked (PostgreSQL row locks taken in one order cannot deadlock)."""
+    """The instance counters of a patient, study and series: PostgreSQL, one row of
+    instance_deltas (see fold_counters); SQLite (one writer at a time anyway), the counters
+    themselves, in the order their rows are locked elsewhere."""
+    if dialect == "postgresql":
+        return [
+            (
+                "INSERT INTO instance_deltas (patient_key, study_uid, series_uid, delta) "
+                "VALUES (?, ?, ?, ?)",
+                (pkey, study_uid, series_uid, delta),
+            )
+        ]
     return [
         (
             "UPDATE patients SET num_instances = num_instances + ? WHERE patient_key = ?",
@@ -241,6 +252,18 @@ CREATE TABLE IF NOT EXISTS garbage (
     object_key TEXT PRIMARY KEY,
     not_before DOUBLE PRECISION NOT NULL
 );
+-- PostgreSQL: instance counts not yet added to the patient, study and series rows. An
+-- ingest inserts one row here instead of updating three rows every ingest of the series
+-- shares (and would queue on until its commit). Folded in by fold_counters
+CREATE TABLE IF NOT EXISTS instance_deltas (
+    patient_key TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    delta BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_instance_deltas_patient ON instance_deltas (patient_key);
+CREATE INDEX IF NOT EXISTS ix_instance_deltas_study ON instance_deltas (study_uid);
+CREATE INDEX IF NOT EXISTS ix_instance_deltas_series ON instance_deltas (series_uid);
 -- items of the sequences C-FIND and QIDO-RS match on (kho.archive.sequences)
 CREATE TABLE IF NOT EXISTS sequence_items (
     owner TEXT NOT NULL,
@@ -766,7 +789,9 @@ class Catalog:
                 if unfinished:  # a new SOP Instance UID has no queue row to clear
                     tail.append(_queue_statement(record, unfinished))
                 # last: these rows are shared by every instance of the series
-                tail += _count_statements(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
+                tail += _count_statements(
+                    attrs.study_uid, attrs.series_uid, attrs.patient_key, +1, self.dialect
+                )
                 self.commit_batch(tail)
                 return "stored", None
             self._lock_hierarchy(attrs)
@@ -946,6 +971,31 @@ class Catalog:
             self._add_garbage(garbage, garbage_delay_s)
             return True
 
+    def fold_counters(self) -> int:
+        """PostgreSQL: add the pending instance_deltas to the patient, study and series
+        counters, in one statement (the rows it deletes are exactly those it adds, however
+        many ingests commit meanwhile); how many were folded.  Queries add what is still
+        pending, so counts are exact either way."""
+        if self.dialect != "postgresql":
+            return 0
+        with self.transaction():
+            row = self.fetchone(
+                "WITH d AS (DELETE FROM instance_deltas "
+                "RETURNING patient_key, study_uid, series_uid, delta), "
+                "p AS (UPDATE patients t SET num_instances = t.num_instances + x.n FROM "
+                "(SELECT patient_key, SUM(delta) AS n FROM d GROUP BY patient_key) x "
+                "WHERE t.patient_key = x.patient_key RETURNING 1), "
+                "s AS (UPDATE studies t SET num_instances = t.num_instances + x.n FROM "
+                "(SELECT study_uid, SUM(delta) AS n FROM d GROUP BY study_uid) x "
+                "WHERE t.study_uid = x.study_uid RETURNING 1), "
+                "r AS (UPDATE series t SET num_instances = t.num_instances + x.n FROM "
+                "(SELECT series_uid, SUM(delta) AS n FROM d GROUP BY series_uid) x "
+                "WHERE t.series_uid = x.series_uid RETURNING 1) "
+                "SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM p), "
+                "(SELECT count(*) FROM s), (SELECT count(*) FROM r)"
+            )
+        return int(row[0]) if row else 0
+
     def spool_segments_in_use(self) -> set[str]:
         """Spool segments (kho.storage.spool) an instance row or pending garbage refers to.
         Only queued instances can be spooled: the finisher moves each out before it takes
@@ -990,7 +1040,7 @@ class Catalog:
                 self.execute("DELETE FROM garbage WHERE object_key = ?", (key,))
 
     def _count_instance(self, study_uid: str, series_uid: str, pkey: str, delta: int) -> None:
-        self.execute_batch(_count_statements(study_uid, series_uid, pkey, delta))
+        self.execute_batch(_count_statements(study_uid, series_uid, pkey, delta, self.dialect))
 
     def _lock_hierarchy(self, a: InstanceAttributes) -> None:
         """PostgreSQL: lock the patient, study and series rows of an instance, in that

@@ -372,6 +372,7 @@ def _referenced(record: InstanceRecord) -> set[str]:
 def collect_garbage(archive: Archive, limit: int = 1000) -> int:
     """Delete due garbage objects, then spool segments nothing refers to any more; how many
     objects.  Safe in several processes at once."""
+    archive.catalog.fold_counters()  # PostgreSQL's pending instance counts
     due = archive.catalog.due_garbage(limit)
     for key in due:
         archive.store.delete(key)

@@ -69,7 +69,14 @@ _ATTRIBUTES: dict[str, _Attribute] = {
             "WHERE x.patient_key = p.patient_key)",
             "count",
         ),
-        _A("NumberOfPatientRelatedInstances", "PATIENT", "p.num_instances", "count"),
+        _A(
+            "NumberOfPatientRelatedInstances",
+            "PATIENT",
+            # plus what PostgreSQL ingests have not folded in yet (Catalog.fold_counters)
+            "(p.num_instances + COALESCE((SELECT SUM(d.delta) FROM instance_deltas d "
+            "WHERE d.patient_key = p.patient_key), 0))",
+            "count",
+        ),
         # study (alias s)
         _A("StudyInstanceUID", "STUDY", "s.study_uid", "uid"),
         _A("StudyDate", "STUDY", "s.study_date", "date"),
@@ -86,7 +93,14 @@ _ATTRIBUTES: dict[str, _Attribute] = {
         ),
         _A("ModalitiesInStudy", "STUDY", "s.modalities_in_study", "modalities"),
         _A("NumberOfStudyRelatedSeries", "STUDY", "s.num_series", "count"),
-        _A("NumberOfStudyRelatedInstances", "STUDY", "s.num_instances", "count"),
+        _A(
+            "NumberOfStudyRelatedInstances",
+            "STUDY",
+            # plus what PostgreSQL ingests have not folded in yet (Catalog.fold_counters)
+            "(s.num_instances + COALESCE((SELECT SUM(d.delta) FROM instance_deltas d "
+            "WHERE d.study_uid = s.study_uid), 0))",
+            "count",
+        ),
         _A("SOPClassesInStudy", "STUDY", "", "derived"),
         # series (alias r)
         _A("SeriesInstanceUID", "SERIES", "r.series_uid", "uid"),
@@ -96,7 +110,14 @@ _ATTRIBUTES: dict[str, _Attribute] = {
         _A("BodyPartExamined", "SERIES", "r.body_part_examined", "text"),
         _A("SeriesDate", "SERIES", "r.series_date", "date"),
         _A("SeriesTime", "SERIES", "r.series_time", "time"),
-        _A("NumberOfSeriesRelatedInstances", "SERIES", "r.num_instances", "count"),
+        _A(
+            "NumberOfSeriesRelatedInstances",
+            "SERIES",
+            # plus what PostgreSQL ingests have not folded in yet (Catalog.fold_counters)
+            "(r.num_instances + COALESCE((SELECT SUM(d.delta) FROM instance_deltas d "
+            "WHERE d.series_uid = r.series_uid), 0))",
+            "count",
+        ),
         # instance (alias i)
         _A("SOPInstanceUID", "IMAGE", "i.sop_uid", "uid"),
         _A("SOPClassUID", "IMAGE", "i.sop_class_uid", "uid"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from kho.archive.catalog import Catalog
 from tests.helpers.postgres import postgres_database
@@ -98,5 +99,47 @@ def test_concurrent_ingest_of_one_series_with_changing_attributes(tmp_path) -> N
                 t.join()
             assert errors == []
             assert archive.catalog.counts()["instances"] == 48
+            archive.catalog.fold_counters()  # the ingests' counts, kept as deltas until folded
             row = archive.catalog.fetchone("SELECT num_instances FROM series")
             assert row == (48,)
+
+
+def test_instance_counts_are_exact_before_and_after_folding(tmp_path: Path) -> None:
+    """PostgreSQL ingests add their instance counts as deltas (no shared counter row to
+    queue on); C-FIND/QIDO counts include the pending ones, and folding changes nothing a
+    query sees."""
+    from kho.archive import query
+    from kho.archive.archive import Archive
+    from kho.archive.config import Settings
+    from tests.archive.test_ingest import make_instance
+    from tests.helpers.postgres import postgres_database
+
+    with postgres_database() as url:
+        settings = Settings(data_dir=tmp_path / "d", catalog_url=url)
+        with Archive(settings) as archive:
+            archive.finisher.stop()
+            for n in range(5):
+                archive.ingest_part10(make_instance(pixel_value=n))
+            pending = archive.catalog.fetchone("SELECT count(*) FROM instance_deltas")
+            assert pending == (5,)
+            counts = []
+            for _ in range(2):
+                keys = {
+                    "NumberOfPatientRelatedInstances": "",
+                    "NumberOfStudyRelatedInstances": "",
+                }
+                rows = list(query.find(archive.catalog, "STUDY", keys))
+                series = list(
+                    query.find(archive.catalog, "SERIES", {"NumberOfSeriesRelatedInstances": ""})
+                )
+                counts.append(
+                    [
+                        rows[0]["NumberOfPatientRelatedInstances"],
+                        rows[0]["NumberOfStudyRelatedInstances"],
+                        series[0]["NumberOfSeriesRelatedInstances"],
+                    ]
+                )
+                archive.catalog.fold_counters()
+            assert counts == [[5, 5, 5], [5, 5, 5]]
+            assert archive.catalog.fetchone("SELECT count(*) FROM instance_deltas") == (0,)
+            assert archive.catalog.fetchone("SELECT num_instances FROM studies") == (5,)
