@@ -57,20 +57,28 @@ def _uid_text(raw: bytes | memoryview) -> str:
     return bytes(raw).rstrip(b"\x00 ").decode("ascii", "replace")
 
 
+def _command_elements(command: bytes) -> tuple[list[tuple[int, int, bytes]], bool]:
+    """The (group, element, value) items of an implicit VR little endian command set, as
+    far as they fit, and whether they tile it exactly."""
+    items: list[tuple[int, int, bytes]] = []
+    pos, end = 0, len(command)
+    while end - pos >= 8:
+        group, element, length = _ELEMENT_HEADER.unpack_from(command, pos)
+        pos += 8
+        if length > end - pos:
+            return items, False
+        items.append((group, element, command[pos : pos + length]))
+        pos += length
+    return items, pos == end
+
+
 def parse_store_command(command: bytes) -> StoreCommand | None:
     """The C-STORE-RQ fields of a command set, or None when it is not a well-formed
     C-STORE-RQ with a dataset (then pynetdicom decides what to do with it)."""
-    fields: dict[int, bytes] = {}
-    pos, end = 0, len(command)
-    while pos < end:
-        if end - pos < 8:
-            return None
-        group, element, length = _ELEMENT_HEADER.unpack_from(command, pos)
-        pos += 8
-        if group != 0x0000 or length > end - pos:
-            return None
-        fields[element] = command[pos : pos + length]
-        pos += length
+    items, whole = _command_elements(command)
+    if not whole or any(group != 0x0000 for group, _element, _value in items):
+        return None
+    fields = {element: value for _group, element, value in items}
     try:
         (command_field,) = _US.unpack(fields[0x0100])
         (message_id,) = _US.unpack(fields[0x0110])
@@ -246,13 +254,11 @@ class StoreReceiver:
 
 
 def _has_dataset(command: bytes) -> bool:
-    pos, end = 0, len(command)
-    while end - pos >= 8:
-        group, element, length = _ELEMENT_HEADER.unpack_from(command, pos)
-        pos += 8
-        if group == 0x0000 and element == 0x0800 and length == 2 and end - pos >= 2:
-            return bool(_US.unpack_from(command, pos)[0] != _NO_DATASET)
-        pos += length
+    """Whether a (forwarded) command says a dataset follows: its first Command Data Set
+    Type (0000,0800) is not 0x0101."""
+    for group, element, value in _command_elements(command)[0]:
+        if group == 0x0000 and element == 0x0800 and len(value) == 2:
+            return bool(_US.unpack(value)[0] != _NO_DATASET)
     return False
 
 
