@@ -65,9 +65,8 @@ class Archive:
         if settings.uses_spool and settings.finish_in_background:
             self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
         # spool keys stay readable even when this process does not spool (set off since)
-        self.store: ObjectStore = SpooledStore(
-            store, self.spool or Spool(settings.spool_dir, fsync=settings.fsync)
-        )
+        self.spool_reader = self.spool or Spool(settings.spool_dir, fsync=settings.fsync)
+        self.store: ObjectStore = SpooledStore(store, self.spool_reader)
         self.catalog = (
             catalog
             if catalog is not None
@@ -230,8 +229,7 @@ class Archive:
     def spool_stats(self) -> dict[str, int]:
         """Segments and bytes in this host's ingest spool (instances awaiting the finisher,
         and finished ones until their segment is deleted)."""
-        spool = getattr(self.store, "spool", None)
-        return spool.stats() if isinstance(spool, Spool) else {"segments": 0, "bytes": 0}
+        return self.spool_reader.stats()
 
     def stats(self) -> dict[str, Any]:
         counts = self.catalog.counts()

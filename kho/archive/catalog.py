@@ -34,9 +34,8 @@ from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of
 
 LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = (
-    3  # 3: instance_deltas; 2: unfinished, garbage, sequence_items; the received-object layout
-)
+# 3: instance_deltas; 2: unfinished, garbage, sequence_items; the received-object layout
+SCHEMA_VERSION = 3
 #: the entry of ``instances.derived`` naming a pixel object written after ingest
 PIXELS_OBJECT = "pixels"
 #: the entry naming a header object other than ``<prefix>.header`` (the received object)
@@ -95,7 +94,7 @@ def _hierarchy_unchanged(
 
 
 def _count_statements(
-    study_uid: str, series_uid: str, pkey: str, delta: int, dialect: str = "sqlite"
+    study_uid: str, series_uid: str, pkey: str, delta: int, dialect: str
 ) -> list[tuple[str, Sequence[Any]]]:
     """The instance counters of a patient, study and series: PostgreSQL, one row of
     instance_deltas (see fold_counters); SQLite (one writer at a time anyway), the counters

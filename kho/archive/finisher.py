@@ -378,9 +378,7 @@ def collect_garbage(archive: Archive, limit: int = 1000) -> int:
         archive.store.delete(key)
     if due:
         archive.catalog.forget_garbage(due)
-    spool = getattr(archive.store, "spool", None)
-    if isinstance(spool, Spool):
-        reclaim_spool(archive, spool)
+    reclaim_spool(archive, archive.spool_reader)
     return len(due)
 
 
