@@ -4,11 +4,10 @@ declines where it could not."""
 from __future__ import annotations
 
 import dataclasses
-from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from kho.archive.attributes import (
@@ -19,6 +18,7 @@ from kho.archive.attributes import (
 )
 from kho.archive.part10 import parse_part10
 from kho.errors import KhoError
+from tests.archive.test_ingest import part10_of
 from tests.conftest import pydicom_test_files, sample_files
 
 
@@ -63,13 +63,7 @@ def test_every_sample_and_pydicom_file_reads_as_pydicom_reads_it() -> None:
 def _part10(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
     ds.SOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2")
     ds.SOPInstanceUID = ds.get("SOPInstanceUID", "1.2.826.0.1.3680043.10.1425.7.1")
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_of(ds, syntax)
 
 
 def _rich_dataset() -> Dataset:

@@ -58,8 +58,13 @@ def make_instance(
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.PixelData = struct.pack("<16H", *([pixel_value] * 16))
+    return part10_of(ds)
+
+
+def part10_of(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """A dataset as Part 10 bytes, with a File Meta naming its SOP class and instance."""
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     out = BytesIO()
