@@ -12,6 +12,7 @@ written, so a restart can delete what a crash left unreferenced.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -56,31 +57,47 @@ def _owner_of(pid: int) -> str:
     return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
 
 
+#: the catalogued columns of the patient, study and series rows (after their keys)
+_HIERARCHY_COLUMNS = (
+    (
+        "patients",
+        "patient_key",
+        ("patient_name", "patient_name_folded", "patient_birth_date", "patient_sex"),
+    ),
+    (
+        "studies",
+        "study_uid",
+        (
+            "study_date",
+            "study_time",
+            "accession_number",
+            "study_id",
+            "study_description",
+            "referring_physician_name",
+        ),
+    ),
+    (
+        "series",
+        "series_uid",
+        (
+            "modality",
+            "series_number",
+            "series_description",
+            "body_part_examined",
+            "series_date",
+            "series_time",
+        ),
+    ),
+)
+
+
 def _hierarchy_values(a: InstanceAttributes) -> tuple[dict[str, Any], ...]:
     """The catalogued values of an instance's patient, study and series rows."""
-    patient = {
-        "patient_name": a.patient_name,
-        "patient_name_folded": fold_name(a.patient_name),
-        "patient_birth_date": a.patient_birth_date,
-        "patient_sex": a.patient_sex,
-    }
-    study = {
-        "study_date": a.study_date,
-        "study_time": a.study_time,
-        "accession_number": a.accession_number,
-        "study_id": a.study_id,
-        "study_description": a.study_description,
-        "referring_physician_name": a.referring_physician_name,
-    }
-    series = {
-        "modality": a.modality,
-        "series_number": a.series_number,
-        "series_description": a.series_description,
-        "body_part_examined": a.body_part_examined,
-        "series_date": a.series_date,
-        "series_time": a.series_time,
-    }
-    return patient, study, series
+    derived = {"patient_name_folded": fold_name(a.patient_name)}
+    return tuple(
+        {c: derived[c] if c in derived else getattr(a, c) for c in columns}
+        for _table, _key, columns in _HIERARCHY_COLUMNS
+    )
 
 
 def _hierarchy_unchanged(
@@ -123,14 +140,20 @@ def _count_statements(
     ]
 
 
+#: an instance queued again starts afresh
+_REQUEUE = (
+    "object_prefix = excluded.object_prefix, queued_at = excluded.queued_at, "
+    "owner = '', claimed_at = 0, attempts = 0"
+)
+
+
 def _queue_statement(record: InstanceRecord, unfinished: bool) -> tuple[str, Sequence[Any]]:
     """Queue an instance for the background finisher, or take it off the queue."""
     if not unfinished:
         return ("DELETE FROM unfinished WHERE sop_uid = ?", (record.sop_uid,))
     return (
         "INSERT INTO unfinished (sop_uid, object_prefix, queued_at) VALUES (?, ?, ?) "
-        "ON CONFLICT (sop_uid) DO UPDATE SET object_prefix = excluded.object_prefix, "
-        "queued_at = excluded.queued_at, owner = '', claimed_at = 0, attempts = 0",
+        f"ON CONFLICT (sop_uid) DO UPDATE SET {_REQUEUE}",
         (record.sop_uid, record.object_prefix, time.time()),
     )
 
@@ -355,6 +378,59 @@ class InstanceRecord:
 
 
 INSTANCE_COLUMNS = [f.name for f in fields(InstanceRecord)]
+
+
+def _column_types(table: str) -> dict[str, str]:
+    """A table's column types as _SCHEMA declares them (casts for PostgreSQL statements
+    whose parameters have no column to take their type from)."""
+    body = re.search(rf"CREATE TABLE IF NOT EXISTS {table} \((.*?)\n\);", _SCHEMA, re.S)
+    assert body is not None, table
+    types = {}
+    for line in body.group(1).splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0].isidentifier():
+            types[words[0]] = "DOUBLE PRECISION" if words[1] == "DOUBLE" else words[1].rstrip(",")
+    return types
+
+
+@functools.cache
+def _new_in_known_series_statement(journalled: bool, unfinished: bool) -> str:
+    """PostgreSQL: the whole ingest of a new instance into a patient, study and series the
+    catalog holds with exactly its values (every instance of a series after its first), as
+    one statement, committed on its own (one round trip, one WAL flush).  The instance row
+    is inserted only if the three rows match and its SOP Instance UID is new; the queue,
+    counter and journal rows only if it was.  Returns (rows matched, instance inserted):
+    anything else is left to the general path, which then finds the catalog unchanged.
+    Parameters: the patient, study and series keys each followed by their
+    _hierarchy_values, the instance columns, then the tail's."""
+    types = _column_types("instances")
+    checks = []
+    for table, key, columns in _HIERARCHY_COLUMNS:
+        row = ", ".join(f"{table}.{c}" for c in columns)
+        given = ", ".join("%s::" + _column_types(table)[c] for c in columns)
+        checks.append(f"{table}.{key} = %s AND ({row}) IS NOT DISTINCT FROM ({given})")
+    values = ", ".join(f"%s::{types[c]}" for c in INSTANCE_COLUMNS)
+    parts = [
+        f"known AS (SELECT 1 FROM patients, studies, series WHERE {' AND '.join(checks)})",
+        f"ins AS (INSERT INTO instances ({', '.join(INSTANCE_COLUMNS)}) SELECT {values} "
+        "FROM known ON CONFLICT (sop_uid) DO NOTHING RETURNING sop_uid)",
+        "counted AS (INSERT INTO instance_deltas (patient_key, study_uid, series_uid, delta) "
+        "SELECT %s::TEXT, %s::TEXT, %s::TEXT, 1 FROM ins)",
+    ]
+    if unfinished:  # a new SOP Instance UID has no queue row
+        parts.append(
+            "queued AS (INSERT INTO unfinished (sop_uid, object_prefix, queued_at) "
+            "SELECT sop_uid, %s::TEXT, %s::DOUBLE PRECISION FROM ins "
+            f"ON CONFLICT (sop_uid) DO UPDATE SET {_REQUEUE})"
+        )
+    if journalled:
+        parts.append(
+            "unjournalled AS (DELETE FROM pending WHERE object_prefix = %s "
+            "AND EXISTS (SELECT 1 FROM ins))"
+        )
+    return (
+        f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM known), (SELECT count(*) FROM ins)"
+    )
 
 
 def fold_name(name: str) -> str:
@@ -761,6 +837,12 @@ class Catalog:
         cols = ", ".join(INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in INSTANCE_COLUMNS)
         hierarchy = _hierarchy_values(attrs)
+        if (
+            self.dialect == "postgresql"
+            and not attrs.sequences
+            and self._commit_new_in_known_series(attrs, hierarchy, values, unfinished, journalled)
+        ):
+            return "stored", None
         with self.transaction():
             # insert-first makes concurrent stores of one new instance count it once; the
             # patient, study and series rows are read in the same round trip, unlocked
@@ -835,6 +917,31 @@ class Catalog:
                 self.begin_pending(previous.object_prefix)  # old objects: delete after commit
             self._queue_unfinished(record, unfinished)
             return "replaced", previous
+
+    def _commit_new_in_known_series(
+        self,
+        attrs: InstanceAttributes,
+        hierarchy: tuple[dict[str, Any], ...],
+        values: dict[str, Any],
+        unfinished: bool,
+        journalled: bool,
+    ) -> bool:
+        """PostgreSQL: store a new instance of a series the catalog holds unchanged in one
+        statement (_new_in_known_series_statement); whether it was stored.  If not (a new
+        or changed patient, study or series, or a SOP Instance UID already stored) nothing
+        was written."""
+        params: list[Any] = []
+        for (_table, key, _columns), row_values in zip(_HIERARCHY_COLUMNS, hierarchy, strict=True):
+            params += [getattr(attrs, key), *row_values.values()]
+        params += [values[c] for c in INSTANCE_COLUMNS]
+        params += [attrs.patient_key, attrs.study_uid, attrs.series_uid]
+        if unfinished:
+            params += [values["object_prefix"], time.time()]
+        if journalled:
+            params.append(values["object_prefix"])
+        statement = _new_in_known_series_statement(journalled, unfinished)
+        row = self.execute(statement, params).fetchone()
+        return bool(row and row[1])
 
     def _queue_unfinished(self, record: InstanceRecord, unfinished: bool) -> None:
         self.execute(*_queue_statement(record, unfinished))

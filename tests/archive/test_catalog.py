@@ -143,3 +143,92 @@ def test_instance_counts_are_exact_before_and_after_folding(tmp_path: Path) -> N
             assert counts == [[5, 5, 5], [5, 5, 5]]
             assert archive.catalog.fetchone("SELECT count(*) FROM instance_deltas") == (0,)
             assert archive.catalog.fetchone("SELECT num_instances FROM studies") == (5,)
+
+
+def test_postgresql_one_statement_ingest_writes_what_the_general_path_writes(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL stores a new instance of a series it holds unchanged in one statement;
+    an instance whose patient, study or series differs, or whose SOP Instance UID is
+    stored, is left whole to the general path (the statement writes nothing).  The
+    catalog ends the same as SQLite's, row for row."""
+    from io import BytesIO
+
+    import pydicom
+
+    from kho.archive import catalog as catalog_module
+    from kho.archive.archive import Archive
+    from kho.archive.config import Settings
+    from tests.archive.test_ingest import make_instance
+
+    def variant(n: int, **changes: object) -> bytes:
+        ds = pydicom.dcmread(BytesIO(make_instance(sop_uid=f"1.2.826.0.1.3680043.10.1425.7.{n}")))
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return out.getvalue()
+
+    sent = [
+        variant(1),  # no Series Number: NULL in the catalog, matched as such
+        variant(2),
+        variant(3, StudyDescription="corrected"),
+        variant(4, StudyDescription="corrected"),
+        variant(5, SeriesNumber=7),
+        variant(6, PatientSex="F"),
+        variant(7, PatientSex="F"),
+        variant(2),  # a duplicate
+        variant(3, StudyDescription="corrected", PatientSex="F"),  # another version
+    ]
+    taken: list[bool] = []
+    real = catalog_module.Catalog._commit_new_in_known_series
+
+    def counted(self: Catalog, *args: object) -> bool:
+        taken.append(real(self, *args))  # type: ignore[arg-type]
+        return taken[-1]
+
+    tables = {
+        "patients": "patient_key",
+        "studies": "study_uid",
+        "series": "series_uid",
+        "instances": "sop_uid",
+        "unfinished": "sop_uid",
+        "pending": "object_prefix",
+    }
+    # times, and where in its process's spool each instance lies
+    volatile = {"updated_at", "received_at", "queued_at", "object_prefix", "derived", "source"}
+    catalogs = {}
+    for engine in ("sqlite", "postgresql"):
+        with postgres_database() as url:
+            settings = Settings(
+                data_dir=tmp_path / engine,
+                catalog_url=url if engine == "postgresql" else "",
+                spool="on",
+            )
+            with Archive(settings) as archive:
+                archive.finisher.stop()
+                original = catalog_module.Catalog._commit_new_in_known_series
+                catalog_module.Catalog._commit_new_in_known_series = counted  # type: ignore[method-assign]
+                try:
+                    outcomes = [archive.ingest_part10(data).outcome.value for data in sent]
+                finally:
+                    catalog_module.Catalog._commit_new_in_known_series = original  # type: ignore[method-assign]
+                archive.catalog.fold_counters()
+                rows = {}
+                for table, key in tables.items():
+                    cursor = archive.catalog.execute(f"SELECT * FROM {table} ORDER BY {key}")
+                    names = [d[0] for d in cursor.description]
+                    rows[table] = [
+                        {n: v for n, v in zip(names, row, strict=True) if n not in volatile}
+                        for row in cursor.fetchall()
+                    ]
+                catalogs[engine] = (outcomes, rows)
+    assert catalogs["sqlite"] == catalogs["postgresql"]
+    outcomes, rows = catalogs["postgresql"]
+    assert outcomes == ["stored"] * 7 + ["duplicate", "replaced"]
+    assert len(rows["instances"]) == 7 and len(rows["unfinished"]) == 7 and not rows["pending"]
+    assert rows["series"][0]["num_instances"] == 7
+    # one statement for every instance of an unchanged series; the first of the series,
+    # each change (study, series, patient) and the other version fall back (the duplicate
+    # is recognised before any catalog write)
+    assert taken == [False, True, False, True, False, False, True, False]
