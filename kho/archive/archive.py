@@ -24,6 +24,7 @@ from kho.archive.part10 import Part10Layout, read_file_meta
 from kho.archive.pixels import EncodedPixels, pixel_value
 from kho.errors import IntegrityError, ObjectNotFoundError, StorageError
 from kho.storage import FilesystemStore, ObjectStore, open_store
+from kho.storage.peer import PeerSpoolClient
 from kho.storage.spool import Spool, SpooledStore
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Archive:
             self.spool = Spool(settings.spool_dir, fsync=settings.fsync)
         # spool keys stay readable even when this process does not spool (set off since)
         self.spool_reader = self.spool or Spool(settings.spool_dir, fsync=settings.fsync)
-        self.store: ObjectStore = SpooledStore(store, self.spool_reader)
+        spooled = SpooledStore(store, self.spool_reader)
+        self.store: ObjectStore = spooled
         self.catalog = (
             catalog
             if catalog is not None
@@ -74,6 +76,12 @@ class Archive:
                 settings.catalog_url or settings.sqlite_path, synchronous_full=settings.fsync
             )
         )
+        if settings.peer_reads:  # spool keys of other hosts: read from them
+            spooled.peers = PeerSpoolClient(
+                self.catalog.spool_url, settings.peer_token.get_secret_value(), settings.peer_url
+            )
+            if self.spool is not None and settings.peer_url:
+                self.catalog.register_spool(self.spool.stem, settings.peer_url)
         from kho.archive.derived import default_derivers
 
         #: encode native pixel data with the at-rest codec (JPEG-LS) when it can

@@ -35,8 +35,9 @@ from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of
 
 LOG = logging.getLogger(__name__)
 
-# 3: instance_deltas; 2: unfinished, garbage, sequence_items; the received-object layout
-SCHEMA_VERSION = 3
+# 4: spool_hosts; 3: instance_deltas; 2: unfinished, garbage, sequence_items; the
+# received-object layout
+SCHEMA_VERSION = 4
 #: the entry of ``instances.derived`` naming a pixel object written after ingest
 PIXELS_OBJECT = "pixels"
 #: the entry naming a header object other than ``<prefix>.header`` (the received object)
@@ -286,6 +287,13 @@ CREATE TABLE IF NOT EXISTS instance_deltas (
 CREATE INDEX IF NOT EXISTS ix_instance_deltas_patient ON instance_deltas (patient_key);
 CREATE INDEX IF NOT EXISTS ix_instance_deltas_study ON instance_deltas (study_uid);
 CREATE INDEX IF NOT EXISTS ix_instance_deltas_series ON instance_deltas (series_uid);
+-- where each process's ingest spool is served to the archive's other hosts
+-- (kho.storage.peer): segment names start with the stem
+CREATE TABLE IF NOT EXISTS spool_hosts (
+    stem TEXT PRIMARY KEY,
+    peer_url TEXT NOT NULL,
+    registered_at DOUBLE PRECISION NOT NULL
+);
 -- items of the sequences C-FIND and QIDO-RS match on (kho.archive.sequences)
 CREATE TABLE IF NOT EXISTS sequence_items (
     owner TEXT NOT NULL,
@@ -1119,6 +1127,20 @@ class Catalog:
         ):
             used.add(segment_of(key))
         return used
+
+    def register_spool(self, stem: str, peer_url: str) -> None:
+        """Record where the spool whose segments start with ``stem`` is served."""
+        with self.transaction():
+            self.execute(
+                "INSERT INTO spool_hosts (stem, peer_url, registered_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (stem) DO UPDATE SET peer_url = excluded.peer_url",
+                (stem, peer_url, time.time()),
+            )
+
+    def spool_url(self, stem: str) -> str | None:
+        """Where the spool ``stem`` is served (register_spool), None if nowhere."""
+        row = self.fetchone("SELECT peer_url FROM spool_hosts WHERE stem = ?", (stem,))
+        return str(row[0]) if row else None
 
     def add_garbage(self, object_keys: Sequence[str], delay_s: float = 0.0) -> None:
         with self.transaction():

@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kho.errors import ConfigError
@@ -32,7 +32,9 @@ class DuplicatePolicy(StrEnum):
 class SpoolMode(StrEnum):
     """Where an instance received for background finishing is kept until it is finished."""
 
-    AUTO = "auto"  # the spool with a filesystem store; the object store itself with S3
+    # the spool where every host can read it: a filesystem store, or S3 with peer reads
+    # (peer_url and peer_token); else the object store itself
+    AUTO = "auto"
     ON = "on"  # always the local spool (one host: its processes share the data directory)
     OFF = "off"  # the object store: one object per instance before the acknowledgement
 
@@ -78,8 +80,18 @@ class Settings(BaseSettings):
         SpoolMode.AUTO,
         description="with finish_in_background, acknowledge once appended to a local "
         "fsync'd spool in data_dir/spool (on), or once written to the object store (off); "
-        "auto: on for a filesystem store, off for S3, whose other hosts must read at once "
-        "what one acknowledged",
+        "auto: on for a filesystem store; for S3 on only with peer reads (peer_url, "
+        "peer_token), since the archive's other hosts must read at once what one acknowledged",
+    )
+    peer_url: str = Field(
+        "",
+        description="the URL the archive's other hosts reach this host's HTTP server at "
+        "(e.g. http://10.0.0.5:8080): they read instances still in its spool from it",
+    )
+    peer_token: SecretStr = Field(
+        SecretStr(""),
+        description="a secret the archive's hosts share, required with every read of one "
+        "host's spool by another; empty: no peer reads",
     )
     tile_pyramid: bool = Field(
         True, description="store a JPEG tile pyramid of images over 1024 pixels a side"
@@ -145,9 +157,16 @@ class Settings(BaseSettings):
         return self.data_dir / "spool"
 
     @property
+    def peer_reads(self) -> bool:
+        """Whether this host reads other hosts' spools and serves its own to them."""
+        return bool(self.peer_token.get_secret_value())
+
+    @property
     def uses_spool(self) -> bool:
         if self.spool == SpoolMode.AUTO:
-            return not self.storage_url.startswith("s3://")
+            return not self.storage_url.startswith("s3://") or (
+                self.peer_reads and bool(self.peer_url)
+            )
         return self.spool == SpoolMode.ON
 
     def move_destination(self, ae_title: str) -> tuple[str, int] | None:

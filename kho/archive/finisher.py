@@ -107,15 +107,17 @@ class Finisher:
     def drain(self, timeout: float | None = None) -> int:
         """Finish everything queued, in this thread (``kho bench``, tests); how many.
 
-        Rows other processes hold are left to them; returns when none is left to claim.
-        """
+        Rows other processes hold are left to them; returns when none is left to claim,
+        or only instances it tried already (postponed by an outage: still queued)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
+        tried: set[str] = set()
         while deadline is None or time.monotonic() < deadline:
             claimed = self.archive.catalog.claim_unfinished(8, LEASE_S, MAX_ATTEMPTS)
-            if not claimed:
-                break
+            if not claimed or tried.issuperset(sop for sop, _p, _a in claimed):
+                break  # nothing left, or only what was postponed (an outage): later
             for sop_uid, prefix, attempts in claimed:
+                tried.add(sop_uid)
                 done += self._finish_claimed(sop_uid, prefix, attempts)
         self.collect_garbage(force=True)
         return done

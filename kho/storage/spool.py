@@ -31,10 +31,14 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kho.errors import InvalidKeyError, ObjectNotFoundError, StorageError
 from kho.storage.base import ObjectStore
 from kho.storage.filesystem import fsync_dir
+
+if TYPE_CHECKING:
+    from kho.storage.peer import PeerSpoolClient
 
 SPOOL_PREFIX = "spool/"
 SEGMENT_SUFFIX = ".seg"
@@ -57,6 +61,11 @@ def parse_spool_key(key: str) -> tuple[str, int, int]:
 
 def segment_of(key: str) -> str:
     return parse_spool_key(key)[0]
+
+
+def stem_of(segment: str) -> str:
+    """The spool a segment belongs to (its writer's :attr:`Spool.stem`)."""
+    return segment.rpartition("-")[0]
 
 
 class _Segment:
@@ -107,7 +116,8 @@ class Spool:
         except OSError as exc:
             raise StorageError(f"cannot create the spool folder {self.folder}: {exc}") from exc
         host = "h" + re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
-        self._name_stem = f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+        #: names this process's segments (``<stem>-<serial>``): host, process, chance
+        self.stem = f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
         self._serial = 0
         self._lock = threading.Lock()
         self._active: _Segment | None = None
@@ -170,7 +180,7 @@ class Spool:
                 old.close()
         self._serial += 1
         try:
-            segment = _Segment(self.folder, f"{self._name_stem}-{self._serial:06d}")
+            segment = _Segment(self.folder, f"{self.stem}-{self._serial:06d}")
             if self.fsync:  # the new file's name must survive a crash too
                 fsync_dir(self.folder)
         except OSError as exc:
@@ -242,6 +252,11 @@ class Spool:
             return self._path(name).stat().st_size >= start + size
         except FileNotFoundError:
             return False
+
+    def holds_segment(self, key: str) -> bool:
+        """Whether the segment of ``key`` is in this folder (else another host has it,
+        or it was deleted)."""
+        return self._path(parse_spool_key(key)[0]).exists()
 
     # --- reclaiming ------------------------------------------------------------------
 
@@ -319,9 +334,13 @@ class SpooledStore:
     """An object store with the spool beside it: spool keys are read from the spool, the
     rest goes to ``inner``.  Deleting a spool key frees nothing (see Spool.reclaim)."""
 
-    def __init__(self, inner: ObjectStore, spool: Spool) -> None:
+    def __init__(
+        self, inner: ObjectStore, spool: Spool, peers: PeerSpoolClient | None = None
+    ) -> None:
         self.inner = inner
         self.spool = spool
+        #: reads the spool keys of other hosts (kho.storage.peer); None: one host
+        self.peers = peers
 
     def __repr__(self) -> str:
         return f"SpooledStore({self.inner!r}, {self.spool!r})"
@@ -345,19 +364,29 @@ class SpooledStore:
             self.inner.put(key, data)
 
     def get(self, key: str) -> bytes:
-        return self.spool.read(key) if is_spool_key(key) else self.inner.get(key)
+        if not is_spool_key(key):
+            return self.inner.get(key)
+        if self.peers is not None and not self.spool.holds_segment(key):
+            return self.peers.read(key)
+        return self.spool.read(key)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
-        if is_spool_key(key):
-            return self.spool.read(key, offset, length)
-        return self.inner.get_range(key, offset, length)
+        if not is_spool_key(key):
+            return self.inner.get_range(key, offset, length)
+        if self.peers is not None and not self.spool.holds_segment(key):
+            return self.peers.read(key, offset, length)
+        return self.spool.read(key, offset, length)
 
     def exists(self, key: str) -> bool:
-        return self.spool.exists(key) if is_spool_key(key) else self.inner.exists(key)
+        if not is_spool_key(key):
+            return self.inner.exists(key)
+        if self.peers is not None and not self.spool.holds_segment(key):
+            return self.peers.exists(key)
+        return self.spool.exists(key)
 
     def size(self, key: str) -> int:
         if is_spool_key(key):
-            if not self.spool.exists(key):
+            if not self.exists(key):
                 raise ObjectNotFoundError(key)
             return parse_spool_key(key)[2]
         return self.inner.size(key)
@@ -371,4 +400,6 @@ class SpooledStore:
 
     def close(self) -> None:
         self.spool.close()
+        if self.peers is not None:
+            self.peers.close()
         self.inner.close()

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from kho.archive.archive import Archive
-from kho.viewer_api import metrics, qido, rendered, stow, wado
+from kho.viewer_api import metrics, peer, qido, rendered, stow, wado
 from kho.viewer_api.deps import ViewerState
 from kho.viewer_api.errors import install_error_handlers
 from kho.viewer_api.fastpath import FastPath
@@ -58,6 +58,7 @@ def create_app(
     # QIDO first: its /studies/{s}/series must not be read as a WADO retrieve
     for module in (qido, wado, rendered, stow):
         app.include_router(module.router, prefix=PREFIX)
+    app.include_router(peer.router)  # the other hosts' reads of this host's spool
     # /metrics and request latencies by route template
     metrics.install(app, [(PREFIX, m.router) for m in (qido, wado, rendered, stow)])
     return app

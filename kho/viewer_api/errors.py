@@ -19,6 +19,7 @@ from kho.errors import (
     DatasetMismatchError,
     DuplicateInstanceError,
     InvalidDicomError,
+    InvalidKeyError,
     KhoError,
     NotFoundError,
     ObjectNotFoundError,
@@ -53,6 +54,12 @@ class PayloadTooLargeError(HttpError):
     status = 413
 
 
+class UnauthorizedError(HttpError):
+    """A request that needs credentials it does not carry, or carries wrong ones (401)."""
+
+    status = 401
+
+
 class BadRequestError(HttpError):
     """A malformed request that is not a query problem (bad multipart body, bad path)."""
 
@@ -64,6 +71,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (HttpError, 0),  # the instance's own status
     (ObjectNotFoundError, 404),
     (NotFoundError, 404),
+    (InvalidKeyError, 400),
     (QueryError, 400),
     (DatasetMismatchError, 400),
     (InvalidDicomError, 400),

@@ -47,3 +47,19 @@ def test_cors_origins_from_the_environment_comma_separated_or_json(monkeypatch) 
     assert load_settings().cors_origins == ["*"]
     monkeypatch.setenv("KHO_STOW_MAX_BYTES", "1000")
     assert load_settings().stow_max_bytes == 1000
+
+
+def test_spool_auto_is_on_where_every_host_can_read_it(monkeypatch) -> None:
+    """auto: the spool with a filesystem store; with S3 only when peer reads let the
+    archive's other hosts read what this one acknowledged from its spool."""
+    monkeypatch.delenv("KHO_CONFIG", raising=False)
+    s3 = "s3://key:secret@127.0.0.1:9000/bucket"
+    assert load_settings().uses_spool
+    assert not load_settings(storage_url=s3).uses_spool
+    assert not load_settings(storage_url=s3, peer_token="t").uses_spool  # no URL to be read at
+    monkeypatch.setenv("KHO_PEER_TOKEN", "shared-secret")
+    monkeypatch.setenv("KHO_PEER_URL", "http://10.0.0.5:8080")
+    settings = load_settings(storage_url=s3)
+    assert settings.uses_spool and settings.peer_reads
+    assert "shared-secret" not in repr(settings)  # kept out of logs
+    assert not load_settings(storage_url=s3, spool="off").uses_spool

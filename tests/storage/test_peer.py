@@ -1,0 +1,142 @@
+"""Hosts sharing one bucket read each other's spools: an instance acknowledged from one
+host's spool is retrieved bit for bit through another before it reaches the bucket
+(kho.storage.peer, kho.viewer_api.peer)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kho.archive.archive import Archive
+from kho.archive.config import Settings
+from kho.errors import ObjectNotFoundError, StorageUnavailableError
+from kho.storage.spool import is_spool_key
+from kho.viewer_api.server import HttpServer
+from tests.archive.test_ingest import make_instance
+from tests.helpers.dcmtk import free_port
+from tests.helpers.postgres import postgres_database
+
+TOKEN = "s3cret-of-the-archive"
+
+
+@contextmanager
+def host(
+    root: Path, catalog_url: str, bucket_url: str, *, token: str = TOKEN, serve: bool = True
+) -> Iterator[tuple[Archive, HttpServer | None, str]]:
+    """One host of the archive: its own data directory (spool), the shared catalog and
+    bucket, peer reads on (so the spool is on: spool = auto), its finisher held."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = Settings(
+        data_dir=root,
+        catalog_url=catalog_url,
+        storage_url=bucket_url,
+        http_port=port,
+        dicom_port=0,
+        peer_url=url,
+        peer_token=token,
+    )
+    with ExitStack() as stack:
+        archive = stack.enter_context(Archive(settings))
+        archive.finisher.stop()  # the instance stays in the spool until the test moves it
+        server = None
+        if serve:
+            server = stack.enter_context(HttpServer(archive, host="127.0.0.1", port=port))
+        yield archive, server, url
+
+
+@pytest.fixture
+def catalog_url() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
+
+
+def test_another_host_reads_an_instance_still_in_the_spool(
+    tmp_path: Path, catalog_url: str, bucket_url: str
+) -> None:
+    data = make_instance(pixel_value=3)
+    with (
+        host(tmp_path / "a", catalog_url, bucket_url) as (a, a_server, _),
+        host(tmp_path / "b", catalog_url, bucket_url) as (b, _b_server, _),
+    ):
+        assert a.spool is not None  # auto: on, every host can read it
+        result = a.ingest_part10(data)
+        record = b.catalog.require_instance(result.sop_uid)
+        assert is_spool_key(record.pixels_key)
+        assert not b.spool_reader.holds_segment(record.pixels_key)
+        assert b.read_part10(record) == data
+        assert b.store.get_range(record.pixels_key, 5, 100) == data[5:105]
+        assert b.store.exists(record.pixels_key)
+        assert b.store.size(record.pixels_key) == len(data)
+
+        # host B's finisher may finish it: it reads from A and writes to the bucket
+        assert b.finisher.drain() == 1
+        finished = b.catalog.require_instance(result.sop_uid)
+        assert not is_spool_key(finished.pixels_key)
+        assert a_server is not None
+        a_server.stop()  # A gone: the instance is read from the bucket
+        assert b.read_part10(finished) == data
+        assert b.catalog.unfinished_count() == 0
+
+
+def test_an_unreachable_or_refusing_host_is_an_outage_not_a_missing_instance(
+    tmp_path: Path, catalog_url: str, bucket_url: str
+) -> None:
+    data = make_instance(pixel_value=4)
+    with host(tmp_path / "a", catalog_url, bucket_url) as (a, a_server, _):
+        key = a.catalog.require_instance(a.ingest_part10(data).sop_uid).pixels_key
+        wrong_token = host(tmp_path / "b", catalog_url, bucket_url, token="wrong", serve=False)
+        with wrong_token as (b, _, _), pytest.raises(StorageUnavailableError, match="HTTP 401"):
+            b.store.get(key)
+        with host(tmp_path / "c", catalog_url, bucket_url, serve=False) as (c, _, _):
+            assert c.store.get(key) == data
+            assert a_server is not None
+            a_server.stop()
+            with pytest.raises(StorageUnavailableError, match="cannot be reached"):
+                c.store.get(key)
+            # a spool no host has registered: missing, as a deleted segment is
+            unknown = "spool/hnowhere-1-abcdef-000001/0-10"
+            with pytest.raises(ObjectNotFoundError):
+                c.store.get(unknown)
+            # the finisher leaves it queued (its bytes are where nobody can read them now)
+            assert c.finisher.drain() == 0
+            assert c.catalog.unfinished_count() == 1
+
+
+def test_the_peer_endpoint_wants_the_token_and_a_spool_key(
+    tmp_path: Path, catalog_url: str, bucket_url: str
+) -> None:
+    data = make_instance(pixel_value=5)
+    with host(tmp_path / "a", catalog_url, bucket_url) as (a, _, url):
+        key = a.catalog.require_instance(a.ingest_part10(data).sop_uid).pixels_key
+        path = f"{url}/kho/peer/spool/{key.removeprefix('spool/')}"
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(timeout=10) as http:
+            assert http.get(path, headers=auth).content == data
+            got = http.get(path, params={"offset": 10, "length": 20}, headers=auth)
+            assert got.content == data[10:30]
+            assert http.get(path).status_code == 401
+            assert http.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401
+            assert http.get(path, headers={"Authorization": TOKEN}).status_code == 401
+            past = http.get(path, params={"offset": len(data) + 1}, headers=auth)
+            assert past.status_code == 400
+            assert http.get(path, params={"offset": -1}, headers=auth).status_code == 400
+            bad = f"{url}/kho/peer/spool/..%2F..%2Fcatalog/0-10"
+            assert http.get(bad, headers=auth).status_code in (400, 404)
+            assert http.get(f"{url}/kho/peer/spool/x/0-10", headers=auth).status_code == 404
+            beyond = path.rsplit("/", 1)[0] + f"/0-{len(data) * 1000}"
+            assert http.get(beyond, headers=auth).status_code == 404
+    # a host without peer reads does not serve its spool at all
+    with ExitStack() as stack:
+        port = free_port()
+        archive = stack.enter_context(Archive(Settings(data_dir=tmp_path / "solo")))
+        stack.enter_context(HttpServer(archive, host="127.0.0.1", port=port))
+        archive.finisher.stop()
+        key = archive.catalog.require_instance(archive.ingest_part10(data).sop_uid).pixels_key
+        assert archive.spool_reader.exists(key)
+        path = f"http://127.0.0.1:{port}/kho/peer/spool/{key.removeprefix('spool/')}"
+        assert httpx.get(path, headers={"Authorization": "Bearer x"}).status_code == 404
