@@ -113,9 +113,13 @@ class Finisher:
         done = 0
         tried: set[str] = set()
         while deadline is None or time.monotonic() < deadline:
-            claimed = self.archive.catalog.claim_unfinished(8, LEASE_S, MAX_ATTEMPTS)
-            if not claimed or tried.issuperset(sop for sop, _p, _a in claimed):
-                break  # nothing left, or only what was postponed (an outage): later
+            catalog = self.archive.catalog
+            claimed = catalog.claim_unfinished(8, LEASE_S, MAX_ATTEMPTS)
+            if tried.issuperset(sop for sop, _p, _a in claimed):
+                # only what was postponed (an outage) is left: given back, for later
+                for sop_uid, prefix, _attempts in claimed:
+                    catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
+                break
             for sop_uid, prefix, attempts in claimed:
                 tried.add(sop_uid)
                 done += self._finish_claimed(sop_uid, prefix, attempts)
