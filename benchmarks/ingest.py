@@ -88,6 +88,19 @@ def kho_target(
         yield port, [proc.pid]
 
 
+def postgres_cpu() -> float:
+    """CPU seconds of the machine's PostgreSQL server so far: its live processes and the
+    backends it has reaped (one per catalog connection, closed as associations end)."""
+    pid_files = sorted(Path("/var/run/postgresql").glob("*.pid"))  # Debian: <version>-main
+    try:
+        postmaster = int(pid_files[0].read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return cpu_seconds(postmaster, reaped_children=True) + sum(
+        cpu_seconds(p) for p in _descendants(postmaster) if p != postmaster
+    )
+
+
 def wait_at_rest(catalog: str, timeout: float = 1800) -> None:
     """Until the archive has encoded at rest every instance it acknowledged."""
     from kho.archive.catalog import Catalog
@@ -144,16 +157,17 @@ def run_target(
     """Median figures over ``repeats`` fresh servers; ``catalog(work)`` names the kho
     catalog to watch for the at-rest time."""
     total_bytes = sum(p.stat().st_size for p in files)
-    times, at_rest, cpu_ack, cpu_rest, loads = [], [], [], [], []
+    times, at_rest, cpu_ack, cpu_rest, loads, db_ack = [], [], [], [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix=f"kho-bench-{name}-") as tmp:
             work = Path(tmp)
             with target(work) as (port, pids):
                 charged = pids + list(extra_pids)
-                cpu0 = cpu_of(charged)
+                cpu0, db0 = cpu_of(charged), postgres_cpu()
                 start = time.perf_counter()
                 times.append(send(port, files, associations, aec))
                 cpu_ack.append(cpu_of(charged) - cpu0)
+                db_ack.append(postgres_cpu() - db0)
                 loads.append(os.getloadavg()[0])
                 if catalog is not None:
                     wait_at_rest(catalog(work))
@@ -172,6 +186,8 @@ def run_target(
     # CPU of the server (and of the S3 server, where there is one) per instance: what the
     # machine's load does not change much, unlike the seconds
     out["server_cpu_ms_per_instance_until_ack"] = 1e3 * statistics.median(cpu_ack) / len(files)
+    # PostgreSQL's server, on the same cores (idle but for S3 + PostgreSQL variants)
+    out["postgres_cpu_ms_per_instance_until_ack"] = 1e3 * statistics.median(db_ack) / len(files)
     out["load_average_1min"] = loads
     if at_rest:
         rest = summary(at_rest)
@@ -298,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {payload['machine']['cpu']} x{payload['machine']['cores']}")
     print(
         f"{'target':20} {'assoc':>5} {'inst/s':>9} {'MB/s':>8} {'median s':>9} "
-        f"{'vs storescp':>12} {'at rest inst/s':>15} {'vs local':>9} {'cpu ms/inst':>12}"
+        f"{'vs storescp':>12} {'at rest inst/s':>15} {'vs local':>9} {'cpu ms/inst':>12} "
+        f"{'pg cpu ms/inst':>15}"
     )
     for r in results:
         ratio = f"{r['ratio_to_storescp']:.0%}" if "ratio_to_storescp" in r else "-"
@@ -307,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['target']:20} {r['associations']:>5} {r['instances_per_s']:>9.1f} "
             f"{r['mb_per_s']:>8.1f} {r['seconds']['median']:>9.3f} {ratio:>12} {rest:>15} "
-            f"{local:>9} {r['server_cpu_ms_per_instance_until_ack']:>12.2f}"
+            f"{local:>9} {r['server_cpu_ms_per_instance_until_ack']:>12.2f} "
+            f"{r['postgres_cpu_ms_per_instance_until_ack']:>15.2f}"
         )
     print(f"results: {path}")
     return 0
