@@ -22,10 +22,15 @@ from kho.archive.finisher import Finisher, collect_garbage
 from kho.archive.ingest import DatasetBytes, IngestResult, ingest_dimse, ingest_part10
 from kho.archive.part10 import Part10Layout, read_file_meta
 from kho.archive.pixels import EncodedPixels, pixel_value
-from kho.errors import IntegrityError, ObjectNotFoundError, StorageError
+from kho.errors import (
+    IntegrityError,
+    ObjectNotFoundError,
+    StorageError,
+    StorageUnavailableError,
+)
 from kho.storage import FilesystemStore, ObjectStore, open_store
 from kho.storage.peer import PeerSpoolClient
-from kho.storage.spool import Spool, SpooledStore
+from kho.storage.spool import Spool, SpooledStore, is_spool_key
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +86,8 @@ class Archive:
                 self.catalog.spool_url, settings.peer_token.get_secret_value(), settings.peer_url
             )
             if self.spool is not None and settings.peer_url:
-                self.catalog.register_spool(self.spool.stem, settings.peer_url)
+                # with the segments earlier processes left here: served from here now
+                self.catalog.register_spool(sorted(self.spool.stems()), settings.peer_url)
         from kho.archive.derived import default_derivers
 
         #: encode native pixel data with the at-rest codec (JPEG-LS) when it can
@@ -192,6 +198,15 @@ class Archive:
         same bytes either way)."""
         try:
             return self._read_part10(record)
+        except StorageUnavailableError:
+            # held by a host out of reach: moved into the bucket since, perhaps
+            if not is_spool_key(record.pixels_key):
+                raise
+            current = self.catalog.get_instance(record.sop_uid)
+            moved = current is not None and not is_spool_key(current.pixels_key)
+            if current is None or not moved or current.sha256 != record.sha256:
+                raise
+            return self._read_part10(current)
         except ObjectNotFoundError:
             current = self.catalog.get_instance(record.sop_uid)
             if current is None or current == record or current.sha256 != record.sha256:

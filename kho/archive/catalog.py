@@ -31,13 +31,16 @@ from kho.archive import keys
 from kho.archive.attributes import InstanceAttributes
 from kho.archive.sequences import SEQUENCES
 from kho.errors import CatalogError, NotFoundError
-from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of
+from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of, stem_of
 
 LOG = logging.getLogger(__name__)
 
 # 4: spool_hosts; 3: instance_deltas; 2: unfinished, garbage, sequence_items; the
 # received-object layout
 SCHEMA_VERSION = 4
+#: how long replaced objects stay readable after the switch (a reader that loaded the old
+#: row a moment ago can still fetch them)
+GARBAGE_DELAY_S = 60.0
 #: the entry of ``instances.derived`` naming a pixel object written after ingest
 PIXELS_OBJECT = "pixels"
 #: the entry naming a header object other than ``<prefix>.header`` (the received object)
@@ -923,6 +926,10 @@ class Catalog:
             self.end_pending(record.object_prefix)
             if previous.object_prefix != record.object_prefix:
                 self.begin_pending(previous.object_prefix)  # old objects: delete after commit
+            if is_spool_key(previous.pixels_key):
+                # its segment stays for a reader's grace; listed in this transaction, so
+                # no moment passes where nothing refers to it
+                self._add_garbage([previous.pixels_key], GARBAGE_DELAY_S)
             self._queue_unfinished(record, unfinished)
             return "replaced", previous
 
@@ -947,6 +954,8 @@ class Catalog:
             params += [values["object_prefix"], time.time()]
         if journalled:
             params.append(values["object_prefix"])
+        # committed on its own: never part of a transaction the caller has open
+        assert not getattr(self._local, "begin_unsent", False)
         statement = _new_in_known_series_statement(journalled, unfinished)
         row = self.execute(statement, params).fetchone()
         return bool(row and row[1])
@@ -1003,14 +1012,22 @@ class Catalog:
         self, sop_uid: str, object_prefix: str, *, count_attempt: bool = True
     ) -> None:
         """Give a claim back: any process may take it again.  ``count_attempt=False``: the
-        failure was not the instance's (an outage), so the claim's attempt is taken back."""
-        undo = 1 if not count_attempt else 0
+        failure was not the instance's (an outage: its store, or the host holding its
+        spool), so the claim's attempt is taken back and it goes to the end of the queue
+        (what can be finished meanwhile is, instead of the same rows again and again)."""
+        if count_attempt:
+            statement = "UPDATE unfinished SET owner = '', claimed_at = 0"
+            params: tuple[Any, ...] = ()
+        else:
+            statement = (
+                "UPDATE unfinished SET owner = '', claimed_at = 0, queued_at = ?, "
+                "attempts = CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END"
+            )
+            params = (time.time(),)
         with self._relaxed_write():
             self.execute(
-                "UPDATE unfinished SET owner = '', claimed_at = 0, "
-                "attempts = CASE WHEN attempts > ? THEN attempts - ? ELSE 0 END "
-                "WHERE sop_uid = ? AND object_prefix = ?",
-                (undo, undo, sop_uid, object_prefix),
+                f"{statement} WHERE sop_uid = ? AND object_prefix = ?",
+                (*params, sop_uid, object_prefix),
             )
 
     def release_claims_of_gone_processes(self) -> int:
@@ -1128,14 +1145,29 @@ class Catalog:
             used.add(segment_of(key))
         return used
 
-    def register_spool(self, stem: str, peer_url: str) -> None:
-        """Record where the spool whose segments start with ``stem`` is served."""
+    def register_spool(self, stems: Sequence[str], peer_url: str) -> None:
+        """Record where the spools whose segments start with ``stems`` are served (this
+        process's, and those earlier processes left in the same folder)."""
         with self.transaction():
-            self.execute(
-                "INSERT INTO spool_hosts (stem, peer_url, registered_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (stem) DO UPDATE SET peer_url = excluded.peer_url",
-                (stem, peer_url, time.time()),
-            )
+            for stem in stems:
+                self.execute(
+                    "INSERT INTO spool_hosts (stem, peer_url, registered_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (stem) DO UPDATE SET peer_url = excluded.peer_url, "
+                    "registered_at = excluded.registered_at",
+                    (stem, peer_url, time.time()),
+                )
+        # this host's older spools that nothing refers to any more (a day: readers that
+        # loaded a row long ago find the instance moved, in the bucket)
+        in_use = {stem_of(segment) for segment in self.spool_segments_in_use()}
+        rows = self.fetchall(
+            "SELECT stem FROM spool_hosts WHERE peer_url = ? AND registered_at < ?",
+            (peer_url, time.time() - 86400.0),
+        )
+        unused = [stem for (stem,) in rows if stem not in in_use and stem not in stems]
+        if unused:
+            with self.transaction():
+                for stem in unused:
+                    self.execute("DELETE FROM spool_hosts WHERE stem = ?", (stem,))
 
     def spool_url(self, stem: str) -> str | None:
         """Where the spool ``stem`` is served (register_spool), None if nowhere."""

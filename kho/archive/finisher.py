@@ -23,6 +23,7 @@ get thumbnails and metadata made on request.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from kho.archive import keys, metrics
 from kho.archive.attributes import extract_attributes, read_header
-from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT
+from kho.archive.catalog import GARBAGE_DELAY_S, HEADER_OBJECT, PIXELS_OBJECT
 from kho.archive.ingest import put_objects
 from kho.archive.part10 import parse_part10
 from kho.archive.pixels import encode_pixels
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 LEASE_S = 600.0
 #: a failing instance is retried this many times, then left as received
 MAX_ATTEMPTS = 3
-#: how long replaced objects stay readable after the switch
-GARBAGE_DELAY_S = 60.0
 #: how often idle threads look for work queued by other processes
 IDLE_POLL_S = 5.0
 #: background threads yield the CPU to receiving (Linux nice value, per thread)
@@ -107,22 +106,24 @@ class Finisher:
     def drain(self, timeout: float | None = None) -> int:
         """Finish everything queued, in this thread (``kho bench``, tests); how many.
 
-        Rows other processes hold are left to them; returns when none is left to claim,
-        or only instances it tried already (postponed by an outage: still queued)."""
+        Rows other processes hold are left to them; returns when none is left to claim
+        (an instance postponed by an outage is tried once, and left queued)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
-        tried: set[str] = set()
-        while deadline is None or time.monotonic() < deadline:
-            catalog = self.archive.catalog
-            claimed = catalog.claim_unfinished(8, LEASE_S, MAX_ATTEMPTS)
-            if tried.issuperset(sop for sop, _p, _a in claimed):
-                # only what was postponed (an outage) is left: given back, for later
-                for sop_uid, prefix, _attempts in claimed:
+        catalog = self.archive.catalog
+        # claims postponed by an outage stay held until the end: not claimed again here
+        postponed: list[tuple[str, str]] = []
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                claimed = catalog.claim_unfinished(8, LEASE_S, MAX_ATTEMPTS)
+                if not claimed:
+                    break
+                for sop_uid, prefix, attempts in claimed:
+                    done += self._finish_claimed(sop_uid, prefix, attempts, postponed)
+        finally:
+            for sop_uid, prefix in postponed:
+                with contextlib.suppress(KhoError):
                     catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
-                break
-            for sop_uid, prefix, attempts in claimed:
-                tried.add(sop_uid)
-                done += self._finish_claimed(sop_uid, prefix, attempts)
         self.collect_garbage(force=True)
         return done
 
@@ -175,16 +176,38 @@ class Finisher:
             if not claimed:
                 self._wake.wait(IDLE_POLL_S)
 
-    def _finish_claimed(self, sop_uid: str, prefix: str, attempts: int) -> int:
+    def _finish_claimed(
+        self,
+        sop_uid: str,
+        prefix: str,
+        attempts: int,
+        postponed: list[tuple[str, str]] | None = None,
+    ) -> int:
+        """Finish one claimed instance; 1 if done.  Postponed by an outage, its claim is
+        given back (to the end of the queue), or kept and added to ``postponed``."""
         with self._lock:
             self._busy += 1
         try:
-            return self._finish_counted(sop_uid, prefix, attempts)
+            return self._finish_counted(sop_uid, prefix, attempts, postponed)
         finally:
             with self._lock:
                 self._busy -= 1
 
-    def _finish_counted(self, sop_uid: str, prefix: str, attempts: int) -> int:
+    def _postpone(self, sop_uid: str, prefix: str, postponed: list[tuple[str, str]] | None) -> None:
+        if postponed is not None:
+            postponed.append((sop_uid, prefix))
+            return
+        with contextlib.suppress(KhoError):
+            self.archive.catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
+        self._stop.wait(1.0)
+
+    def _finish_counted(
+        self,
+        sop_uid: str,
+        prefix: str,
+        attempts: int,
+        postponed: list[tuple[str, str]] | None,
+    ) -> int:
         catalog = self.archive.catalog
         started = time.perf_counter()
         if attempts > MAX_ATTEMPTS:  # given up, still spooled: only copy it out, as received
@@ -193,16 +216,13 @@ class Finisher:
                     catalog.drop_unfinished(sop_uid, prefix)
             except KhoError as exc:
                 log.warning("finisher: %s stays in the spool for now: %s", sop_uid, exc)
-                with contextlib.suppress(KhoError):
-                    catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
+                self._postpone(sop_uid, prefix, postponed)
             return 0
         try:
             done = self.finish_one(sop_uid, prefix)
         except (StorageError, CatalogError) as exc:  # an outage: give it back, retry later
             log.warning("finisher: %s postponed: %s", sop_uid, exc)
-            with contextlib.suppress(KhoError):
-                catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
-            self._stop.wait(1.0)
+            self._postpone(sop_uid, prefix, postponed)
             return 0
         except Exception as exc:
             # a bug or an input no codec handles: never lose the instance, stop retrying
@@ -229,7 +249,7 @@ class Finisher:
             catalog.drop_unfinished(sop_uid, prefix)
             return False
         try:
-            data = archive.read_part10(record)
+            data = _read_received(archive, record)
         except ObjectNotFoundError as exc:
             current = catalog.get_instance(sop_uid)
             if current is not None and current.object_prefix == prefix:
@@ -326,7 +346,7 @@ class Finisher:
         if not is_spool_key(record.pixels_key):
             return False
         derived = dict(record.derived_keys)
-        objects = _out_of_spool(record, derived, archive.read_part10(record))
+        objects = _out_of_spool(record, derived, _read_received(archive, record))
         catalog.begin_pending(prefix)
         put_objects(archive.store, objects)
         switched = catalog.finish_instance(
@@ -354,6 +374,16 @@ class Finisher:
             return 0
         self._last_gc = now
         return collect_garbage(self.archive)
+
+
+def _read_received(archive: Archive, record: InstanceRecord) -> bytes:
+    """The instance as received.  A spooled one is checked against its SHA-256 first: its
+    bytes are about to become its only copy (read from the local disk or over the network
+    from the host holding them); a mismatch leaves it where it is (StorageError)."""
+    data = archive.read_part10(record)
+    if is_spool_key(record.pixels_key) and hashlib.sha256(data).hexdigest() != record.sha256:
+        raise StorageError(f"spooled bytes of {record.sop_uid} do not match its SHA-256")
+    return data
 
 
 def _out_of_spool(

@@ -213,10 +213,6 @@ def _ingest_part10(
         if previous.object_prefix != record.object_prefix:
             archive.delete_prefix(previous.object_prefix)
             catalog.end_pending(previous.object_prefix)
-        if is_spool_key(previous.pixels_key):  # its segment goes after a reader's grace
-            from kho.archive.finisher import GARBAGE_DELAY_S
-
-            catalog.add_garbage([previous.pixels_key], GARBAGE_DELAY_S)
         return _result(IngestOutcome.REPLACED, attrs, record)
     return _result(IngestOutcome.STORED, attrs, record)
 

@@ -20,6 +20,9 @@ from kho.storage.spool import parse_spool_key, stem_of
 
 #: the path under a host's HTTP root that serves its spool to peers
 PEER_SPOOL_PATH = "/kho/peer/spool/"
+#: set on a 404 by a host that checked the token and does not hold the key: any other 404
+#: (peer reads off there, another server at that address) is an outage, not an absence
+ABSENT_HEADER = "X-Kho-Spool"
 
 
 def token_matches(expected: str, authorization: str | None) -> bool:
@@ -52,6 +55,7 @@ class PeerSpoolClient:
         self._http = urllib3.PoolManager(
             num_pools=16,
             maxsize=8,
+            block=True,  # at most 8 connections a host, waited for (none dropped)
             retries=False,
             timeout=urllib3.Timeout(connect=min(5.0, timeout_s), read=timeout_s),
         )
@@ -61,8 +65,8 @@ class PeerSpoolClient:
         url = self._urls.get(stem)
         if url is None:
             found = self._locate(stem)
-            if not found:
-                raise ObjectNotFoundError(key)  # no host has said it serves this spool
+            if not found:  # acknowledged by a host that serves its spool to nobody
+                raise StorageUnavailableError(f"no host of the archive serves {key}")
             url = self._urls[stem] = found.rstrip("/")
         if url == self._own_url:
             raise ObjectNotFoundError(key)  # ours, and not in our spool (any more)
@@ -84,10 +88,11 @@ class PeerSpoolClient:
                 preload_content=True,
             )
         except urllib3.exceptions.HTTPError as exc:
+            self._urls.pop(stem_of(parse_spool_key(key)[0]), None)  # moved, perhaps: look again
             raise StorageUnavailableError(
                 f"the host holding {key} cannot be reached: {exc}"
             ) from exc
-        if response.status == 404:
+        if response.status == 404 and response.headers.get(ABSENT_HEADER) == "absent":
             raise ObjectNotFoundError(key)
         if response.status != 200:
             raise StorageUnavailableError(f"the host holding {key} answered HTTP {response.status}")

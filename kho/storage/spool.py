@@ -44,7 +44,7 @@ SPOOL_PREFIX = "spool/"
 SEGMENT_SUFFIX = ".seg"
 MAKING_SUFFIX = ".making"  # a segment being created (see _Segment)
 DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
-_KEY = re.compile(r"^spool/([A-Za-z0-9][A-Za-z0-9_-]*)/([0-9]+)-([0-9]+)$")
+_KEY = re.compile(r"spool/([A-Za-z0-9][A-Za-z0-9_-]*)/([0-9]+)-([0-9]+)")
 
 
 def is_spool_key(key: object) -> bool:
@@ -53,7 +53,7 @@ def is_spool_key(key: object) -> bool:
 
 def parse_spool_key(key: str) -> tuple[str, int, int]:
     """(segment name, offset, length) of a spool key."""
-    match = _KEY.match(key)
+    match = _KEY.fullmatch(key)
     if match is None:
         raise InvalidKeyError(f"not a spool key: {key!r}")
     return match.group(1), int(match.group(2)), int(match.group(3))
@@ -117,7 +117,7 @@ class Spool:
             raise StorageError(f"cannot create the spool folder {self.folder}: {exc}") from exc
         host = "h" + re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
         #: names this process's segments (``<stem>-<serial>``): host, process, chance
-        self.stem = f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.stem = f"{host}-{os.getpid()}-{secrets.token_hex(6)}"
         self._serial = 0
         self._lock = threading.Lock()
         self._active: _Segment | None = None
@@ -259,6 +259,10 @@ class Spool:
         return self._path(parse_spool_key(key)[0]).exists()
 
     # --- reclaiming ------------------------------------------------------------------
+
+    def stems(self) -> set[str]:
+        """The spools whose segments are in this folder (this process's and others')."""
+        return {stem_of(name) for name in self.segment_names()} | {self.stem}
 
     def segment_names(self) -> list[str]:
         found = self.folder.glob(f"*{SEGMENT_SUFFIX}")

@@ -14,8 +14,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from kho.errors import NotFoundError, ObjectNotFoundError
-from kho.storage.peer import PEER_SPOOL_PATH, token_matches
+from kho.errors import NotFoundError
+from kho.storage.peer import ABSENT_HEADER, PEER_SPOOL_PATH, token_matches
 from kho.storage.spool import parse_spool_key
 from kho.viewer_api.deps import ArchiveDep
 from kho.viewer_api.errors import BadRequestError, UnauthorizedError
@@ -43,6 +43,12 @@ async def spooled_bytes(
         raise BadRequestError(f"offset {offset} is past the end of {key} ({size} bytes)")
     spool = archive.spool_reader
     if not await run_in_threadpool(spool.exists, key):
-        raise ObjectNotFoundError(key)
+        # the asker then knows the key is gone (moved, deleted), not this host out of order
+        return Response(
+            f"{key} is not in this host's spool",
+            status_code=404,
+            media_type="text/plain",
+            headers={ABSENT_HEADER: "absent"},
+        )
     data = await run_in_threadpool(spool.read, key, offset, length)
     return Response(data, media_type="application/octet-stream")

@@ -485,3 +485,27 @@ def test_a_replaced_spooled_version_keeps_its_grace(
     garbage = [r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage")]
     assert stale.pixels_key in garbage  # its segment stays through a reader's grace
     assert archive.read_part10(stale) == ct_slices[0]
+
+
+def test_spooled_bytes_that_do_not_match_their_sha256_stay_where_they_are(
+    archive: Archive, ct_slices: list[bytes]
+) -> None:
+    """The finisher is about to make a spooled instance's bytes its only copy: bytes that
+    changed on the disk (or on the way from another host) are not moved or encoded; the
+    instance stays queued and in the spool, and verify names it."""
+    from kho.storage.spool import parse_spool_key
+
+    archive.finisher.stop()
+    result = archive.ingest_part10(ct_slices[1], defer=True)
+    record = archive.catalog.require_instance(result.sop_uid)
+    assert is_spool_key(record.pixels_key)
+    segment, offset, length = parse_spool_key(record.pixels_key)
+    with open(archive.spool_reader.folder / f"{segment}.seg", "r+b") as segment_file:
+        segment_file.seek(offset + length - 100)
+        segment_file.write(b"\x55\xaa\x55\xaa")
+    assert archive.finisher.drain() == 0
+    assert archive.catalog.require_instance(result.sop_uid) == record
+    assert archive.catalog.unfinished_count() == 1
+    assert archive.catalog.spool_segments_in_use() == {segment}
+    problems = [p for r, p in archive.verify() if p and r.sop_uid == result.sop_uid]
+    assert problems and "SHA-256" in problems[0]

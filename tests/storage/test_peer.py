@@ -13,7 +13,7 @@ import pytest
 
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
-from kho.errors import ObjectNotFoundError, StorageUnavailableError
+from kho.errors import StorageUnavailableError
 from kho.storage.spool import is_spool_key
 from kho.viewer_api.server import HttpServer
 from tests.archive.test_ingest import make_instance
@@ -80,6 +80,7 @@ def test_another_host_reads_an_instance_still_in_the_spool(
         assert a_server is not None
         a_server.stop()  # A gone: the instance is read from the bucket
         assert b.read_part10(finished) == data
+        assert b.read_part10(record) == data  # a row loaded before the move: read again
         assert b.catalog.unfinished_count() == 0
 
 
@@ -98,13 +99,37 @@ def test_an_unreachable_or_refusing_host_is_an_outage_not_a_missing_instance(
             a_server.stop()
             with pytest.raises(StorageUnavailableError, match="cannot be reached"):
                 c.store.get(key)
-            # a spool no host has registered: missing, as a deleted segment is
+            # a spool no host serves: unreadable from here, not missing
             unknown = "spool/hnowhere-1-abcdef-000001/0-10"
-            with pytest.raises(ObjectNotFoundError):
+            with pytest.raises(StorageUnavailableError, match="no host"):
                 c.store.get(unknown)
-            # the finisher leaves it queued (its bytes are where nobody can read them now)
+            # the finisher leaves it queued (its bytes are where nobody can read them now),
+            # its claim given back for later
             assert c.finisher.drain() == 0
             assert c.catalog.unfinished_count() == 1
+            assert c.catalog.fetchall("SELECT owner FROM unfinished") == [("",)]
+
+
+def test_a_host_that_does_not_say_the_key_is_gone_is_an_outage(
+    tmp_path: Path, catalog_url: str, bucket_url: str
+) -> None:
+    """A 404 from whatever answers at a host's address is an absence only if that host
+    checked the token and said so; a host restarted without peer reads (or another server
+    at its address) makes the instance unreadable for now, never missing."""
+    data = make_instance(pixel_value=6)
+    with host(tmp_path / "a", catalog_url, bucket_url, serve=False) as (a, _, url):
+        record = a.catalog.require_instance(a.ingest_part10(data).sop_uid)
+        port = int(url.rsplit(":", 1)[1])
+        no_peers = Archive(Settings(data_dir=tmp_path / "other", http_port=port))
+        with (
+            no_peers,
+            HttpServer(no_peers, host="127.0.0.1", port=port),
+            host(tmp_path / "b", catalog_url, bucket_url, serve=False) as (b, _, _),
+        ):
+            with pytest.raises(StorageUnavailableError, match="HTTP 404"):
+                b.store.get(record.pixels_key)
+            with pytest.raises(StorageUnavailableError):
+                b.read_part10(record)
 
 
 def test_the_peer_endpoint_wants_the_token_and_a_spool_key(
@@ -127,7 +152,8 @@ def test_the_peer_endpoint_wants_the_token_and_a_spool_key(
             assert http.get(path, params={"offset": -1}, headers=auth).status_code == 400
             bad = f"{url}/kho/peer/spool/..%2F..%2Fcatalog/0-10"
             assert http.get(bad, headers=auth).status_code in (400, 404)
-            assert http.get(f"{url}/kho/peer/spool/x/0-10", headers=auth).status_code == 404
+            gone = http.get(f"{url}/kho/peer/spool/x/0-10", headers=auth)
+            assert gone.status_code == 404 and gone.headers["X-Kho-Spool"] == "absent"
             beyond = path.rsplit("/", 1)[0] + f"/0-{len(data) * 1000}"
             assert http.get(beyond, headers=auth).status_code == 404
     # a host without peer reads does not serve its spool at all
@@ -139,4 +165,5 @@ def test_the_peer_endpoint_wants_the_token_and_a_spool_key(
         key = archive.catalog.require_instance(archive.ingest_part10(data).sop_uid).pixels_key
         assert archive.spool_reader.exists(key)
         path = f"http://127.0.0.1:{port}/kho/peer/spool/{key.removeprefix('spool/')}"
-        assert httpx.get(path, headers={"Authorization": "Bearer x"}).status_code == 404
+        refused = httpx.get(path, headers={"Authorization": "Bearer x"})
+        assert refused.status_code == 404 and "X-Kho-Spool" not in refused.headers
