@@ -5,7 +5,8 @@ A 300-slice 512x512 16-bit CT series (kho.archive.phantom: body, lungs, bone, no
 over 1 and 4 associations (4 storescu processes sending a quarter each).  Each run starts a
 fresh server with an empty data directory (a fresh bucket and database for S3).  Reports
 instances/s and MB/s (received bytes) until the last acknowledgement, medians over
---repeats, and kho / storescp ratios; for kho also the time until every instance is
+--repeats (the targets take turns: one run of each, then the next round, so the machine's
+drifting speed weighs on all alike), and kho / storescp ratios; for kho also the time until every instance is
 encoded at rest (the background finisher's queue empty), "at rest inst/s".
 
 kho variants (--variants):
@@ -39,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,38 +146,47 @@ def send(port: int, files: list[Path], associations: int, aec: str) -> float:
     return elapsed
 
 
-def run_target(
-    name: str,
-    target: Target,
-    files: list[Path],
-    associations: int,
-    repeats: int,
-    aec: str,
-    catalog: Callable[[Path], str] | None = None,
-    extra_pids: tuple[int, ...] = (),
-) -> dict[str, Any]:
-    """Median figures over ``repeats`` fresh servers; ``catalog(work)`` names the kho
-    catalog to watch for the at-rest time."""
+@dataclass
+class Runner:
+    """One target's runs; ``catalog(work)`` names the kho catalog to watch for the at-rest
+    time.  Runs of all targets alternate (one of each, then again), so that the machine's
+    drifting speed weighs on every target alike."""
+
+    name: str
+    target: Target
+    aec: str
+    catalog: Callable[[Path], str] | None = None
+    extra_pids: tuple[int, ...] = ()
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.samples.setdefault(key, []).append(value)
+
+
+def run_once(runner: Runner, files: list[Path], associations: int) -> None:
+    """One fresh server: send everything, then wait until it is at rest."""
+    with tempfile.TemporaryDirectory(prefix=f"kho-bench-{runner.name}-") as tmp:
+        work = Path(tmp)
+        with runner.target(work) as (port, pids):
+            charged = pids + list(runner.extra_pids)
+            cpu0, db0 = cpu_of(charged), postgres_cpu()
+            start = time.perf_counter()
+            runner.add(seconds=send(port, files, associations, runner.aec))
+            runner.add(cpu_ack=cpu_of(charged) - cpu0, db_ack=postgres_cpu() - db0)
+            runner.add(load=os.getloadavg()[0])
+            if runner.catalog is not None:
+                wait_at_rest(runner.catalog(work))
+                runner.add(at_rest=time.perf_counter() - start, cpu_rest=cpu_of(charged) - cpu0)
+
+
+def summarize(runner: Runner, files: list[Path], associations: int) -> dict[str, Any]:
+    """Median figures over the runner's runs."""
     total_bytes = sum(p.stat().st_size for p in files)
-    times, at_rest, cpu_ack, cpu_rest, loads, db_ack = [], [], [], [], [], []
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory(prefix=f"kho-bench-{name}-") as tmp:
-            work = Path(tmp)
-            with target(work) as (port, pids):
-                charged = pids + list(extra_pids)
-                cpu0, db0 = cpu_of(charged), postgres_cpu()
-                start = time.perf_counter()
-                times.append(send(port, files, associations, aec))
-                cpu_ack.append(cpu_of(charged) - cpu0)
-                db_ack.append(postgres_cpu() - db0)
-                loads.append(os.getloadavg()[0])
-                if catalog is not None:
-                    wait_at_rest(catalog(work))
-                    at_rest.append(time.perf_counter() - start)
-                    cpu_rest.append(cpu_of(charged) - cpu0)
-    stats = summary(times)
+    got = runner.samples
+    stats = summary(got["seconds"])
     out: dict[str, Any] = {
-        "target": name,
+        "target": runner.name,
         "associations": associations,
         "instances": len(files),
         "bytes": total_bytes,
@@ -185,28 +196,25 @@ def run_target(
     }
     # CPU of the server (and of the S3 server, where there is one) per instance: what the
     # machine's load does not change much, unlike the seconds
-    out["server_cpu_ms_per_instance_until_ack"] = 1e3 * statistics.median(cpu_ack) / len(files)
+    out["server_cpu_ms_per_instance_until_ack"] = (
+        1e3 * statistics.median(got["cpu_ack"]) / len(files)
+    )
     # PostgreSQL's server, on the same cores (idle but for S3 + PostgreSQL variants)
-    out["postgres_cpu_ms_per_instance_until_ack"] = 1e3 * statistics.median(db_ack) / len(files)
-    out["load_average_1min"] = loads
-    if at_rest:
-        rest = summary(at_rest)
+    out["postgres_cpu_ms_per_instance_until_ack"] = (
+        1e3 * statistics.median(got["db_ack"]) / len(files)
+    )
+    out["load_average_1min"] = got["load"]
+    if "at_rest" in got:
+        rest = summary(got["at_rest"])
         out["seconds_at_rest"] = rest
         out["at_rest_instances_per_s"] = len(files) / rest["median"]
         out["server_cpu_ms_per_instance_until_at_rest"] = (
-            1e3 * statistics.median(cpu_rest) / len(files)
+            1e3 * statistics.median(got["cpu_rest"]) / len(files)
         )
     return out
 
 
-def run_variant(
-    variant: str,
-    kho_env: dict[str, str],
-    seaweed: Any,
-    files: list[Path],
-    associations: int,
-    repeats: int,
-) -> dict[str, Any]:
+def variant_runner(variant: str, kho_env: dict[str, str], seaweed: Any) -> Runner:
     env = dict(kho_env)
     found = re.search(r"workers(\d+)$", variant)
     workers = int(found.group(1)) if found else 1
@@ -239,7 +247,7 @@ def run_variant(
         return str(work / "kho-data" / "catalog.sqlite3")
 
     extra = (seaweed.pid,) if use_s3 else ()
-    return run_target(f"kho-{variant}", target, files, associations, repeats, "KHO", catalog, extra)
+    return Runner(f"kho-{variant}", target, "KHO", catalog, extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,12 +296,15 @@ def main(argv: list[str] | None = None) -> int:
                 run_seaweedfs(Path(services.enter_context(tempfile.TemporaryDirectory())))
             )
         for associations in args.associations:
-            ref = run_target(
-                "dcmtk-storescp", storescp_target, files, associations, args.repeats, "STORESCP"
-            )
+            runners = [Runner("dcmtk-storescp", storescp_target, "STORESCP")]
+            runners += [variant_runner(v, kho_env, seaweed) for v in args.variants]
+            for _ in range(args.repeats):
+                for runner in runners:
+                    run_once(runner, files, associations)
+            ref = summarize(runners[0], files, associations)
             results.append(ref)
-            for variant in args.variants:
-                kho = run_variant(variant, kho_env, seaweed, files, associations, args.repeats)
+            for runner in runners[1:]:
+                kho = summarize(runner, files, associations)
                 kho["ratio_to_storescp"] = kho["instances_per_s"] / ref["instances_per_s"]
                 results.append(kho)
     by_key = {(r["target"], r["associations"]): r for r in results}
