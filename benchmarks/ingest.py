@@ -6,8 +6,9 @@ over 1 and 4 associations (4 storescu processes sending a quarter each).  Each r
 fresh server with an empty data directory (a fresh bucket and database for S3).  Reports
 instances/s and MB/s (received bytes) until the last acknowledgement, medians over
 --repeats (the targets take turns: one run of each, then the next round, so the machine's
-drifting speed weighs on all alike), and kho / storescp ratios; for kho also the time until every instance is
-encoded at rest (the background finisher's queue empty), "at rest inst/s".
+drifting speed weighs on all alike), and kho / storescp ratios; for kho also the time until
+every instance is encoded at rest (the background finisher's queue empty), "at rest
+inst/s".
 
 kho variants (--variants):
   durable      default settings: fsync, acknowledged once appended to the fsync'd ingest

@@ -167,7 +167,10 @@ def _ingest_part10(
         log.warning("instance %s: %s", attrs.sop_uid, warning)
 
     catalog = archive.catalog
-    existing = catalog.get_instance(attrs.sop_uid)
+    # a look for the instance before writing saves writing a re-sent one again; appended to
+    # the spool, writing costs less than the look (a PostgreSQL round trip), and the commit
+    # decides duplicates in any case
+    existing = None if defer and archive.spool is not None else catalog.get_instance(attrs.sop_uid)
     if existing is not None and existing.sha256 == sha:
         return _result(IngestOutcome.DUPLICATE, attrs, existing)
     if existing is not None and archive.settings.duplicate_policy.value == "reject":

@@ -238,6 +238,8 @@ def test_postgresql_one_statement_ingest_writes_what_the_general_path_writes(
     assert len(rows["unfinished"]) == (7 if background else 0)
     assert rows["series"][0]["num_instances"] == 7
     # one statement for every instance of an unchanged series; the first of the series,
-    # each change (study, series, patient) and the other version fall back (the duplicate
-    # is recognised before any catalog write)
-    assert taken == [False, True, False, True, False, False, True, False]
+    # each change (study, series, patient), the duplicate and the other version fall back
+    # (a duplicate is recognised before anything is written, unless it is spooled: then
+    # the append costs less than looking first)
+    duplicate = [False] if spool == "on" else []
+    assert taken == [False, True, False, True, False, False, True, *duplicate, False]

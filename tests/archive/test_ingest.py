@@ -28,6 +28,7 @@ from kho.errors import (
     InvalidDicomError,
     StorageError,
 )
+from kho.storage.spool import is_spool_key
 from tests.conftest import sample_files
 from tests.helpers.postgres import ENGINES, archive_on
 
@@ -194,6 +195,12 @@ def test_identical_duplicate_is_success_and_stores_nothing_twice(archive: Archiv
     assert stored_keys(archive) == objects
     assert archive.catalog.counts()["instances"] == 1
     assert archive.stats()["instances"] == 1
+    # spooled, the second was appended before the commit found it stored: no row refers to
+    # those bytes (the segment goes when the rest of it may), nothing is queued or pending
+    record = archive.catalog.require_instance(first.sop_uid)
+    assert not is_spool_key(record.pixels_key)
+    assert archive.catalog.unfinished_count() == 0
+    assert archive.catalog.pending_prefixes() == []
 
 
 def test_different_duplicate_replaces_by_default_and_is_recorded(archive: Archive) -> None:
