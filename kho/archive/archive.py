@@ -6,8 +6,11 @@ outside kho/archive touches the catalog or the store directly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -98,6 +101,33 @@ class Archive:
         self.finisher = Finisher(self, settings.finish_threads)
         #: time.monotonic() of the latest ingest (the finisher waits while they come in)
         self.last_ingest_at = 0.0
+        # the same for every process of this host (kho serve --workers): its mtime
+        self._ingest_stamp = settings.data_dir / "ingest.stamp"
+        self._stamped_at = 0.0
+        with contextlib.suppress(OSError):
+            if not self._ingest_stamp.exists():  # made as "long ago"
+                self._ingest_stamp.touch()
+                os.utime(self._ingest_stamp, (0, 0))
+
+    def note_ingest(self) -> None:
+        """An instance is being taken in (stamped for the host at most every 0.1 s)."""
+        now = time.monotonic()
+        self.last_ingest_at = now
+        if now - self._stamped_at > 0.1:
+            self._stamped_at = now
+            with contextlib.suppress(OSError):
+                os.utime(self._ingest_stamp)
+
+    def seconds_since_ingest(self) -> float:
+        """Since this host (any of its processes) last took an instance in.  One worker's
+        finisher must not take the CPU another worker is receiving with: with an S3 store,
+        the bucket's server does the work of each upload at its own, normal priority."""
+        own = time.monotonic() - self.last_ingest_at
+        try:
+            host = time.time() - os.stat(self._ingest_stamp).st_mtime
+        except OSError:
+            return own
+        return min(own, max(host, 0.0))
 
     def close(self) -> None:
         self.finisher.stop()

@@ -139,12 +139,13 @@ class Finisher:
         return False
 
     def _receiving(self) -> bool:
-        """Whether this process is taking instances in: then the finisher waits (its
-        Python parts would compete for the interpreter lock with the receiving threads,
-        which a lower CPU priority does not help), unless the backlog has grown past
+        """Whether this host (any of its processes) is taking instances in: then the
+        finisher waits (its Python parts would compete for the interpreter lock with the
+        receiving threads, which a lower CPU priority does not help, and the bucket's server
+        does the work of its uploads at normal priority), unless the backlog has grown past
         BUSY_BACKLOG, when one thread works on regardless so raw data cannot pile up
         without bound under a sustained stream."""
-        if time.monotonic() - self.archive.last_ingest_at > QUIET_S:
+        if self.archive.seconds_since_ingest() > QUIET_S:
             return False
         first = self._workers[0] if self._workers else None
         if threading.current_thread() is first:

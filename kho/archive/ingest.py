@@ -110,7 +110,7 @@ def ingest_part10(
         defer = archive.settings.finish_in_background
     channel = source.split(":", 1)[0] or "api"
     started = time.perf_counter()
-    archive.last_ingest_at = time.monotonic()
+    archive.note_ingest()
     try:
         result = _ingest_part10(
             archive,
@@ -126,7 +126,7 @@ def ingest_part10(
         raise
     metrics.INGEST_SECONDS.labels(channel).observe(time.perf_counter() - started)
     metrics.INGEST_OUTCOMES.labels(channel, result.outcome.value).inc()
-    archive.last_ingest_at = time.monotonic()
+    archive.note_ingest()
     if defer and result.outcome in (IngestOutcome.STORED, IngestOutcome.REPLACED):
         archive.finisher.notify()
     return result

@@ -509,3 +509,16 @@ def test_spooled_bytes_that_do_not_match_their_sha256_stay_where_they_are(
     assert archive.catalog.spool_segments_in_use() == {segment}
     problems = [p for r, p in archive.verify() if p and r.sop_uid == result.sop_uid]
     assert problems and "SHA-256" in problems[0]
+
+
+def test_the_finisher_waits_while_any_process_of_the_host_receives(tmp_path: Path) -> None:
+    """kho serve --workers: one worker's finisher must not take the CPU another worker is
+    receiving with; the processes of a host share when it last took an instance in."""
+    settings = Settings(data_dir=tmp_path / "data")
+    with Archive(settings) as receiving, Archive(settings) as idle:
+        receiving.finisher.stop()
+        idle.finisher.stop()
+        assert idle.seconds_since_ingest() > finisher_module.QUIET_S
+        receiving.ingest_part10(make_instance())
+        assert idle.seconds_since_ingest() < finisher_module.QUIET_S
+        assert idle.finisher._receiving()
