@@ -123,6 +123,20 @@ class Settings(BaseSettings):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
 
+    @field_validator("peer_token")
+    @classmethod
+    def _check_peer_token(cls, value: SecretStr) -> SecretStr:
+        if 0 < len(value.get_secret_value()) < 16:
+            raise ValueError("peer_token must be at least 16 characters (or empty: no peer reads)")
+        return value
+
+    @field_validator("peer_url")
+    @classmethod
+    def _check_peer_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("peer_url must be an http:// or https:// URL")
+        return value.rstrip("/")
+
     @field_validator("ae_title")
     @classmethod
     def _check_ae(cls, value: str) -> str:

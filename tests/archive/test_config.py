@@ -56,7 +56,12 @@ def test_spool_auto_is_on_where_every_host_can_read_it(monkeypatch) -> None:
     s3 = "s3://key:secret@127.0.0.1:9000/bucket"
     assert load_settings().uses_spool
     assert not load_settings(storage_url=s3).uses_spool
-    assert not load_settings(storage_url=s3, peer_token="t").uses_spool  # no URL to be read at
+    # no URL to be read at
+    assert not load_settings(storage_url=s3, peer_token="t" * 16).uses_spool
+    with pytest.raises(ConfigError, match="16 characters"):
+        load_settings(peer_token="short")
+    with pytest.raises(ConfigError, match="http"):
+        load_settings(peer_url="10.0.0.5:8080")
     monkeypatch.setenv("KHO_PEER_TOKEN", "shared-secret")
     monkeypatch.setenv("KHO_PEER_URL", "http://10.0.0.5:8080")
     settings = load_settings(storage_url=s3)

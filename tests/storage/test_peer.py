@@ -90,7 +90,9 @@ def test_an_unreachable_or_refusing_host_is_an_outage_not_a_missing_instance(
     data = make_instance(pixel_value=4)
     with host(tmp_path / "a", catalog_url, bucket_url) as (a, a_server, _):
         key = a.catalog.require_instance(a.ingest_part10(data).sop_uid).pixels_key
-        wrong_token = host(tmp_path / "b", catalog_url, bucket_url, token="wrong", serve=False)
+        wrong_token = host(
+            tmp_path / "b", catalog_url, bucket_url, token="not-the-archive-token", serve=False
+        )
         with wrong_token as (b, _, _), pytest.raises(StorageUnavailableError, match="HTTP 401"):
             b.store.get(key)
         with host(tmp_path / "c", catalog_url, bucket_url, serve=False) as (c, _, _):
