@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-corpus", type=Path, help="reuse/keep the generated series here")
     parser.add_argument("--kho-env", nargs="*", default=[], help="KEY=VALUE for kho serve")
     parser.add_argument(
+        "--results-name", default="ingest", help="benchmarks/results/<name>.json (default ingest)"
+    )
+    parser.add_argument(
         "--variants",
         nargs="+",
         default=[
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(corpus_dir, ignore_errors=True)
 
     payload = {"benchmark": "ingest", "machine": machine(), "kho_env": kho_env, "results": results}
-    path = write_results("ingest", payload)
+    path = write_results(args.results_name, payload)
     print(f"machine: {payload['machine']['cpu']} x{payload['machine']['cores']}")
     print(
         f"{'target':20} {'assoc':>5} {'inst/s':>9} {'MB/s':>8} {'median s':>9} "
