@@ -62,9 +62,9 @@ def test_spool_auto_is_on_where_every_host_can_read_it(monkeypatch) -> None:
         load_settings(peer_token="short")
     with pytest.raises(ConfigError, match="http"):
         load_settings(peer_url="10.0.0.5:8080")
-    monkeypatch.setenv("KHO_PEER_TOKEN", "shared-secret")
+    monkeypatch.setenv("KHO_PEER_TOKEN", "shared-secret-of-the-archive")
     monkeypatch.setenv("KHO_PEER_URL", "http://10.0.0.5:8080")
     settings = load_settings(storage_url=s3)
     assert settings.uses_spool and settings.peer_reads
-    assert "shared-secret" not in repr(settings)  # kept out of logs
+    assert "shared-secret-of-the-archive" not in repr(settings)  # kept out of logs
     assert not load_settings(storage_url=s3, spool="off").uses_spool
