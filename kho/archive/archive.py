@@ -17,7 +17,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from kho.archive import keys
+from kho.archive import keys, metrics
 from kho.archive.attributes import InstanceAttributes
 from kho.archive.catalog import Catalog, InstanceRecord
 from kho.archive.config import Settings
@@ -86,7 +86,10 @@ class Archive:
         )
         if settings.peer_reads:  # spool keys of other hosts: read from them
             spooled.peers = PeerSpoolClient(
-                self.catalog.spool_url, settings.peer_token.get_secret_value(), settings.peer_url
+                self.catalog.spool_url,
+                settings.peer_token.get_secret_value(),
+                settings.peer_url,
+                on_read=lambda outcome: metrics.PEER_READS.labels(outcome).inc(),
             )
             if self.spool is not None and settings.peer_url:
                 # with the segments earlier processes left here: served from here now

@@ -34,6 +34,13 @@ FINISH_SECONDS = Histogram(
 INGEST_OUTCOMES = Counter(
     "kho_ingest_total", "Ingest attempts by outcome", ["source", "outcome"], registry=REGISTRY
 )
+PEER_READS = Counter(
+    "kho_peer_reads_total",
+    "Reads of instances held in another host's ingest spool, by outcome (ok; absent: moved "
+    "or deleted there; unavailable: that host out of reach or refusing)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 REQUEST_SECONDS = Histogram(
     "kho_http_request_seconds",
     "HTTP request latency by route template and status",

@@ -47,7 +47,10 @@ class PeerSpoolClient:
         own_url: str = "",
         *,
         timeout_s: float = 30.0,
+        on_read: Callable[[str], None] | None = None,
     ) -> None:
+        #: told each read's outcome: "ok", "absent" or "unavailable" (metrics)
+        self._on_read = on_read or (lambda _outcome: None)
         self._locate = locate
         self._token = token
         self._own_url = own_url.rstrip("/")
@@ -74,6 +77,18 @@ class PeerSpoolClient:
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         """The bytes of a spooled object held by another host (a range of them)."""
+        try:
+            data = self._read(key, offset, length)
+        except ObjectNotFoundError:
+            self._on_read("absent")
+            raise
+        except StorageUnavailableError:
+            self._on_read("unavailable")
+            raise
+        self._on_read("ok")
+        return data
+
+    def _read(self, key: str, offset: int, length: int | None) -> bytes:
         _segment, _start, size = parse_spool_key(key)
         if offset < 0 or offset > size:
             raise StorageError(f"range {offset} outside spooled object {key} ({size} bytes)")

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kho.archive import metrics
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
 from kho.errors import StorageUnavailableError
@@ -49,6 +50,10 @@ def host(
         yield archive, server, url
 
 
+def peer_reads(outcome: str) -> float:
+    return metrics.REGISTRY.get_sample_value("kho_peer_reads_total", {"outcome": outcome}) or 0.0
+
+
 @pytest.fixture
 def catalog_url() -> Iterator[str]:
     with postgres_database() as url:
@@ -68,7 +73,9 @@ def test_another_host_reads_an_instance_still_in_the_spool(
         record = b.catalog.require_instance(result.sop_uid)
         assert is_spool_key(record.pixels_key)
         assert not b.spool_reader.holds_segment(record.pixels_key)
+        served = peer_reads("ok")
         assert b.read_part10(record) == data
+        assert peer_reads("ok") == served + 1  # on /metrics: kho_peer_reads_total
         assert b.store.get_range(record.pixels_key, 5, 100) == data[5:105]
         assert b.store.exists(record.pixels_key)
         assert b.store.size(record.pixels_key) == len(data)
@@ -99,8 +106,10 @@ def test_an_unreachable_or_refusing_host_is_an_outage_not_a_missing_instance(
             assert c.store.get(key) == data
             assert a_server is not None
             a_server.stop()
+            unavailable = peer_reads("unavailable")
             with pytest.raises(StorageUnavailableError, match="cannot be reached"):
                 c.store.get(key)
+            assert peer_reads("unavailable") == unavailable + 1
             # a spool no host serves: unreadable from here, not missing
             unknown = "spool/hnowhere-1-abcdef-000001/0-10"
             with pytest.raises(StorageUnavailableError, match="no host"):
