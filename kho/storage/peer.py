@@ -54,7 +54,8 @@ class PeerSpoolClient:
         self._locate = locate
         self._token = token
         self._own_url = own_url.rstrip("/")
-        self._urls: dict[str, str] = {}  # stems never move: found once, kept
+        # stem -> URL; forgotten when that host cannot be reached (it may have moved)
+        self._urls: dict[str, str] = {}
         self._http = urllib3.PoolManager(
             num_pools=16,
             maxsize=8,
@@ -113,7 +114,9 @@ class PeerSpoolClient:
             raise StorageUnavailableError(f"the host holding {key} answered HTTP {response.status}")
         data = bytes(response.data)
         if len(data) != count:
-            raise StorageError(f"the host holding {key} sent {len(data)} of {count} bytes")
+            raise StorageUnavailableError(
+                f"the host holding {key} sent {len(data)} of {count} bytes"
+            )
         return data
 
     def exists(self, key: str) -> bool:
