@@ -231,18 +231,16 @@ class Archive:
         same bytes either way)."""
         try:
             return self._read_part10(record)
-        except StorageUnavailableError:
-            # held by a host out of reach: moved into the bucket since, perhaps
-            if not is_spool_key(record.pixels_key):
+        except (ObjectNotFoundError, StorageUnavailableError) as exc:
+            # unavailable: a spooled instance whose host is out of reach, moved into the
+            # bucket since, perhaps (else nothing better to read)
+            unreachable = isinstance(exc, StorageUnavailableError)
+            if unreachable and not is_spool_key(record.pixels_key):
                 raise
-            current = self.catalog.get_instance(record.sop_uid)
-            moved = current is not None and not is_spool_key(current.pixels_key)
-            if current is None or not moved or current.sha256 != record.sha256:
-                raise
-            return self._read_part10(current)
-        except ObjectNotFoundError:
             current = self.catalog.get_instance(record.sop_uid)
             if current is None or current == record or current.sha256 != record.sha256:
+                raise
+            if unreachable and is_spool_key(current.pixels_key):
                 raise
             return self._read_part10(current)
 

@@ -144,6 +144,11 @@ def _count_statements(
     ]
 
 
+def _end_pending_statement(object_prefix: str) -> tuple[str, Sequence[Any]]:
+    """Take a prefix's journal row away (its objects are referenced, or gone)."""
+    return ("DELETE FROM pending WHERE object_prefix = ?", (object_prefix,))
+
+
 #: an instance queued again starts afresh
 _REQUEUE = (
     "object_prefix = excluded.object_prefix, queued_at = excluded.queued_at, "
@@ -736,7 +741,7 @@ class Catalog:
 
     def end_pending(self, object_prefix: str) -> None:
         with self.writer() if not self._in_transaction() else nullcontext():
-            self.execute("DELETE FROM pending WHERE object_prefix = ?", (object_prefix,))
+            self.execute(*_end_pending_statement(object_prefix))
 
     def _in_transaction(self) -> bool:
         return self.dialect == "sqlite" and bool(self.connection.in_transaction)
@@ -875,9 +880,7 @@ class Catalog:
                 self._upsert_hierarchy(attrs, hierarchy, rows)
                 tail: list[tuple[str, Sequence[Any]]] = []
                 if journalled:
-                    tail.append(
-                        ("DELETE FROM pending WHERE object_prefix = ?", (record.object_prefix,))
-                    )
+                    tail.append(_end_pending_statement(record.object_prefix))
                 if unfinished:  # a new SOP Instance UID has no queue row to clear
                     tail.append(_queue_statement(record, unfinished))
                 # last: these rows are shared by every instance of the series

@@ -13,6 +13,7 @@ import pytest
 
 from kho.archive import metrics
 from kho.archive.archive import Archive
+from kho.archive.catalog import InstanceRecord
 from kho.archive.config import Settings
 from kho.errors import StorageUnavailableError
 from kho.storage.spool import is_spool_key
@@ -48,6 +49,13 @@ def host(
         if serve:
             server = stack.enter_context(HttpServer(archive, host="127.0.0.1", port=port))
         yield archive, server, url
+
+
+def spooled(archive: Archive, data: bytes) -> InstanceRecord:
+    """Store ``data`` through ``archive``; its catalog row (pointing into the spool)."""
+    record = archive.catalog.require_instance(archive.ingest_part10(data).sop_uid)
+    assert is_spool_key(record.pixels_key)
+    return record
 
 
 def peer_reads(outcome: str) -> float:
@@ -96,7 +104,7 @@ def test_an_unreachable_or_refusing_host_is_an_outage_not_a_missing_instance(
 ) -> None:
     data = make_instance(pixel_value=4)
     with host(tmp_path / "a", catalog_url, bucket_url) as (a, a_server, _):
-        key = a.catalog.require_instance(a.ingest_part10(data).sop_uid).pixels_key
+        key = spooled(a, data).pixels_key
         wrong_token = host(
             tmp_path / "b", catalog_url, bucket_url, token="not-the-archive-token", serve=False
         )
@@ -129,7 +137,7 @@ def test_a_host_that_does_not_say_the_key_is_gone_is_an_outage(
     at its address) makes the instance unreadable for now, never missing."""
     data = make_instance(pixel_value=6)
     with host(tmp_path / "a", catalog_url, bucket_url, serve=False) as (a, _, url):
-        record = a.catalog.require_instance(a.ingest_part10(data).sop_uid)
+        record = spooled(a, data)
         port = int(url.rsplit(":", 1)[1])
         no_peers = Archive(Settings(data_dir=tmp_path / "other", http_port=port))
         with (
@@ -148,7 +156,7 @@ def test_the_peer_endpoint_wants_the_token_and_a_spool_key(
 ) -> None:
     data = make_instance(pixel_value=5)
     with host(tmp_path / "a", catalog_url, bucket_url) as (a, _, url):
-        key = a.catalog.require_instance(a.ingest_part10(data).sop_uid).pixels_key
+        key = spooled(a, data).pixels_key
         path = f"{url}/kho/peer/spool/{key.removeprefix('spool/')}"
         auth = {"Authorization": f"Bearer {TOKEN}"}
         with httpx.Client(timeout=10) as http:
