@@ -67,6 +67,12 @@ class DatasetMismatchError(InvalidDicomError):
     """
 
 
+class IdentityConflictError(DatasetMismatchError):
+    """An instance that contradicts what the catalog holds: its study belongs to another
+    patient, or its series to another study.  Refused, never merged: maps to DIMSE 0xC410
+    (with an Error Comment naming the conflict) and HTTP 409."""
+
+
 class DuplicateInstanceError(KhoError):
     """A different instance already stored under the same SOP Instance UID, and the
     duplicate policy says reject.  Maps to DIMSE 0x0111 and HTTP 409."""

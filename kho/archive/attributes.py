@@ -130,6 +130,8 @@ class InstanceAttributes:
     content_time: str
     sop_uid_in_dataset: bool = True
     warnings: list[str] = field(default_factory=list)
+    #: UIDs the archive invented because the instance lacked them (keyword, UID)
+    coerced: tuple[tuple[str, str], ...] = ()
     #: catalogued sequences present in the instance (kho.archive.sequences)
     sequences: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
 
@@ -284,13 +286,16 @@ def extract_attributes(
     sop_uid_fallback: str = "",
     sop_class_fallback: str = "",
     surrogate_sop_anchor: str | None = None,
+    invent_missing_uids: bool = True,
 ) -> InstanceAttributes:
     """Catalog attributes of a parsed header; DatasetMismatchError for unusable identity.
 
     SOP Instance / Class UID come from the dataset, else from the File Meta or the DIMSE
     command (``*_fallback``).  A missing Study or Series Instance UID is catalogued under a
-    surrogate UID derived from the SOP Instance UID, so the instance is still accepted and
-    found; ``warnings`` says so.  With ``surrogate_sop_anchor`` (file import only), an
+    surrogate UID (derived from the series, or the study, series number and modality, else
+    the SOP Instance UID), so the instance is still accepted and found; ``coerced`` names
+    them, for the answer to the sender.  ``invent_missing_uids=False``: such an instance is
+    refused (DatasetMismatchError).  With ``surrogate_sop_anchor`` (file import only), an
     instance with no SOP Instance UID anywhere gets one derived from that anchor.
     """
     warnings: list[str] = []
@@ -302,18 +307,31 @@ def extract_attributes(
     sop_class_uid = check_uid(
         _text(ds, "SOPClassUID", 200) or sop_class_fallback, "SOP Class UID (0008,0016)", warnings
     )
+    coerced: list[tuple[str, str]] = []
     study_text = _text(ds, "StudyInstanceUID", 200)
+    series_text = _text(ds, "SeriesInstanceUID", 200)
+    if not (study_text and series_text) and not invent_missing_uids:
+        missing = "Study" if not study_text else "Series"
+        raise DatasetMismatchError(f"missing {missing} Instance UID (Type 1)")
     if study_text:
         study_uid = check_uid(study_text, "Study Instance UID (0020,000D)", warnings)
     else:
-        study_uid = surrogate_uid("study", sop_uid)
-        warnings.append(f"no Study Instance UID: catalogued under {study_uid}")
-    series_text = _text(ds, "SeriesInstanceUID", 200)
+        # instances of one series share the invented study
+        study_uid = surrogate_uid("study", series_text or sop_uid)
+        coerced.append(("StudyInstanceUID", study_uid))
     if series_text:
         series_uid = check_uid(series_text, "Series Instance UID (0020,000E)", warnings)
     else:
-        series_uid = surrogate_uid("series", sop_uid)
-        warnings.append(f"no Series Instance UID: catalogued under {series_uid}")
+        # instances of one study with one series number and modality share the invented
+        # series; without a study, one series per instance
+        anchor = (
+            f"{study_uid}\x00{_text(ds, 'SeriesNumber')}\x00{_text(ds, 'Modality')}"
+            if study_text
+            else sop_uid
+        )
+        series_uid = surrogate_uid("series", anchor)
+        coerced.append(("SeriesInstanceUID", series_uid))
+    warnings += [f"no {keyword}: catalogued under {uid}" for keyword, uid in coerced]
     frames = _int(ds, "NumberOfFrames")
     return InstanceAttributes(
         patient_id=_text(ds, "PatientID", 64),
@@ -351,5 +369,6 @@ def extract_attributes(
         content_time=_text(ds, "ContentTime", 16),
         sop_uid_in_dataset=bool(_text(ds, "SOPInstanceUID", 200)),
         warnings=warnings,
+        coerced=tuple(coerced),
         sequences=extract_sequences(ds) if isinstance(ds, Dataset) else {},
     )

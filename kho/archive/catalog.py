@@ -30,7 +30,7 @@ from typing import Any
 from kho.archive import keys
 from kho.archive.attributes import InstanceAttributes
 from kho.archive.sequences import SEQUENCES
-from kho.errors import CatalogError, NotFoundError
+from kho.errors import CatalogError, IdentityConflictError, NotFoundError
 from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of, stem_of
 
 LOG = logging.getLogger(__name__)
@@ -420,7 +420,12 @@ def _new_in_known_series_statement(journalled: bool, unfinished: bool) -> str:
     Parameters: the patient, study and series keys each followed by their
     _hierarchy_values, the instance columns, then the tail's."""
     types = _column_types("instances")
-    checks = []
+    # the rows must also be each other's parents (a study of another patient, a series of
+    # another study: the general path refuses the instance)
+    checks = [
+        "studies.patient_key = patients.patient_key",
+        "series.study_uid = studies.study_uid",
+    ]
     for table, key, columns in _HIERARCHY_COLUMNS:
         row = ", ".join(f"{table}.{c}" for c in columns)
         given = ", ".join("%s::" + _column_types(table)[c] for c in columns)
@@ -868,7 +873,7 @@ class Catalog:
             )
             cursors = self.execute_batch([insert, *self._hierarchy_reads(attrs, hierarchy)])
             if cursors[0].rowcount == 1:
-                read = [c.fetchone() for c in cursors[1:]]
+                read = self._read_hierarchy(attrs, cursors[1:])
                 rows: list[tuple[Any, ...] | None] | None = read
                 if attrs.sequences or not _hierarchy_unchanged(read, hierarchy):
                     # rows to write: lock them first, in one order, and read them again
@@ -905,22 +910,7 @@ class Catalog:
                 return "duplicate", previous
             if policy != "replace":
                 return ("kept" if policy == "keep" else "rejected"), previous
-            updates = ", ".join(f"{c} = ?" for c in INSTANCE_COLUMNS[1:])
-            self.execute(
-                f"UPDATE instances SET {updates} WHERE sop_uid = ?",
-                [values[c] for c in INSTANCE_COLUMNS[1:]] + [record.sop_uid],
-            )
-            self._upsert_hierarchy(attrs)
-            prev_patient = self.fetchone(
-                "SELECT patient_key FROM studies WHERE study_uid = ?", (previous.study_uid,)
-            )
-            self._count_instance(
-                previous.study_uid,
-                previous.series_uid,
-                prev_patient[0] if prev_patient else "",
-                -1,
-            )
-            self._count_instance(attrs.study_uid, attrs.series_uid, attrs.patient_key, +1)
+            self._replace_instance(attrs, previous, values)
             self.execute(
                 "INSERT INTO replacements (sop_uid, old_sha256, new_sha256, replaced_at) "
                 "VALUES (?, ?, ?, ?)",
@@ -935,6 +925,139 @@ class Catalog:
                 self._add_garbage([previous.pixels_key], GARBAGE_DELAY_S)
             self._queue_unfinished(record, unfinished)
             return "replaced", previous
+
+    def _replace_instance(
+        self, attrs: InstanceAttributes, previous: InstanceRecord, values: dict[str, Any]
+    ) -> None:
+        """Put a replacing version in its instance row (inside the commit's transaction).
+
+        The version may name another patient, study or series than the one it replaces (a
+        corrected resend).  A study or series that holds no other instance moves with it
+        (the study to the new patient, the series to the new study); one that holds others
+        refuses it (IdentityConflictError: a study never spans two patients).  Rows left
+        without instances disappear; the counts of every row touched are counted again."""
+        sop_uid = attrs.sop_uid
+        old_patient = self._parent_of("studies", previous.study_uid)
+        study_patient = self._parent_of("studies", attrs.study_uid)
+        series_study = self._parent_of("series", attrs.series_uid)
+        moves: list[tuple[str, Sequence[Any]]] = []
+        if study_patient is not None and study_patient != attrs.patient_key:
+            if self._holds_others("study_uid", attrs.study_uid, sop_uid):
+                self._check_parents(attrs, study_patient, None)
+            moves.append(
+                (
+                    "UPDATE studies SET patient_key = ? WHERE study_uid = ?",
+                    (attrs.patient_key, attrs.study_uid),
+                )
+            )
+        if series_study is not None and series_study != attrs.study_uid:
+            if self._holds_others("series_uid", attrs.series_uid, sop_uid):
+                self._check_parents(attrs, None, series_study)
+            moves.append(
+                (
+                    "UPDATE series SET study_uid = ? WHERE series_uid = ?",
+                    (attrs.study_uid, attrs.series_uid),
+                )
+            )
+        updates = ", ".join(f"{c} = ?" for c in INSTANCE_COLUMNS[1:])
+        self.execute_batch(
+            [
+                (
+                    f"UPDATE instances SET {updates} WHERE sop_uid = ?",
+                    [values[c] for c in INSTANCE_COLUMNS[1:]] + [sop_uid],
+                ),
+                *moves,
+            ]
+        )
+        self._upsert_hierarchy(attrs)
+        self._tidy_hierarchy(
+            {k for k in (old_patient, study_patient, attrs.patient_key) if k},
+            {k for k in (previous.study_uid, series_study, attrs.study_uid) if k},
+            {previous.series_uid, attrs.series_uid},
+        )
+
+    def _holds_others(self, column: str, uid: str, sop_uid: str) -> bool:
+        """Whether a study (column study_uid) or series holds an instance but ``sop_uid``."""
+        row = self.fetchone(
+            f"SELECT 1 FROM instances WHERE {column} = ? AND sop_uid <> ? LIMIT 1",
+            (uid, sop_uid),
+        )
+        return row is not None
+
+    def _tidy_hierarchy(
+        self, patient_keys: set[str], study_uids: set[str], series_uids: set[str]
+    ) -> None:
+        """After instances moved: rows without instances go (a series with none, then a
+        study without series, then a patient without studies, with their sequence items),
+        and the counters of the rest are counted again from the instances."""
+        for table, key, child, child_key, uids in (
+            ("series", "series_uid", "instances", "series_uid", series_uids),
+            ("studies", "study_uid", "series", "study_uid", study_uids),
+            ("patients", "patient_key", "studies", "patient_key", patient_keys),
+        ):
+            for uid in sorted(uids):
+                cursor = self.execute(
+                    f"DELETE FROM {table} WHERE {key} = ? AND NOT EXISTS "
+                    f"(SELECT 1 FROM {child} c WHERE c.{child_key} = ?)",
+                    (uid, uid),
+                )
+                if cursor.rowcount == 1:
+                    self.execute("DELETE FROM sequence_items WHERE owner = ?", (uid,))
+        self._recount(sorted(patient_keys), sorted(study_uids), sorted(series_uids))
+        for study_uid in sorted(study_uids):
+            self._refresh_modalities(study_uid)
+
+    def _recount(
+        self, patient_keys: list[str], study_uids: list[str], series_uids: list[str]
+    ) -> None:
+        """Set the counters of these rows to what the instances say.  PostgreSQL: in one
+        statement that also folds in (deletes) their pending instance_deltas, so the
+        instances counted and the deltas dropped are of one snapshot."""
+        marks = {
+            name: ", ".join("?" for _ in uids) or "NULL"
+            for name, uids in (("p", patient_keys), ("s", study_uids), ("r", series_uids))
+        }
+        pg = self.dialect == "postgresql"
+        also = {
+            "r": " OR t.series_uid IN (SELECT series_uid FROM d)" if pg else "",
+            "s": " OR t.study_uid IN (SELECT study_uid FROM d)" if pg else "",
+            "p": " OR t.patient_key IN (SELECT patient_key FROM d)" if pg else "",
+        }
+        updates = [
+            (
+                "UPDATE series AS t SET num_instances = (SELECT count(*) FROM instances i "
+                "WHERE i.series_uid = t.series_uid) "
+                f"WHERE t.series_uid IN ({marks['r']}){also['r']}",
+                series_uids,
+            ),
+            (
+                "UPDATE studies AS t SET num_instances = (SELECT count(*) FROM instances i "
+                "WHERE i.study_uid = t.study_uid), num_series = (SELECT count(*) FROM series x "
+                f"WHERE x.study_uid = t.study_uid) WHERE t.study_uid IN ({marks['s']}){also['s']}",
+                study_uids,
+            ),
+            (
+                "UPDATE patients AS t SET num_studies = (SELECT count(*) FROM studies x "
+                "WHERE x.patient_key = t.patient_key), num_instances = (SELECT count(*) "
+                "FROM instances i JOIN studies x ON x.study_uid = i.study_uid "
+                "WHERE x.patient_key = t.patient_key) "
+                f"WHERE t.patient_key IN ({marks['p']}){also['p']}",
+                patient_keys,
+            ),
+        ]
+        if not pg:
+            self.execute_batch(updates)
+            return
+        fold = (
+            "DELETE FROM instance_deltas WHERE patient_key IN ({p}) OR study_uid IN ({s}) "
+            "OR series_uid IN ({r}) RETURNING patient_key, study_uid, series_uid"
+        ).format(**marks)
+        parts = [f"d AS ({fold})"]
+        params: list[Any] = [*patient_keys, *study_uids, *series_uids]
+        for name, (text, uids) in zip("rsp", updates, strict=True):
+            parts.append(f"{name} AS ({text} RETURNING 1)")
+            params += uids
+        self.execute(f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM d)", params)
 
     def _commit_new_in_known_series(
         self,
@@ -1202,9 +1325,6 @@ class Catalog:
             for key in object_keys:
                 self.execute("DELETE FROM garbage WHERE object_key = ?", (key,))
 
-    def _count_instance(self, study_uid: str, series_uid: str, pkey: str, delta: int) -> None:
-        self.execute_batch(_count_statements(study_uid, series_uid, pkey, delta, self.dialect))
-
     def _lock_hierarchy(self, a: InstanceAttributes) -> None:
         """PostgreSQL: lock the patient, study and series rows of an instance, in that
         order (the counter updates take them in the same order: no deadlock)."""
@@ -1229,9 +1349,56 @@ class Catalog:
         patient, study, series = hierarchy
         return [
             (f"SELECT {', '.join(patient)} FROM patients WHERE patient_key = ?", (a.patient_key,)),
-            (f"SELECT {', '.join(study)} FROM studies WHERE study_uid = ?", (a.study_uid,)),
-            (f"SELECT {', '.join(series)} FROM series WHERE series_uid = ?", (a.series_uid,)),
+            (
+                f"SELECT patient_key, {', '.join(study)} FROM studies WHERE study_uid = ?",
+                (a.study_uid,),
+            ),
+            (
+                f"SELECT study_uid, {', '.join(series)} FROM series WHERE series_uid = ?",
+                (a.series_uid,),
+            ),
         ]
+
+    def _read_hierarchy(
+        self, a: InstanceAttributes, cursors: Sequence[Any]
+    ) -> list[tuple[Any, ...] | None]:
+        """The rows of _hierarchy_reads' cursors, the parent keys checked (IdentityConflictError
+        when the study belongs to another patient or the series to another study) and then
+        dropped: each row as its ``hierarchy`` values."""
+        patient, study, series = (cursor.fetchone() for cursor in cursors)
+        self._check_parents(
+            a,
+            study[0] if study is not None else None,
+            series[0] if series is not None else None,
+        )
+        return [
+            tuple(patient) if patient is not None else None,
+            tuple(study[1:]) if study is not None else None,
+            tuple(series[1:]) if series is not None else None,
+        ]
+
+    def _check_parents(
+        self, a: InstanceAttributes, study_patient: str | None, series_study: str | None
+    ) -> None:
+        """A study belongs to one patient, a series to one study: refuse an instance that
+        says otherwise (never merged: the wrong images would be filed under a patient)."""
+        if series_study is not None and series_study != a.study_uid:
+            raise IdentityConflictError(
+                f"Series Instance UID {a.series_uid} belongs to study {series_study}, "
+                f"not {a.study_uid}"
+            )
+        if study_patient is not None and study_patient != a.patient_key:
+            row = self.fetchone(
+                "SELECT patient_id, issuer_of_patient_id FROM patients WHERE patient_key = ?",
+                (study_patient,),
+            )
+            held = f"Patient ID {row[0]!r}" if row else "another patient"
+            if row and row[1]:
+                held += f" (issuer {row[1]!r})"
+            raise IdentityConflictError(
+                f"Study Instance UID {a.study_uid} belongs to {held}, not Patient ID "
+                f"{a.patient_id!r}"
+            )
 
     def _upsert_hierarchy(
         self,
@@ -1249,7 +1416,7 @@ class Catalog:
         patient, study, series = hierarchy or _hierarchy_values(a)
         if rows is None:
             reads = self._hierarchy_reads(a, (patient, study, series))
-            rows = [cursor.fetchone() for cursor in self.execute_batch(reads)]
+            rows = self._read_hierarchy(a, self.execute_batch(reads))
         self._upsert_row(
             "patients",
             ("patient_key", pkey),
@@ -1265,6 +1432,8 @@ class Catalog:
             stamp="updated_at",
             current=rows[1],
         )
+        if rows[1] is None and not new_study:  # PostgreSQL: inserted meanwhile by another
+            self._check_parents(a, self._parent_of("studies", a.study_uid), None)
         if new_study:
             self.execute(
                 "UPDATE patients SET num_studies = num_studies + 1 WHERE patient_key = ?", (pkey,)
@@ -1276,6 +1445,8 @@ class Catalog:
             {"study_uid": a.study_uid},
             current=rows[2],
         )
+        if rows[2] is None and not new_series:
+            self._check_parents(a, None, self._parent_of("series", a.series_uid))
         if new_series:
             self.execute(
                 "UPDATE studies SET num_series = num_series + 1 WHERE study_uid = ?",
@@ -1286,6 +1457,19 @@ class Catalog:
         owners = {"PATIENT": pkey, "STUDY": a.study_uid, "SERIES": a.series_uid}
         for keyword, items in a.sequences.items():
             self._sync_sequence(owners[SEQUENCES[keyword].level], keyword, items)
+
+    def _parent_of(self, table: str, uid: str) -> str | None:
+        """The parent key of a study (its patient) or of a series (its study)."""
+        parent, key = (
+            ("patient_key", "study_uid")
+            if table == "studies"
+            else (
+                "study_uid",
+                "series_uid",
+            )
+        )
+        row = self.fetchone(f"SELECT {parent} FROM {table} WHERE {key} = ?", (uid,))
+        return str(row[0]) if row else None
 
     def _sync_sequence(self, owner: str, keyword: str, items: list[tuple[str, ...]]) -> None:
         """The catalogued items of one sequence, replaced when an instance carries others

@@ -29,6 +29,15 @@ class DuplicatePolicy(StrEnum):
     REJECT = "reject"  # refuse the newcomer (DIMSE 0x0111, HTTP 409)
 
 
+class MissingUidPolicy(StrEnum):
+    """What an instance without a Study or Series Instance UID (Type 1) gets."""
+
+    # accepted under a deterministic 2.25 UID; the answer says so: DIMSE Warning 0xB000
+    # (coercion) naming the UID, STOW-RS a WarningReason in the Referenced SOP item
+    COERCE = "coerce"
+    REJECT = "reject"  # refused: DIMSE 0xA900, STOW-RS failure 0xA900
+
+
 class SpoolMode(StrEnum):
     """Where an instance received for background finishing is kept until it is finished."""
 
@@ -59,6 +68,11 @@ class Settings(BaseSettings):
         DuplicatePolicy.REPLACE,
         description="a second, different instance under a stored SOP Instance UID: "
         "replace (keep the newer, record it), keep (keep the first) or reject",
+    )
+    missing_uids: MissingUidPolicy = Field(
+        MissingUidPolicy.COERCE,
+        description="an instance without Study or Series Instance UID: coerce (catalogue it "
+        "under a 2.25 UID and answer with a coercion warning naming it) or reject",
     )
     max_pdu_size: int = Field(
         4 * 1024 * 1024, description="largest P-DATA PDU the archive accepts (0 = unlimited)"

@@ -28,6 +28,7 @@ from kho.archive.attributes import (
     read_header,
 )
 from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT, InstanceRecord
+from kho.archive.config import MissingUidPolicy
 from kho.archive.part10 import Part10Layout, build_file_meta, parse_part10
 from kho.archive.pixels import encode_pixels
 from kho.errors import (
@@ -64,6 +65,9 @@ class IngestResult:
     sha256: str
     received_size: int
     stored_size: int
+    #: UIDs the archive invented for the catalog (keyword -> UID): the instance lacked
+    #: them (missing_uids = coerce); the answer must name them (DIMSE Warning 0xB000)
+    coerced: tuple[tuple[str, str], ...] = ()
 
 
 def ingest_dimse(
@@ -161,6 +165,8 @@ def _ingest_part10(
         sop_uid_fallback=expected_sop_instance_uid or layout.media_sop_instance_uid,
         sop_class_fallback=expected_sop_class_uid or layout.media_sop_class_uid,
         surrogate_sop_anchor=sha if lenient_identity else None,
+        invent_missing_uids=lenient_identity
+        or archive.settings.missing_uids is MissingUidPolicy.COERCE,
     )
     _check_identity(layout, attrs, expected_sop_class_uid, expected_sop_instance_uid)
     for warning in attrs.warnings:
@@ -390,4 +396,5 @@ def _result(outcome: IngestOutcome, attrs: InstanceAttributes, rec: InstanceReco
         sha256=rec.sha256,
         received_size=rec.received_size,
         stored_size=rec.stored_size,
+        coerced=attrs.coerced,
     )

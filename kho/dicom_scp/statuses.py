@@ -8,6 +8,7 @@ from kho.errors import (
     CatalogError,
     DatasetMismatchError,
     DuplicateInstanceError,
+    IdentityConflictError,
     InvalidDicomError,
     KhoError,
     NotFoundError,
@@ -22,6 +23,10 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.4: used by archives that refuse duplicates
 PROCESSING_FAILURE = 0x0110
+# kho's own in the "cannot understand" family: the instance contradicts the catalog (its
+# study belongs to another patient, its series to another study); Error Comment says which
+IDENTITY_CONFLICT = 0xC410
+COERCION_OF_DATA_ELEMENTS = 0xB000  # C-STORE warning: the archive invented a Type 1 UID
 # C-FIND / C-MOVE / C-GET (PS3.4 C.4)
 QR_OUT_OF_RESOURCES = 0xA700
 QR_UNABLE_TO_CALCULATE_MATCHES = 0xA701
@@ -39,6 +44,8 @@ _ERROR_COMMENT_LIMIT = 64  # Error Comment (0000,0902) is LO
 
 def store_status_for(exc: BaseException) -> int:
     """The C-STORE failure status for an exception raised by the archive."""
+    if isinstance(exc, IdentityConflictError):
+        return IDENTITY_CONFLICT
     if isinstance(exc, DatasetMismatchError):
         return DATASET_DOES_NOT_MATCH_SOP_CLASS
     if isinstance(exc, InvalidDicomError):
