@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from kho.archive.config import MissingUidPolicy, Settings
 from kho.archive.ingest import IngestOutcome
 from kho.archive.query import find
 from kho.errors import DatasetMismatchError, IdentityConflictError
+from kho.viewer_api.app import create_app
 from tests.archive.test_ingest import part10_of
 from tests.helpers.postgres import ENGINES, archive_on
 
@@ -228,7 +230,9 @@ def expected_outcome(model: dict[str, Sent], sop: str, new: Sent) -> str:
     return "replaced" if sop in model else "stored"
 
 
-def check_views(archive: Archive, model: dict[str, Sent], namespace: str) -> None:
+def check_views(
+    archive: Archive, model: dict[str, Sent], namespace: str, web: TestClient | None = None
+) -> None:
     patients = {v.patient for v in model.values()}
     studies = {v.study for v in model.values()}
     series = {v.series for v in model.values()}
@@ -255,6 +259,15 @@ def check_views(archive: Archive, model: dict[str, Sent], namespace: str) -> Non
         mine = [v for v in model.values() if v.series == uid]
         assert row["StudyInstanceUID"] == mine[0].study
         assert row["NumberOfSeriesRelatedInstances"] == len(mine)
+    if web is not None:  # QIDO-RS and WADO-RS metadata over HTTP
+        for pid in (f"{namespace}-{n}" for n in range(3)):
+            answer = web.get("/dicom-web/studies", params={"PatientID": pid})
+            found = {row["0020000D"]["Value"][0] for row in answer.json()} if answer.text else set()
+            assert found == {v.study for v in model.values() if v.patient == pid}
+        for study in studies:
+            metadata = web.get(f"/dicom-web/studies/{study}/metadata").json()
+            shown = {(m["00080018"]["Value"][0], m["00100020"]["Value"][0]) for m in metadata}
+            assert shown == {(s, v.patient) for s, v in model.items() if v.study == study}
     for sop, sent in model.items():
         record = archive.catalog.require_instance(sop)
         data = archive.read_part10(record)
@@ -275,8 +288,8 @@ SEND = st.tuples(
 @pytest.fixture(params=ENGINES)
 def shared_archive(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Archive]:
-    """One archive for all examples (each example has UIDs of its own)."""
+) -> Iterator[tuple[Archive, TestClient]]:
+    """One archive (and its DICOMweb app) for all examples (each example has UIDs of its own)."""
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("identity") / "data",
         fsync=False,
@@ -285,7 +298,8 @@ def shared_archive(
     )
     with archive_on(request.param, settings) as archive:
         archive.derivers = []
-        yield archive
+        with TestClient(create_app(archive)) as web:
+            yield archive, web
 
 
 @hypothesis_settings(
@@ -295,9 +309,9 @@ def shared_archive(
 )
 @given(sends=st.lists(SEND, min_size=1, max_size=8))
 def test_random_colliding_instances_keep_every_view_consistent(
-    shared_archive: Archive, sends: list[tuple[int, int, int, int, int]]
+    shared_archive: tuple[Archive, TestClient], sends: list[tuple[int, int, int, int, int]]
 ) -> None:
-    archive = shared_archive
+    archive, web = shared_archive
     namespace = f"H{secrets.token_hex(4)}"
     base = f"{ROOT}.99.{int(namespace[1:], 16)}"
     model: dict[str, Sent] = {}
@@ -326,4 +340,4 @@ def test_random_colliding_instances_keep_every_view_consistent(
             result = archive.ingest_part10(sent)
             assert result.outcome.value == expected, f"step {step}"
             model[sop] = new
-        check_views(archive, model, namespace)
+        check_views(archive, model, namespace, web)
