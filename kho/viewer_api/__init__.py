@@ -20,6 +20,9 @@ Resources (one router per module):
 fastpath.py dispatches the requests viewers repeat most (frames, instance and frame
 thumbnails, tiles, series metadata) to the same handlers without FastAPI's routing and
 dependency solving (most of a small request's CPU); metrics.py times every request by
-route template.  Errors map to statuses in errors.py only.  CORS origins and the STOW-RS
-size limit are settings (``cors_origins``, ``stow_max_bytes``).
+route template.  paths.py checks every path parameter (UIDs as ingest accepts them, frame
+numbers), for the routers and the fast path alike: a blank or malformed UID is 400, never
+"everything"; head.py answers HEAD wherever GET works.  Errors map to statuses in errors.py
+only.  CORS origins and the STOW-RS size limit are settings (``cors_origins``,
+``stow_max_bytes``).
 """

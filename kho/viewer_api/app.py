@@ -6,7 +6,7 @@ CORS origins and the STOW-RS size limit come from the archive's settings
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from kho.archive.archive import Archive
@@ -14,6 +14,8 @@ from kho.viewer_api import metrics, peer, qido, rendered, stow, wado
 from kho.viewer_api.deps import ViewerState
 from kho.viewer_api.errors import install_error_handlers
 from kho.viewer_api.fastpath import FastPath
+from kho.viewer_api.head import HeadAsGet
+from kho.viewer_api.paths import PathGuard, valid_path
 
 PREFIX = "/dicom-web"
 
@@ -46,18 +48,22 @@ def create_app(
     # routing and dependency solving; inside CORS and the request timer (added later)
     if fast_path:
         app.add_middleware(FastPath, state=app.state.viewer, prefix=PREFIX)
+    # outside the fast path: both see a checked path, and HEAD as the GET it mirrors
+    app.add_middleware(PathGuard, prefix=PREFIX)
+    app.add_middleware(HeadAsGet)
     origins = cors_origins if cors_origins is not None else archive.settings.cors_origins
     if origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
             allow_headers=["*"],
             expose_headers=["Content-Type", "Content-Length", "Warning", "Content-Encoding"],
         )
-    # QIDO first: its /studies/{s}/series must not be read as a WADO retrieve
+    # QIDO first: its /studies/{s}/series must not be read as a WADO retrieve; every path
+    # parameter (UIDs, frame numbers) checked before any route looks it up
     for module in (qido, wado, rendered, stow):
-        app.include_router(module.router, prefix=PREFIX)
+        app.include_router(module.router, prefix=PREFIX, dependencies=[Depends(valid_path)])
     app.include_router(peer.router)  # the other hosts' reads of this host's spool
     # /metrics and request latencies by route template
     metrics.install(app, [(PREFIX, m.router) for m in (qido, wado, rendered, stow)])

@@ -18,6 +18,7 @@ from kho.errors import (
     CodecError,
     DatasetMismatchError,
     DuplicateInstanceError,
+    IdentityConflictError,
     InvalidDicomError,
     InvalidKeyError,
     KhoError,
@@ -73,6 +74,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (NotFoundError, 404),
     (InvalidKeyError, 400),
     (QueryError, 400),
+    (IdentityConflictError, 409),  # before its base class: a conflict, not bad input
     (DatasetMismatchError, 400),
     (InvalidDicomError, 400),
     (DuplicateInstanceError, 409),

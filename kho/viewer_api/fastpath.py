@@ -26,6 +26,7 @@ from kho.viewer_api import rendered, wado
 from kho.viewer_api.deps import ViewerState, base_url, instance_record
 from kho.viewer_api.errors import error_response
 from kho.viewer_api.metrics import ROUTE_KEY
+from kho.viewer_api.paths import check_path_params
 
 Handler = Callable[[ViewerState, Request, tuple[str, ...]], Awaitable[Response | None]]
 
@@ -40,6 +41,7 @@ class FastRoute:
     regex: re.Pattern[str]
     template: str  # the FastAPI route's path, prefix included
     handler: Handler
+    names: tuple[str, ...]  # the template's path parameters, in the regex's group order
 
 
 async def _frames(state: ViewerState, request: Request, groups: tuple[str, ...]) -> Response:
@@ -117,7 +119,8 @@ async def _series_metadata(
 
 
 def _route(prefix: str, path: str, pattern: str, handler: Handler) -> FastRoute:
-    return FastRoute(re.compile(re.escape(prefix) + pattern), prefix + path, handler)
+    names = tuple(re.findall(r"{(\w+)}", path))
+    return FastRoute(re.compile(re.escape(prefix) + pattern), prefix + path, handler, names)
 
 
 def fast_routes(prefix: str) -> list[FastRoute]:
@@ -175,6 +178,8 @@ class FastPath:
             request = Request(scope, receive)
             response: Response | None
             try:
+                # the routers' own path check (a dependency there), before any lookup
+                check_path_params(dict(zip(route.names, groups, strict=True)))
                 response = await route.handler(self.state, request, groups)
             except KhoError as exc:
                 response = error_response(exc)

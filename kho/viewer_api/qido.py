@@ -19,6 +19,7 @@ from kho.errors import QueryError
 from kho.viewer_api.deps import ArchiveDep, BaseUrlDep
 from kho.viewer_api.errors import NotAcceptableError
 from kho.viewer_api.media import DICOM_JSON, parse_accept
+from kho.viewer_api.paths import checked_uid
 from kho.viewer_api.responses import json_response
 
 router = APIRouter(tags=["QIDO-RS"])
@@ -166,11 +167,12 @@ def search(
             keyword = keyword_of(name)
             if keyword not in supported:
                 raise QueryError(f"{keyword} is not a matching key at the {level} level")
+            values = uid_list(keyword, value) if _is_uid(keyword) else [value]
             previous = filters.get(keyword)
-            if previous is None:
-                filters[keyword] = value
-            else:  # a repeated key: any of the values (UID list semantics)
-                filters[keyword] = [*_as_list(previous), value]
+            if previous is None and len(values) == 1:
+                filters[keyword] = values[0]
+            else:  # a repeated key or a UID list: any of the values (UID list semantics)
+                filters[keyword] = [*_as_list(previous or []), *values]
     for keyword, value in path_filters.items():
         filters[keyword] = value
     if include_all:
@@ -203,6 +205,18 @@ def search(
         ensure_ascii=False,
     ).encode()
     return json_response(request, body, headers=headers)
+
+
+def _is_uid(keyword: str) -> bool:
+    return bool(dictionary_VR(keyword) == "UI")
+
+
+def uid_list(keyword: str, value: str) -> list[str]:
+    """A UID matching value: one UID or a list (PS3.18 8.3.4.1 ``1#value``: comma-separated;
+    the backslash of C-FIND too).  A blank, wildcard or malformed UID is 400, never
+    universal matching: it would answer "everything" to a request for one thing."""
+    pieces = [p for part in value.split(",") for p in part.split("\\")]
+    return [checked_uid(p, f"{keyword} value") for p in pieces]
 
 
 def _as_list(value: str | list[str]) -> list[str]:

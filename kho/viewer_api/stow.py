@@ -2,9 +2,14 @@
 
 The body is parsed as it arrives (bounded by the maximum upload size: 413); every part is
 checked and ingested on its own, so a bad part is refused with its reason and nothing of it
-is stored, while the good parts are stored.  Statuses: 200 all stored, 202 some failed,
-409 none stored, 400 malformed body, 415 not multipart/related application/dicom,
-503 storage unavailable for every part.
+is stored, while the good parts are stored.  Statuses (PS3.18 10.5.3): 200 all stored,
+202 some failed or stored with a warning, 409 none stored, 400 malformed body,
+415 not multipart/related application/dicom, 503 storage unavailable for every part.
+
+A part that contradicts the catalog (its study belongs to another patient, its series to
+another study) fails with 0xC410 and the conflict in its Error Comment; a part stored
+under a Study or Series Instance UID the archive invented (it had none) carries Warning
+Reason 0xB000 (coercion), the invented UIDs, and a Retrieve URL built from them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from kho.errors import (
     CatalogError,
     DatasetMismatchError,
     DuplicateInstanceError,
+    IdentityConflictError,
     InvalidDicomError,
     StorageError,
 )
@@ -48,6 +54,14 @@ OUT_OF_RESOURCES = 0xA700
 DATA_SET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 STUDY_MISMATCH = 0xC409  # Study Instance UID differs from the request's (dcm4chee's code)
+# the instance contradicts the catalog (study of another patient, series of another study);
+# the same code as the DIMSE door's (kho.dicom_scp.statuses), kept here: doors share nothing
+IDENTITY_CONFLICT = 0xC410
+# Warning Reason (0008,1196) values: PS3.4 B.2.3 warning statuses
+COERCION_OF_DATA_ELEMENTS = 0xB000  # the archive invented a Type 1 UID the part lacked
+
+#: DICOM JSON tags of the UIDs an ingest may invent (IngestResult.coerced keywords)
+_COERCED_TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E"}
 
 
 @dataclass(slots=True)
@@ -55,8 +69,12 @@ class PartOutcome:
     sop_class_uid: str
     sop_uid: str
     study_uid: str
+    series_uid: str = ""
     failure: int | None = None
     reason: str = ""
+    warning: int | None = None
+    #: UIDs the archive invented for this part (keyword -> UID)
+    coerced: tuple[tuple[str, str], ...] = ()
 
 
 def _identity(data: bytes) -> tuple[str, str, str]:
@@ -74,12 +92,13 @@ def _identity(data: bytes) -> tuple[str, str, str]:
 def store_part(archive: Archive, part: Part, study: str | None) -> PartOutcome:
     part_type = parse_media_type(part.content_type or DICOM)
     if part_type.media != DICOM:
-        return PartOutcome("", "", "", CANNOT_UNDERSTAND, f"part type {part_type.media}")
+        reason = f"part type {part_type.media}"
+        return PartOutcome("", "", "", failure=CANNOT_UNDERSTAND, reason=reason)
     data = part.body
     try:
         sop_class, sop_uid, part_study = _identity(data)
     except InvalidDicomError as exc:
-        return PartOutcome("", "", "", CANNOT_UNDERSTAND, str(exc))
+        return PartOutcome("", "", "", failure=CANNOT_UNDERSTAND, reason=str(exc))
     outcome = PartOutcome(sop_class, sop_uid, part_study)
     if study is not None and part_study != study:
         outcome.failure = STUDY_MISMATCH
@@ -89,6 +108,9 @@ def store_part(archive: Archive, part: Part, study: str | None) -> PartOutcome:
         result = archive.ingest_part10(data, source="stow")
     except DuplicateInstanceError as exc:
         outcome.failure, outcome.reason = DUPLICATE_SOP_INSTANCE, str(exc)
+    except IdentityConflictError as exc:
+        log.warning("STOW-RS: %s refused: %s", sop_uid, exc)
+        outcome.failure, outcome.reason = IDENTITY_CONFLICT, str(exc)
     except DatasetMismatchError as exc:
         outcome.failure, outcome.reason = DATA_SET_DOES_NOT_MATCH, str(exc)
     except InvalidDicomError as exc:
@@ -98,6 +120,9 @@ def store_part(archive: Archive, part: Part, study: str | None) -> PartOutcome:
         outcome.failure, outcome.reason = OUT_OF_RESOURCES, str(exc)
     else:
         outcome.sop_uid, outcome.study_uid = result.sop_uid, result.study_uid
+        outcome.series_uid = result.series_uid
+        if result.coerced:  # the item names the invented UIDs (and its URL uses them)
+            outcome.warning, outcome.coerced = COERCION_OF_DATA_ELEMENTS, result.coerced
     return outcome
 
 
@@ -111,11 +136,20 @@ def response_dataset(base: str, outcomes: list[PartOutcome], study: str | None) 
     for o in outcomes:
         item: dict[str, Any] = {"00081150": uid(o.sop_class_uid), "00081155": uid(o.sop_uid)}
         if o.failure is None:
-            url = f"{base}/studies/{o.study_uid}/instances/{o.sop_uid}"
+            url = f"{base}/studies/{o.study_uid}/series/{o.series_uid}/instances/{o.sop_uid}"
             item["00081190"] = {"vr": "UR", "Value": [url]}
+            if o.warning is not None:
+                item["00081196"] = {"vr": "US", "Value": [o.warning]}
+            for keyword, invented in o.coerced:
+                tag = _COERCED_TAGS.get(keyword)
+                if tag is not None:
+                    item[tag] = uid(invented)
             referenced.append(item)
         else:
             item["00081197"] = {"vr": "US", "Value": [o.failure]}
+            # why, in full (the DIMSE Error Comment's text; JSON has room for all of it)
+            if o.reason:
+                item["00000902"] = {"vr": "LO", "Value": [o.reason]}
             failed.append(item)
     out: dict[str, Any] = {}
     studies = {o.study_uid for o in outcomes if o.failure is None}
@@ -170,8 +204,9 @@ async def _store(request: Request, state: StateDep, base: str, study: str | None
 
     outcomes = await run_in_threadpool(store_all)
     stored = sum(1 for o in outcomes if o.failure is None)
+    warned = any(o.failure is None and o.warning is not None for o in outcomes)
     if stored == len(outcomes):
-        status = 200
+        status = 202 if warned else 200
     elif stored:
         status = 202
     elif all(o.failure == OUT_OF_RESOURCES for o in outcomes):

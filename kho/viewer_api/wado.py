@@ -45,6 +45,7 @@ from kho.viewer_api.media import (
     frame_media_type,
     parse_accept,
 )
+from kho.viewer_api.paths import frame_list
 from kho.viewer_api.responses import gzip_body, json_response
 
 router = APIRouter(tags=["WADO-RS"])
@@ -242,12 +243,10 @@ def instance_metadata(
 def negotiate_frames(accept: str | None, stored_ts: str, frames: int) -> tuple[str, str | None]:
     """("stored" | "native", single-part media type or None for multipart/related)."""
     ranges = parse_accept(accept)
-    if not ranges:  # PS3.18 default: native explicit VR little endian, multipart
-        return "native", None
     stored_media = frame_media_type(stored_ts)
     for r in ranges:
-        if r.media == "*/*":
-            return "stored", None
+        if r.media == "*/*":  # anything: the default below, unless a later range is named
+            continue
         if r.is_multipart:
             single = None
         elif frames == 1:
@@ -264,6 +263,10 @@ def negotiate_frames(accept: str | None, stored_ts: str, frames: int) -> tuple[s
             return "stored", single
         if inner == OCTET_STREAM and syntax in (None, EXPLICIT_VR_LITTLE_ENDIAN):
             return "native", single
+    if not ranges or any(r.media == "*/*" for r in ranges):
+        # PS3.18 8.7.3.3, Table 8.7.3-4: the default for bulk data (and frames) is
+        # uncompressed little endian application/octet-stream, multipart
+        return "native", None
     raise NotAcceptableError(
         f"frames are stored as {stored_ts} ({stored_media}); ask for transfer-syntax=*, "
         f"that syntax, or application/octet-stream (decoded)"
@@ -278,16 +281,6 @@ def native_frame(archive: Archive, record: InstanceRecord, number: int) -> bytes
     arr = frame_array(archive, record, number)
     little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
     return np.ascontiguousarray(little).tobytes()
-
-
-def parse_frame_list(text: str) -> list[int]:
-    try:
-        numbers = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise QueryError(f"frame list must be comma-separated numbers, not {text!r}") from None
-    if not numbers or any(n < 1 for n in numbers):
-        raise QueryError("frame numbers start at 1")
-    return numbers
 
 
 def frames_response(
@@ -337,7 +330,7 @@ async def retrieve_frames_response(
 ) -> Response:
     """Frames in the stored syntax (a ranged read or two: cheaper on the event loop than a
     thread hop) or decoded (in the thread pool: the decoders release the GIL)."""
-    numbers = parse_frame_list(frames)
+    numbers = frame_list(frames)  # checked already (paths.py): parsed again, cheaply
     negotiated = None
     if record.pixel_format != "none":
         negotiated = negotiate_frames(accept, stored_syntax(record), len(numbers))

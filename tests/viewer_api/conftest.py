@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
+from kho.viewer_api.app import PREFIX
 from kho.viewer_api.server import HttpServer
 from tests.conftest import SAMPLES_DIR
 
@@ -99,3 +101,47 @@ def fresh(archive: Archive) -> Iterator[Served]:
 
 def sample_path(name: str) -> Path:
     return SAMPLES_DIR / name
+
+
+# --- the route table (tests generated from it: every route, present and future) ----------
+
+#: the sample whose UIDs fill route templates (a single-frame image: frame 1, tile 0/0/0)
+ROUTE_SAMPLE = "MR2_J2KR.dcm"
+
+
+def get_routes(served: Served) -> list[str]:
+    """Every GET route template under the DICOMweb prefix, from the application's own
+    table (its OpenAPI paths: FastAPI lists every route it routes to there)."""
+    paths = served.server.app.openapi()["paths"]
+    routes = [path for path, methods in paths.items() if "get" in methods]
+    routes = [path for path in routes if path.startswith(PREFIX)]
+    assert len(routes) > 20  # QIDO, WADO, rendered, thumbnails, tiles, bulk data
+    return routes
+
+
+def valid_values(served: Served) -> dict[str, str]:
+    s = served.samples[ROUTE_SAMPLE]
+    return {
+        "study": s.study,
+        "series": s.series,
+        "instance": s.sop,
+        "frame": "1",
+        "frames": "1",
+        "level": "0",
+        "x": "0",
+        "y": "0",
+        "tag": "7FE00010",
+    }
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    def one(m: re.Match[str]) -> str:
+        name = m.group(1)
+        assert name in values, f"a new path parameter {{{name}}}: give it a valid value here"
+        return values[name]
+
+    return re.sub(r"\{(\w+)\}", one, template)
+
+
+def params_of(template: str) -> list[str]:
+    return re.findall(r"\{(\w+)\}", template)

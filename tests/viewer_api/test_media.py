@@ -17,7 +17,11 @@ EVRLE = "1.2.840.10008.1.2.1"
     ("accept", "stored", "frames", "expected"),
     [
         (None, JLS, 1, ("native", None)),
-        ("*/*", JLS, 1, ("stored", None)),
+        # PS3.18 8.7.3.3: the default (uncompressed, little endian octet-stream) for */*
+        ("*/*", JLS, 1, ("native", None)),
+        ("*/*", JLS, 3, ("native", None)),
+        # a named range is preferred over */* whatever their order
+        ("*/*, image/jls", JLS, 1, ("stored", "image/jls")),
         (
             "multipart/related; type=application/octet-stream; transfer-syntax=*",
             JLS,
