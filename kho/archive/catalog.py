@@ -1383,9 +1383,10 @@ class Catalog:
         """A study belongs to one patient, a series to one study: refuse an instance that
         says otherwise (never merged: the wrong images would be filed under a patient)."""
         if series_study is not None and series_study != a.study_uid:
+            # what matters first: Error Comment (LO) holds 64 characters
             raise IdentityConflictError(
-                f"Series Instance UID {a.series_uid} belongs to study {series_study}, "
-                f"not {a.study_uid}"
+                f"series belongs to study {series_study}, not {a.study_uid} "
+                f"(Series Instance UID {a.series_uid})"
             )
         if study_patient is not None and study_patient != a.patient_key:
             row = self.fetchone(
@@ -1396,8 +1397,7 @@ class Catalog:
             if row and row[1]:
                 held += f" (issuer {row[1]!r})"
             raise IdentityConflictError(
-                f"Study Instance UID {a.study_uid} belongs to {held}, not Patient ID "
-                f"{a.patient_id!r}"
+                f"study holds {held}, not {a.patient_id!r} (Study Instance UID {a.study_uid})"
             )
 
     def _upsert_hierarchy(

@@ -147,9 +147,9 @@ def response_dataset(base: str, outcomes: list[PartOutcome], study: str | None) 
             referenced.append(item)
         else:
             item["00081197"] = {"vr": "US", "Value": [o.failure]}
-            # why, in full (the DIMSE Error Comment's text; JSON has room for all of it)
+            # why, as DIMSE says it: Error Comment is LO, 64 characters (the log has it all)
             if o.reason:
-                item["00000902"] = {"vr": "LO", "Value": [o.reason]}
+                item["00000902"] = {"vr": "LO", "Value": [" ".join(o.reason.split())[:64]]}
             failed.append(item)
     out: dict[str, Any] = {}
     studies = {o.study_uid for o in outcomes if o.failure is None}

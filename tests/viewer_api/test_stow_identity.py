@@ -100,7 +100,8 @@ def test_study_of_another_patient_fails_with_the_conflict(fresh: Served) -> None
     assert value(failure, "00081197") == IDENTITY_CONFLICT
     assert value(failure, "00081155") == sop_of(second)
     comment = str(value(failure, "00000902"))
-    assert STUDY in comment and "SPLIT-A" in comment and "SPLIT-B" in comment
+    # Error Comment is LO (64 characters): the patients first
+    assert len(comment) <= 64 and "SPLIT-A" in comment and "SPLIT-B" in comment
     assert "00081199" not in r.json()
     # nothing of it is catalogued: SPLIT-B has no study, SPLIT-A's holds its one instance
     assert httpx.get(fresh.url("/studies"), params={"PatientID": "SPLIT-B"}).json() == []
@@ -125,7 +126,7 @@ def test_series_of_another_study_fails(fresh: Served) -> None:
     assert r.status_code == 409, r.text
     (failure,) = sequence(r, "00081198")
     assert value(failure, "00081197") == IDENTITY_CONFLICT
-    assert series in str(value(failure, "00000902"))
+    assert str(value(failure, "00000902")).startswith("series belongs to study")
 
 
 def test_dicomweb_client_sees_the_conflict_as_an_error(fresh: Served) -> None:
