@@ -6,6 +6,39 @@ values (``a\\b`` or a Python list; the list matching of UIDs, and any-of for the
 keys, since a backslash cannot occur inside one DICOM value).  Every value becomes a bound
 parameter; the SQL is the same for SQLite and PostgreSQL.
 
+Dates and times (DA, TM) are compared as dates and times, not as text:
+
+- A query date must be a calendar date ``YYYYMMDD``; a query time ``HH[MM[SS[.F{1,6}]]]``
+  (the ACR-NEMA form ``HH:MM[:SS[.F]]`` is accepted too) with HH <= 23, MM <= 59,
+  SS <= 60 (leap second).  Anything else, and a range that starts after it ends (a time
+  range cannot cross midnight, PS3.4 C.2.2.2.5), is a QueryError.
+- A time with missing trailing components denotes the span it covers: ``1015`` is
+  10:15:00 to 10:15:59.999999, ``10`` is 10:00:00 to 10:59:59.999999 (a leap second 60
+  included).  That holds for query bounds (a lower bound starts at the start of its span,
+  an upper bound ends at the end of its span, so ``-1000`` includes 10:00:30) and for
+  stored values.
+- A stored time matches when its span overlaps the query's span (range-overlap matching,
+  as dcm4chee and Orthanc users expect): a stored ``1015`` matches ``101500-101530``, a
+  stored ``10`` matches ``100000-110000`` and also ``0900-1000`` (whose upper bound
+  10:00-10:00:59 lies inside 10:00-10:59).  Stored ACR-NEMA times (``10:15:30``) compare
+  the same.  An empty stored value matches no range.
+- Stored dates compare whole: ``YYYYMMDD`` and the ACR-NEMA ``YYYY.MM.DD`` of old files.
+- StudyDate and StudyTime ranges in one query are matched independently (PS3.4
+  C.2.2.2.5 without extended negotiation; combined date-time matching is not offered).
+
+The SQL stays index-friendly on both engines, with no schema of its own: date bounds are
+sargable comparisons on the stored text (one branch per stored form); a stored time,
+colons removed, is compared with fully padded bounds (its start is at most the query's
+end exactly when its text is, and its end at least the query's start exactly when its
+text is at least the query start cut to its length), after an hour-prefix comparison that
+the (date, time) index can use.  Every comparison is between strings of one layout, so
+the result does not depend on the database collation.
+
+Lists are bounded: at most MAX_VALUES_PER_KEY distinct values for one key (repeated
+values are folded) and MAX_VALUES_PER_QUERY for all keys together; more is a QueryError.
+Equal-value alternatives become one ``IN``; other alternatives are OR-ed as a balanced
+tree, so no list reaches SQLite's expression depth limit (1000).
+
 Results are dicts keyword -> value ('' for empty, int for counts and numbers): the return
 keys asked for plus the unique keys of the level and, as the information model requires,
 of the levels above.
@@ -13,6 +46,7 @@ of the levels above.
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,9 +69,16 @@ IGNORED_KEYS = frozenset(
     {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "TimezoneOffsetFromUTC"}
 )
 
+#: the most distinct values one key may carry (a UID list, QIDO's repeated keys)
+MAX_VALUES_PER_KEY = 1000
+#: the most values of all keys of one query together: keeps the bound parameters (at most
+#: 4 a value) below SQLite's default 32766 and PostgreSQL's 65535
+MAX_VALUES_PER_QUERY = 4000
+
 _ESCAPE = "!"  # LIKE escape character: ASCII so SQLite's LIKE optimisation still applies
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
+_TIME = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?$")
+_ACR_NEMA_TIME = re.compile(r"^(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?$")
 _INT = re.compile(r"^[+-]?\d+$")
 _UID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 
@@ -194,7 +235,7 @@ def _check_model(model: str) -> str:
 
 
 def _values(value: str | Sequence[str] | None) -> list[str]:
-    """The alternatives of one filter value; [] means universal matching."""
+    """The distinct alternatives of one filter value, in order; [] means universal matching."""
     if value is None:
         return []
     items = [value] if isinstance(value, str) else list(value)
@@ -207,7 +248,7 @@ def _values(value: str | Sequence[str] | None) -> list[str]:
     # a lone '*' is universal matching (PS3.4 C.2.2.2.4)
     if not out or any(v == "*" for v in out):
         return []
-    return out
+    return list(dict.fromkeys(out))  # a repeated value is one alternative
 
 
 def _like_pattern(value: str) -> str:
@@ -221,11 +262,122 @@ def _has_wildcard(value: str) -> bool:
     return "*" in value or "?" in value
 
 
-def _time_upper(value: str) -> str:
-    """The latest time a (possibly truncated) time value stands for: '1015' -> '101559.999999'."""
-    whole, _, fraction = value.partition(".")
-    whole = whole + "5959"[: max(0, 6 - len(whole))]
-    return f"{whole}.{fraction.ljust(6, '9')}"
+# --- dates and times ------------------------------------------------------------------
+
+
+def _date(keyword: str, text: str) -> str:
+    """A query date checked: 'YYYYMMDD' naming a day of the calendar."""
+    found = _DATE.match(text)
+    if found:
+        try:
+            datetime.date(*(int(part) for part in found.groups()))
+        except ValueError:
+            found = None
+    if not found:
+        raise QueryError(f"{keyword}: {text!r} is not a valid date (YYYYMMDD)")
+    return text
+
+
+def _dotted_date(date: str) -> str:
+    """The ACR-NEMA form of a checked date, as old files carry it: 'YYYY.MM.DD'."""
+    return f"{date[:4]}.{date[4:6]}.{date[6:]}"
+
+
+def _time(keyword: str, text: str) -> tuple[str, str]:
+    """A query time checked, as the first and the last instant of the span it denotes,
+    both 'HHMMSS.FFFFFF': '1015' -> ('101500.000000', '101560.999999')."""
+    found = _TIME.match(text) or _ACR_NEMA_TIME.match(text)
+    hours, minutes, seconds, fraction = found.groups() if found else ("99", None, None, None)
+    if int(hours) > 23 or int(minutes or 0) > 59 or int(seconds or 0) > 60:
+        raise QueryError(f"{keyword}: {text!r} is not a valid time (HHMMSS.FFFFFF)")
+    # an upper end of '60' seconds keeps a stored leap second (PS3.5: SS is 00-60) inside
+    start = f"{hours}{minutes or '00'}{seconds or '00'}.{(fraction or '').ljust(6, '0')}"
+    end = f"{hours}{minutes or '59'}{seconds or '60'}.{(fraction or '').ljust(6, '9')}"
+    return start, end
+
+
+def _bounds(keyword: str, value: str) -> tuple[str, str]:
+    """The two sides of a range value (either may be ''); QueryError if malformed."""
+    low, _, high = value.partition("-")
+    if (not low and not high) or "-" in high:
+        raise QueryError(f"{keyword}: malformed range {value!r}")
+    return low.strip(), high.strip()
+
+
+def _date_condition(column: str, low: str, high: str) -> tuple[str, list[Any]]:
+    """Stored dates in [low, high] ('' = open): one sargable branch per stored form, each
+    comparing strings of one layout ('YYYYMMDD' with 'YYYYMMDD', 'YYYY.MM.DD' with
+    'YYYY.MM.DD'), which order as the dates do under any collation."""
+    branches: list[str] = []
+    params: list[Any] = []
+    for form, convert in (
+        (f"LENGTH({column}) = 8", lambda d: d),
+        (f"{column} LIKE '____.__.__'", _dotted_date),
+    ):
+        parts = []
+        if low:
+            parts.append(f"{column} >= ?")
+            params.append(convert(low))
+        if high:
+            parts.append(f"{column} <= ?")
+            params.append(convert(high))
+        branches.append("(" + " AND ".join([*parts, form]) + ")")
+    return "(" + " OR ".join(branches) + ")", params
+
+
+def _time_condition(column: str, start: str, end: str) -> tuple[str, list[Any]]:
+    """Stored times whose span overlaps [start, end] (full 'HHMMSS.FFFFFF'; '' = open).
+
+    With ``t`` the stored text without colons: its first instant (``t`` padded with zeros)
+    is at most ``end`` exactly when ``t <= end``; its last instant (``t`` padded with the
+    largest digits) is at least ``start`` exactly when ``t`` is at least ``start`` cut to
+    the length of ``t``.  The comparisons on the hours before them are implied by those
+    and are what an index on the column can narrow."""
+    digits = f"REPLACE({column}, ':', '')"
+    parts = [f"{column} <> ''"]
+    params: list[Any] = []
+    if start:
+        parts.append(f"{column} >= ?")
+        params.append(start[:2])
+    if end and end[:2] < "23":
+        parts.append(f"{column} < ?")
+        params.append(f"{int(end[:2]) + 1:02d}")
+    if end:
+        parts.append(f"{digits} <= ?")
+        params.append(end)
+    if start:
+        parts.append(f"{digits} >= SUBSTR(?, 1, LENGTH({digits}))")
+        params.append(start)
+    return " AND ".join(parts), params
+
+
+@dataclass(frozen=True, slots=True)
+class _Equal:
+    """Alternatives that are equality with one of these values (folded into one IN)."""
+
+    values: tuple[Any, ...]
+
+
+def _any_of(
+    column: str, alternatives: Sequence[_Equal | tuple[str, list[Any]]]
+) -> tuple[str, list[Any]]:
+    """One condition true when any alternative is: the equalities as one ``IN``, the rest
+    OR-ed as a balanced tree (depth log2(n), far from SQLite's limit of 1000)."""
+    equal = list(dict.fromkeys(v for a in alternatives if isinstance(a, _Equal) for v in a.values))
+    conditions = [a for a in alternatives if not isinstance(a, _Equal)]
+    if len(equal) == 1:
+        conditions.insert(0, (f"{column} = ?", equal))
+    elif equal:
+        marks = ", ".join("?" for _ in equal)
+        conditions.insert(0, (f"{column} IN ({marks})", equal))
+
+    def tree(items: Sequence[tuple[str, list[Any]]]) -> str:
+        if len(items) == 1:
+            return items[0][0]
+        middle = len(items) // 2
+        return f"(({tree(items[:middle])}) OR ({tree(items[middle:])}))"
+
+    return tree(conditions), [p for _sql, params in conditions for p in params]
 
 
 class _Compiler:
@@ -238,6 +390,7 @@ class _Compiler:
         self.params: list[Any] = []
         self.aliases: set[str] = set()
         self.study_column = ""  # where StudyInstanceUID is matched, if not the default
+        self.value_count = 0  # values of every key so far (MAX_VALUES_PER_QUERY)
 
     def column(self, attr: _Attribute, *, matching: bool = False) -> str:
         expr = _LOWEST_COLUMN.get((self.level, attr.keyword), attr.column)
@@ -245,6 +398,15 @@ class _Compiler:
             expr = self.study_column
         self.aliases.update(re.findall(r"\b([psri])\.", expr))
         return expr
+
+    def _count(self, keyword: str, values: list[str]) -> None:
+        if len(values) > MAX_VALUES_PER_KEY:
+            raise QueryError(
+                f"{keyword}: {len(values)} values, at most {MAX_VALUES_PER_KEY} per key"
+            )
+        self.value_count += len(values)
+        if self.value_count > MAX_VALUES_PER_QUERY:
+            raise QueryError(f"more than {MAX_VALUES_PER_QUERY} values in one query")
 
     def add(self, attr: _Attribute, raw: Any) -> None:
         if attr.kind == "sequence":
@@ -255,76 +417,58 @@ class _Compiler:
             return
         if attr.kind == "derived":
             raise QueryError(f"{attr.keyword} can be returned but not matched")
+        self._count(attr.keyword, values)
         column = self.column(attr, matching=True)
-        alternatives = [self._one(attr, column, v) for v in values]
-        if attr.kind == "uid" and all(a[0] == f"{column} = ?" for a in alternatives):
-            # list of UID matching: one IN, which uses the index once
-            marks = ", ".join("?" for _ in alternatives)
-            self.clauses.append(f"{column} IN ({marks})" if len(values) > 1 else f"{column} = ?")
-            self.params.extend(p for a in alternatives for p in a[1])
-            return
-        if len(alternatives) == 1:
-            self.clauses.append(alternatives[0][0])
-        else:
-            self.clauses.append("(" + " OR ".join(f"({a[0]})" for a in alternatives) + ")")
-        for _sql, params in alternatives:
-            self.params.extend(params)
+        if attr.kind == "pn" and self.fuzzy_names:
+            column = attr.folded  # same alias as the column: already joined
+        sql, params = _any_of(column, [self._one(attr, column, v) for v in values])
+        self.clauses.append(sql)
+        self.params.extend(params)
 
-    def _one(self, attr: _Attribute, column: str, value: str) -> tuple[str, list[Any]]:
+    def _one(self, attr: _Attribute, column: str, value: str) -> _Equal | tuple[str, list[Any]]:
         kind = attr.kind
         if kind == "uid":
             if _has_wildcard(value) or not _UID.match(value):
                 raise QueryError(f"{attr.keyword}: {value!r} is not a UID (no wildcards in UIDs)")
-            return f"{column} = ?", [value]
+            return _Equal((value,))
         if kind in ("int", "count"):
             if not _INT.match(value):
                 raise QueryError(f"{attr.keyword}: {value!r} is not an integer")
-            return f"{column} = ?", [int(value)]
+            return _Equal((int(value),))
         if kind == "date":
-            return self._range(attr, column, value, _DATE, lambda hi: hi, exact_single=True)
+            return self._date(attr.keyword, column, value)
         if kind == "time":
-            value = value.replace(":", "")
-            return self._range(attr, column, value, _TIME, _time_upper, exact_single=False)
+            return self._time(attr.keyword, column, value)
         if kind == "modalities":
             return self._modality(column, value)
         if kind == "pn" and self.fuzzy_names:
-            column = attr.folded
             value = fold_name(value)
         if _has_wildcard(value):
             return f"{column} LIKE ? ESCAPE '{_ESCAPE}'", [_like_pattern(value)]
-        return f"{column} = ?", [value]
+        return _Equal((value,))
 
-    def _range(
-        self,
-        attr: _Attribute,
-        column: str,
-        value: str,
-        pattern: re.Pattern[str],
-        upper: Any,
-        *,
-        exact_single: bool,
-    ) -> tuple[str, list[Any]]:
+    @staticmethod
+    def _date(keyword: str, column: str, value: str) -> _Equal | tuple[str, list[Any]]:
         if "-" not in value:
-            if not pattern.match(value):
-                raise QueryError(f"{attr.keyword}: malformed value {value!r}")
-            if exact_single:
-                return f"{column} = ?", [value]
-            return f"{column} >= ? AND {column} <= ?", [value, upper(value)]
-        low, _, high = value.partition("-")
-        if (not low and not high) or "-" in high:
-            raise QueryError(f"{attr.keyword}: malformed range {value!r}")
-        for bound in (low, high):
-            if bound and not pattern.match(bound):
-                raise QueryError(f"{attr.keyword}: malformed range {value!r}")
-        parts = [f"{column} <> ''"]  # an empty value is in no range
-        params: list[Any] = []
-        if low:
-            parts.append(f"{column} >= ?")
-            params.append(low)
-        if high:
-            parts.append(f"{column} <= ?")
-            params.append(upper(high))
-        return " AND ".join(parts), params
+            date = _date(keyword, value)
+            return _Equal((date, _dotted_date(date)))
+        low, high = _bounds(keyword, value)
+        low = _date(keyword, low) if low else ""
+        high = _date(keyword, high) if high else ""
+        if low and high and low > high:
+            raise QueryError(f"{keyword}: range {value!r} starts after it ends")
+        return _date_condition(column, low, high)
+
+    @staticmethod
+    def _time(keyword: str, column: str, value: str) -> tuple[str, list[Any]]:
+        if "-" not in value:
+            return _time_condition(column, *_time(keyword, value))
+        low, high = _bounds(keyword, value)
+        start = _time(keyword, low)[0] if low else ""
+        end = _time(keyword, high)[1] if high else ""
+        if start and end and start > end:
+            raise QueryError(f"{keyword}: range {value!r} starts after it ends")
+        return _time_condition(column, start, end)
 
     def _sequence(self, attr: _Attribute, raw: Any) -> None:
         """Sequence matching: an item of the owner matches every key of the query item."""
@@ -333,16 +477,15 @@ class _Compiler:
         conditions: list[str] = []
         params: list[Any] = [attr.keyword]
         for keyword, value in item.items():
-            column = f"q.{COLUMNS[seq.items.index(keyword)]}"
-            alternatives = [
-                self._one(_Attribute(keyword, attr.level, column, "text"), column, v)
-                for v in _values(value)
-            ]
-            if not alternatives:
+            values = _values(value)
+            if not values:
                 continue  # universal within the item: returned, not matched
-            conditions.append("(" + " OR ".join(f"({a[0]})" for a in alternatives) + ")")
-            for _sql, alt_params in alternatives:
-                params.extend(alt_params)
+            self._count(f"{attr.keyword}.{keyword}", values)
+            column = f"q.{COLUMNS[seq.items.index(keyword)]}"
+            inner = _Attribute(keyword, attr.level, column, "text")
+            sql, alt_params = _any_of(column, [self._one(inner, column, v) for v in values])
+            conditions.append(f"({sql})")
+            params.extend(alt_params)
         if not conditions:
             return  # an empty item: every owner matches (the items are returned)
         owner = self.column(attr)
