@@ -34,12 +34,15 @@ _LENIENT_UID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
 def check_uid(value: str, name: str, warnings: list[str] | None = None) -> str:
     """A UID as PS3.5 9.1 defines it, or a harmless non-conformant one (with a warning).
 
-    Refused (DatasetMismatchError): empty, longer than 64 characters, or holding anything
-    but letters, digits, '.', '-' and '_' (path separators, spaces, control characters).
+    Refused (DatasetMismatchError): empty, longer than 64 characters, an empty component,
+    or holding anything but letters, digits, '.', '-' and '_' (path separators, spaces,
+    control characters).
     """
     if not value:
         raise DatasetMismatchError(f"missing {name}")
-    if len(value) > 64 or not _LENIENT_UID.match(value):
+    # an empty component ('1..2', '1.2.') is refused too: DICOMweb paths refuse it, and an
+    # instance catalogued under it could not be reached
+    if len(value) > 64 or not _LENIENT_UID.match(value) or "" in value.split("."):
         shown = value if len(value) <= 80 else value[:77] + "..."
         raise DatasetMismatchError(f"invalid {name} {shown!r}: not a DICOM UID")
     if not _UID.match(value) and warnings is not None:

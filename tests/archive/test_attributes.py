@@ -12,12 +12,13 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from kho.archive.attributes import (
     InstanceAttributes,
+    check_uid,
     extract_attributes,
     read_catalog_values,
     read_header,
 )
 from kho.archive.part10 import parse_part10
-from kho.errors import KhoError
+from kho.errors import DatasetMismatchError, KhoError
 from tests.archive.test_ingest import part10_of
 from tests.conftest import pydicom_test_files, sample_files
 
@@ -172,3 +173,15 @@ def test_values_after_the_pixel_data_are_left_to_pydicom() -> None:
     data = _part10(ds) + b"\x08\x00\x60\x00CS\x02\x00MR"  # Modality, after (7FE0,0010)
     ours, reference = _both(data)
     assert ours is None and reference.modality == ""
+
+
+@pytest.mark.parametrize("uid", ["1..2", "1.2.", ".1.2", "1.2\\3", "1.2 3", "1" * 65, ""])
+def test_uids_no_dicomweb_path_could_name_are_refused(uid: str) -> None:
+    with pytest.raises(DatasetMismatchError):
+        check_uid(uid, "Study Instance UID")
+
+
+def test_tolerated_uids_come_with_a_warning() -> None:
+    warnings_: list[str] = []
+    assert check_uid("1.2.ABC-4_5", "Series Instance UID", warnings_) == "1.2.ABC-4_5"
+    assert warnings_ and "non-conformant" in warnings_[0]
