@@ -19,13 +19,25 @@ each taking the GIL from the thread doing the work (17% of the samples in a py-s
 of four storescu associations).  Everything that loop looks for is put there by the DUL
 thread's state machine, so kho's loop sleeps until the DUL thread has acted (or 50 ms, for
 the timers and a kill from elsewhere).
+
+Connection accounting: pynetdicom's acceptor waits up to the ACSE timeout for the
+A-ASSOCIATE-RQ on a queue that nothing fills when the peer closes first (the DUL goes back to
+Sta1 and ends, the association thread keeps waiting), and it counts every such thread against
+``maximum_associations``: ~65 connect-and-close probes (a load balancer's health check, a port
+scan) refused every association for the next 30 s.  kho's acceptor waits for the DUL thread
+instead, so a connection whose peer closed (EOF or RST, before or after its A-ASSOCIATE-RQ)
+ends at once, and one that sends nothing ends when the ARTIM timer (PS3.8 9.1.5) expires.
+Until its A-ASSOCIATE-RQ arrives a connection is not an association (``awaiting_request``):
+the server does not count it against the association limit (kho.dicom_scp.server).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import select
+import socket
 import threading
 import time
 import types
@@ -67,6 +79,9 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
 
 
 _LOOP_WAIT_S = 0.001  # pynetdicom's own run-loop delay
+# awaiting the A-ASSOCIATE-RQ (Sta2) only the socket and the ARTIM timer can act: no need to
+# look 1000 times a second while a silent connection holds its thread
+_AWAITING_REQUEST_WAIT_S = 0.05
 
 
 def _run_reactor(self: DULServiceProvider) -> None:
@@ -89,7 +104,10 @@ def _dul_loop(self: DULServiceProvider) -> None:
             raw = getattr(assoc_sock, "socket", None)
             try:
                 if raw is not None and raw.fileno() >= 0:
-                    select.select([raw], [], [], _LOOP_WAIT_S)
+                    awaiting = self.state_machine.current_state == "Sta2"
+                    select.select(
+                        [raw], [], [], _AWAITING_REQUEST_WAIT_S if awaiting else _LOOP_WAIT_S
+                    )
                 else:
                     time.sleep(_LOOP_WAIT_S)
             except (OSError, ValueError):  # closed under us: the checks below notice
@@ -182,12 +200,69 @@ def _run_association_reactor(self: Association) -> None:
             return
 
 
+def awaiting_request(association: Any) -> bool:
+    """Whether an acceptor's connection is still waiting for its A-ASSOCIATE-RQ."""
+    return bool(getattr(association, "_kho_awaiting_request", False))
+
+
+def drop_connection(association: Any) -> None:
+    """Close a connection from another thread (its DUL sees the end of the stream and the
+    association thread ends as for a peer's close)."""
+    sock = getattr(association.dul, "socket", None)
+    raw = getattr(sock, "socket", None)
+    if isinstance(raw, socket.socket):
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
+
+
+def _await_association_request(self: Association) -> bool:
+    """Wait until the DUL has an A-ASSOCIATE-RQ for this acceptor (True), or until it has
+    ended: the peer closed or aborted, the ARTIM timer expired (False)."""
+    dul = self.dul
+    wake: threading.Event = dul._kho_wake  # type: ignore[attr-defined]
+    # the ARTIM timer closes a silent connection; this bound only covers a stopped timer
+    deadline = time.monotonic() + (self.acse_timeout or 30) + (dul.artim_timer.timeout or 0)
+    while True:
+        wake.clear()  # anything the DUL does from here on sets it again
+        if not dul.to_user_queue.empty():
+            return True
+        if not dul.is_alive():  # AA-2 / AA-5 end the DUL thread: nothing will come
+            return not dul.to_user_queue.empty()
+        remaining = deadline - time.monotonic()
+        if self._kill or remaining <= 0:
+            return False
+        wake.wait(min(remaining, _ASSOCIATION_WAIT_S))
+
+
+def _run_acceptor(self: Association) -> None:
+    """Association.run_reactor for an acceptor: the same, but the wait for the
+    A-ASSOCIATE-RQ ends the moment the connection does."""
+    if not self._started_dul:
+        self.dul.start()
+        self._started_dul = True
+        self._dul_ready.wait()
+    requested = _await_association_request(self)
+    self._kho_awaiting_request = False  # type: ignore[attr-defined]
+    if requested:  # pynetdicom negotiates (and counts it) as always
+        Association.run_reactor(self)
+        return
+    if self.dul.is_alive():  # gave up before the DUL did: close, so that it ends (Sta1)
+        drop_connection(self)
+    self.kill()
+    sock = self.dul.socket
+    if self._server is not None and sock is not None and sock.socket is not None:
+        self._server.shutdown_request(sock.socket)
+
+
 def install(association: Any, store: fast_store.StoreFunction | None = None) -> None:
     """Use kho's receive and wait paths on one association (before its threads start:
     EVT_CONN_OPEN); with ``store``, C-STOREs are received and answered by kho's path."""
     dul = association.dul
     dul._kho_wake = threading.Event()
     if association.is_acceptor:
+        association._kho_awaiting_request = True
+        # the thread's target was bound when the association was made
+        association._target = make_target(types.MethodType(_run_acceptor, association))
         association._run_reactor = types.MethodType(_run_association_reactor, association)
     if not dul.is_alive():  # the thread's target was bound when the DUL was made
         dul._target = make_target(types.MethodType(_run_reactor, dul))

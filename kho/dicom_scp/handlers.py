@@ -11,8 +11,10 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from kho.dicom_scp import fast_dimse
 from kho.dicom_scp.statuses import (
+    COERCION_OF_DATA_ELEMENTS,
     PROCESSING_FAILURE,
     SUCCESS,
+    coercion_comment,
     error_comment,
     status_dataset,
     store_status_for,
@@ -60,7 +62,9 @@ def store_instance(
     calling_ae: str,
 ) -> tuple[int, str | None]:
     """Ingest a C-STORE's dataset exactly as received (bytes, or its fragments in order):
-    the status to answer (success only once durable) and an Error Comment for failures."""
+    the status to answer (success only once durable) and an Error Comment for failures
+    (an identity conflict: 0xC410 naming it) and for the warning 0xB000, which says the
+    archive catalogued the instance under UIDs it invented (naming them)."""
     try:
         result = archive.ingest_dimse(
             dataset,
@@ -81,6 +85,15 @@ def store_instance(
         if status == PROCESSING_FAILURE:  # not a known failure: keep the traceback
             log.error("unexpected C-STORE failure", exc_info=exc)
         return status, error_comment(str(exc))
+    if result.coerced:  # stored, but the sender must learn the UIDs it is filed under
+        log.warning(
+            "C-STORE %s from %s stored with coerced UIDs (0x%04X): %s",
+            result.sop_uid,
+            calling_ae,
+            COERCION_OF_DATA_ELEMENTS,
+            "; ".join(f"{keyword} coerced to {uid}" for keyword, uid in result.coerced),
+        )
+        return COERCION_OF_DATA_ELEMENTS, coercion_comment(result.coerced)
     log.debug("C-STORE %s from %s: %s", result.sop_uid, calling_ae, result.outcome.value)
     return SUCCESS, None
 

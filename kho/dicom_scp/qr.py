@@ -22,10 +22,13 @@ Statuses chosen (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4):
   0xA700 Refused: out of resources: more matches than settings.find_result_limit.
   0xA701 Unable to calculate matches: the catalog failed.
   0xFF01 Pending with unsupported optional keys (answered empty); 0xFE00 after C-CANCEL.
-  0xA801 Move destination unknown (not in settings.move_destinations) - and, because
-         pynetdicom 3.0.4 answers it itself, also when the destination cannot be reached.
-  0xB000 / 0xA702 (pynetdicom): some / all sub-operations failed, with the Failed SOP
-         Instance UID List.
+  0xA801 Move destination unknown: only for an AE title not in settings.move_destinations
+         (PS3.4 C.4.2.1.4: an AE the SCP does not know).
+  0xB000 / 0xA702: some / all sub-operations failed, with the Number of Failed
+         Sub-operations and the Failed SOP Instance UID List.  A known destination that
+         cannot be reached (connection refused, association rejected or aborted) fails
+         every sub-operation: 0xA702 with an Error Comment saying why (pynetdicom 3.0.4
+         would answer 0xA801 itself: see MoveDestination).
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from kho.archive.part10 import build_file_meta, read_file_meta
 from kho.dicom_scp.statuses import (
     CANCEL,
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
     PENDING,
     PENDING_WARNING,
     QR_OUT_OF_RESOURCES,
@@ -663,6 +667,74 @@ def _move_contexts(records: list[InstanceRecord]) -> list[Any]:
     return contexts[:_MAX_CONTEXTS]
 
 
+#: the key of a C-MOVE destination's options under which handle_move passes its
+#: MoveDestination to the server AE's ``associate`` (kho.dicom_scp.server)
+MOVE_DESTINATION_OPTION = "kho_move_destination"
+
+
+class MoveDestination:
+    """The association to one C-MOVE's destination, as handle_move learns of it: ready
+    (kho's sender installed) or unreachable, and why.
+
+    pynetdicom 3.0.4 opens that association itself and answers 0xA801 Move Destination
+    Unknown when it fails; PS3.4 C.4.2.1.4 keeps that status for an AE the SCP does not
+    know.  So the server AE hands a failed association to ``unreachable``, which gives
+    pynetdicom a stand-in and lets handle_move answer every sub-operation failed."""
+
+    def __init__(self, archive: Archive, ae_title: str) -> None:
+        self.archive = archive
+        self.ae_title = ae_title
+        self.settled = threading.Event()
+        self.connected = False
+        self.failure: str | None = None
+
+    def connection_opened(self, event: Event) -> None:
+        """EVT_CONN_OPEN of the association to the destination: TCP got through."""
+        self.connected = True
+        handle_connection_open(event)
+
+    def established(self, event: Event) -> None:
+        """EVT_ESTABLISHED of the association to the destination (in its thread)."""
+        install_raw_sender(self.archive, event.assoc)
+        self.settled.set()
+
+    def unreachable(self, association: Association) -> _UnreachableDestination:
+        """The association could not be opened: say why, and what pynetdicom gets."""
+        if not self.connected:  # connection refused, timed out, no route
+            self.failure = "unreachable (no connection)"
+        elif association.is_rejected:
+            self.failure = "rejected the association"
+        else:
+            self.failure = "aborted the association"
+        sock = association.dul.socket  # pynetdicom closes it by hand in this case too
+        if sock is not None:
+            sock.close()
+        self.settled.set()
+        return _UnreachableDestination()
+
+
+class _UnreachableDestination:
+    """What pynetdicom gets instead of an association it could not open to a known
+    destination: it resumes handle_move, which yields the failure, and releases this."""
+
+    is_established = True  # so that pynetdicom resumes the handler instead of answering
+
+    def release(self) -> None:
+        """Nothing is open."""
+
+    def send_c_store(self, dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
+        """Never called (handle_move sends nothing once the destination failed); should it
+        be, the sub-operation fails."""
+        return status_dataset(OUT_OF_RESOURCES, "move destination unreachable")
+
+
+def _all_failed(records: list[InstanceRecord]) -> Dataset:
+    """The identifier of a C-MOVE final response whose sub-operations all failed."""
+    identifier = Dataset()
+    identifier.FailedSOPInstanceUIDList = [record.sop_uid for record in records]
+    return identifier
+
+
 def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
     """C-MOVE: yields the destination, the sub-operation count, then one placeholder per
     instance; pynetdicom opens the association and counts the sub-operations."""
@@ -678,21 +750,17 @@ def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
         records = _retrieve_records(event, archive, MOVE_MODELS)
     except Refusal as exc:
         refusal = exc
-    sender_ready = threading.Event()
-
-    def on_established(store_event: Event) -> None:
-        install_raw_sender(archive, store_event.assoc)
-        sender_ready.set()
-
+    destination = MoveDestination(archive, destination_ae)
     options = {
         # Verification when nothing is to be sent: a refusal still makes pynetdicom
         # associate before it sends our status, and that must not fail
         "contexts": _move_contexts(records) or [build_context(_VERIFICATION)],
         "evt_handlers": [
-            (evt.EVT_CONN_OPEN, handle_connection_open),
-            (evt.EVT_ESTABLISHED, on_established),
+            (evt.EVT_CONN_OPEN, destination.connection_opened),
+            (evt.EVT_ESTABLISHED, destination.established),
         ],
         "max_pdu": 0,
+        MOVE_DESTINATION_OPTION: destination,
     }
     yield address[0], address[1], options
     if refusal is not None:
@@ -703,10 +771,25 @@ def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
     # pynetdicom resumes us once its association to the destination is up; our sender is
     # installed by EVT_ESTABLISHED in that association's thread, so wait for it (a
     # placeholder sent by pynetdicom's own sender would be a bogus two-element instance)
-    if not sender_ready.wait(30):
+    if not destination.settled.wait(30):
         yield (
             status_dataset(QR_UNABLE_TO_PERFORM_SUBOPERATIONS, "destination association not ready"),
-            None,
+            _all_failed(records),
+        )
+        return
+    if destination.failure is not None:
+        log.warning(
+            "C-MOVE of %d instances to %s (%s:%d): %s; all sub-operations failed",
+            len(records),
+            destination_ae,
+            address[0],
+            address[1],
+            destination.failure,
+        )
+        comment = f"move destination {destination_ae} {destination.failure}"
+        yield (
+            status_dataset(QR_UNABLE_TO_PERFORM_SUBOPERATIONS, comment),
+            _all_failed(records),
         )
         return
     for record in records:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydicom.dataset import Dataset
 
 from kho.errors import (
@@ -73,3 +75,16 @@ def status_dataset(status: int, comment: str | None = None) -> Dataset:
     if comment:
         ds.ErrorComment = error_comment(comment)
     return ds
+
+
+def coercion_comment(coerced: Sequence[tuple[str, str]]) -> str:
+    """The Error Comment of a coercion warning (0xB000): ``keyword=UID`` for the UIDs the
+    archive invented, as many whole as LO holds and how many more (the log has them all);
+    one 2.25 UID always fits whole."""
+    items = [f"{keyword}={uid}" for keyword, uid in coerced]
+    for shown in range(len(items), 0, -1):
+        rest = len(items) - shown
+        text = "; ".join(items[:shown]) + (f" (+{rest})" if rest else "")
+        if len(text) <= _ERROR_COMMENT_LIMIT:
+            return text
+    return error_comment(items[0]) if items else ""
