@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, description="largest P-DATA PDU the archive accepts (0 = unlimited)"
     )
     max_associations: int = Field(64, description="concurrent associations")
+    artim_timeout: float = Field(
+        10.0,
+        description="seconds a DICOM connection may stay silent before its A-ASSOCIATE-RQ "
+        "(the ARTIM timer, PS3.8 9.1.5); it holds no association slot meanwhile",
+        gt=0,
+    )
     at_rest_codec: bool = Field(
         True, description="store native pixel data as JPEG-LS lossless (else as received)"
     )

@@ -38,9 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: seconds a new connection may take to send its A-ASSOCIATE-RQ: a real SCU sends it in the
-#: first packet after connecting (dcmtk's storescp waits 30 s, its ACSE timeout)
-ARTIM_TIMEOUT_S = 10.0
+# a new connection's wait for its A-ASSOCIATE-RQ is the setting artim_timeout (10 s): a real
+# SCU sends it in the first packet after connecting (dcmtk's storescp waits 30 s)
 ACSE_TIMEOUT_S = 30.0  # waiting for an A-RELEASE-RP and the like
 NETWORK_TIMEOUT_S = 120.0  # an established association's silence
 #: connections waiting for their A-ASSOCIATE-RQ, per association slot
@@ -124,7 +123,7 @@ class ConnectionGate:
     """Connections still waiting for their A-ASSOCIATE-RQ: each gets the ARTIM timeout, and
     beyond ``waiting_limit`` of them the oldest is closed (see the module's docstring)."""
 
-    def __init__(self, max_associations: int, artim_timeout: float = ARTIM_TIMEOUT_S) -> None:
+    def __init__(self, max_associations: int, artim_timeout: float) -> None:
         self.waiting_limit = max(1, WAITING_PER_ASSOCIATION * max_associations)
         self.artim_timeout = artim_timeout
         self.closed_waiting = 0  # connections closed to keep within the limit, ever
@@ -164,7 +163,7 @@ class ConnectionGate:
 
 
 def event_handlers(archive: Archive, gate: ConnectionGate | None = None) -> list[Any]:
-    gate = gate or ConnectionGate(archive.settings.max_associations)
+    gate = gate or ConnectionGate(archive.settings.max_associations, archive.settings.artim_timeout)
     return [
         (evt.EVT_CONN_OPEN, qr.handle_connection_open),
         (evt.EVT_CONN_OPEN, handlers.handle_association_open, [archive]),
@@ -185,11 +184,13 @@ class DicomServer:
         archive: Archive,
         *,
         reuse_port: bool = False,
-        artim_timeout: float = ARTIM_TIMEOUT_S,
+        artim_timeout: float | None = None,
     ) -> None:
         self.archive = archive
         self.ae = build_ae(archive)
         self.reuse_port = reuse_port
+        if artim_timeout is None:
+            artim_timeout = archive.settings.artim_timeout
         self.gate = ConnectionGate(archive.settings.max_associations, artim_timeout)
         self._server: ThreadedAssociationServer | None = None
 
