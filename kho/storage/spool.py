@@ -31,14 +31,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kho.errors import InvalidKeyError, ObjectNotFoundError, StorageError
 from kho.storage.base import ObjectStore
 from kho.storage.filesystem import fsync_dir
-
-if TYPE_CHECKING:
-    from kho.storage.peer import PeerSpoolClient
 
 SPOOL_PREFIX = "spool/"
 SEGMENT_SUFFIX = ".seg"
@@ -334,12 +331,23 @@ class Spool:
         return {"segments": segments, "bytes": size}
 
 
+class SpoolPeers(Protocol):
+    """Reads the spool keys other hosts hold (kho.storage.peer.PeerSpoolClient): declared
+    here so that the spool depends on no reader of it."""
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class SpooledStore:
     """An object store with the spool beside it: spool keys are read from the spool, the
     rest goes to ``inner``.  Deleting a spool key frees nothing (see Spool.reclaim)."""
 
     def __init__(
-        self, inner: ObjectStore, spool: Spool, peers: PeerSpoolClient | None = None
+        self, inner: ObjectStore, spool: Spool, peers: SpoolPeers | None = None
     ) -> None:
         self.inner = inner
         self.spool = spool
