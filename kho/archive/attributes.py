@@ -40,11 +40,12 @@ def check_uid(value: str, name: str, warnings: list[str] | None = None) -> str:
     """
     if not value:
         raise DatasetMismatchError(f"missing {name}")
-    # an empty component ('1..2', '1.2.') is refused too: DICOMweb paths refuse it, and an
-    # instance catalogued under it could not be reached
-    if len(value) > 64 or not _LENIENT_UID.match(value) or "" in value.split("."):
-        shown = value if len(value) <= 80 else value[:77] + "..."
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    if len(value) > 64 or not _LENIENT_UID.match(value):
         raise DatasetMismatchError(f"invalid {name} {shown!r}: not a DICOM UID")
+    if "" in value.split("."):
+        # DICOMweb paths refuse it too: an instance catalogued under it could not be reached
+        raise DatasetMismatchError(f"invalid {name} {shown!r}: empty UID component")
     if not _UID.match(value) and warnings is not None:
         warnings.append(f"non-conformant {name} {value!r} accepted as is")
     return value
