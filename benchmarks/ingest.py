@@ -106,9 +106,9 @@ def postgres_cpu() -> float:
 
 def wait_at_rest(catalog: str, timeout: float = 1800) -> None:
     """Until the archive has encoded at rest every instance it acknowledged."""
-    from kho.archive.catalog import Catalog
+    from kho.archive.catalog import open_catalog
 
-    cat = Catalog(catalog)
+    cat = open_catalog(catalog)
     try:
         deadline = time.monotonic() + timeout
         while cat.unfinished_count() and time.monotonic() < deadline:

@@ -44,7 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from kho.archive import query
 from kho.archive.attributes import patient_key
-from kho.archive.catalog import INSTANCE_COLUMNS, Catalog, fold_name
+from kho.archive.catalog import INSTANCE_COLUMNS, Catalog, fold_name, open_catalog
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FINDSCU = "/usr/bin/findscu"  # dcmtk's; pynetdicom installs a findscu that shadows it on PATH
@@ -248,7 +248,7 @@ def _distribute(total: int, weights: list[float], rng: random.Random) -> list[in
 
 def populate(path: Path, *, instances: int, patients: int, seed: int = 1) -> dict[str, Any]:
     """Write the synthetic catalog; return the facts the queries draw their values from."""
-    Catalog(path, synchronous_full=False).close()  # the schema and indexes, as kho makes them
+    open_catalog(path, synchronous_full=False).close()  # the schema and indexes, as kho makes them
     rng = random.Random(seed)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA synchronous=OFF")
@@ -734,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         facts = populate(path, instances=args.instances, patients=args.patients)
         populate_s = time.perf_counter() - started
-        catalog = Catalog(path, synchronous_full=False)
+        catalog = open_catalog(path, synchronous_full=False)
         counts = catalog.counts()
         size = sum(p.stat().st_size for p in data_dir.glob("catalog.sqlite3*"))
         print(

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from kho.archive import keys, metrics
 from kho.archive.attributes import InstanceAttributes
-from kho.archive.catalog import Catalog, InstanceRecord
+from kho.archive.catalog import Catalog, InstanceRecord, open_catalog
 from kho.archive.config import Settings
 from kho.archive.finisher import Finisher, collect_garbage
 from kho.archive.ingest import DatasetBytes, IngestResult, ingest_dimse, ingest_part10
@@ -80,7 +80,7 @@ class Archive:
         self.catalog = (
             catalog
             if catalog is not None
-            else Catalog(
+            else open_catalog(
                 settings.catalog_url or settings.sqlite_path, synchronous_full=settings.fsync
             )
         )

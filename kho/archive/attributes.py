@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
-from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
@@ -22,8 +21,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 
+from kho.archive.catalog.records import InstanceAttributes
+from kho.archive.catalog.sequences import SEQUENCES, extract_sequences
 from kho.archive.part10 import Part10Layout
-from kho.archive.sequences import SEQUENCES, extract_sequences
 from kho.errors import DatasetMismatchError, InvalidDicomError
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -86,64 +86,6 @@ def _int(ds: Dataset | CatalogValues, keyword: str) -> int | None:
         return None
 
 
-def patient_key(patient_id: str, issuer: str) -> str:
-    """Patients are identified by Patient ID within its issuer; hashed for a fixed-size key."""
-    return hashlib.sha256(f"{issuer}\x00{patient_id}".encode()).hexdigest()[:32]
-
-
-@dataclass(slots=True)
-class InstanceAttributes:
-    """What the catalog keeps about one instance (and its patient, study and series)."""
-
-    # patient
-    patient_id: str
-    issuer_of_patient_id: str
-    patient_name: str
-    patient_birth_date: str
-    patient_sex: str
-    # study
-    study_uid: str
-    study_date: str
-    study_time: str
-    accession_number: str
-    study_id: str
-    study_description: str
-    referring_physician_name: str
-    # series
-    series_uid: str
-    modality: str
-    series_number: int | None
-    series_description: str
-    body_part_examined: str
-    series_date: str
-    series_time: str
-    # instance
-    sop_uid: str
-    sop_class_uid: str
-    instance_number: int | None
-    rows: int | None
-    columns: int | None
-    number_of_frames: int
-    bits_allocated: int | None
-    bits_stored: int | None
-    pixel_representation: int | None
-    samples_per_pixel: int | None
-    photometric_interpretation: str
-    planar_configuration: int | None
-    content_date: str
-    content_time: str
-    sop_uid_in_dataset: bool = True
-    warnings: list[str] = field(default_factory=list)
-    #: UIDs the archive invented because the instance lacked them (keyword, UID)
-    coerced: tuple[tuple[str, str], ...] = ()
-    #: catalogued sequences present in the instance (kho.archive.sequences)
-    sequences: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)
-
-    @property
-    def patient_key(self) -> str:
-        return patient_key(self.patient_id, self.issuer_of_patient_id)
-
-
 CATALOG_KEYWORDS = (
     "SpecificCharacterSet",
     "PatientID",
@@ -179,7 +121,7 @@ CATALOG_KEYWORDS = (
     "PlanarConfiguration",
     "ContentDate",
     "ContentTime",
-    # the catalogued sequences (kho.archive.sequences)
+    # the catalogued sequences (kho.archive.catalog.sequences)
     "OtherPatientIDsSequence",
     "ProcedureCodeSequence",
     "RequestAttributesSequence",

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kho.archive.catalog import INSTANCE_COLUMNS, Catalog, InstanceRecord, fold_name
-from kho.archive.sequences import COLUMNS, SEQUENCES, matching_items, query_item
+from kho.archive.catalog.sequences import COLUMNS, SEQUENCES, matching_items, query_item
 from kho.errors import QueryError
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -173,7 +173,7 @@ _ATTRIBUTES: dict[str, _Attribute] = {
         _A("ContentDate", "IMAGE", "i.content_date", "date"),
         _A("ContentTime", "IMAGE", "i.content_time", "time"),
         _A("AvailableTransferSyntaxUID", "IMAGE", "i.transfer_syntax_uid", "uid"),
-        # sequences (kho.archive.sequences); the column is the items' owner
+        # sequences (kho.archive.catalog.sequences); the column is the items' owner
         _A("OtherPatientIDsSequence", "PATIENT", "p.patient_key", "sequence"),
         _A("ProcedureCodeSequence", "STUDY", "s.study_uid", "sequence"),
         _A("RequestAttributesSequence", "SERIES", "r.series_uid", "sequence"),

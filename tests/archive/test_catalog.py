@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kho.archive.catalog import Catalog
+from kho.archive.catalog import Catalog, open_catalog
 from tests.helpers.postgres import postgres_database
 
 
@@ -16,7 +16,7 @@ def test_opening_a_postgresql_catalog_beside_a_writer_runs_no_ddl() -> None:
     on the instances table must not wait for it: the schema is in place, so no CREATE
     INDEX (which locks its table even when the index exists) is run."""
     with postgres_database() as url:
-        writer = Catalog(url)
+        writer = open_catalog(url)
         try:
             with writer.transaction():
                 writer.execute(
@@ -25,7 +25,7 @@ def test_opening_a_postgresql_catalog_beside_a_writer_runs_no_ddl() -> None:
                 )
                 writer.execute("UPDATE instances SET source = source WHERE sop_uid = ?", ("x",))
                 opened: list[Catalog] = []
-                thread = threading.Thread(target=lambda: opened.append(Catalog(url)))
+                thread = threading.Thread(target=lambda: opened.append(open_catalog(url)))
                 thread.start()
                 thread.join(15)  # it would wait for the writer's commit: never, here
                 assert opened, "opening the catalog waited for another process's writes"
@@ -38,7 +38,7 @@ def test_opening_a_postgresql_catalog_beside_a_writer_runs_no_ddl() -> None:
 def test_connections_of_ended_threads_are_closed(tmp_path) -> None:
     """Every association runs in its own thread; the catalog must not keep one open
     connection per association it ever served."""
-    catalog = Catalog(tmp_path / "catalog.sqlite3")
+    catalog = open_catalog(tmp_path / "catalog.sqlite3")
     try:
         for _ in range(3):
             threads = [threading.Thread(target=lambda: catalog.counts()) for _ in range(5)]
@@ -163,8 +163,8 @@ def test_postgresql_one_statement_ingest_writes_what_the_general_path_writes(
 
     import pydicom
 
-    from kho.archive import catalog as catalog_module
     from kho.archive.archive import Archive
+    from kho.archive.catalog.postgresql import PostgresCatalog
     from kho.archive.config import Settings
     from tests.archive.test_ingest import make_instance
 
@@ -188,7 +188,7 @@ def test_postgresql_one_statement_ingest_writes_what_the_general_path_writes(
         variant(3, StudyDescription="corrected", PatientSex="F"),  # another version
     ]
     taken: list[bool] = []
-    real = catalog_module.Catalog._commit_new_in_known_series
+    real = PostgresCatalog._commit_new_in_known_series
 
     def counted(self: Catalog, *args: object) -> bool:
         taken.append(real(self, *args))  # type: ignore[arg-type]
@@ -215,12 +215,12 @@ def test_postgresql_one_statement_ingest_writes_what_the_general_path_writes(
             )
             with Archive(settings) as archive:
                 archive.finisher.stop()
-                original = catalog_module.Catalog._commit_new_in_known_series
-                catalog_module.Catalog._commit_new_in_known_series = counted  # type: ignore[method-assign]
+                original = PostgresCatalog._commit_new_in_known_series
+                PostgresCatalog._commit_new_in_known_series = counted  # type: ignore[method-assign]
                 try:
                     outcomes = [archive.ingest_part10(data).outcome.value for data in sent]
                 finally:
-                    catalog_module.Catalog._commit_new_in_known_series = original  # type: ignore[method-assign]
+                    PostgresCatalog._commit_new_in_known_series = original  # type: ignore[method-assign]
                 archive.catalog.fold_counters()
                 rows = {}
                 for table, key in tables.items():

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from kho.archive import query
 from kho.archive.archive import Archive
-from kho.archive.catalog import Catalog
+from kho.archive.catalog import Catalog, open_catalog
 from kho.archive.config import Settings
 from kho.errors import KhoError, QueryError
 from tests.conftest import sample_files
@@ -145,7 +145,7 @@ def filled(
     with contextlib.ExitStack() as stack:
         catalog = None
         if request.param == "postgresql":
-            catalog = Catalog(stack.enter_context(_postgres_database()))
+            catalog = open_catalog(stack.enter_context(_postgres_database()))
         archive = Archive(settings, catalog=catalog)
         stack.callback(archive.close)
         made = _fill(archive)

@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from kho.archive import query
 from kho.archive.archive import Archive
-from kho.archive.catalog import Catalog
+from kho.archive.catalog import Catalog, open_catalog
 from kho.archive.config import Settings
 from kho.errors import QueryError
 from kho.viewer_api.server import HttpServer
@@ -149,7 +149,10 @@ def _archive(engine: str, settings: Settings) -> Iterator[Archive]:
         with archive_on(engine, settings) as archive:
             yield archive
         return
-    with _punctuation_blind_database() as url, Archive(settings, catalog=Catalog(url)) as archive:
+    with (
+        _punctuation_blind_database() as url,
+        Archive(settings, catalog=open_catalog(url)) as archive,
+    ):
         yield archive
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 
-from kho.archive.catalog import Catalog
+from kho.archive.catalog import open_catalog
 from kho.archive.part10 import read_file_meta
 from kho.archive.phantom import write_ct_series
 from tests.helpers import dcmtk
@@ -61,7 +61,7 @@ def test_two_workers_retrieve_what_either_acknowledged(tmp_path: Path) -> None:
         # each getscu is a new association: the kernel spreads them over both processes
         for attempt in range(4):
             assert _get_study(port, study, tmp_path / f"got-{attempt}") == sent
-        catalog = Catalog(data_dir / "catalog.sqlite3")
+        catalog = open_catalog(data_dir / "catalog.sqlite3")
         try:
             deadline = time.monotonic() + 120
             while catalog.unfinished_count() and time.monotonic() < deadline:

@@ -33,10 +33,10 @@ def archive_on(engine: str, settings: Any) -> Iterator[Any]:
     """An Archive on ``settings`` whose catalog is SQLite (in its data directory) or a
     fresh PostgreSQL database."""
     from kho.archive.archive import Archive
-    from kho.archive.catalog import Catalog
+    from kho.archive.catalog import open_catalog
 
     with contextlib.ExitStack() as stack:
         catalog = None
         if engine == "postgresql":
-            catalog = Catalog(stack.enter_context(postgres_database()))
+            catalog = open_catalog(stack.enter_context(postgres_database()))
         yield stack.enter_context(Archive(settings, catalog=catalog))

@@ -1,8 +1,7 @@
-"""The SQL catalog: patients, studies, series, instances, and the ingest journal.
-
-One schema, two engines: SQLite (embedded default, WAL) and PostgreSQL.  SQL is written once
-with ``?`` placeholders and ``ON CONFLICT`` upserts, which both engines speak; the dialect
-only changes placeholders, types and how a write transaction begins.
+"""The catalog's interface and what both engines share: the ingest journal, instances and
+the identity rules, the finisher's queue, garbage, statistics.  The engine specifics (how to
+connect, lock, begin and commit) live in one module per dialect: kho.archive.catalog.sqlite
+and kho.archive.catalog.postgresql.
 
 Visibility rule: an instance exists for readers once its row is committed, and its objects
 were durable before that commit.  The ``pending`` journal names object prefixes being
@@ -11,42 +10,38 @@ written, so a restart can delete what a crash left unreferenced.
 
 from __future__ import annotations
 
-import fcntl
-import functools
 import json
 import logging
 import os
-import re
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-from kho.archive import keys
-from kho.archive.attributes import InstanceAttributes
-from kho.archive.sequences import SEQUENCES
+from kho.archive.catalog.records import (
+    GARBAGE_DELAY_S,
+    HEADER_OBJECT,
+    INSTANCE_COLUMNS,
+    PIXELS_OBJECT,
+    InstanceAttributes,
+    InstanceRecord,
+)
+from kho.archive.catalog.schema import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    hierarchy_unchanged,
+    hierarchy_values,
+)
+from kho.archive.catalog.sequences import SEQUENCES
 from kho.errors import CatalogError, IdentityConflictError, NotFoundError
 from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of, stem_of
 
 LOG = logging.getLogger(__name__)
 
-# 4: spool_hosts; 3: instance_deltas; 2: unfinished, garbage, sequence_items; the
-# received-object layout
-SCHEMA_VERSION = 4
-#: how long replaced objects stay readable after the switch (a reader that loaded the old
-#: row a moment ago can still fetch them)
-GARBAGE_DELAY_S = 60.0
-#: the entry of ``instances.derived`` naming a pixel object written after ingest
-PIXELS_OBJECT = "pixels"
-#: the entry naming a header object other than ``<prefix>.header`` (the received object)
-HEADER_OBJECT = "header"
-#: who journals a prefix: host, process id and the process start time (pids are reused)
-PROCESS_OWNER = ""
+__all__ = ["GARBAGE_DELAY_S", "HEADER_OBJECT", "PIXELS_OBJECT", "Catalog"]
 
 
 def _process_start(pid: int) -> str:
@@ -61,96 +56,13 @@ def _owner_of(pid: int) -> str:
     return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
 
 
-#: the catalogued columns of the patient, study and series rows (after their keys)
-_HIERARCHY_COLUMNS = (
-    (
-        "patients",
-        "patient_key",
-        ("patient_name", "patient_name_folded", "patient_birth_date", "patient_sex"),
-    ),
-    (
-        "studies",
-        "study_uid",
-        (
-            "study_date",
-            "study_time",
-            "accession_number",
-            "study_id",
-            "study_description",
-            "referring_physician_name",
-        ),
-    ),
-    (
-        "series",
-        "series_uid",
-        (
-            "modality",
-            "series_number",
-            "series_description",
-            "body_part_examined",
-            "series_date",
-            "series_time",
-        ),
-    ),
-)
-
-
-def _hierarchy_values(a: InstanceAttributes) -> tuple[dict[str, Any], ...]:
-    """The catalogued values of an instance's patient, study and series rows."""
-    derived = {"patient_name_folded": fold_name(a.patient_name)}
-    return tuple(
-        {c: derived[c] if c in derived else getattr(a, c) for c in columns}
-        for _table, _key, columns in _HIERARCHY_COLUMNS
-    )
-
-
-def _hierarchy_unchanged(
-    rows: list[tuple[Any, ...] | None], hierarchy: tuple[dict[str, Any], ...]
-) -> bool:
-    """Whether every row exists with exactly these values (nothing to write)."""
-    return all(
-        row is not None and tuple(row) == tuple(values.values())
-        for row, values in zip(rows, hierarchy, strict=True)
-    )
-
-
-def _count_statements(
-    study_uid: str, series_uid: str, pkey: str, delta: int, dialect: str
-) -> list[tuple[str, Sequence[Any]]]:
-    """The instance counters of a patient, study and series: PostgreSQL, one row of
-    instance_deltas (see fold_counters); SQLite (one writer at a time anyway), the counters
-    themselves, in the order their rows are locked elsewhere."""
-    if dialect == "postgresql":
-        return [
-            (
-                "INSERT INTO instance_deltas (patient_key, study_uid, series_uid, delta) "
-                "VALUES (?, ?, ?, ?)",
-                (pkey, study_uid, series_uid, delta),
-            )
-        ]
-    return [
-        (
-            "UPDATE patients SET num_instances = num_instances + ? WHERE patient_key = ?",
-            (delta, pkey),
-        ),
-        (
-            "UPDATE studies SET num_instances = num_instances + ? WHERE study_uid = ?",
-            (delta, study_uid),
-        ),
-        (
-            "UPDATE series SET num_instances = num_instances + ? WHERE series_uid = ?",
-            (delta, series_uid),
-        ),
-    ]
-
-
 def _end_pending_statement(object_prefix: str) -> tuple[str, Sequence[Any]]:
     """Take a prefix's journal row away (its objects are referenced, or gone)."""
     return ("DELETE FROM pending WHERE object_prefix = ?", (object_prefix,))
 
 
 #: an instance queued again starts afresh
-_REQUEUE = (
+REQUEUE_SET = (
     "object_prefix = excluded.object_prefix, queued_at = excluded.queued_at, "
     "owner = '', claimed_at = 0, attempts = 0"
 )
@@ -162,7 +74,7 @@ def _queue_statement(record: InstanceRecord, unfinished: bool) -> tuple[str, Seq
         return ("DELETE FROM unfinished WHERE sop_uid = ?", (record.sop_uid,))
     return (
         "INSERT INTO unfinished (sop_uid, object_prefix, queued_at) VALUES (?, ?, ?) "
-        f"ON CONFLICT (sop_uid) DO UPDATE SET {_REQUEUE}",
+        f"ON CONFLICT (sop_uid) DO UPDATE SET {REQUEUE_SET}",
         (record.sop_uid, record.object_prefix, time.time()),
     )
 
@@ -187,328 +99,182 @@ def owner_is_gone(owner: str) -> bool:
 
 PROCESS_OWNER = _owner_of(os.getpid())
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS kho_schema (version BIGINT NOT NULL);
-CREATE TABLE IF NOT EXISTS patients (
-    patient_key TEXT PRIMARY KEY,
-    patient_id TEXT NOT NULL,
-    issuer_of_patient_id TEXT NOT NULL,
-    patient_name TEXT NOT NULL,
-    patient_name_folded TEXT NOT NULL,
-    patient_birth_date TEXT NOT NULL,
-    patient_sex TEXT NOT NULL,
-    num_studies BIGINT NOT NULL DEFAULT 0,
-    num_instances BIGINT NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    patient_key TEXT NOT NULL,
-    study_date TEXT NOT NULL,
-    study_time TEXT NOT NULL,
-    accession_number TEXT NOT NULL,
-    study_id TEXT NOT NULL,
-    study_description TEXT NOT NULL,
-    referring_physician_name TEXT NOT NULL,
-    modalities_in_study TEXT NOT NULL DEFAULT '',
-    num_series BIGINT NOT NULL DEFAULT 0,
-    num_instances BIGINT NOT NULL DEFAULT 0,
-    updated_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    modality TEXT NOT NULL,
-    series_number BIGINT,
-    series_description TEXT NOT NULL,
-    body_part_examined TEXT NOT NULL,
-    series_date TEXT NOT NULL,
-    series_time TEXT NOT NULL,
-    num_instances BIGINT NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    instance_number BIGINT,
-    rows_ BIGINT,
-    columns_ BIGINT,
-    number_of_frames BIGINT NOT NULL,
-    bits_allocated BIGINT,
-    bits_stored BIGINT,
-    pixel_representation BIGINT,
-    samples_per_pixel BIGINT,
-    photometric_interpretation TEXT NOT NULL,
-    planar_configuration BIGINT,
-    content_date TEXT NOT NULL,
-    content_time TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    received_size BIGINT NOT NULL,
-    stored_size BIGINT NOT NULL,
-    object_prefix TEXT NOT NULL,
-    header_size BIGINT NOT NULL,
-    pixel_split BIGINT NOT NULL,
-    pixel_format TEXT NOT NULL,
-    pixel_size BIGINT NOT NULL,
-    frame_index TEXT NOT NULL,
-    derived TEXT NOT NULL,
-    received_at DOUBLE PRECISION NOT NULL,
-    source TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS replacements (
-    sop_uid TEXT NOT NULL,
-    old_sha256 TEXT NOT NULL,
-    new_sha256 TEXT NOT NULL,
-    replaced_at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pending (
-    object_prefix TEXT PRIMARY KEY,
-    created_at DOUBLE PRECISION NOT NULL,
-    owner TEXT NOT NULL DEFAULT ''
-);
--- instances acknowledged as received, awaiting the at-rest codec and derived objects
--- (kho.archive.finisher), claimed by one process at a time for a lease
-CREATE TABLE IF NOT EXISTS unfinished (
-    sop_uid TEXT PRIMARY KEY,
-    object_prefix TEXT NOT NULL,
-    queued_at DOUBLE PRECISION NOT NULL,
-    owner TEXT NOT NULL DEFAULT '',
-    claimed_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-    attempts BIGINT NOT NULL DEFAULT 0
-);
--- objects no instance references any more, deleted once ``not_before`` has passed (a
--- reader that loaded the old row a moment ago can still fetch them)
-CREATE TABLE IF NOT EXISTS garbage (
-    object_key TEXT PRIMARY KEY,
-    not_before DOUBLE PRECISION NOT NULL
-);
--- PostgreSQL: instance counts not yet added to the patient, study and series rows. An
--- ingest inserts one row here instead of updating three rows every ingest of the series
--- shares (and would queue on until its commit). Folded in by fold_counters
-CREATE TABLE IF NOT EXISTS instance_deltas (
-    patient_key TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    delta BIGINT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ix_instance_deltas_patient ON instance_deltas (patient_key);
-CREATE INDEX IF NOT EXISTS ix_instance_deltas_study ON instance_deltas (study_uid);
-CREATE INDEX IF NOT EXISTS ix_instance_deltas_series ON instance_deltas (series_uid);
--- where each process's ingest spool is served to the archive's other hosts
--- (kho.storage.peer): segment names start with the stem
-CREATE TABLE IF NOT EXISTS spool_hosts (
-    stem TEXT PRIMARY KEY,
-    peer_url TEXT NOT NULL,
-    registered_at DOUBLE PRECISION NOT NULL
-);
--- items of the sequences C-FIND and QIDO-RS match on (kho.archive.sequences)
-CREATE TABLE IF NOT EXISTS sequence_items (
-    owner TEXT NOT NULL,
-    sequence TEXT NOT NULL,
-    item BIGINT NOT NULL,
-    v1 TEXT NOT NULL DEFAULT '',
-    v2 TEXT NOT NULL DEFAULT '',
-    v3 TEXT NOT NULL DEFAULT '',
-    v4 TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (owner, sequence, item)
-);
-CREATE INDEX IF NOT EXISTS ix_sequence_items_v1 ON sequence_items (sequence, v1);
-CREATE INDEX IF NOT EXISTS ix_unfinished_queue ON unfinished (queued_at);
-CREATE INDEX IF NOT EXISTS ix_garbage_due ON garbage (not_before);
-CREATE INDEX IF NOT EXISTS ix_patients_id ON patients (patient_id);
-CREATE INDEX IF NOT EXISTS ix_patients_name ON patients (patient_name);
-CREATE INDEX IF NOT EXISTS ix_patients_name_folded ON patients (patient_name_folded);
-CREATE INDEX IF NOT EXISTS ix_studies_patient ON studies (patient_key);
-CREATE INDEX IF NOT EXISTS ix_studies_date ON studies (study_date, study_time);
-CREATE INDEX IF NOT EXISTS ix_studies_accession ON studies (accession_number);
-CREATE INDEX IF NOT EXISTS ix_series_study ON series (study_uid, series_number);
-CREATE INDEX IF NOT EXISTS ix_series_modality ON series (modality);
-CREATE INDEX IF NOT EXISTS ix_instances_series ON instances (series_uid, instance_number);
-CREATE INDEX IF NOT EXISTS ix_instances_study ON instances (study_uid);
-CREATE INDEX IF NOT EXISTS ix_replacements_sop ON replacements (sop_uid);
-"""
 
-
-@dataclass(slots=True)
-class InstanceRecord:
-    """One row of ``instances``: where an instance's objects are and how to rebuild it."""
-
-    sop_uid: str
-    series_uid: str
-    study_uid: str
-    sop_class_uid: str
-    instance_number: int | None
-    rows_: int | None
-    columns_: int | None
-    number_of_frames: int
-    bits_allocated: int | None
-    bits_stored: int | None
-    pixel_representation: int | None
-    samples_per_pixel: int | None
-    photometric_interpretation: str
-    planar_configuration: int | None
-    content_date: str
-    content_time: str
-    transfer_syntax_uid: str
-    sha256: str
-    received_size: int
-    stored_size: int
-    object_prefix: str
-    header_size: int
-    pixel_split: int  # offset in the header object where the pixel value goes back in
-    pixel_format: str  # "none" | "raw" | "encapsulated" | codec name ("jpeg-ls", ...) | "zstd"
-    pixel_size: int  # bytes of the pixel object (0 if none)
-    frame_index: str  # JSON: [[offset, length], ...] into the pixel object
-    # JSON: {"metadata": key, "thumbnail": key, "pixels": key of an at-rest pixel object}
-    derived: str
-    received_at: float
-    source: str
-
-    @property
-    def frames(self) -> list[tuple[int, int]]:
-        return [(int(o), int(n)) for o, n in json.loads(self.frame_index or "[]")]
-
-    @property
-    def derived_keys(self) -> dict[str, Any]:
-        loaded: dict[str, Any] = json.loads(self.derived or "{}")
-        return loaded
-
-    @property
-    def header_key(self) -> str:
-        """The header object's key; the same as :attr:`pixels_key` when the instance is
-        kept as one object, the Part 10 bytes exactly as received (until finished)."""
-        key = self.derived_keys.get(HEADER_OBJECT)
-        return str(key) if key else keys.header_key(self.object_prefix)
-
-    @property
-    def stored_as_received(self) -> bool:
-        return self.pixel_format != "none" and self.header_key == self.pixels_key
-
-    @property
-    def pixels_key(self) -> str:
-        """The pixel object's key: the received value at ``<prefix>.pixels``, or the at-rest
-        encoding a background finisher wrote beside it (named in ``derived``)."""
-        key = self.derived_keys.get(PIXELS_OBJECT)
-        return str(key) if key else keys.pixels_key(self.object_prefix)
-
-
-INSTANCE_COLUMNS = [f.name for f in fields(InstanceRecord)]
-
-
-def _column_types(table: str) -> dict[str, str]:
-    """A table's column types as _SCHEMA declares them (casts for PostgreSQL statements
-    whose parameters have no column to take their type from)."""
-    body = re.search(rf"CREATE TABLE IF NOT EXISTS {table} \((.*?)\n\);", _SCHEMA, re.S)
-    assert body is not None, table
-    types = {}
-    for line in body.group(1).splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0].isidentifier():
-            types[words[0]] = "DOUBLE PRECISION" if words[1] == "DOUBLE" else words[1].rstrip(",")
-    return types
-
-
-@functools.cache
-def _new_in_known_series_statement(journalled: bool, unfinished: bool) -> str:
-    """PostgreSQL: the whole ingest of a new instance into a patient, study and series the
-    catalog holds with exactly its values (every instance of a series after its first), as
-    one statement, committed on its own (one round trip, one WAL flush).  The instance row
-    is inserted only if the three rows match and its SOP Instance UID is new; the queue,
-    counter and journal rows only if it was.  Returns (rows matched, instance inserted):
-    anything else is left to the general path, which then finds the catalog unchanged.
-    Parameters: the patient, study and series keys each followed by their
-    _hierarchy_values, the instance columns, then the tail's."""
-    types = _column_types("instances")
-    # the rows must also be each other's parents (a study of another patient, a series of
-    # another study: the general path refuses the instance)
-    checks = [
-        "studies.patient_key = patients.patient_key",
-        "series.study_uid = studies.study_uid",
+def recount_updates(
+    patient_keys: list[str], study_uids: list[str], series_uids: list[str], *, folded: bool
+) -> list[tuple[str, list[str]]]:
+    """UPDATEs setting the counters of these patient, study and series rows to what the
+    instances say; ``folded``: also those of the rows a CTE named ``d`` lists (PostgreSQL,
+    the counter deltas it folds in)."""
+    marks = {
+        name: ", ".join("?" for _ in uids) or "NULL"
+        for name, uids in (("p", patient_keys), ("s", study_uids), ("r", series_uids))
+    }
+    also = {
+        "r": " OR t.series_uid IN (SELECT series_uid FROM d)" if folded else "",
+        "s": " OR t.study_uid IN (SELECT study_uid FROM d)" if folded else "",
+        "p": " OR t.patient_key IN (SELECT patient_key FROM d)" if folded else "",
+    }
+    return [
+        (
+            "UPDATE series AS t SET num_instances = (SELECT count(*) FROM instances i "
+            "WHERE i.series_uid = t.series_uid) "
+            f"WHERE t.series_uid IN ({marks['r']}){also['r']}",
+            series_uids,
+        ),
+        (
+            "UPDATE studies AS t SET num_instances = (SELECT count(*) FROM instances i "
+            "WHERE i.study_uid = t.study_uid), num_series = (SELECT count(*) FROM series x "
+            f"WHERE x.study_uid = t.study_uid) WHERE t.study_uid IN ({marks['s']}){also['s']}",
+            study_uids,
+        ),
+        (
+            "UPDATE patients AS t SET num_studies = (SELECT count(*) FROM studies x "
+            "WHERE x.patient_key = t.patient_key), num_instances = (SELECT count(*) "
+            "FROM instances i JOIN studies x ON x.study_uid = i.study_uid "
+            "WHERE x.patient_key = t.patient_key) "
+            f"WHERE t.patient_key IN ({marks['p']}){also['p']}",
+            patient_keys,
+        ),
     ]
-    for table, key, columns in _HIERARCHY_COLUMNS:
-        row = ", ".join(f"{table}.{c}" for c in columns)
-        given = ", ".join("%s::" + _column_types(table)[c] for c in columns)
-        checks.append(f"{table}.{key} = %s AND ({row}) IS NOT DISTINCT FROM ({given})")
-    values = ", ".join(f"%s::{types[c]}" for c in INSTANCE_COLUMNS)
-    parts = [
-        f"known AS (SELECT 1 FROM patients, studies, series WHERE {' AND '.join(checks)})",
-        f"ins AS (INSERT INTO instances ({', '.join(INSTANCE_COLUMNS)}) SELECT {values} "
-        "FROM known ON CONFLICT (sop_uid) DO NOTHING RETURNING sop_uid)",
-        "counted AS (INSERT INTO instance_deltas (patient_key, study_uid, series_uid, delta) "
-        "SELECT %s::TEXT, %s::TEXT, %s::TEXT, 1 FROM ins)",
-    ]
-    if unfinished:  # a new SOP Instance UID has no queue row
-        parts.append(
-            "queued AS (INSERT INTO unfinished (sop_uid, object_prefix, queued_at) "
-            "SELECT sop_uid, %s::TEXT, %s::DOUBLE PRECISION FROM ins "
-            f"ON CONFLICT (sop_uid) DO UPDATE SET {_REQUEUE})"
-        )
-    if journalled:
-        parts.append(
-            "unjournalled AS (DELETE FROM pending WHERE object_prefix = %s "
-            "AND EXISTS (SELECT 1 FROM ins))"
-        )
-    return (
-        f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM known), (SELECT count(*) FROM ins)"
-    )
-
-
-def fold_name(name: str) -> str:
-    """Person name folded for case-insensitive matching."""
-    return name.upper()
 
 
 class Catalog:
-    """Catalog access shared by ingest, query, retrieval and the admin commands.
+    """Catalog access shared by ingest, query, retrieval and the admin commands: the one
+    interface of both engines (kho.archive.catalog.open_catalog picks one).
 
     Thread-safe: each thread gets its own connection.
     """
 
-    dialect: str = "sqlite"
+    #: "sqlite" or "postgresql" (the query engine's few dialect choices read it)
+    dialect: str = ""
+    #: what a SELECT adds to lock the rows it reads until the transaction ends
+    ROW_LOCK = ""
+    #: the engine's own errors, reported as CatalogError
+    ENGINE_ERRORS: tuple[type[BaseException], ...] = ()
 
-    def __init__(self, url_or_path: str | Path, *, synchronous_full: bool = True) -> None:
-        text = str(url_or_path)
+    def __init__(self, url: str, *, synchronous_full: bool = True) -> None:
+        self.url = url
         self._local = threading.local()
         self._all_connections: list[tuple[threading.Thread, Any]] = []
         self._conn_lock = threading.Lock()
         self.synchronous_full = synchronous_full
-        if text.startswith(("postgresql://", "postgres://")):
-            self.dialect = "postgresql"
-            self.url = text
-        else:
-            self.dialect = "sqlite"
-            self.path = Path(text.removeprefix("sqlite:///"))
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.url = f"sqlite:///{self.path}"
-        self._writer_thread_lock = threading.Lock()
-        self._writer_fd: int | None = None
-        if self.dialect == "sqlite":
-            lock_path = self.path.with_name(self.path.name + ".writelock")
-            self._writer_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
-        self._create_schema()
 
-    # --- connections -----------------------------------------------------------------
+    # --- the engine: each dialect's module says how -------------------------------------
 
     def _connect(self) -> Any:
-        if self.dialect == "sqlite":
-            conn = sqlite3.connect(
-                self.path, timeout=60, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.synchronous_full else 'NORMAL'}")
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA foreign_keys=OFF")
-            # LIKE must be case-sensitive (DICOM matching is) and then it can use indexes
-            conn.execute("PRAGMA case_sensitive_like=ON")
-            conn.execute("PRAGMA cache_size=-65536")
-            return conn
-        import psycopg
+        raise NotImplementedError
 
+    def sql(self, text: str) -> str:
+        """Translate ``?`` placeholders for the engine."""
+        return text
+
+    def execute(self, text: str, params: Sequence[Any] = ()) -> Any:
         try:
-            return psycopg.connect(self.url, autocommit=True)
-        except psycopg.Error as exc:
-            raise CatalogError(f"cannot connect to the catalog: {exc}") from exc
+            return self.connection.execute(self.sql(text), params)
+        except self.ENGINE_ERRORS as exc:
+            raise CatalogError(f"catalog error: {exc}") from exc
+
+    def execute_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Run statements in order; their cursors."""
+        return [self.execute(text, params) for text, params in statements]
+
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Held around every write (SQLite: one writer at a time)."""
+        yield
+
+    def _transaction(self) -> Iterator[None]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def commit_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """The last statements of a transaction (PostgreSQL: and its commit, in one
+        round trip)."""
+        self.execute_batch(statements)
+
+    def _create_schema(self) -> None:
+        with self.transaction():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self.execute(statement)
+            self._record_version()
+
+    @contextmanager
+    def _relaxed_write(self) -> Iterator[None]:
+        """A write outside any transaction whose commit skips the flush to disk: it
+        survives a crash of the process; after a power loss it may be lost, which callers
+        must tolerate."""
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    def _in_transaction(self) -> bool:
+        """Whether this thread is inside a write transaction the writer lock covers."""
+        return False
+
+    def _count_statements(
+        self, study_uid: str, series_uid: str, pkey: str, delta: int
+    ) -> list[tuple[str, Sequence[Any]]]:
+        """The statements adding ``delta`` to the instance counters of a patient, study
+        and series (SQLite: the counters themselves, in the order their rows are locked
+        elsewhere)."""
+        return [
+            (
+                "UPDATE patients SET num_instances = num_instances + ? WHERE patient_key = ?",
+                (delta, pkey),
+            ),
+            (
+                "UPDATE studies SET num_instances = num_instances + ? WHERE study_uid = ?",
+                (delta, study_uid),
+            ),
+            (
+                "UPDATE series SET num_instances = num_instances + ? WHERE series_uid = ?",
+                (delta, series_uid),
+            ),
+        ]
+
+    def _commit_new_in_known_series(
+        self,
+        attrs: InstanceAttributes,
+        hierarchy: tuple[dict[str, Any], ...],
+        values: dict[str, Any],
+        unfinished: bool,
+        journalled: bool,
+    ) -> bool:
+        """A one-statement store of a new instance of an unchanged series, where the
+        engine has one (PostgreSQL); whether it stored it (if not, nothing was written)."""
+        return False
+
+    def fold_counters(self) -> int:
+        """Add counter deltas not yet in the rows (PostgreSQL); how many were folded."""
+        return 0
+
+    def _lock_hierarchy(self, a: InstanceAttributes) -> None:
+        """Lock an instance's patient, study and series rows (SQLite: the write
+        transaction holds the whole database)."""
+
+    def _recount_statements(
+        self, patient_keys: list[str], study_uids: list[str], series_uids: list[str]
+    ) -> list[tuple[str, list[str]]]:
+        """UPDATEs setting these rows' counters to what the instances say."""
+        return recount_updates(patient_keys, study_uids, series_uids, folded=False)
+
+    def _recount(
+        self, patient_keys: list[str], study_uids: list[str], series_uids: list[str]
+    ) -> None:
+        """Set the counters of these rows to what the instances say."""
+        self.execute_batch(self._recount_statements(patient_keys, study_uids, series_uids))
+
+    def close(self) -> None:
+        with self._conn_lock:
+            for _thread, conn in self._all_connections:
+                # closing another thread's connection may complain; it is closed anyway
+                with suppress(Exception):
+                    conn.close()
+            self._all_connections.clear()
+        self._local = threading.local()
+
+    # --- connections --------------------------------------------------------------------------
 
     @property
     def connection(self) -> Any:
@@ -538,52 +304,6 @@ class Catalog:
     def open_connections(self) -> int:
         return len(self._all_connections)
 
-    def close(self) -> None:
-        if self._writer_fd is not None:
-            os.close(self._writer_fd)
-            self._writer_fd = None
-        with self._conn_lock:
-            for _thread, conn in self._all_connections:
-                # closing another thread's connection may complain; it is closed anyway
-                with suppress(Exception):
-                    conn.close()
-            self._all_connections.clear()
-        self._local = threading.local()
-
-    def sql(self, text: str) -> str:
-        """Translate ``?`` placeholders for the engine."""
-        return text if self.dialect == "sqlite" else text.replace("?", "%s")
-
-    def execute(self, text: str, params: Sequence[Any] = ()) -> Any:
-        if getattr(self._local, "begin_unsent", False):
-            return self.execute_batch([(text, params)])[-1]
-        try:
-            return self.connection.execute(self.sql(text), params)
-        except sqlite3.Error as exc:
-            raise CatalogError(f"catalog error: {exc}") from exc
-        except Exception as exc:
-            if type(exc).__module__.startswith("psycopg"):
-                raise CatalogError(f"catalog error: {exc}") from exc
-            raise
-
-    def execute_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
-        """Run statements in order; their cursors.  PostgreSQL sends them in one pipeline
-        (one round trip instead of one each; psycopg's per-statement wait dominated the
-        catalog's cost of an ingest); an error in any raises CatalogError once all ran."""
-        if getattr(self._local, "begin_unsent", False):
-            self._local.begin_unsent = False
-            return self.execute_batch([("BEGIN", ()), *statements])[1:]
-        if self.dialect == "sqlite" or len(statements) < 2:
-            return [self.execute(text, params) for text, params in statements]
-        conn = self.connection
-        try:
-            with conn.pipeline():
-                return [conn.execute(self.sql(text), params) for text, params in statements]
-        except Exception as exc:
-            if type(exc).__module__.startswith("psycopg"):
-                raise CatalogError(f"catalog error: {exc}") from exc
-            raise
-
     def fetchall(self, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self.execute(text, params).fetchall())
 
@@ -592,97 +312,10 @@ class Catalog:
         return tuple(row) if row is not None else None
 
     @contextmanager
-    def writer(self) -> Iterator[None]:
-        """Serialise SQLite writers of all threads and processes without SQLite's busy
-        handler, which sleeps up to 100 ms between retries: a blocking file lock wakes the
-        next writer as soon as the lock is released."""
-        if self.dialect != "sqlite" or self._writer_fd is None:
-            yield
-            return
-        with self._writer_thread_lock:
-            fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._writer_fd, fcntl.LOCK_UN)
-
-    @contextmanager
     def transaction(self) -> Iterator[None]:
         """A write transaction; SQLite takes the write lock at once (no upgrade deadlocks)."""
         with self.writer():
             yield from self._transaction()
-
-    def _transaction(self) -> Iterator[None]:
-        conn = self.connection
-        local = self._local
-        try:
-            if self.dialect == "sqlite":
-                conn.execute("BEGIN IMMEDIATE")
-            else:
-                # sent with the transaction's first statements (one round trip less)
-                local.begin_unsent = True
-                local.committed = False
-        except Exception as exc:
-            raise CatalogError(f"cannot begin a catalog transaction: {exc}") from exc
-        try:
-            yield
-        except BaseException:
-            if not getattr(local, "begin_unsent", False):
-                with suppress(Exception):
-                    conn.execute("ROLLBACK")
-            local.begin_unsent = False
-            local.committed = None
-            raise
-        if self.dialect == "postgresql":
-            unsent, local.begin_unsent = local.begin_unsent, False
-            committed, local.committed = local.committed, None
-            if unsent or committed:  # nothing ran, or commit_batch committed
-                return
-        try:
-            conn.execute("COMMIT")
-        except Exception as exc:
-            raise CatalogError(f"catalog commit failed: {exc}") from exc
-
-    def commit_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        """The last statements of a transaction, and its commit: PostgreSQL sends them in
-        one round trip; the transaction's end then commits nothing more."""
-        if self.dialect == "postgresql" and getattr(self._local, "committed", None) is False:
-            self.execute_batch([*statements, ("COMMIT", ())])
-            self._local.committed = True
-            return
-        self.execute_batch(statements)
-
-    def _schema_in_place(self) -> bool:
-        """Whether every table and index of the schema exists (PostgreSQL): then opening
-        the catalog runs no DDL.  CREATE INDEX IF NOT EXISTS locks its table even when the
-        index is there, and a process starting beside one that ingests would deadlock
-        with it."""
-        names = re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA)
-        marks = ", ".join("to_regclass(?)" for _ in names)
-        row = self.fetchone(f"SELECT {marks}", names)
-        if row is None or any(found is None for found in row):
-            return False
-        version = self.fetchone("SELECT version FROM kho_schema")
-        return version is not None and int(version[0]) == SCHEMA_VERSION
-
-    def _create_schema(self) -> None:
-        schema = _SCHEMA
-        if self.dialect == "postgresql":
-            if self._schema_in_place():
-                return
-            # one DDL lock so several processes starting at once do not race
-            with self.transaction():
-                self.execute("SELECT pg_advisory_xact_lock(7301)")
-                for statement in schema.split(";"):
-                    if statement.strip():
-                        self.execute(statement)
-                self._record_version()
-            return
-        with self.transaction():
-            for statement in schema.split(";"):
-                if statement.strip():
-                    self.execute(statement)
-            self._record_version()
 
     def _record_version(self) -> None:
         row = self.fetchone("SELECT version FROM kho_schema")
@@ -695,40 +328,7 @@ class Catalog:
                 f"catalog schema version {row[0]} is newer than this kho ({SCHEMA_VERSION})"
             )
 
-    # --- the ingest journal ----------------------------------------------------------
-
-    @contextmanager
-    def _relaxed_write(self) -> Iterator[None]:
-        """A write outside any transaction whose commit skips the flush to disk (SQLite:
-        synchronous=NORMAL; PostgreSQL: SET LOCAL synchronous_commit = off): it survives a
-        crash of the process; after a power loss it may be lost, which callers must
-        tolerate."""
-        if self.dialect == "postgresql":
-            import psycopg
-
-            in_transaction = getattr(self._local, "begin_unsent", False) or (
-                self.connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
-            )
-            if in_transaction:
-                yield  # inside a transaction: part of it, committed with it
-                return
-            with self.transaction():
-                self.execute("SET LOCAL synchronous_commit = off")
-                yield
-            return
-        relaxed = (
-            self.dialect == "sqlite"
-            and self.synchronous_full
-            and not self.connection.in_transaction
-        )
-        if relaxed:
-            self.connection.execute("PRAGMA synchronous=NORMAL")
-        try:
-            with self.writer() if relaxed else nullcontext():
-                yield
-        finally:
-            if relaxed:
-                self.connection.execute("PRAGMA synchronous=FULL")
+    # --- the ingest journal -------------------------------------------------------------------
 
     def begin_pending(self, object_prefix: str) -> None:
         """Record that objects are about to be written under ``object_prefix``.
@@ -747,9 +347,6 @@ class Catalog:
     def end_pending(self, object_prefix: str) -> None:
         with self.writer() if not self._in_transaction() else nullcontext():
             self.execute(*_end_pending_statement(object_prefix))
-
-    def _in_transaction(self) -> bool:
-        return self.dialect == "sqlite" and bool(self.connection.in_transaction)
 
     def disown_pending(self, object_prefix: str) -> None:
         """Hand a journalled prefix to the next recovery pass (its ingest has failed)."""
@@ -776,7 +373,7 @@ class Catalog:
         row = self.fetchone("SELECT 1 FROM instances WHERE object_prefix = ?", (object_prefix,))
         return row is not None
 
-    # --- instances -------------------------------------------------------------------
+    # --- instances ----------------------------------------------------------------------------
 
     def get_instance(self, sop_uid: str) -> InstanceRecord | None:
         row = self.fetchone(
@@ -857,11 +454,9 @@ class Catalog:
         values = asdict(record)
         cols = ", ".join(INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in INSTANCE_COLUMNS)
-        hierarchy = _hierarchy_values(attrs)
-        if (
-            self.dialect == "postgresql"
-            and not attrs.sequences
-            and self._commit_new_in_known_series(attrs, hierarchy, values, unfinished, journalled)
+        hierarchy = hierarchy_values(attrs)
+        if not attrs.sequences and self._commit_new_in_known_series(
+            attrs, hierarchy, values, unfinished, journalled
         ):
             return "stored", None
         with self.transaction():
@@ -875,7 +470,7 @@ class Catalog:
             if cursors[0].rowcount == 1:
                 read = self._read_hierarchy(attrs, cursors[1:])
                 rows: list[tuple[Any, ...] | None] | None = read
-                if attrs.sequences or not _hierarchy_unchanged(read, hierarchy):
+                if attrs.sequences or not hierarchy_unchanged(read, hierarchy):
                     # rows to write: lock them first, in one order, and read them again
                     self._lock_hierarchy(attrs)
                     rows = None
@@ -889,15 +484,14 @@ class Catalog:
                 if unfinished:  # a new SOP Instance UID has no queue row to clear
                     tail.append(_queue_statement(record, unfinished))
                 # last: these rows are shared by every instance of the series
-                tail += _count_statements(
-                    attrs.study_uid, attrs.series_uid, attrs.patient_key, +1, self.dialect
+                tail += self._count_statements(
+                    attrs.study_uid, attrs.series_uid, attrs.patient_key, +1
                 )
                 self.commit_batch(tail)
                 return "stored", None
             self._lock_hierarchy(attrs)
-            lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
             row = self.fetchone(
-                f"SELECT {cols} FROM instances WHERE sop_uid = ?{lock}", (record.sop_uid,)
+                f"SELECT {cols} FROM instances WHERE sop_uid = ?{self.ROW_LOCK}", (record.sop_uid,)
             )
             assert row is not None  # the conflicting row exists and is locked
             previous = InstanceRecord(*row)
@@ -1007,89 +601,10 @@ class Catalog:
         for study_uid in sorted(study_uids):
             self._refresh_modalities(study_uid)
 
-    def _recount(
-        self, patient_keys: list[str], study_uids: list[str], series_uids: list[str]
-    ) -> None:
-        """Set the counters of these rows to what the instances say.  PostgreSQL: in one
-        statement that also folds in (deletes) their pending instance_deltas, so the
-        instances counted and the deltas dropped are of one snapshot."""
-        marks = {
-            name: ", ".join("?" for _ in uids) or "NULL"
-            for name, uids in (("p", patient_keys), ("s", study_uids), ("r", series_uids))
-        }
-        pg = self.dialect == "postgresql"
-        also = {
-            "r": " OR t.series_uid IN (SELECT series_uid FROM d)" if pg else "",
-            "s": " OR t.study_uid IN (SELECT study_uid FROM d)" if pg else "",
-            "p": " OR t.patient_key IN (SELECT patient_key FROM d)" if pg else "",
-        }
-        updates = [
-            (
-                "UPDATE series AS t SET num_instances = (SELECT count(*) FROM instances i "
-                "WHERE i.series_uid = t.series_uid) "
-                f"WHERE t.series_uid IN ({marks['r']}){also['r']}",
-                series_uids,
-            ),
-            (
-                "UPDATE studies AS t SET num_instances = (SELECT count(*) FROM instances i "
-                "WHERE i.study_uid = t.study_uid), num_series = (SELECT count(*) FROM series x "
-                f"WHERE x.study_uid = t.study_uid) WHERE t.study_uid IN ({marks['s']}){also['s']}",
-                study_uids,
-            ),
-            (
-                "UPDATE patients AS t SET num_studies = (SELECT count(*) FROM studies x "
-                "WHERE x.patient_key = t.patient_key), num_instances = (SELECT count(*) "
-                "FROM instances i JOIN studies x ON x.study_uid = i.study_uid "
-                "WHERE x.patient_key = t.patient_key) "
-                f"WHERE t.patient_key IN ({marks['p']}){also['p']}",
-                patient_keys,
-            ),
-        ]
-        if not pg:
-            self.execute_batch(updates)
-            return
-        fold = (
-            "DELETE FROM instance_deltas WHERE patient_key IN ({p}) OR study_uid IN ({s}) "
-            "OR series_uid IN ({r}) RETURNING patient_key, study_uid, series_uid"
-        ).format(**marks)
-        parts = [f"d AS ({fold})"]
-        params: list[Any] = [*patient_keys, *study_uids, *series_uids]
-        for name, (text, uids) in zip("rsp", updates, strict=True):
-            parts.append(f"{name} AS ({text} RETURNING 1)")
-            params += uids
-        self.execute(f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM d)", params)
-
-    def _commit_new_in_known_series(
-        self,
-        attrs: InstanceAttributes,
-        hierarchy: tuple[dict[str, Any], ...],
-        values: dict[str, Any],
-        unfinished: bool,
-        journalled: bool,
-    ) -> bool:
-        """PostgreSQL: store a new instance of a series the catalog holds unchanged in one
-        statement (_new_in_known_series_statement); whether it was stored.  If not (a new
-        or changed patient, study or series, or a SOP Instance UID already stored) nothing
-        was written."""
-        params: list[Any] = []
-        for (_table, key, _columns), row_values in zip(_HIERARCHY_COLUMNS, hierarchy, strict=True):
-            params += [getattr(attrs, key), *row_values.values()]
-        params += [values[c] for c in INSTANCE_COLUMNS]
-        params += [attrs.patient_key, attrs.study_uid, attrs.series_uid]
-        if unfinished:
-            params += [values["object_prefix"], time.time()]
-        if journalled:
-            params.append(values["object_prefix"])
-        # committed on its own: never part of a transaction the caller has open
-        assert not getattr(self._local, "begin_unsent", False)
-        statement = _new_in_known_series_statement(journalled, unfinished)
-        row = self.execute(statement, params).fetchone()
-        return bool(row and row[1])
-
     def _queue_unfinished(self, record: InstanceRecord, unfinished: bool) -> None:
         self.execute(*_queue_statement(record, unfinished))
 
-    # --- the background finisher's queue and the garbage list --------------------------
+    # --- the background finisher's queue and the garbage list ---------------------------------
 
     def claim_unfinished(
         self, limit: int, lease_s: float, max_attempts: int = 3
@@ -1228,31 +743,6 @@ class Catalog:
             self._add_garbage(garbage, garbage_delay_s)
             return True
 
-    def fold_counters(self) -> int:
-        """PostgreSQL: add the pending instance_deltas to the patient, study and series
-        counters, in one statement (the rows it deletes are exactly those it adds, however
-        many ingests commit meanwhile); how many were folded.  Queries add what is still
-        pending, so counts are exact either way."""
-        if self.dialect != "postgresql":
-            return 0
-        with self.transaction():
-            row = self.fetchone(
-                "WITH d AS (DELETE FROM instance_deltas "
-                "RETURNING patient_key, study_uid, series_uid, delta), "
-                "p AS (UPDATE patients t SET num_instances = t.num_instances + x.n FROM "
-                "(SELECT patient_key, SUM(delta) AS n FROM d GROUP BY patient_key) x "
-                "WHERE t.patient_key = x.patient_key RETURNING 1), "
-                "s AS (UPDATE studies t SET num_instances = t.num_instances + x.n FROM "
-                "(SELECT study_uid, SUM(delta) AS n FROM d GROUP BY study_uid) x "
-                "WHERE t.study_uid = x.study_uid RETURNING 1), "
-                "r AS (UPDATE series t SET num_instances = t.num_instances + x.n FROM "
-                "(SELECT series_uid, SUM(delta) AS n FROM d GROUP BY series_uid) x "
-                "WHERE t.series_uid = x.series_uid RETURNING 1) "
-                "SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM p), "
-                "(SELECT count(*) FROM s), (SELECT count(*) FROM r)"
-            )
-        return int(row[0]) if row else 0
-
     def spool_segments_in_use(self) -> set[str]:
         """Spool segments (kho.storage.spool) an instance row or pending garbage refers to.
         Only queued instances can be spooled: the finisher moves each out before it takes
@@ -1325,21 +815,7 @@ class Catalog:
             for key in object_keys:
                 self.execute("DELETE FROM garbage WHERE object_key = ?", (key,))
 
-    def _lock_hierarchy(self, a: InstanceAttributes) -> None:
-        """PostgreSQL: lock the patient, study and series rows of an instance, in that
-        order (the counter updates take them in the same order: no deadlock)."""
-        if self.dialect != "postgresql":
-            return  # SQLite: the write transaction holds the whole database
-        self.execute_batch(
-            [
-                (f"SELECT 1 FROM {table} WHERE {column} = ? FOR UPDATE", (key,))
-                for table, column, key in (
-                    ("patients", "patient_key", a.patient_key),
-                    ("studies", "study_uid", a.study_uid),
-                    ("series", "series_uid", a.series_uid),
-                )
-            ]
-        )
+    # --- patients, studies, series ------------------------------------------------------------
 
     def _hierarchy_reads(
         self, a: InstanceAttributes, hierarchy: tuple[dict[str, Any], ...]
@@ -1413,7 +889,7 @@ class Catalog:
         ingests of one series (PostgreSQL) only meet at the counter updates at the end of
         their transactions."""
         pkey = a.patient_key
-        patient, study, series = hierarchy or _hierarchy_values(a)
+        patient, study, series = hierarchy or hierarchy_values(a)
         if rows is None:
             reads = self._hierarchy_reads(a, (patient, study, series))
             rows = self._read_hierarchy(a, self.execute_batch(reads))
@@ -1544,7 +1020,7 @@ class Catalog:
             "UPDATE studies SET modalities_in_study = ? WHERE study_uid = ?", (joined, study_uid)
         )
 
-    # --- statistics ------------------------------------------------------------------
+    # --- statistics ---------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
         out = {}

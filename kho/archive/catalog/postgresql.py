@@ -1,0 +1,282 @@
+"""The PostgreSQL catalog (hospital scale, several kho processes and hosts): statements
+sent in pipelines, BEGIN with a transaction's first statements and COMMIT with its last, a
+new instance of a known series stored by one statement, instance counters kept as deltas
+(instance_deltas) that concurrent ingests of one series do not queue on."""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import psycopg
+
+from kho.archive.catalog.base import REQUEUE_SET, Catalog, recount_updates
+from kho.archive.catalog.records import INSTANCE_COLUMNS, InstanceAttributes
+from kho.archive.catalog.schema import (
+    HIERARCHY_COLUMNS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    column_types,
+)
+from kho.errors import CatalogError
+
+
+@functools.cache
+def _new_in_known_series_statement(journalled: bool, unfinished: bool) -> str:
+    """PostgreSQL: the whole ingest of a new instance into a patient, study and series the
+    catalog holds with exactly its values (every instance of a series after its first), as
+    one statement, committed on its own (one round trip, one WAL flush).  The instance row
+    is inserted only if the three rows match and its SOP Instance UID is new; the queue,
+    counter and journal rows only if it was.  Returns (rows matched, instance inserted):
+    anything else is left to the general path, which then finds the catalog unchanged.
+    Parameters: the patient, study and series keys each followed by their
+    _hierarchy_values, the instance columns, then the tail's."""
+    types = column_types("instances")
+    # the rows must also be each other's parents (a study of another patient, a series of
+    # another study: the general path refuses the instance)
+    checks = [
+        "studies.patient_key = patients.patient_key",
+        "series.study_uid = studies.study_uid",
+    ]
+    for table, key, columns in HIERARCHY_COLUMNS:
+        row = ", ".join(f"{table}.{c}" for c in columns)
+        given = ", ".join("%s::" + column_types(table)[c] for c in columns)
+        checks.append(f"{table}.{key} = %s AND ({row}) IS NOT DISTINCT FROM ({given})")
+    values = ", ".join(f"%s::{types[c]}" for c in INSTANCE_COLUMNS)
+    parts = [
+        f"known AS (SELECT 1 FROM patients, studies, series WHERE {' AND '.join(checks)})",
+        f"ins AS (INSERT INTO instances ({', '.join(INSTANCE_COLUMNS)}) SELECT {values} "
+        "FROM known ON CONFLICT (sop_uid) DO NOTHING RETURNING sop_uid)",
+        "counted AS (INSERT INTO instance_deltas (patient_key, study_uid, series_uid, delta) "
+        "SELECT %s::TEXT, %s::TEXT, %s::TEXT, 1 FROM ins)",
+    ]
+    if unfinished:  # a new SOP Instance UID has no queue row
+        parts.append(
+            "queued AS (INSERT INTO unfinished (sop_uid, object_prefix, queued_at) "
+            "SELECT sop_uid, %s::TEXT, %s::DOUBLE PRECISION FROM ins "
+            f"ON CONFLICT (sop_uid) DO UPDATE SET {REQUEUE_SET})"
+        )
+    if journalled:
+        parts.append(
+            "unjournalled AS (DELETE FROM pending WHERE object_prefix = %s "
+            "AND EXISTS (SELECT 1 FROM ins))"
+        )
+    return (
+        f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM known), (SELECT count(*) FROM ins)"
+    )
+
+
+class PostgresCatalog(Catalog):
+    """The catalog in a PostgreSQL database."""
+
+    dialect = "postgresql"
+    ROW_LOCK = " FOR UPDATE"
+    ENGINE_ERRORS = (psycopg.Error,)
+
+    def __init__(self, url: str, *, synchronous_full: bool = True) -> None:
+        super().__init__(url, synchronous_full=synchronous_full)
+        self._create_schema()
+
+    def _connect(self) -> Any:
+        try:
+            return psycopg.connect(self.url, autocommit=True)
+        except psycopg.Error as exc:
+            raise CatalogError(f"cannot connect to the catalog: {exc}") from exc
+
+    def sql(self, text: str) -> str:
+        return text.replace("?", "%s")
+
+    def execute(self, text: str, params: Sequence[Any] = ()) -> Any:
+        if getattr(self._local, "begin_unsent", False):
+            return self.execute_batch([(text, params)])[-1]
+        return super().execute(text, params)
+
+    def execute_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Sent in one pipeline (one round trip instead of one each; psycopg's
+        per-statement wait dominated the catalog's cost of an ingest); an error in any
+        raises CatalogError once all ran."""
+        if getattr(self._local, "begin_unsent", False):
+            self._local.begin_unsent = False
+            return self.execute_batch([("BEGIN", ()), *statements])[1:]
+        if len(statements) < 2:
+            return [self.execute(text, params) for text, params in statements]
+        conn = self.connection
+        try:
+            with conn.pipeline():
+                return [conn.execute(self.sql(text), params) for text, params in statements]
+        except psycopg.Error as exc:
+            raise CatalogError(f"catalog error: {exc}") from exc
+
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN is sent with the transaction's first statements (one round trip less), and
+        commit_batch may send COMMIT with its last."""
+        conn = self.connection
+        local = self._local
+        local.begin_unsent = True
+        local.committed = False
+        try:
+            yield
+        except BaseException:
+            if not getattr(local, "begin_unsent", False):
+                with suppress(Exception):
+                    conn.execute("ROLLBACK")
+            local.begin_unsent = False
+            local.committed = None
+            raise
+        unsent, local.begin_unsent = local.begin_unsent, False
+        committed, local.committed = local.committed, None
+        if unsent or committed:  # nothing ran, or commit_batch committed
+            return
+        try:
+            conn.execute("COMMIT")
+        except Exception as exc:
+            raise CatalogError(f"catalog commit failed: {exc}") from exc
+
+    def commit_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """The last statements of a transaction and its commit, in one round trip; the
+        transaction's end then commits nothing more."""
+        if getattr(self._local, "committed", None) is False:
+            self.execute_batch([*statements, ("COMMIT", ())])
+            self._local.committed = True
+            return
+        self.execute_batch(statements)
+
+    def _schema_in_place(self) -> bool:
+        """Whether every table and index of the schema exists: then opening the catalog
+        runs no DDL.  CREATE INDEX IF NOT EXISTS locks its table even when the index is
+        there, and a process starting beside one that ingests would deadlock with it."""
+        names = re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA)
+        marks = ", ".join("to_regclass(?)" for _ in names)
+        row = self.fetchone(f"SELECT {marks}", names)
+        if row is None or any(found is None for found in row):
+            return False
+        version = self.fetchone("SELECT version FROM kho_schema")
+        return version is not None and int(version[0]) == SCHEMA_VERSION
+
+    def _create_schema(self) -> None:
+        if self._schema_in_place():
+            return
+        # one DDL lock so several processes starting at once do not race
+        with self.transaction():
+            self.execute("SELECT pg_advisory_xact_lock(7301)")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self.execute(statement)
+            self._record_version()
+
+    @contextmanager
+    def _relaxed_write(self) -> Iterator[None]:
+        """SET LOCAL synchronous_commit = off (see Catalog._relaxed_write); inside a
+        transaction, part of it."""
+        in_transaction = getattr(self._local, "begin_unsent", False) or (
+            self.connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        )
+        if in_transaction:
+            yield  # inside a transaction: part of it, committed with it
+            return
+        with self.transaction():
+            self.execute("SET LOCAL synchronous_commit = off")
+            yield
+
+    def _count_statements(
+        self, study_uid: str, series_uid: str, pkey: str, delta: int
+    ) -> list[tuple[str, Sequence[Any]]]:
+        """One row of instance_deltas (see fold_counters) instead of updating three rows
+        every ingest of the series shares."""
+        return [
+            (
+                "INSERT INTO instance_deltas (patient_key, study_uid, series_uid, delta) "
+                "VALUES (?, ?, ?, ?)",
+                (pkey, study_uid, series_uid, delta),
+            )
+        ]
+
+    def _commit_new_in_known_series(
+        self,
+        attrs: InstanceAttributes,
+        hierarchy: tuple[dict[str, Any], ...],
+        values: dict[str, Any],
+        unfinished: bool,
+        journalled: bool,
+    ) -> bool:
+        """PostgreSQL: store a new instance of a series the catalog holds unchanged in one
+        statement (_new_in_known_series_statement); whether it was stored.  If not (a new
+        or changed patient, study or series, or a SOP Instance UID already stored) nothing
+        was written."""
+        params: list[Any] = []
+        for (_table, key, _columns), row_values in zip(HIERARCHY_COLUMNS, hierarchy, strict=True):
+            params += [getattr(attrs, key), *row_values.values()]
+        params += [values[c] for c in INSTANCE_COLUMNS]
+        params += [attrs.patient_key, attrs.study_uid, attrs.series_uid]
+        if unfinished:
+            params += [values["object_prefix"], time.time()]
+        if journalled:
+            params.append(values["object_prefix"])
+        # committed on its own: never part of a transaction the caller has open
+        assert not getattr(self._local, "begin_unsent", False)
+        statement = _new_in_known_series_statement(journalled, unfinished)
+        row = self.execute(statement, params).fetchone()
+        return bool(row and row[1])
+
+    def fold_counters(self) -> int:
+        """PostgreSQL: add the pending instance_deltas to the patient, study and series
+        counters, in one statement (the rows it deletes are exactly those it adds, however
+        many ingests commit meanwhile); how many were folded.  Queries add what is still
+        pending, so counts are exact either way."""
+        with self.transaction():
+            row = self.fetchone(
+                "WITH d AS (DELETE FROM instance_deltas "
+                "RETURNING patient_key, study_uid, series_uid, delta), "
+                "p AS (UPDATE patients t SET num_instances = t.num_instances + x.n FROM "
+                "(SELECT patient_key, SUM(delta) AS n FROM d GROUP BY patient_key) x "
+                "WHERE t.patient_key = x.patient_key RETURNING 1), "
+                "s AS (UPDATE studies t SET num_instances = t.num_instances + x.n FROM "
+                "(SELECT study_uid, SUM(delta) AS n FROM d GROUP BY study_uid) x "
+                "WHERE t.study_uid = x.study_uid RETURNING 1), "
+                "r AS (UPDATE series t SET num_instances = t.num_instances + x.n FROM "
+                "(SELECT series_uid, SUM(delta) AS n FROM d GROUP BY series_uid) x "
+                "WHERE t.series_uid = x.series_uid RETURNING 1) "
+                "SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM p), "
+                "(SELECT count(*) FROM s), (SELECT count(*) FROM r)"
+            )
+        return int(row[0]) if row else 0
+
+    def _lock_hierarchy(self, a: InstanceAttributes) -> None:
+        """PostgreSQL: lock the patient, study and series rows of an instance, in that
+        order (the counter updates take them in the same order: no deadlock)."""
+        self.execute_batch(
+            [
+                (f"SELECT 1 FROM {table} WHERE {column} = ? FOR UPDATE", (key,))
+                for table, column, key in (
+                    ("patients", "patient_key", a.patient_key),
+                    ("studies", "study_uid", a.study_uid),
+                    ("series", "series_uid", a.series_uid),
+                )
+            ]
+        )
+
+    def _recount(
+        self, patient_keys: list[str], study_uids: list[str], series_uids: list[str]
+    ) -> None:
+        """In one statement that also folds in (deletes) these rows' pending
+        instance_deltas, so the instances counted and the deltas dropped are of one
+        snapshot."""
+        marks = {
+            name: ", ".join("?" for _ in uids) or "NULL"
+            for name, uids in (("p", patient_keys), ("s", study_uids), ("r", series_uids))
+        }
+        fold = (
+            "DELETE FROM instance_deltas WHERE patient_key IN ({p}) OR study_uid IN ({s}) "
+            "OR series_uid IN ({r}) RETURNING patient_key, study_uid, series_uid"
+        ).format(**marks)
+        parts = [f"d AS ({fold})"]
+        params: list[Any] = [*patient_keys, *study_uids, *series_uids]
+        updates = recount_updates(patient_keys, study_uids, series_uids, folded=True)
+        for name, (text, uids) in zip("rsp", updates, strict=True):
+            parts.append(f"{name} AS ({text} RETURNING 1)")
+            params += uids
+        self.execute(f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM d)", params)

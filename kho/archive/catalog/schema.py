@@ -1,0 +1,222 @@
+"""The catalog's tables and indexes, one text for both engines (``?`` placeholders and
+``ON CONFLICT`` upserts, which SQLite and PostgreSQL both speak), and the columns of the
+patient, study and series rows an instance writes."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from kho.archive.catalog.records import InstanceAttributes, fold_name
+
+# 4: spool_hosts; 3: instance_deltas; 2: unfinished, garbage, sequence_items; the
+# received-object layout
+SCHEMA_VERSION = 4
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kho_schema (version BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS patients (
+    patient_key TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL,
+    patient_name TEXT NOT NULL,
+    patient_name_folded TEXT NOT NULL,
+    patient_birth_date TEXT NOT NULL,
+    patient_sex TEXT NOT NULL,
+    num_studies BIGINT NOT NULL DEFAULT 0,
+    num_instances BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    study_date TEXT NOT NULL,
+    study_time TEXT NOT NULL,
+    accession_number TEXT NOT NULL,
+    study_id TEXT NOT NULL,
+    study_description TEXT NOT NULL,
+    referring_physician_name TEXT NOT NULL,
+    modalities_in_study TEXT NOT NULL DEFAULT '',
+    num_series BIGINT NOT NULL DEFAULT 0,
+    num_instances BIGINT NOT NULL DEFAULT 0,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    series_number BIGINT,
+    series_description TEXT NOT NULL,
+    body_part_examined TEXT NOT NULL,
+    series_date TEXT NOT NULL,
+    series_time TEXT NOT NULL,
+    num_instances BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    instance_number BIGINT,
+    rows_ BIGINT,
+    columns_ BIGINT,
+    number_of_frames BIGINT NOT NULL,
+    bits_allocated BIGINT,
+    bits_stored BIGINT,
+    pixel_representation BIGINT,
+    samples_per_pixel BIGINT,
+    photometric_interpretation TEXT NOT NULL,
+    planar_configuration BIGINT,
+    content_date TEXT NOT NULL,
+    content_time TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    received_size BIGINT NOT NULL,
+    stored_size BIGINT NOT NULL,
+    object_prefix TEXT NOT NULL,
+    header_size BIGINT NOT NULL,
+    pixel_split BIGINT NOT NULL,
+    pixel_format TEXT NOT NULL,
+    pixel_size BIGINT NOT NULL,
+    frame_index TEXT NOT NULL,
+    derived TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replacements (
+    sop_uid TEXT NOT NULL,
+    old_sha256 TEXT NOT NULL,
+    new_sha256 TEXT NOT NULL,
+    replaced_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending (
+    object_prefix TEXT PRIMARY KEY,
+    created_at DOUBLE PRECISION NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
+);
+-- instances acknowledged as received, awaiting the at-rest codec and derived objects
+-- (kho.archive.finisher), claimed by one process at a time for a lease
+CREATE TABLE IF NOT EXISTS unfinished (
+    sop_uid TEXT PRIMARY KEY,
+    object_prefix TEXT NOT NULL,
+    queued_at DOUBLE PRECISION NOT NULL,
+    owner TEXT NOT NULL DEFAULT '',
+    claimed_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+    attempts BIGINT NOT NULL DEFAULT 0
+);
+-- objects no instance references any more, deleted once ``not_before`` has passed (a
+-- reader that loaded the old row a moment ago can still fetch them)
+CREATE TABLE IF NOT EXISTS garbage (
+    object_key TEXT PRIMARY KEY,
+    not_before DOUBLE PRECISION NOT NULL
+);
+-- PostgreSQL: instance counts not yet added to the patient, study and series rows. An
+-- ingest inserts one row here instead of updating three rows every ingest of the series
+-- shares (and would queue on until its commit). Folded in by fold_counters
+CREATE TABLE IF NOT EXISTS instance_deltas (
+    patient_key TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    delta BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_instance_deltas_patient ON instance_deltas (patient_key);
+CREATE INDEX IF NOT EXISTS ix_instance_deltas_study ON instance_deltas (study_uid);
+CREATE INDEX IF NOT EXISTS ix_instance_deltas_series ON instance_deltas (series_uid);
+-- where each process's ingest spool is served to the archive's other hosts
+-- (kho.storage.peer): segment names start with the stem
+CREATE TABLE IF NOT EXISTS spool_hosts (
+    stem TEXT PRIMARY KEY,
+    peer_url TEXT NOT NULL,
+    registered_at DOUBLE PRECISION NOT NULL
+);
+-- items of the sequences C-FIND and QIDO-RS match on (kho.archive.catalog.sequences)
+CREATE TABLE IF NOT EXISTS sequence_items (
+    owner TEXT NOT NULL,
+    sequence TEXT NOT NULL,
+    item BIGINT NOT NULL,
+    v1 TEXT NOT NULL DEFAULT '',
+    v2 TEXT NOT NULL DEFAULT '',
+    v3 TEXT NOT NULL DEFAULT '',
+    v4 TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (owner, sequence, item)
+);
+CREATE INDEX IF NOT EXISTS ix_sequence_items_v1 ON sequence_items (sequence, v1);
+CREATE INDEX IF NOT EXISTS ix_unfinished_queue ON unfinished (queued_at);
+CREATE INDEX IF NOT EXISTS ix_garbage_due ON garbage (not_before);
+CREATE INDEX IF NOT EXISTS ix_patients_id ON patients (patient_id);
+CREATE INDEX IF NOT EXISTS ix_patients_name ON patients (patient_name);
+CREATE INDEX IF NOT EXISTS ix_patients_name_folded ON patients (patient_name_folded);
+CREATE INDEX IF NOT EXISTS ix_studies_patient ON studies (patient_key);
+CREATE INDEX IF NOT EXISTS ix_studies_date ON studies (study_date, study_time);
+CREATE INDEX IF NOT EXISTS ix_studies_accession ON studies (accession_number);
+CREATE INDEX IF NOT EXISTS ix_series_study ON series (study_uid, series_number);
+CREATE INDEX IF NOT EXISTS ix_series_modality ON series (modality);
+CREATE INDEX IF NOT EXISTS ix_instances_series ON instances (series_uid, instance_number);
+CREATE INDEX IF NOT EXISTS ix_instances_study ON instances (study_uid);
+CREATE INDEX IF NOT EXISTS ix_replacements_sop ON replacements (sop_uid);
+"""
+
+
+def column_types(table: str) -> dict[str, str]:
+    """A table's column types as SCHEMA declares them (casts for PostgreSQL statements
+    whose parameters have no column to take their type from)."""
+    body = re.search(rf"CREATE TABLE IF NOT EXISTS {table} \((.*?)\n\);", SCHEMA, re.S)
+    assert body is not None, table
+    types = {}
+    for line in body.group(1).splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0].isidentifier():
+            types[words[0]] = "DOUBLE PRECISION" if words[1] == "DOUBLE" else words[1].rstrip(",")
+    return types
+
+
+#: the catalogued columns of the patient, study and series rows (after their keys)
+HIERARCHY_COLUMNS = (
+    (
+        "patients",
+        "patient_key",
+        ("patient_name", "patient_name_folded", "patient_birth_date", "patient_sex"),
+    ),
+    (
+        "studies",
+        "study_uid",
+        (
+            "study_date",
+            "study_time",
+            "accession_number",
+            "study_id",
+            "study_description",
+            "referring_physician_name",
+        ),
+    ),
+    (
+        "series",
+        "series_uid",
+        (
+            "modality",
+            "series_number",
+            "series_description",
+            "body_part_examined",
+            "series_date",
+            "series_time",
+        ),
+    ),
+)
+
+
+def hierarchy_values(a: InstanceAttributes) -> tuple[dict[str, Any], ...]:
+    """The catalogued values of an instance's patient, study and series rows."""
+    derived = {"patient_name_folded": fold_name(a.patient_name)}
+    return tuple(
+        {c: derived[c] if c in derived else getattr(a, c) for c in columns}
+        for _table, _key, columns in HIERARCHY_COLUMNS
+    )
+
+
+def hierarchy_unchanged(
+    rows: list[tuple[Any, ...] | None], hierarchy: tuple[dict[str, Any], ...]
+) -> bool:
+    """Whether every row exists with exactly these values (nothing to write)."""
+    return all(
+        row is not None and tuple(row) == tuple(values.values())
+        for row, values in zip(rows, hierarchy, strict=True)
+    )
