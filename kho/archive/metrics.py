@@ -3,15 +3,12 @@ holds (from the catalog, read at scrape time, so every process reports the same 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from kho.archive.archive import Archive
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -51,13 +48,14 @@ REQUEST_SECONDS = Histogram(
 
 
 class ArchiveCollector(Collector):
-    """Counts and bytes per modality, read from the catalog when scraped."""
+    """Counts and bytes per modality, read from the catalog when scraped (``stats``: the
+    archive's statistics, as Archive.stats gives them)."""
 
-    def __init__(self, archive: Archive) -> None:
-        self.archive = archive
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats = self.archive.stats()
+        stats = self.stats()
         counts = GaugeMetricFamily(
             "kho_objects", "Patients, studies, series, instances", labels=["level"]
         )
@@ -92,8 +90,8 @@ class ArchiveCollector(Collector):
         )
 
 
-def exposition(archive: Archive) -> bytes:
+def exposition(stats: Callable[[], dict[str, Any]]) -> bytes:
     """The text exposition format: this process's histograms plus the archive's totals."""
     registry = CollectorRegistry()
-    registry.register(ArchiveCollector(archive))
+    registry.register(ArchiveCollector(stats))
     return generate_latest(REGISTRY) + generate_latest(registry)

@@ -22,7 +22,7 @@ ROUTE_KEY = "kho.route"
 @router.get("/metrics", summary="Prometheus metrics: counts, bytes per modality, latencies")
 def get_metrics(request: Request) -> Response:
     archive = request.app.state.viewer.archive
-    return Response(metrics.exposition(archive), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(archive.stats), media_type=CONTENT_TYPE_LATEST)
 
 
 class RouteTemplates:
