@@ -65,4 +65,5 @@ def test_verify_finds_a_damaged_object(tmp_path: Path) -> None:
         archive.store.put(key, bytes(header))
     verify = kho("verify", "--data-dir", str(data_dir))
     assert verify.returncode == 1
-    assert f"BAD {record.sop_uid}: SHA-256 mismatch" in verify.stdout
+    # an uncompressed object reads back different bytes; a compressed one fails to inflate
+    assert f"BAD {record.sop_uid}: " in verify.stdout

@@ -21,6 +21,7 @@ from kho.archive import keys, metrics
 from kho.archive.attributes import InstanceAttributes
 from kho.archive.catalog import Catalog, InstanceRecord, open_catalog
 from kho.archive.config import Settings
+from kho.archive.derived import read_header_object
 from kho.archive.finisher import Finisher, collect_garbage
 from kho.archive.ingest import DatasetBytes, IngestResult, ingest_dimse, ingest_part10
 from kho.archive.part10 import Part10Layout, read_file_meta
@@ -245,7 +246,7 @@ class Archive:
             return self._read_part10(current)
 
     def _read_part10(self, record: InstanceRecord) -> bytes:
-        header = self.store.get(record.header_key)
+        header = read_header_object(self.store, record.header_key)
         if record.pixel_format == "none" or record.stored_as_received:
             return header
         payload = self.store.get(record.pixels_key)

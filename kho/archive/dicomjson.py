@@ -4,12 +4,16 @@ A viewer's series-metadata request then reads one precomputed document per insta
 of parsing Part 10 files.  Pixel data and large binary values are not inlined: they carry a
 ``BulkDataURI`` stored relative (``bulkdata/<tag>``), which the HTTP layer turns into an
 absolute URL per request (the archive does not know the host name viewers use).
+
+The document is stored zstd-compressed (a quarter of the JSON text, inflated in
+microseconds); documents stored as plain JSON by older versions are read as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import threading
 import warnings
 from collections.abc import Iterable
@@ -19,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from kho.archive import derived
 from kho.archive.attributes import InstanceAttributes
-from kho.archive.part10 import PIXEL_DATA, Part10Layout, parse_part10
+from kho.archive.part10 import PIXEL_DATA, Part10Layout
 from kho.archive.pixels import EncodedPixels
 from kho.errors import InvalidDicomError
 
@@ -90,9 +95,13 @@ def pixel_vr(layout: Part10Layout, bits_allocated: int | None) -> str | None:
     pixels = layout.pixels
     if pixels is None:
         return None
-    if pixels.tag != PIXEL_DATA:
-        return "OD" if pixels.tag == 0x7FE00009 else "OF"
-    if pixels.encapsulated or (bits_allocated or 8) <= 8:
+    return _vr_of(pixels.tag, pixels.encapsulated, bits_allocated)
+
+
+def _vr_of(tag: int, encapsulated: bool, bits_allocated: int | None) -> str:
+    if tag != PIXEL_DATA:
+        return "OD" if tag == 0x7FE00009 else "OF"
+    if encapsulated or (bits_allocated or 8) <= 8:
         return "OB"
     return "OW"
 
@@ -109,14 +118,20 @@ def metadata_deriver(
     attrs: InstanceAttributes,
     encoded: EncodedPixels | None,
 ) -> dict[str, bytes]:
-    """Deriver (kho.archive.archive.Deriver): the instance's DICOM JSON document."""
+    """Deriver (kho.archive.archive.Deriver): the instance's DICOM JSON document,
+    compressed (see :func:`stored_document`)."""
     header = full_header(data, layout)
     pixel_tag = layout.pixels.tag if layout.pixels else PIXEL_DATA
-    return {
-        METADATA_OBJECT: encode(
-            dataset_json(header, pixel_vr(layout, attrs.bits_allocated), pixel_tag)
-        )
-    }
+    document = encode(dataset_json(header, pixel_vr(layout, attrs.bits_allocated), pixel_tag))
+    return {METADATA_OBJECT: derived.compress(document)}
+
+
+def stored_document(blob: bytes) -> bytes:
+    """The JSON text of a stored metadata object: a zstd frame, or (written by older
+    versions) the JSON itself, which always starts with "{"."""
+    if blob[:4] == derived.ZSTD_MAGIC:
+        return derived.decompress(blob)
+    return blob
 
 
 # --- serving ----------------------------------------------------------------------------
@@ -125,32 +140,62 @@ _STORED_URI = b'"BulkDataURI":"' + BULKDATA_PLACEHOLDER.encode()
 
 
 def instance_document(archive: Archive, record: InstanceRecord) -> bytes:
-    """The instance's stored DICOM JSON (relative BulkDataURIs); made from the stored
-    instance when it predates the deriver."""
+    """The instance's stored DICOM JSON (relative BulkDataURIs); made from its stored
+    header when it has none (not finished yet, stored by an older version, or too small
+    to afford one: kho.archive.derived.fit_derived), never from its pixels."""
     key = record.derived_keys.get(METADATA_OBJECT)
     if key:
-        return archive.store.get(key)
-    data = archive.read_part10(record)
-    layout = parse_part10(data)
-    header = full_header(data, layout)
-    pixel_tag = layout.pixels.tag if layout.pixels else PIXEL_DATA
-    return encode(dataset_json(header, pixel_vr(layout, record.bits_allocated), pixel_tag))
+        return stored_document(archive.store.get(key))
+    return document_from_header(archive, record)
+
+
+def document_from_header(archive: Archive, record: InstanceRecord) -> bytes:
+    """What metadata_deriver made for the instance, from its stored header alone."""
+    head = _stored_head(archive, record)
+    header = _parse_head(head)
+    if record.pixel_format == "none":
+        return encode(dataset_json(header, None))
+    tag = _pixel_tag(head, record.transfer_syntax_uid)
+    encapsulated = record.pixel_format == "encapsulated"
+    return encode(dataset_json(header, _vr_of(tag, encapsulated, record.bits_allocated), tag))
 
 
 def stored_header(archive: Archive, record: InstanceRecord) -> Dataset:
     """The instance's full header, parsed from its stored header object (no pixel read)."""
+    return _parse_head(_stored_head(archive, record))
 
-    if record.stored_as_received:  # the whole instance in one object: read its head only
-        header = archive.store.get_range(record.header_key, 0, record.pixel_split)
-    else:
-        header = archive.store.get(record.header_key)
-    stop = record.pixel_split if record.pixel_format != "none" else len(header)
+
+def _stored_head(archive: Archive, record: InstanceRecord) -> bytes:
+    """The instance's bytes up to its pixel value (all of them when it has none)."""
+    if record.pixel_format == "none":
+        return derived.read_header_object(archive.store, record.header_key)
+    # kept whole, the instance's object is read up to its pixel value only
+    return derived.read_header_range(archive.store, record.header_key, 0, record.pixel_split)
+
+
+def _parse_head(head: bytes) -> Dataset:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(BytesIO(header[:stop]), stop_before_pixels=True, force=True)
+            return pydicom.dcmread(BytesIO(head), stop_before_pixels=True, force=True)
     except Exception as exc:
         raise InvalidDicomError(f"cannot parse the stored header: {exc}") from exc
+
+
+_PIXEL_TAGS = frozenset({PIXEL_DATA, 0x7FE00008, 0x7FE00009})
+
+
+def _pixel_tag(head: bytes, transfer_syntax_uid: str) -> int:
+    """The pixel element's tag, from its element header, the last bytes before the value
+    (8 of them in Implicit VR, 12 in Explicit VR for OB/OW/OF/OD)."""
+    implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
+    order = ">HH" if transfer_syntax_uid == "1.2.840.10008.1.2.2" else "<HH"
+    at = len(head) - (8 if implicit else 12)
+    if at < 0:
+        return PIXEL_DATA
+    group, element = struct.unpack_from(order, head, at)
+    tag = (group << 16) | element
+    return tag if tag in _PIXEL_TAGS else PIXEL_DATA
 
 
 def with_absolute_uris(document: bytes, instance_url: str) -> bytes:

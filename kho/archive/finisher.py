@@ -9,15 +9,16 @@ JSON, runs here, in low-priority threads, so a modality's burst is received at n
 disk speed and the CPU catches up in between.
 
 Finishing one instance: read it as received, encode and derive, write the new objects
-beside the received ones (same prefix, new names), then one catalog transaction switches
-the row to them if it is still the same stored version, takes it off the queue, and lists
-the received pixel object as garbage, deleted a minute later (a reader that loaded the
-old row just before can still fetch it).  While instances are arriving the threads wait
-(QUIET_S), so a burst is received at full speed and encoded right after it.  A crash at
-any point leaves the instance intact and queued: its claim expires (or its process is
-found gone) and the work is redone, writing the same keys again.  Several processes on
-one catalog claim rows, so each instance is finished once.  Viewers asking before then
-get thumbnails and metadata made on request.
+beside the received ones (same prefix, new names: the header zstd-compressed, the pixels,
+the derived objects the instance can afford, see kho.archive.derived), then one catalog
+transaction switches the row to them if it is still the same stored version, takes it off
+the queue, and lists the received object as garbage, deleted a minute later (a reader
+that loaded the old row just before can still fetch it).  While instances are arriving
+the threads wait (QUIET_S), so a burst is received at full speed and encoded right after
+it.  A crash at any point leaves the instance intact and queued: its claim expires (or
+its process is found gone) and the work is redone, writing the same keys again.  Several
+processes on one catalog claim rows, so each instance is finished once.  Viewers asking
+before then get thumbnails and metadata made on request.
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kho.archive import derived as derived_objects
 from kho.archive import keys, metrics
 from kho.archive.attributes import extract_attributes, read_header
 from kho.archive.catalog import GARBAGE_DELAY_S, HEADER_OBJECT, PIXELS_OBJECT
 from kho.archive.ingest import put_objects
-from kho.archive.part10 import parse_part10
-from kho.archive.pixels import encode_pixels
+from kho.archive.part10 import Part10Layout, parse_part10
+from kho.archive.pixels import EncodedPixels, encode_pixels
 from kho.errors import CatalogError, KhoError, ObjectNotFoundError, StorageError
 from kho.storage.spool import Spool, is_spool_key
 
@@ -268,35 +271,15 @@ class Finisher:
             sop_class_fallback=record.sop_class_uid,
             surrogate_sop_anchor=record.sha256,
         )
-        objects: dict[str, bytes | memoryview] = {}
+        encoded = encode_pixels(archive, data, layout, attrs) if layout.pixels else None
+        made = archive.derive(data, layout, ds, attrs, encoded)
+        plan = _plan(record, data, layout, encoded, made)
+        objects: dict[str, bytes | memoryview] = dict(plan.objects)
         derived: dict[str, str] = dict(record.derived_keys)
-        garbage: list[str] = []
-        encoded = None
-        pixel_format, pixel_size, frame_index = (
-            record.pixel_format,
-            record.pixel_size,
-            record.frame_index,
-        )
-        header_size = record.header_size
-        if layout.pixels is not None:
-            encoded = encode_pixels(archive, data, layout, attrs)
-            if encoded.pixel_format != record.pixel_format:
-                key = keys.at_rest_pixels_key(prefix, encoded.pixel_format)
-                objects[key] = encoded.payload
-                derived[PIXELS_OBJECT] = key
-                garbage.append(record.pixels_key)
-                if record.stored_as_received:  # the header gets an object of its own
-                    header = layout.pixels.header_of(data)
-                    objects[keys.header_key(prefix)] = header
-                    derived.pop(HEADER_OBJECT, None)
-                    header_size = len(header)
-                pixel_format, pixel_size = encoded.pixel_format, len(encoded.payload)
-                frame_index = json.dumps(encoded.frame_index, separators=(",", ":"))
-        moved_whole = is_spool_key(record.pixels_key) and record.pixels_key not in garbage
-        if moved_whole:  # kept as received (no at-rest codec for it): out of the spool
-            objects.update(_out_of_spool(record, derived, data))
-            garbage.append(record.pixels_key)
-        for name, blob in archive.derive(data, layout, ds, attrs, encoded).items():
+        derived.update(plan.names)
+        if plan.names.get(HEADER_OBJECT) == keys.header_key(prefix):
+            derived.pop(HEADER_OBJECT)  # the default place: not named (as ingest does)
+        for name, blob in plan.kept.items():
             key = keys.derived_key(prefix, name)
             objects[key] = blob
             derived[name] = key
@@ -304,21 +287,16 @@ class Finisher:
         # before the switch, recovery deletes what it wrote with the replaced prefix
         catalog.begin_pending(prefix)
         put_objects(archive.store, objects)
-        # a received object kept whole holds the pixel value: header_size counts it already
-        kept_whole = record.stored_as_received and (moved_whole or not garbage)
-        stored_size = header_size + (0 if kept_whole else pixel_size)
-        own = {derived.get(PIXELS_OBJECT), keys.header_key(prefix)}
-        stored_size += sum(len(v) for k, v in objects.items() if k not in own)
         switched = catalog.finish_instance(
             sop_uid,
             prefix,
-            pixel_format=pixel_format,
-            pixel_size=pixel_size,
-            frame_index=frame_index,
+            pixel_format=plan.pixel_format,
+            pixel_size=plan.pixel_size,
+            frame_index=plan.frame_index,
             derived=json.dumps(derived, separators=(",", ":")),
-            stored_size=stored_size,
-            header_size=header_size,
-            garbage=garbage,
+            stored_size=plan.stored_size,
+            header_size=plan.header_size,
+            garbage=plan.garbage,
             garbage_delay_s=GARBAGE_DELAY_S,
             was=record,
         )
@@ -375,6 +353,104 @@ class Finisher:
             return 0
         self._last_gc = now
         return collect_garbage(self.archive)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What finishing writes for one instance, and the row's new values."""
+
+    objects: dict[str, bytes | memoryview]  # the new header and pixel objects, by key
+    names: dict[str, str]  # their entries in instances.derived (HEADER_OBJECT, PIXELS_OBJECT)
+    kept: dict[str, bytes]  # the derived objects it can afford, by name
+    garbage: list[str]  # objects the row stops pointing at
+    pixel_format: str
+    pixel_size: int
+    frame_index: str
+    header_size: int
+    stored_size: int  # every object the row points at, together
+
+
+def _plan(
+    record: InstanceRecord,
+    data: bytes,
+    layout: Part10Layout,
+    encoded: EncodedPixels | None,
+    made: dict[str, bytes],
+) -> _Plan:
+    """Split the instance into a header object (zstd-compressed when that is smaller) and
+    a pixel object (the at-rest encoding, or the value as received), and keep the derived
+    objects that fit its allowance (kho.archive.derived).  An instance whose received
+    object is already in the store and needs no re-encoding stays that one object unless
+    splitting it lets it keep more of its derived objects: a large compressed instance is
+    not copied for a header's worth of bytes."""
+    prefix = record.object_prefix
+    limit = derived_objects.allowance(
+        record.received_size, derived_objects.arrived_compressed(layout)
+    )
+    raw_header = layout.pixels.header_of(data) if layout.pixels is not None else data
+    compressed = derived_objects.compress(raw_header)
+    header: bytes | memoryview = raw_header
+    header_key = keys.header_key(prefix)
+    if len(compressed) < len(raw_header):
+        header, header_key = compressed, keys.compressed_header_key(prefix)
+    objects: dict[str, bytes | memoryview] = {}
+    garbage: list[str] = []
+    if header_key != record.header_key:
+        objects[header_key] = header
+        garbage.append(record.header_key)
+    names = {HEADER_OBJECT: header_key}
+    pixel_format, pixel_size, frame_index = (
+        record.pixel_format,
+        record.pixel_size,
+        record.frame_index,
+    )
+    if encoded is not None and (
+        record.stored_as_received or encoded.pixel_format != record.pixel_format
+    ):
+        key = keys.at_rest_pixels_key(prefix, encoded.pixel_format)
+        objects[key] = encoded.payload
+        names[PIXELS_OBJECT] = key
+        if record.pixels_key not in garbage:
+            garbage.append(record.pixels_key)
+        pixel_format, pixel_size = encoded.pixel_format, len(encoded.payload)
+        frame_index = json.dumps(encoded.frame_index, separators=(",", ":"))
+    essential = len(header) + (pixel_size if layout.pixels is not None else 0)
+    kept = derived_objects.fit_derived(made, limit - essential)
+
+    in_spool = is_spool_key(record.header_key) or is_spool_key(record.pixels_key)
+    unchanged = encoded is None or encoded.pixel_format == record.pixel_format
+    if not in_spool and unchanged:
+        whole = record.header_size
+        if not record.stored_as_received and record.pixel_format != "none":
+            whole += record.pixel_size
+        kept_whole = derived_objects.fit_derived(made, limit - whole)
+        if _total(kept_whole) >= _total(kept):
+            return _Plan(
+                objects={},
+                names={},
+                kept=kept_whole,
+                garbage=[],
+                pixel_format=record.pixel_format,
+                pixel_size=record.pixel_size,
+                frame_index=record.frame_index,
+                header_size=record.header_size,
+                stored_size=whole + _total(kept_whole),
+            )
+    return _Plan(
+        objects=objects,
+        names=names,
+        kept=kept,
+        garbage=garbage,
+        pixel_format=pixel_format,
+        pixel_size=pixel_size,
+        frame_index=frame_index,
+        header_size=len(header),
+        stored_size=essential + _total(kept),
+    )
+
+
+def _total(blobs: dict[str, bytes]) -> int:
+    return sum(len(blob) for blob in blobs.values())
 
 
 def _read_received(archive: Archive, record: InstanceRecord) -> bytes:

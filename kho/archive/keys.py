@@ -35,6 +35,21 @@ def header_key(prefix: str) -> str:
     return object_key(prefix, "header")
 
 
+#: an object whose key ends so holds one zstd frame of the bytes it stands for (decided by
+#: the key, not by sniffing: a header as received may begin with any 128 bytes)
+COMPRESSED_SUFFIX = "-zstd"
+
+
+def compressed_header_key(prefix: str) -> str:
+    """Where the finisher puts the header compressed (beside ``header_key``, which older
+    archives and inline ingest hold uncompressed)."""
+    return object_key(prefix, "header" + COMPRESSED_SUFFIX)
+
+
+def is_compressed(key: str) -> bool:
+    return key.endswith(COMPRESSED_SUFFIX)
+
+
 def pixels_key(prefix: str) -> str:
     return object_key(prefix, "pixels")
 

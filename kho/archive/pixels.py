@@ -16,7 +16,10 @@ import json
 import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+import warnings
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
@@ -24,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kho.archive.attributes import InstanceAttributes
-from kho.archive.part10 import ITEM, SEQUENCE_DELIMITER, Part10Layout, dataset_encoding
+from kho.archive.part10 import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    ITEM,
+    SEQUENCE_DELIMITER,
+    Part10Layout,
+    dataset_encoding,
+)
 from kho.errors import CodecError, IntegrityError, InvalidDicomError, KhoError, NotFoundError
 
 if TYPE_CHECKING:
@@ -137,7 +146,7 @@ def encode_pixels(
             "encapsulated", value, encapsulated_frame_index(value, attrs.number_of_frames)
         )
     encoded = archive.encode_native(value, layout, attrs)
-    if encoded is None and archive.at_rest_codec:
+    if encoded is None and archive.at_rest_codec and not _ow_bytes_swapped(data, layout, attrs):
         encoded = encode_at_rest(value, layout.transfer_syntax_uid, attrs)
     if encoded is not None:
         return encoded
@@ -147,6 +156,92 @@ def encode_pixels(
 def is_little_endian(transfer_syntax_uid: str) -> bool:
     encoding = dataset_encoding(transfer_syntax_uid)
     return encoding is None or encoding[1]
+
+
+# --- layouts the frame readers must know of -----------------------------------------------
+# Explicit VR Big Endian 8-bit pixel data of VR OW is byte-swapped in 16-bit words (PS3.5
+# 8.2, A.3); a deflated dataset is kept whole (never walked), so its record has no frame
+# index.  Both are rare (retired or seldom used syntaxes) and read through these helpers.
+
+
+def _ow_bytes_swapped(data: bytes, layout: Part10Layout, attrs: InstanceAttributes) -> bool:
+    """8-bit big endian OW pixel data: kept raw, since the at-rest codec would encode the
+    word-swapped bytes (not the image) and decoded frames would come back scrambled."""
+    pixels = layout.pixels
+    if pixels is None or pixels.encapsulated or attrs.bits_allocated != 8:
+        return False
+    if is_little_endian(layout.transfer_syntax_uid):
+        return False
+    return data[pixels.value_offset - 8 : pixels.value_offset - 6] == b"OW"
+
+
+def _stored_ow_bytes_swapped(archive: Archive, record: InstanceRecord) -> bool:
+    """_ow_bytes_swapped() of a stored raw record (the VR is read from its header, where
+    the pixel element's header ends at ``pixel_split`` in either stored layout)."""
+    if record.bits_allocated != 8 or is_little_endian(record.transfer_syntax_uid):
+        return False
+    if record.pixel_split < 8:
+        return False
+    from kho.archive.derived import read_header_range  # a header object may be compressed
+
+    return read_header_range(archive.store, record.header_key, record.pixel_split - 8, 2) == b"OW"
+
+
+def _unswap_ow_frame(archive: Archive, record: InstanceRecord, offset: int, length: int) -> bytes:
+    """The frame at [offset, offset + length) of a word-swapped 8-bit pixel value, in pixel
+    order.  A frame of odd length starts or ends in the middle of a word: the whole words
+    are read and swapped, then cut (values have even length, so the last word is whole)."""
+    value_start = json_frames(record)[0][0][0]  # frame 1 starts the value, in any layout
+    lead = (offset - value_start) % 2
+    span = lead + length + (lead + length) % 2
+    words = archive.store.get_range(record.pixels_key, offset - lead, span)
+    swapped = np.frombuffer(words, dtype="<u2").byteswap().view(np.uint8)
+    return swapped[lead : lead + length].tobytes()
+
+
+def deflated_pixels(record: InstanceRecord) -> bool:
+    """Pixel data inside a Deflated Explicit VR Little Endian dataset: the instance is kept
+    whole, so its frames are decoded from the inflated instance (pydicom)."""
+    return (
+        record.pixel_format == "none"
+        and record.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+        and bool(record.rows_ and record.columns_)
+    )
+
+
+def has_pixels(record: InstanceRecord) -> bool:
+    return record.pixel_format != "none" or deflated_pixels(record)
+
+
+def native_bytes(arr: np.ndarray, bits_allocated: int, planar: bool = False) -> bytes:
+    """A decoded frame (colour by pixel) as native little-endian Pixel Data bytes (PS3.5
+    8.1.1, C.7.6.3.1.3): colour by plane where the instance's Planar Configuration is 1, as
+    its metadata tells the client; 1-bit data packed eight pixels a byte, the first in the
+    lowest bit."""
+    if bits_allocated == 1:
+        return np.packbits(arr.astype(np.uint8, copy=False).ravel(), bitorder="little").tobytes()
+    if planar and arr.ndim == 3:
+        arr = arr.transpose(2, 0, 1)
+    little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    return np.ascontiguousarray(little).tobytes()
+
+
+def _pydicom_frame(data: bytes, index: int) -> np.ndarray:
+    """One frame decoded by pydicom (raw: no colour conversion) from a whole instance.
+
+    Its file reader follows the declared transfer syntax and cannot inflate; the dataset
+    route follows the bytes (an implicit VR dataset behind an explicit VR syntax, as some
+    writers make) and inflates deflated datasets, so it is the fallback."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    try:
+        return pixel_array(BytesIO(data), index=index, raw=True)
+    except Exception:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(BytesIO(data), force=True)
+            return pixel_array(ds, index=index, raw=True)
 
 
 def pixel_value(archive: Archive, record: InstanceRecord, payload: bytes) -> bytes:
@@ -322,10 +417,14 @@ def decode_stored_array(
 
 
 def frame_count(record: InstanceRecord) -> int:
+    if deflated_pixels(record):
+        return int(record.number_of_frames or 1)
     return len(json_frames(record)) if record.pixel_format != "none" else 0
 
 
 def _check_frame(record: InstanceRecord, frame_number: int) -> list[list[int]]:
+    if deflated_pixels(record) and 1 <= frame_number <= frame_count(record):
+        return []  # no fragments: the frame is decoded from the inflated instance
     frames = json_frames(record)
     if record.pixel_format == "none" or not 1 <= frame_number <= len(frames):
         raise NotFoundError(f"instance {record.sop_uid} has no frame {frame_number}")
@@ -336,9 +435,20 @@ def stored_frame(archive: Archive, record: InstanceRecord, frame_number: int) ->
     """A frame's bytes as stored (1-based) and their transfer syntax UID.
 
     JPEG-LS stream for "jpeg-ls"; the received fragments joined for "encapsulated"; native
-    little-endian bytes for "raw" (big endian data is byte-swapped).
+    little-endian bytes for "raw" (big endian data is byte-swapped) and for pixel data
+    inside a deflated dataset.
     """
     fragments = _check_frame(record, frame_number)
+    if deflated_pixels(record):
+        arr = frame_array(archive, record, frame_number)
+        bits, planar = int(record.bits_allocated or 8), record.planar_configuration == 1
+        return native_bytes(arr, bits, planar), EXPLICIT_VR_LITTLE_ENDIAN
+    if (
+        record.pixel_format == "raw"
+        and len(fragments) == 1
+        and _stored_ow_bytes_swapped(archive, record)
+    ):
+        return _unswap_ow_frame(archive, record, *fragments[0]), EXPLICIT_VR_LITTLE_ENDIAN
     key = record.pixels_key
     parts = [archive.store.get_range(key, off, length) for off, length in fragments]
     data = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -352,10 +462,24 @@ def stored_frame(archive: Archive, record: InstanceRecord, frame_number: int) ->
     return data, EXPLICIT_VR_LITTLE_ENDIAN
 
 
-def frame_array(archive: Archive, record: InstanceRecord, frame_number: int) -> np.ndarray:
+def frame_array(
+    archive: Archive, record: InstanceRecord, frame_number: int, *, read_ahead: bool = True
+) -> np.ndarray:
     """Decoded pixel values of one frame (1-based): natural dtype (signed where Pixel
     Representation says so), shape (rows, cols) or (rows, cols, samples), colour by pixel,
-    colour space as stored (YBR is not converted)."""
+    colour space as stored (YBR is not converted).
+
+    Compressed frames (at rest or as received) come from :data:`FRAME_CACHE` (read-only
+    arrays, shared); ``read_ahead``: decode the next frames of the instance or series in
+    the background, as a viewer walking it will ask for them next."""
+    if record.pixel_format in _AT_REST_SYNTAX or record.pixel_format == "encapsulated":
+        _check_frame(record, frame_number)
+        return FRAME_CACHE.frame(archive, record, frame_number, read_ahead=read_ahead)
+    return decode_frame(archive, record, frame_number)
+
+
+def decode_frame(archive: Archive, record: InstanceRecord, frame_number: int) -> np.ndarray:
+    """:func:`frame_array` without the cache: the frame decoded now."""
     fragments = _check_frame(record, frame_number)
     rows, cols = int(record.rows_ or 0), int(record.columns_ or 0)
     spp = int(record.samples_per_pixel or 1)
@@ -379,11 +503,9 @@ def frame_array(archive: Archive, record: InstanceRecord, frame_number: int) -> 
             return arr.reshape(rows, cols, spp)
     # anything else (compressed syntaxes kho does not implement, 1-bit, odd layouts):
     # pydicom's pixel handlers decode one frame of the reconstructed instance
-    from pydicom.pixels import pixel_array
-
     data = archive.read_part10(record)
     try:
-        arr = pixel_array(BytesIO(data), index=frame_number - 1, raw=True)
+        arr = _pydicom_frame(data, frame_number - 1)
     except Exception as exc:
         raise CodecError(f"cannot decode frame {frame_number} of {record.sop_uid}: {exc}") from exc
     if arr.ndim == 3 and spp == 1:
@@ -391,12 +513,232 @@ def frame_array(archive: Archive, record: InstanceRecord, frame_number: int) -> 
     return arr
 
 
+# --- decoded frames for viewers: a bounded cache with read-ahead --------------------------
+
+#: bytes of decoded frames one process keeps (:class:`DecodedFrameCache`)
+FRAME_CACHE_BYTES = 256 * 1024 * 1024
+#: frames decoded ahead of a viewer that walks an instance's frames or a series' instances
+READ_AHEAD_FRAMES = 4
+#: how long a series' instance order is reused for read-ahead (instances may still arrive)
+SERIES_ORDER_TTL_S = 10.0
+_SERIES_KEPT = 64
+
+FrameKey = tuple[int, str, str, int]
+
+
+@dataclass(slots=True)
+class _SeriesOrder:
+    loaded_at: float
+    records: list[InstanceRecord]
+    position: dict[str, int]
+
+
+class DecodedFrameCache:
+    """Decoded frames of compressed instances, shared by every request of a process; the
+    least recently used go first once ``max_bytes`` is exceeded, and a frame larger than a
+    quarter of it is decoded for its request only.  Arrays are read-only: callers share them.
+
+    Read-ahead: a viewer scrolling a series asks for one frame after another.  After each
+    frame asked for, the next ``read_ahead`` frames of the instance (multi-frame) or frame 1
+    of the next instances of the series (by Instance Number) are decoded by background
+    threads, so that the next request finds its frame decoded, or being decoded (it then
+    waits for that decode instead of starting a second one; one still queued it takes over).
+    """
+
+    def __init__(
+        self,
+        max_bytes: int = FRAME_CACHE_BYTES,
+        read_ahead: int = READ_AHEAD_FRAMES,
+        workers: int | None = None,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.read_ahead = read_ahead
+        # a viewer walking a series waits for the frame it asks for while the next ones
+        # decode beside it: as many frames in flight as cores
+        self.workers = workers or os.cpu_count() or 1
+        self.hits = 0
+        self.misses = 0
+        self.read_ahead_decodes = 0
+        self._items: OrderedDict[FrameKey, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._pending: dict[FrameKey, Future[np.ndarray | None]] = {}
+        self._series: OrderedDict[tuple[int, str], _SeriesOrder] = OrderedDict()
+        self._planning: set[tuple[int, str]] = set()  # series looked up, queued or running
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._series.clear()
+            self._bytes = 0
+
+    @staticmethod
+    def key(archive: Archive, record: InstanceRecord, frame_number: int) -> FrameKey:
+        return (id(archive.store), record.pixels_key, record.sha256, frame_number)
+
+    def cached(self, archive: Archive, record: InstanceRecord, frame_number: int) -> bool:
+        with self._lock:
+            return self.key(archive, record, frame_number) in self._items
+
+    def frame(
+        self,
+        archive: Archive,
+        record: InstanceRecord,
+        frame_number: int,
+        *,
+        read_ahead: bool = True,
+    ) -> np.ndarray:
+        key = self.key(archive, record, frame_number)
+        with self._lock:
+            found = self._items.get(key)
+            pending = None
+            if found is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            else:
+                pending = self._pending.get(key)
+        if found is None and pending is not None:
+            if pending.cancel():  # queued, not started: decoded here, now
+                with self._lock:
+                    if self._pending.get(key) is pending:
+                        del self._pending[key]
+            else:
+                found = pending.result()  # being decoded: wait (None if it failed)
+        if found is None:
+            with self._lock:
+                self.misses += 1
+            found = self._decode(archive, record, frame_number, key)
+        if read_ahead and self.read_ahead > 0:
+            self._read_ahead(archive, record, frame_number)
+        return found
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no read-ahead is queued or running (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending and not self._planning:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    def _decode(
+        self, archive: Archive, record: InstanceRecord, frame_number: int, key: FrameKey
+    ) -> np.ndarray:
+        arr = decode_frame(archive, record, frame_number)
+        arr.flags.writeable = False
+        if arr.nbytes <= self.max_bytes // 4:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = arr
+                    self._bytes += arr.nbytes
+                    while self._bytes > self.max_bytes and self._items:
+                        _old, evicted = self._items.popitem(last=False)
+                        self._bytes -= evicted.nbytes
+        return arr
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.workers, thread_name_prefix="kho-read-ahead"
+                )
+            return self._executor
+
+    def _read_ahead(self, archive: Archive, record: InstanceRecord, frame_number: int) -> None:
+        frames = frame_count(record)
+        if frames > 1:
+            last = min(frames, frame_number + self.read_ahead)
+            self._submit(archive, [(record, f) for f in range(frame_number + 1, last + 1)])
+            return
+        following = self._following(archive, record)
+        if following is None:  # the series' order is not known yet: found in the background
+            series = (id(archive.store), record.series_uid)
+            with self._lock:
+                if series in self._planning:
+                    return
+                self._planning.add(series)
+            self._pool().submit(self._load_and_read_ahead, archive, record)
+        else:
+            self._submit(archive, [(r, 1) for r in following])
+
+    def _following(self, archive: Archive, record: InstanceRecord) -> list[InstanceRecord] | None:
+        with self._lock:
+            order = self._series.get((id(archive.store), record.series_uid))
+        if order is None or time.monotonic() - order.loaded_at > SERIES_ORDER_TTL_S:
+            return None
+        at = order.position.get(record.sop_uid)
+        if at is None:
+            return None
+        return order.records[at + 1 : at + 1 + self.read_ahead]
+
+    def _load_and_read_ahead(self, archive: Archive, record: InstanceRecord) -> None:
+        try:
+            self._load_series(archive, record)
+        except KhoError:  # a catalog outage: no read-ahead this time
+            pass
+        finally:
+            with self._lock:
+                self._planning.discard((id(archive.store), record.series_uid))
+
+    def _load_series(self, archive: Archive, record: InstanceRecord) -> None:
+        records = archive.catalog.instances_where("series_uid = ?", (record.series_uid,))
+        records = [r for r in records if r.study_uid == record.study_uid]
+        order = _SeriesOrder(
+            time.monotonic(), records, {r.sop_uid: i for i, r in enumerate(records)}
+        )
+        with self._lock:
+            self._series[(id(archive.store), record.series_uid)] = order
+            self._series.move_to_end((id(archive.store), record.series_uid))
+            while len(self._series) > _SERIES_KEPT:
+                self._series.popitem(last=False)
+        following = self._following(archive, record)
+        if following:
+            self._submit(archive, [(r, 1) for r in following])
+
+    def _submit(self, archive: Archive, targets: list[tuple[InstanceRecord, int]]) -> None:
+        pool = self._pool()
+        for target, number in targets:
+            if target.pixel_format not in _AT_REST_SYNTAX and target.pixel_format != "encapsulated":
+                continue
+            key = self.key(archive, target, number)
+            with self._lock:
+                # a viewer jumping around faster than frames decode: keep the queue short
+                if key in self._items or key in self._pending:
+                    continue
+                if len(self._pending) >= 2 * self.read_ahead * self.workers:
+                    return
+                future = pool.submit(self._decode_ahead, archive, target, number, key)
+                self._pending[key] = future
+
+    def _decode_ahead(
+        self, archive: Archive, record: InstanceRecord, frame_number: int, key: FrameKey
+    ) -> np.ndarray | None:
+        try:
+            arr = self._decode(archive, record, frame_number, key)
+            with self._lock:
+                self.read_ahead_decodes += 1
+            return arr
+        except Exception:  # the request that needs it decodes it again and reports the error
+            return None
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+
+
+#: the process's cache of decoded frames (frame_array)
+FRAME_CACHE = DecodedFrameCache()
+
+
 def warm_up_codecs() -> float:
     """Load the numba kernels the archive uses (at-rest codec both ways, rendering) from
     their on-disk cache, or compile them, so the first instance or viewer request does not
     pay for it; seconds taken.  `kho serve` runs it in a background thread at start."""
-    import time
-
     from kho.codecs import render
 
     started = time.perf_counter()
@@ -412,4 +754,8 @@ def warm_up_codecs() -> float:
             photometric_interpretation="RGB" if image.ndim == 3 else "MONOCHROME2"
         )
         render.thumbnail(image, params, 16)
+        image.flags.writeable = False  # as frames from FRAME_CACHE are: other kernel types
+        render.thumbnail(image, params, 16)
+        if image.dtype == np.uint8:  # a display image cut from stored levels (rendering)
+            render.resize_display(np.ascontiguousarray(image), (0.0, 0.0, 64.0, 64.0), (16, 16))
     return time.perf_counter() - started

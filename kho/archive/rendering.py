@@ -10,7 +10,8 @@ Tiles (``frames/{f}/tiles/{level}/{x}/{y}``): level 0 is full resolution and eac
 level half the previous (rounded up), up to the level where the frame fits one tile.
 For frames larger than PYRAMID_MIN_SIDE a side, the finisher writes the whole pyramid
 of JPEG tiles with the instance's own window (:func:`tile_pyramid_deriver`), one object
-with an index at its end, so the first look at a radiograph is one ranged read per tile.
+with an index at its end, so the first look at a radiograph is one ranged read per tile
+(without its finest levels where the instance cannot afford them: kho.archive.derived).
 Tiles with another window or format are rendered on request from the decoded frame, which
 the HTTP layer keeps in a bounded in-memory cache (:class:`RenderCache`); a tile then costs
 about its own area times 4**level.
@@ -246,6 +247,112 @@ def render(
     return codec_render.render_frame(values, params, region=region, out_size=out_size)
 
 
+def stored_level_image(
+    archive: Archive, record: InstanceRecord, viewport: Viewport
+) -> np.ndarray | None:
+    """Frame 1 at the instance's own window for a small viewport, made from the rendered
+    levels the finisher stored (the thumbnail, a level of the tile pyramid) instead of the
+    decoded frame: the coarsest stored level at least as fine as the output over the
+    viewport's region is cut and area-averaged to the output size.  None where no stored
+    level serves (none stored, or only full resolution would: the frame is then decoded
+    and rendered exactly).  The caller checks that the request asks for frame 1 as a JPEG
+    with no window of its own.  A 256-pixel view of a 3000x2500 radiograph costs four
+    256x256 JPEG tiles decoded instead of 7.5 million samples."""
+    rows, cols = int(record.rows_ or 0), int(record.columns_ or 0)
+    if rows < 1 or cols < 1:
+        return None
+    sx, sy, sw, sh = 0, 0, cols, rows
+    if viewport.region is not None:
+        sx, sy, sw, sh = viewport.region
+        if sx >= cols or sy >= rows:
+            return None  # render() says what is wrong with it
+        sw, sh = min(sw, cols - sx), min(sh, rows - sy)
+    out_rows, out_cols = fit(sh, sw, viewport.height, viewport.width)
+
+    def fine_enough(level_rows: int, level_cols: int) -> bool:
+        return level_rows * sh >= out_rows * rows and level_cols * sw >= out_cols * cols
+
+    region = (sx, sy, sw, sh)
+    derived = record.derived_keys
+    if THUMBNAIL_OBJECT in derived:
+        small = codec_render.fit_size(rows, cols, THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+        if small != (rows, cols) and fine_enough(*small):
+            data = stored_thumbnail(archive, record)
+            image = _decode_jpeg(data) if data is not None else None
+            if image is not None and fine_enough(image.shape[0], image.shape[1]):
+                level_size = (image.shape[0], image.shape[1])
+                return _cut_level(image, (0, 0), level_size, record, region, (out_rows, out_cols))
+    if TILES_OBJECT not in derived:
+        return None
+    levels = codec_render.tile_pyramid_levels(rows, cols, TILE_SIZE)
+    for level in range(len(levels) - 1, 0, -1):  # coarsest first; level 0 is the frame
+        if fine_enough(*levels[level]):
+            found = _pyramid_region(archive, record, level, levels[level], region)
+            if found is None:  # not stored: the finer levels are not either
+                return None
+            image, origin = found
+            return _cut_level(image, origin, levels[level], record, region, (out_rows, out_cols))
+    return None
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray:
+    import imagecodecs
+
+    image: np.ndarray = imagecodecs.jpeg8_decode(data)
+    return image
+
+
+def _level_window(
+    record: InstanceRecord, level_size: tuple[int, int], region: tuple[int, int, int, int]
+) -> tuple[float, float, float, float]:
+    """The frame's ``region`` (x, y, width, height) in the pixels of a level of that size."""
+    fy = level_size[0] / int(record.rows_ or 1)
+    fx = level_size[1] / int(record.columns_ or 1)
+    sx, sy, sw, sh = region
+    return sx * fx, sy * fy, sw * fx, sh * fy
+
+
+def _cut_level(
+    image: np.ndarray,
+    origin: tuple[int, int],
+    level_size: tuple[int, int],
+    record: InstanceRecord,
+    region: tuple[int, int, int, int],
+    out_size: tuple[int, int],
+) -> np.ndarray:
+    """``region`` of the frame, area-averaged to ``out_size`` from ``image``: the pixels of
+    a rendered level of ``level_size`` from level pixel ``origin`` (x, y) on."""
+    x, y, width, height = _level_window(record, level_size, region)
+    window = (x - origin[0], y - origin[1], width, height)
+    return codec_render.resize_display(image, window, out_size)
+
+
+def _pyramid_region(
+    archive: Archive,
+    record: InstanceRecord,
+    level: int,
+    level_size: tuple[int, int],
+    region: tuple[int, int, int, int],
+) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The stored tiles of ``level`` under the frame's ``region``, joined, and the level
+    pixel (x, y) where they start; None if the level is not stored."""
+    x, y, width, height = _level_window(record, level_size, region)
+    last_x = min(math.ceil(x + width), level_size[1]) - 1
+    last_y = min(math.ceil(y + height), level_size[0]) - 1
+    across = range(int(x) // TILE_SIZE, last_x // TILE_SIZE + 1)
+    down = range(int(y) // TILE_SIZE, last_y // TILE_SIZE + 1)
+    lines: list[np.ndarray] = []
+    for tile_y in down:
+        line = []
+        for tile_x in across:
+            data = stored_tile(archive, record, level, tile_x, tile_y)
+            if data is None:
+                return None
+            line.append(_decode_jpeg(data))
+        lines.append(np.concatenate(line, axis=1))
+    return np.concatenate(lines, axis=0), (across.start * TILE_SIZE, down.start * TILE_SIZE)
+
+
 # --- tiles ------------------------------------------------------------------------------
 
 
@@ -265,36 +372,60 @@ def render_tile(values: np.ndarray, params: RenderParams, level: int, x: int, y:
 
 
 class RenderCache:
-    """Display images of recently viewed frames per pyramid level, bounded in bytes."""
+    """What viewers asked for recently, bounded in bytes, least recently used out first:
+    decoded frames of large images (arrays, which tiles and viewport regions are cut from)
+    and encoded rendered images (the bytes answered, keyed by everything that shaped them:
+    a viewer scrolling back, or a second viewer, gets them without decode or encode).
+    Items larger than a quarter of the bound are not kept."""
 
     def __init__(self, max_bytes: int = 256 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._items: OrderedDict[tuple[Any, ...], np.ndarray | bytes] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[Any, ...]) -> np.ndarray | None:
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
+    def _get(self, key: tuple[Any, ...]) -> np.ndarray | bytes | None:
         with self._lock:
             found = self._items.get(key)
             if found is not None:
                 self._items.move_to_end(key)
             return found
 
+    def _put(self, key: tuple[Any, ...], item: np.ndarray | bytes) -> None:
+        size = item.nbytes if isinstance(item, np.ndarray) else len(item)
+        if size > self.max_bytes // 4:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = item
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _old, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.nbytes if isinstance(evicted, np.ndarray) else len(evicted)
+
+    def get(self, key: tuple[Any, ...]) -> np.ndarray | None:
+        found = self._get(key)
+        return found if isinstance(found, np.ndarray) else None
+
     def get_or_make(self, key: tuple[Any, ...], make: Callable[[], np.ndarray]) -> np.ndarray:
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-                return found
+        found = self.get(key)
+        if found is not None:
+            return found
         made = make()
-        with self._lock:
-            if key not in self._items:
-                self._items[key] = made
-                self._bytes += made.nbytes
-                while self._bytes > self.max_bytes and len(self._items) > 1:
-                    _old, evicted = self._items.popitem(last=False)
-                    self._bytes -= evicted.nbytes
+        self._put(key, made)
         return made
+
+    def get_encoded(self, key: tuple[Any, ...]) -> bytes | None:
+        found = self._get(key)
+        return found if isinstance(found, bytes) else None
+
+    def put_encoded(self, key: tuple[Any, ...], data: bytes) -> None:
+        self._put(key, data)
 
 
 # --- the thumbnail deriver --------------------------------------------------------------
@@ -350,9 +481,13 @@ def thumbnail_deriver(
     """Deriver (kho.archive.archive.Deriver): a JPEG of frame 1 within 128x128 pixels.
 
     An image that cannot be decoded gets no thumbnail (it is rendered on request, or the
-    request fails there with a clear error); ingest never fails for a thumbnail.
+    request fails there with a clear error); ingest never fails for a thumbnail.  Nor does
+    an image smaller than a thumbnail: its thumbnail would be the image itself, as large
+    as its pixel data and as quick to render on request.
     """
     if layout.pixels is None:
+        return {}
+    if max(attrs.rows or 0, attrs.columns or 0) < THUMBNAIL_SIZE:
         return {}
     from kho.archive.dicomjson import full_header
 
@@ -381,15 +516,10 @@ _PYRAMID_MAGIC = b"KHOTILE1"
 
 
 def encode_pyramid(values: np.ndarray, params: RenderParams) -> bytes:
-    """Every tile of every level as JPEG, in one object: a 20-byte head (magic, u64 offset
-    and u32 length of the index), the tiles, then the index (JSON: tiles across and down
-    per level, and [offset, length] of each tile, level by level, row-major)."""
+    """Every tile of every level as JPEG, in one object (see :func:`pack_pyramid`)."""
     rows, cols = values.shape[:2]
-    head = len(_PYRAMID_MAGIC) + 12
     shape: list[list[int]] = []
     tiles: list[bytes] = []
-    offsets: list[list[int]] = []
-    pos = head
     for level, (level_rows, level_cols) in enumerate(
         codec_render.tile_pyramid_levels(rows, cols, TILE_SIZE)
     ):
@@ -398,20 +528,56 @@ def encode_pyramid(values: np.ndarray, params: RenderParams) -> bytes:
         for y in range(down):
             for x in range(across):
                 piece = codec_render.render_tile(values, params, level, x, y, TILE_SIZE)
-                tile = encode_image(piece, JPEG, PYRAMID_QUALITY)
-                tiles.append(tile)
-                offsets.append([pos, len(tile)])
-                pos += len(tile)
-    index = json.dumps({"levels": shape, "tiles": offsets}, separators=(",", ":")).encode()
-    return b"".join(
-        (
-            _PYRAMID_MAGIC,
-            pos.to_bytes(8, "little"),
-            len(index).to_bytes(4, "little"),
-            *tiles,
-            index,
-        )
-    )
+                tiles.append(encode_image(piece, JPEG, PYRAMID_QUALITY))
+    return pack_pyramid(shape, 0, tiles)
+
+
+def pack_pyramid(shape: list[list[int]], first: int, tiles: list[bytes]) -> bytes:
+    """The stored pyramid: a 20-byte head (magic, u64 offset and u32 length of the index),
+    the tiles of levels ``first`` and up, then the index (JSON: tiles across and down of
+    every level, the first level stored, and [offset, length] of each stored tile, level by
+    level, row-major).  Levels below ``first`` are rendered on request."""
+    pos = len(_PYRAMID_MAGIC) + 12
+    offsets: list[list[int]] = []
+    for tile in tiles:
+        offsets.append([pos, len(tile)])
+        pos += len(tile)
+    index: dict[str, Any] = {"levels": shape, "tiles": offsets}
+    if first:  # absent in pyramids written before levels could be left out: 0
+        index["first"] = first
+    encoded = json.dumps(index, separators=(",", ":")).encode()
+    head = (_PYRAMID_MAGIC, pos.to_bytes(8, "little"), len(encoded).to_bytes(4, "little"))
+    return b"".join((*head, *tiles, encoded))
+
+
+def _pyramid_index(blob: bytes) -> dict[str, Any] | None:
+    magic = len(_PYRAMID_MAGIC)
+    if blob[:magic] != _PYRAMID_MAGIC or len(blob) < magic + 12:
+        return None
+    offset = int.from_bytes(blob[magic : magic + 8], "little")
+    length = int.from_bytes(blob[magic + 8 : magic + 12], "little")
+    index: dict[str, Any] = json.loads(blob[offset : offset + length])
+    return index
+
+
+def trim_pyramid(blob: bytes, max_bytes: int) -> bytes | None:
+    """The pyramid without its finest levels, down to the coarsest levels that fit in
+    ``max_bytes`` (the finest level holds about three quarters of the bytes and is the
+    quickest to render on request); None if not even the coarsest level fits."""
+    index = _pyramid_index(blob)
+    if index is None:
+        return None
+    shape: list[list[int]] = index["levels"]
+    first = int(index.get("first", 0))
+    tiles = [blob[o : o + n] for o, n in index["tiles"]]
+    while first < len(shape):
+        packed = pack_pyramid(shape, first, tiles)
+        if len(packed) <= max_bytes:
+            return packed
+        across, down = shape[first]
+        tiles = tiles[across * down :]
+        first += 1
+    return None
 
 
 def tile_pyramid_deriver(
@@ -467,6 +633,9 @@ def stored_tile(
     across, down = levels[level]
     if not (0 <= x < across and 0 <= y < down):
         raise IndexError(f"tile {x},{y} outside level {level} ({across}x{down} tiles)")
-    number = sum(a * d for a, d in levels[:level]) + y * across + x
+    first = int(index.get("first", 0))
+    if level < first:  # left out to fit the instance's allowance: rendered on request
+        return None
+    number = sum(a * d for a, d in levels[first:level]) + y * across + x
     offset, length = index["tiles"][number]
     return archive.store.get_range(key, int(offset), int(length))

@@ -4,13 +4,25 @@
 no LSE segment is needed, and the header precision P is Bits Stored (not the container's
 16 bits: that costs up to 16% on 12-bit CT).  ``decode`` reads any lossless JPEG-LS
 stream: 2-16 bits, any number of components, interleave none / line / sample, preset
-parameters (LSE type 1), APPn/COM segments skipped.  Corrupt, truncated or unsupported
-streams raise ``CodecError``; the kernels check every index they use.
+parameters (LSE type 1), restart intervals (DRI, RSTm), APPn/COM segments skipped.
+Corrupt, truncated or unsupported streams raise ``CodecError``; the kernels check every
+index they use.
+
+Restart intervals (T.87: a DRI segment gives the lines per interval; each interval starts
+byte-aligned after an RSTm marker, with fresh contexts and a zero line above) make the
+bands of a frame independent: ``decode`` runs them on several threads (the kernels release
+the GIL), and ``encode`` writes them where ``restart_interval`` asks (the at-rest codec:
+:func:`at_rest_restart_interval`).  The stream stays standard: CharLS decodes it.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -23,6 +35,82 @@ TRANSFER_SYNTAX = "1.2.840.10008.1.2.4.80"
 _INTERLEAVE = {"none": 0, "line": 1, "sample": 2}
 _MAX_SAMPLES = 1 << 30  # refuse to allocate more than this many samples for one frame
 SOI, EOI, SOF55, LSE, SOS, DRI = 0xD8, 0xD9, 0xF7, 0xF8, 0xDA, 0xDD
+#: the at-rest codec writes restart intervals in frames of at least this many pixels only:
+#: a radiograph's single frame takes 100-300 ms to decode on one core, while series of
+#: smaller frames decode in parallel across frames (read-ahead, DESIGN.md).  Decoders
+#: older than CharLS 2.3 (2021; dcmtk 3.6.7's dcmjpls among them) cannot read restart
+#: markers, so frames that do not need them are written without.
+RESTART_MIN_FRAME_PIXELS = 1 << 20
+#: bands of at least this many pixels (one decodes in about 2 ms: a thread hand-off costs
+#: little beside it) ...
+RESTART_MIN_PIXELS = 1 << 17
+#: ... and at most this many bands per frame.  Each band learns its contexts again, which
+#: costs compression (benchmarks/results/dicomweb.md): 0.05-0.08% on 2500x3000 radiographs
+#: in 16 bands
+RESTART_MAX_BANDS = 16
+
+
+def at_rest_restart_interval(rows: int, cols: int) -> int:
+    """Lines per restart interval for a frame written at rest, 0 for none."""
+    if rows * cols < RESTART_MIN_FRAME_PIXELS:
+        return 0
+    lines = max(math.ceil(RESTART_MIN_PIXELS / max(1, cols)), math.ceil(rows / RESTART_MAX_BANDS))
+    return lines if lines < rows else 0
+
+
+def default_threads() -> int:
+    """Threads one frame is decoded on when the caller does not say: every core."""
+    return os.cpu_count() or 1
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(
+                max_workers=default_threads(), thread_name_prefix="kho-jpegls"
+            )
+        return _POOL
+
+
+def _run_bands(work: Callable[[int], None], count: int, threads: int) -> None:
+    """``work(0) .. work(count - 1)`` on up to ``threads`` threads.  The calling thread
+    takes bands too and helpers from the shared pool take the others once they run: when
+    every core is busy with other requests the caller simply does more of its own bands,
+    and helpers that never started are cancelled rather than waited for."""
+    if threads <= 1 or count <= 1:
+        for band in range(count):
+            work(band)
+        return
+    lock = threading.Lock()
+    next_band = [0]
+    errors: list[BaseException] = []
+
+    def take() -> None:
+        while True:
+            with lock:
+                band = next_band[0]
+                if band >= count or errors:
+                    return
+                next_band[0] = band + 1
+            try:
+                work(band)
+            except BaseException as exc:  # re-raised in the calling thread
+                with lock:
+                    errors.append(exc)
+                return
+
+    helpers: list[Future[None]] = [_pool().submit(take) for _ in range(min(threads, count) - 1)]
+    take()
+    for helper in helpers:
+        if not helper.cancel():
+            helper.result()  # it is decoding a band: that band must be done
+    if errors:
+        raise errors[0]
 
 
 def default_thresholds(maxval: int, near: int = 0) -> tuple[int, int, int]:
@@ -66,15 +154,25 @@ def _as_image(frame: np.ndarray, bits_stored: int | None) -> tuple[np.ndarray, i
 
 
 def encode(
-    frame: np.ndarray, *, bits_stored: int | None = None, interleave: str = "sample"
+    frame: np.ndarray,
+    *,
+    bits_stored: int | None = None,
+    interleave: str = "sample",
+    restart_interval: int = 0,
+    threads: int = 1,
 ) -> bytes:
     """Encode one frame losslessly; ``interleave`` "none" | "line" | "sample" applies to
-    colour (several components); one component is always written with ILV = 0."""
+    colour (several components); one component is always written with ILV = 0.
+    ``restart_interval``: lines per restart interval (a DRI segment and RSTm markers),
+    0 for none; the intervals are encoded on up to ``threads`` threads."""
     image, bits = _as_image(frame, bits_stored)
     rows, cols, comps = image.shape
     mode_name = interleave or "sample"
     if mode_name not in _INTERLEAVE:
         raise CodecError(f"unknown interleave mode {mode_name!r}")
+    if not 0 <= restart_interval <= 65535:
+        raise CodecError(f"restart interval {restart_interval} out of range 0..65535")
+    band = restart_interval if 0 < restart_interval < rows else rows
     ilv = _INTERLEAVE[mode_name] if comps > 1 else 0
     maxval = (1 << bits) - 1
     t1, t2, t3 = default_thresholds(maxval)
@@ -82,6 +180,8 @@ def encode(
     header += struct.pack(">BBHBHHB", 0xFF, SOF55, 8 + 3 * comps, bits, rows, cols, comps)
     for c in range(comps):
         header += bytes((c + 1, 0x11, 0))
+    if band < rows:
+        header += struct.pack(">BBHH", 0xFF, DRI, 4, band)
     qbpp = max(2, bits)
     # one kernel specialisation only: uint16 samples, read-only (a read-only input, e.g.
     # np.frombuffer, would otherwise compile another copy of the kernel on first use)
@@ -92,39 +192,51 @@ def encode(
         if ilv
         else [np.array([c], dtype=np.int64) for c in range(comps)]
     )
-    # the whole stream in one buffer (the worst case: every sample an escape code, 8/7 for
-    # bit stuffing); one copy into the bytes returned
-    per_scan = rows * cols * ((2 * (qbpp + max(8, qbpp))) // 7 + 2) * (comps if ilv else 1)
-    out = np.empty(len(header) + len(scans) * (per_scan + 64) + 2, dtype=np.uint8)
-    out[: len(header)] = np.frombuffer(bytes(header), dtype=np.uint8)
-    pos = len(header)
-    for scan in scans:
-        sos = struct.pack(">BBHB", 0xFF, SOS, 6 + 2 * len(scan), len(scan))
-        for c in scan:
-            sos += bytes((int(c) + 1, 0))
-        sos += bytes((0, ilv, 0))  # NEAR = 0, ILV, point transform 0
-        out[pos : pos + len(sos)] = np.frombuffer(sos, dtype=np.uint8)
-        pos += len(sos)
+    firsts = list(range(0, rows, band))
+    jobs = [(scan, first) for scan in scans for first in firsts]
+    coded: list[bytes] = [b""] * len(jobs)
+    # the worst case of a band: every sample an escape code, 8/7 for bit stuffing
+    per_sample = (2 * (qbpp + max(8, qbpp))) // 7 + 2
+
+    def encode_band(number: int) -> None:
+        scan, first = jobs[number]
+        lines = samples[first : first + band]
+        out = np.empty(lines.shape[0] * cols * len(scan) * per_sample + 64, dtype=np.uint8)
         state = np.zeros(5, dtype=np.int64)
-        k.encode_scan(samples, scan, ilv, maxval, t1, t2, t3, 64, out[pos:], state)
+        k.encode_scan(lines, scan, ilv, maxval, t1, t2, t3, 64, out, state)
         if state[4] != k.OK:
             raise CodecError("JPEG-LS encoder output overflow")
-        pos += int(state[2])
-    out[pos : pos + 2] = (0xFF, EOI)
-    return out[: pos + 2].tobytes()
+        coded[number] = out[: int(state[2])].tobytes()
+
+    _run_bands(encode_band, len(jobs), threads)
+    parts = [bytes(header)]
+    for number, (scan, first) in enumerate(jobs):
+        if first == 0:
+            sos = struct.pack(">BBHB", 0xFF, SOS, 6 + 2 * len(scan), len(scan))
+            for c in scan:
+                sos += bytes((int(c) + 1, 0))
+            parts.append(sos + bytes((0, ilv, 0)))  # NEAR = 0, ILV, point transform 0
+        else:  # RSTm, m counting the intervals of this scan modulo 8
+            parts.append(bytes((0xFF, 0xD0 + (first // band - 1) % 8)))
+        parts.append(coded[number])
+    parts.append(bytes((0xFF, EOI)))
+    return b"".join(parts)
 
 
-def _scan_end(data: np.ndarray, start: int) -> int:
-    """Index of the marker that ends the scan data starting at ``start``."""
+def _markers(data: np.ndarray, start: int) -> np.ndarray:
+    """Positions (from ``start``) of the 0xFF that begin a marker or a fill byte: in scan
+    data a 0xFF is always followed by a byte below 0x80 (bit stuffing)."""
     tail = data[start:]
     ff = np.flatnonzero(tail[:-1] == 0xFF)  # few: a 0xFF is rare in the data
-    hits = ff[tail[ff + 1] >= 0x80]
-    return start + int(hits[0]) if hits.size else len(data)
+    return start + ff[tail[ff + 1] >= 0x80]
 
 
-def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """Decode a lossless JPEG-LS stream to (rows, cols) or (rows, cols, components)."""
-    buf = np.frombuffer(bytes(data), dtype=np.uint8)
+def decode(data: bytes | bytearray | memoryview, *, threads: int | None = None) -> np.ndarray:
+    """Decode a lossless JPEG-LS stream to (rows, cols) or (rows, cols, components); the
+    restart intervals of a scan, if any, on up to ``threads`` threads (None: every core)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    # read-only always: the kernels are compiled for read-only input only (one specialisation)
+    buf.flags.writeable = False
     size = buf.shape[0]
     if size < 4 or buf[0] != 0xFF or buf[1] != SOI:
         raise CodecError("not a JPEG-LS stream: no SOI marker")
@@ -168,7 +280,8 @@ def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
             ids = [segment[6 + 3 * i] for i in range(comps)]
             frame = (bits, rows, cols, comps, ids)
             maxval = maxval or (1 << bits) - 1
-            image = np.zeros((rows, cols, comps), dtype=np.uint16)
+            # every sample is written by the scans, or the stream is refused
+            image = np.empty((rows, cols, comps), dtype=np.uint16)
         elif marker == LSE:
             if not segment or segment[0] != 1 or len(segment) < 11:
                 raise CodecError("unsupported LSE segment (only preset parameters)")
@@ -187,7 +300,14 @@ def decode(data: bytes | bytearray | memoryview) -> np.ndarray:
             if frame is None or image is None:
                 raise CodecError("SOS before SOF55")
             pos = _decode_scan(
-                buf, pos, segment, frame, image, maxval, thresholds, reset, restart, decoded
+                buf,
+                pos,
+                segment,
+                frame,
+                image,
+                (maxval, thresholds, reset, restart),
+                decoded,
+                default_threads() if threads is None else threads,
             )
         elif 0xE0 <= marker <= 0xEF or marker == 0xFE:
             continue  # APPn, COM
@@ -207,13 +327,14 @@ def _decode_scan(
     segment: bytes,
     frame: tuple[int, int, int, int, list[int]],
     image: np.ndarray,
-    maxval: int,
-    thresholds: tuple[int, int, int] | None,
-    reset: int,
-    restart: int,
+    parameters: tuple[int, tuple[int, int, int] | None, int, int],
     decoded: set[int],
+    threads: int,
 ) -> int:
+    """Decode one scan (its restart intervals on up to ``threads`` threads); the position
+    of the marker after it."""
     _bits, _rows, _cols, _comps, ids = frame
+    maxval, thresholds, reset, restart = parameters
     if not segment:
         raise CodecError("empty SOS segment")
     count = segment[0]
@@ -237,20 +358,32 @@ def _decode_scan(
         t1, t2, t3 = default_thresholds(maxval)
     rows = image.shape[0]
     band = restart or rows
-    component_indices = np.array(comps, dtype=np.int64)
-    for number, first in enumerate(range(0, rows, band)):
-        if first:
-            # a restart interval ends with RSTm (m = count modulo 8), fill bytes allowed;
-            # the next interval starts byte-aligned with fresh contexts and a zero line above
-            while pos < len(buf) - 1 and buf[pos] == 0xFF and buf[pos + 1] == 0xFF:
+    # where each interval's data lie: one search for the markers of the whole scan
+    markers = _markers(buf, pos)
+    size = len(buf)
+    spans: list[tuple[int, int]] = []
+    for number in range(len(range(0, rows, band))):
+        if number:
+            # an interval ends with RSTm (m = count modulo 8), fill bytes allowed; the next
+            # starts byte-aligned with fresh contexts and a zero line above
+            while pos < size - 1 and buf[pos] == 0xFF and buf[pos + 1] == 0xFF:
                 pos += 1
-            if pos + 2 > len(buf) or buf[pos] != 0xFF or buf[pos + 1] != 0xD0 + (number - 1) % 8:
+            if pos + 2 > size or buf[pos] != 0xFF or buf[pos + 1] != 0xD0 + (number - 1) % 8:
                 raise CodecError("missing or out-of-order JPEG-LS restart marker")
             pos += 2
-        end = _scan_end(buf, pos)
+        following = int(np.searchsorted(markers, pos))
+        end = int(markers[following]) if following < len(markers) else size
+        spans.append((pos, end))
+        pos = end
+    component_indices = np.array(comps, dtype=np.int64)
+    statuses = [k.OK] * len(spans)
+
+    def decode_band(number: int) -> None:
+        start, end = spans[number]
+        first = number * band
         state = np.zeros(6, dtype=np.int64)
         k.decode_scan(
-            buf[pos:end],
+            buf[start:end],
             image[first : first + band],
             component_indices,
             ilv,
@@ -261,11 +394,13 @@ def _decode_scan(
             reset,
             state,
         )
-        if state[4] == k.ERR_TRUNCATED:
-            raise CodecError("truncated JPEG-LS scan data")
-        if state[4] != k.OK:
-            raise CodecError("corrupt JPEG-LS scan data")
-        pos = end
+        statuses[number] = int(state[4])
+
+    _run_bands(decode_band, len(spans), threads)
+    if k.ERR_TRUNCATED in statuses:
+        raise CodecError("truncated JPEG-LS scan data")
+    if any(status != k.OK for status in statuses):
+        raise CodecError("corrupt JPEG-LS scan data")
     decoded.update(comps)
     return pos
 
@@ -277,7 +412,13 @@ class JpegLsCodec(FrameCodec):
     transfer_syntax_uid: ClassVar[str] = TRANSFER_SYNTAX
 
     def encode(self, frame: np.ndarray, *, bits_stored: int) -> bytes:
-        return encode(frame, bits_stored=bits_stored)
+        """With restart intervals on frames large enough to decode faster on several
+        threads (:func:`at_rest_restart_interval`), encoded on several threads too."""
+        shape: tuple[int, ...] = frame.shape if isinstance(frame, np.ndarray) else ()
+        interval = at_rest_restart_interval(shape[0], shape[1]) if len(shape) >= 2 else 0
+        return encode(
+            frame, bits_stored=bits_stored, restart_interval=interval, threads=default_threads()
+        )
 
     def decode(
         self,

@@ -373,6 +373,25 @@ def thumbnail(frame: np.ndarray, params: RenderParams, max_size: int = 128) -> n
     return _render(image, params, 0.0, rows / out_rows, 0.0, cols / out_cols, out_rows, out_cols)
 
 
+def resize_display(
+    image: np.ndarray, window: tuple[float, float, float, float], out_size: tuple[int, int]
+) -> np.ndarray:
+    """Area-average the source window ``(x, y, width, height)`` (fractional) of a display
+    image (uint8, (h, w) grey or (h, w, 3) RGB: a rendered level such as a stored tile
+    pyramid's or thumbnail's) to ``out_size`` (rows, cols), uint8."""
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or image.size == 0:
+        raise CodecError(f"a display image is uint8 (h, w) or (h, w, 3), not {image.shape}")
+    grey = image.ndim == 2
+    src = image[:, :, np.newaxis] if grey else image
+    out_rows, out_cols = _check_size(out_size)
+    x, y, width, height = (float(v) for v in window)
+    if width <= 0 or height <= 0:
+        raise CodecError(f"empty source window {window}")
+    values = _resample(src, y, height / out_rows, x, width / out_cols, out_rows, out_cols)
+    out = np.clip(np.floor(values.astype(np.float32) + 0.5), 0, 255).astype(np.uint8)
+    return out[:, :, 0] if grey else out
+
+
 def tile_pyramid_levels(rows: int, cols: int, tile: int = TILE_SIZE) -> list[tuple[int, int]]:
     """(rows, cols) of each level: level 0 is full size, each next one half (rounded up),
     the last the first that fits one ``tile`` x ``tile`` tile."""

@@ -1,15 +1,21 @@
 """Query/Retrieve handlers: C-FIND, C-GET and C-MOVE for the Patient Root and Study Root
 information models, on the shared matching engine (kho.archive.query).
 
-Retrieved instances leave bit for bit as stored.  pynetdicom re-encodes any pydicom Dataset
-a C-GET/C-MOVE handler yields, which would change the bytes (group lengths dropped,
-sequence lengths rewritten...).  So the handlers yield a placeholder Dataset
-(StoredInstance) and replace ``send_c_store`` on the association that sends it with one
-that writes the stored Part 10 bytes to a temporary file and hands pynetdicom that path;
-with ``_config.STORE_SEND_CHUNKED_DATASET`` (set by the server) pynetdicom then sends the
-file's dataset bytes unchanged.  When the peer did not accept the stored transfer syntax
-the instance is decoded with pydicom's pixel handlers and sent in an uncompressed syntax
-it accepted; when that fails the sub-operation fails and the instance is listed.
+Each sub-operation sends its instance by the archive's retrieval rule
+(kho.archive.transcode, the same as WADO-RS): the bytes as received when the peer accepted
+the received syntax, else the at-rest JPEG-LS frames re-wrapped when it accepted JPEG-LS
+Lossless, else decoded and encoded (losslessly) into a syntax it accepted; when nothing it
+accepted can be produced the sub-operation fails and the instance is listed in the Failed
+SOP Instance UID List.  pynetdicom re-encodes any pydicom Dataset a C-GET/C-MOVE handler
+yields, which would change the bytes (group lengths dropped, sequence lengths
+rewritten...).  So the handlers yield a placeholder Dataset (StoredInstance) and replace
+``send_c_store`` on the association that sends it with one that writes the Part 10 bytes
+to a temporary file and hands pynetdicom that path; with
+``_config.STORE_SEND_CHUNKED_DATASET`` (set by the server) pynetdicom then sends the file's
+dataset bytes unchanged.  A C-MOVE proposes to its destination, per SOP class, one context
+with every syntax kho can produce for those instances (the destination picks the one it
+prefers), one per received syntax alone (so the received bytes can go unchanged), and
+JPEG-LS Lossless alone for instances held as JPEG-LS at rest.
 
 C-FIND pending responses are written straight to pynetdicom's DUL (their command set has a
 fixed shape), which is ~6x cheaper than pynetdicom's own path; see _DirectResponses.
@@ -43,14 +49,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from io import BytesIO
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import pack_bits
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
@@ -64,9 +68,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from kho.archive import query
+from kho.archive import query, transcode
 from kho.archive.catalog import InstanceRecord
-from kho.archive.part10 import build_file_meta, read_file_meta
+from kho.archive.part10 import build_file_meta
 from kho.dicom_scp.statuses import (
     CANCEL,
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
@@ -110,7 +114,6 @@ MODEL_LEVELS = {
 }
 # answered without being "unsupported": they carry no matching
 _ALWAYS_ACCEPTED = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
-_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 _BINARY_NUMBER_VRS = {"US", "UL", "SS", "SL", "UV", "SV"}
 _VERIFICATION = "1.2.840.10008.1.1"
 _MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
@@ -543,46 +546,10 @@ def _accepted_syntaxes(assoc: Association, sop_class: str) -> list[str]:
 def encode_for_peer(
     archive: Archive, record: InstanceRecord, accepted: list[str]
 ) -> tuple[str, bytes]:
-    """(transfer syntax, dataset bytes) to send: as stored when the peer accepted the stored
-    syntax, else decoded (pydicom's pixel handlers) and written in an uncompressed syntax
-    the peer accepted.  Raises KhoError when neither is possible."""
-    data = archive.read_part10(record)
-    if record.transfer_syntax_uid in accepted:
-        _meta, offset = read_file_meta(data)
-        return record.transfer_syntax_uid, data[offset:]
-    targets = [ts for ts in _UNCOMPRESSED if ts in accepted]
-    if not targets:
-        raise KhoError(
-            f"{record.sop_uid}: the peer accepted neither {record.transfer_syntax_uid} "
-            "nor an uncompressed syntax"
-        )
-    target = UID(targets[0])
-    try:
-        ds = pydicom.dcmread(BytesIO(data), force=True)
-        stored = UID(record.transfer_syntax_uid)
-        single_bit = ds.get("BitsAllocated") == 1 and "PixelData" in ds
-        if stored.is_compressed:
-            pixels = ds.pixel_array if single_bit else None
-            ds.decompress(generate_instance_uid=False)
-            if pixels is not None:  # pydicom leaves 1-bit pixels unpacked: pack them again
-                ds.PixelData = pack_bits(pixels)
-        elif not stored.is_little_endian and "PixelData" in ds and not single_bit:
-            # pydicom writes OW pixel bytes as they are: swap them through the array
-            pixels = ds.pixel_array
-            ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-        out = BytesIO()
-        pydicom.dcmwrite(
-            out,
-            ds,
-            implicit_vr=target.is_implicit_VR,
-            little_endian=True,
-            force_encoding=True,
-        )
-    except Exception as exc:  # pydicom's pixel handlers raise many types
-        raise KhoError(f"{record.sop_uid}: cannot convert to {target}: {exc}") from exc
-    converted = out.getvalue()
-    _meta, offset = read_file_meta(converted)
-    return str(target), converted[offset:]
+    """(transfer syntax, dataset bytes) to send, by the archive's retrieval rule
+    (kho.archive.transcode).  Raises KhoError (CodecUnavailableError) when nothing the peer
+    accepted can be produced."""
+    return transcode.encode_for(archive, record, accepted)
 
 
 def install_raw_sender(archive: Archive, assoc: Association) -> None:
@@ -602,7 +569,12 @@ def install_raw_sender(archive: Archive, assoc: Association) -> None:
             return original(dataset, msg_id, priority, originator_aet, originator_id)
         record = dataset.kho_record
         accepted = _accepted_syntaxes(assoc, record.sop_class_uid)
-        syntax, body = encode_for_peer(archive, record, accepted)
+        try:
+            syntax, body = encode_for_peer(archive, record, accepted)
+        except KhoError as exc:
+            # pynetdicom counts a raising sub-operation as failed and lists the instance
+            log.warning("retrieve sub-operation failed: %s", exc)
+            raise
         # our own File Meta, so pynetdicom takes the catalog's UIDs and the syntax sent
         meta = build_file_meta(record.sop_class_uid, record.sop_uid, syntax)
         fd, name = tempfile.mkstemp(prefix="kho-retrieve-", suffix=".dcm", dir=_spool_dir(archive))
@@ -657,14 +629,34 @@ def handle_get(event: Event, archive: Archive) -> Iterator[Any]:
 
 
 def _move_contexts(records: list[InstanceRecord]) -> list[Any]:
-    """Presentation contexts for the destination: each (SOP class, stored syntax) alone, so
-    the destination accepts or refuses exactly that, then one uncompressed context per SOP
-    class for the instances that must be converted (or go implicit <-> explicit)."""
-    stored = list(dict.fromkeys((r.sop_class_uid, r.transfer_syntax_uid) for r in records))
-    classes = list(dict.fromkeys(r.sop_class_uid for r in records))
-    contexts = [build_context(cls, [ts]) for cls, ts in stored]
-    contexts += [build_context(cls, list(_UNCOMPRESSED)) for cls in classes]
-    return contexts[:_MAX_CONTEXTS]
+    """Presentation contexts for the destination (see the module docstring): per SOP class
+    first one context with every syntax each of its (decodable) instances can be produced
+    in, so the destination picks the one it prefers; then each (SOP class, received syntax)
+    alone, so it accepts or refuses exactly that; then JPEG-LS Lossless alone for classes
+    with instances held as JPEG-LS at rest (re-wrapped, no decode).  At most 128, in that
+    order of importance."""
+    by_class: dict[str, list[InstanceRecord]] = {}
+    for record in records:
+        by_class.setdefault(record.sop_class_uid, []).append(record)
+    choices: list[Any] = []
+    received: list[Any] = []
+    at_rest: list[Any] = []
+    for sop_class, members in by_class.items():
+        common: list[str] | None = None
+        for record in members:
+            producible = transcode.producible_syntaxes(record)
+            if producible == [record.transfer_syntax_uid]:
+                continue  # cannot be decoded here: its received syntax or nothing
+            common = producible if common is None else [s for s in common if s in producible]
+        if common:
+            choices.append(build_context(sop_class, common))
+        syntaxes = list(dict.fromkeys(r.transfer_syntax_uid for r in members))
+        received += [build_context(sop_class, [ts]) for ts in syntaxes]
+        if transcode.JPEG_LS_LOSSLESS not in syntaxes and any(
+            r.pixel_format == "jpeg-ls" for r in members
+        ):
+            at_rest.append(build_context(sop_class, [transcode.JPEG_LS_LOSSLESS]))
+    return (choices + received + at_rest)[:_MAX_CONTEXTS]
 
 
 #: the key of a C-MOVE destination's options under which handle_move passes its

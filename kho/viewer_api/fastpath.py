@@ -109,6 +109,33 @@ async def _tile(state: ViewerState, request: Request, groups: tuple[str, ...]) -
     )
 
 
+async def _rendered(
+    state: ViewerState, request: Request, groups: tuple[str, ...]
+) -> Response | None:
+    study, series, sop, *frame = groups
+    query = _query(request, ("window", "viewport", "quality", "accept"))
+    if query is None:
+        return None
+    quality_text = query["quality"]
+    if quality_text is None:
+        quality = 90
+    elif _QUALITY.fullmatch(quality_text) and 1 <= int(quality_text) <= 100:
+        quality = int(quality_text)
+    else:
+        return None  # FastAPI's validation answers
+    record = instance_record(state.archive, study, series, sop)
+    return await rendered.rendered_response(
+        state,
+        request,
+        record,
+        int(frame[0]) if frame else 1,
+        window=query["window"],
+        viewport=query["viewport"],
+        quality=quality,
+        accept=query["accept"],
+    )
+
+
 async def _series_metadata(
     state: ViewerState, request: Request, groups: tuple[str, ...]
 ) -> Response:
@@ -139,6 +166,13 @@ def fast_routes(prefix: str) -> list[FastRoute]:
             f"{instance}/frames/{{frame}}/tiles/{{level}}/{{x}}/{{y}}",
             f"{_INSTANCE}/frames/{_NUMBER}/tiles/{_NUMBER}/{_NUMBER}/{_NUMBER}",
             _tile,
+        ),
+        _route(prefix, f"{instance}/rendered", f"{_INSTANCE}/rendered", _rendered),
+        _route(
+            prefix,
+            f"{instance}/frames/{{frame}}/rendered",
+            f"{_INSTANCE}/frames/{_NUMBER}/rendered",
+            _rendered,
         ),
         _route(
             prefix,

@@ -43,6 +43,45 @@ def frame_media_type(transfer_syntax_uid: str) -> str:
     return FRAME_MEDIA_TYPE.get(transfer_syntax_uid, OCTET_STREAM)
 
 
+#: the syntaxes a frame media type may carry; the first is what kho produces for the media
+#: type when the client names no syntax (a lossless one: PS3.18 Table 8.7.3-5 makes JPEG
+#: baseline the default of image/jpeg, which kho never produces from other pixels)
+MEDIA_SYNTAXES: dict[str, tuple[str, ...]] = {
+    OCTET_STREAM: (EXPLICIT_VR_LITTLE_ENDIAN,),
+    "image/jls": ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),
+    "image/jp2": ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"),
+    "image/jpx": ("1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"),
+    "image/jphc": ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"),
+    "image/jpeg": (
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+    ),
+    "image/dicom-rle": ("1.2.840.10008.1.2.5",),
+}
+
+
+def frame_syntaxes(media: str, transfer_syntax: str | None, stored_ts: str) -> list[str]:
+    """The syntaxes a frame may go out in for one Accept range (its media type and
+    ``transfer-syntax`` parameter), best first; ``stored_ts``: the frame's stored syntax.
+
+    ``*``: the stored syntax when its media type is the one asked (or octet-stream, which
+    asks for the frame as it is), else any syntax of the media type.  A named syntax: that
+    one, if the media type carries it.  None: the stored syntax when its media type is the
+    one asked, then the media type's first syntax (:data:`MEDIA_SYNTAXES`)."""
+    stored_media = frame_media_type(stored_ts)
+    carried = MEDIA_SYNTAXES.get(media, ())
+    if transfer_syntax == "*":
+        if media in (OCTET_STREAM, stored_media):
+            return [stored_ts]
+        return list(carried)
+    if transfer_syntax is not None:
+        return [transfer_syntax] if transfer_syntax in carried else []
+    first = [stored_ts] if media == stored_media != OCTET_STREAM else []
+    return first + [ts for ts in carried[:1] if ts not in first]
+
+
 @dataclass(frozen=True, slots=True)
 class MediaRange:
     """One entry of an Accept header."""

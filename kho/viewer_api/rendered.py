@@ -1,5 +1,9 @@
-"""Rendered resources (PS3.18 10.4.1.1.3 and 10.7): rendered frames, thumbnails, tiles.
+"""Rendered resources (PS3.18 10.4.1.1.3 and 10.7): rendered studies, series, instances and
+frames, thumbnails, tiles.
 
+An instance's rendered resource is its first frame; a rendered study or series is
+multipart/related with one such image per instance that has pixel data, in series then
+instance number order, each part naming its instance's rendered URL (Content-Location).
 Thumbnails of instances come from the JPEG made at ingest; series and study thumbnails
 use their middle instance.  Tiles (level 0 = full resolution, level L = 1/2**L) are cut
 from a cached display image per level (see kho.archive.rendering).
@@ -8,25 +12,36 @@ from a cached display image per level (see kho.archive.rendering).
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from kho.archive import dicomjson, rendering
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
-from kho.archive.pixels import frame_array, frame_count
+from kho.archive.pixels import frame_array, frame_count, has_pixels
 from kho.codecs.render import RenderParams
-from kho.errors import NotFoundError
+from kho.errors import CodecError, NotFoundError
 from kho.viewer_api import multipart
-from kho.viewer_api.deps import ArchiveDep, InstanceDep, StateDep, ViewerState
+from kho.viewer_api.deps import (
+    ArchiveDep,
+    BaseUrlDep,
+    InstanceDep,
+    StateDep,
+    ViewerState,
+    instance_url,
+)
 from kho.viewer_api.errors import NotAcceptableError
 from kho.viewer_api.media import parse_accept, parse_media_type
 from kho.viewer_api.wado import series_records
 
 router = APIRouter(tags=["WADO-RS rendered"])
+log = logging.getLogger(__name__)
 
 #: frames larger than this (pixels a side) keep their decoded values in the render cache
 LARGE_IMAGE = 1024
@@ -94,11 +109,17 @@ def render_frame(
     viewport: str | None,
     max_size: int | None = None,
     cache: rendering.RenderCache | None = None,
+    from_stored_levels: bool = False,
 ) -> np.ndarray:
-    if record.pixel_format == "none":
+    if not has_pixels(record):
         raise NotFoundError(f"instance {record.sop_uid} has no pixel data")
-    params = _params_with(archive, record, window)
     parsed_viewport = rendering.parse_viewport(viewport)
+    if from_stored_levels and number == 1 and window is None and parsed_viewport is not None:
+        # a small view from the stored thumbnail or tile pyramid, not the decoded frame
+        small = rendering.stored_level_image(archive, record, parsed_viewport)
+        if small is not None:
+            return small
+    params = _params_with(archive, record, window)
     large = max(record.rows_ or 0, record.columns_ or 0) > LARGE_IMAGE
     if cache is not None and large:
         # viewers pan over large images with viewport regions: decode the frame once
@@ -109,11 +130,48 @@ def render_frame(
     return rendering.render(values, params, viewport=parsed_viewport, max_size=max_size)
 
 
+async def rendered_response(
+    state: ViewerState,
+    request: Request,
+    record: InstanceRecord,
+    number: int,
+    *,
+    window: str | None,
+    viewport: str | None,
+    quality: int,
+    accept: str | None,
+) -> Response:
+    """A rendered frame.  The encoded image is kept in the render cache under everything
+    that shaped it, so the same view asked again (a viewer scrolling back, a second viewer)
+    is answered from memory, on the event loop; otherwise it is made in the thread pool."""
+    media_type = choose_image_type(request, accept)
+    key = ("rendered", record.sop_uid, record.sha256, number, window, viewport, quality, media_type)
+    cached = state.render_cache.get_encoded(key)
+    if cached is not None:
+        return _encoded(cached, media_type)
+
+    def make() -> bytes:
+        img = render_frame(
+            state.archive,
+            record,
+            number,
+            window=window,
+            viewport=viewport,
+            cache=state.render_cache,
+            from_stored_levels=media_type.endswith(rendering.JPEG),
+        )
+        data = rendering.encode_image(img, media_type.removeprefix("multipart:"), quality)
+        state.render_cache.put_encoded(key, data)
+        return data
+
+    return _encoded(await run_in_threadpool(make), media_type)
+
+
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/rendered",
     summary="Rendered instance (frame 1)",
 )
-def rendered_instance(
+async def rendered_instance(
     record: InstanceDep,
     request: Request,
     state: StateDep,
@@ -122,18 +180,16 @@ def rendered_instance(
     quality: QualityParam = 90,
     accept: AcceptParam = None,
 ) -> Response:
-    media_type = choose_image_type(request, accept)
-    img = render_frame(
-        state.archive, record, 1, window=window, viewport=viewport, cache=state.render_cache
+    return await rendered_response(
+        state, request, record, 1, window=window, viewport=viewport, quality=quality, accept=accept
     )
-    return _image(img, media_type, quality)
 
 
 @router.get(
     "/studies/{study}/series/{series}/instances/{instance}/frames/{frame}/rendered",
     summary="Rendered frame",
 )
-def rendered_frame(
+async def rendered_frame(
     record: InstanceDep,
     frame: int,
     request: Request,
@@ -143,11 +199,143 @@ def rendered_frame(
     quality: QualityParam = 90,
     accept: AcceptParam = None,
 ) -> Response:
-    media_type = choose_image_type(request, accept)
-    img = render_frame(
-        state.archive, record, frame, window=window, viewport=viewport, cache=state.render_cache
+    return await rendered_response(
+        state,
+        request,
+        record,
+        frame,
+        window=window,
+        viewport=viewport,
+        quality=quality,
+        accept=accept,
     )
-    return _image(img, media_type, quality)
+
+
+# --- rendered studies and series ---------------------------------------------------------
+
+
+def rendered_collection(
+    archive: Archive,
+    records: list[InstanceRecord],
+    request: Request,
+    base: str,
+    *,
+    window: str | None,
+    viewport: str | None,
+    quality: int,
+    accept: str | None,
+) -> Response:
+    """multipart/related: each instance with pixel data rendered as its /rendered resource
+    is (frame 1), streamed one image at a time.
+
+    The first image is made before the status line goes out, so a bad parameter or an
+    unreadable store answers with its own status.  An instance that cannot be decoded
+    (a syntax no installed decoder reads) is left out and logged rather than failing the
+    images of every other instance; 406 when none can be rendered at all."""
+    media_type = choose_image_type(request, accept).removeprefix("multipart:")
+    renderable = [r for r in records if has_pixels(r)]
+    if not renderable:
+        raise NotAcceptableError("no instance here has pixel data to render as an image")
+
+    def render_one(record: InstanceRecord) -> bytes:
+        # made as the instance's /rendered makes it (the same image, byte for byte)
+        img = render_frame(
+            archive,
+            record,
+            1,
+            window=window,
+            viewport=viewport,
+            from_stored_levels=media_type == rendering.JPEG,
+        )
+        return rendering.encode_image(img, media_type, quality)
+
+    def part(record: InstanceRecord, image: bytes) -> bytes:
+        location = {"Content-Location": f"{instance_url(base, record)}/rendered"}
+        return multipart.part_head(boundary, media_type, location) + image
+
+    boundary = multipart.new_boundary()
+    first: bytes | None = None
+    failure: CodecError | None = None
+    rest = iter(renderable)
+    for record in rest:
+        try:
+            first = part(record, render_one(record))
+            break
+        except CodecError as exc:
+            log.warning("rendered resource: %s left out: %s", record.sop_uid, exc)
+            failure = exc
+    if first is None:
+        assert failure is not None
+        raise failure
+
+    def body(head: bytes) -> Iterator[bytes]:
+        yield head
+        for record in rest:
+            try:
+                image = render_one(record)
+            except CodecError as exc:
+                log.warning("rendered resource: %s left out: %s", record.sop_uid, exc)
+                continue
+            yield multipart.CRLF + part(record, image)
+        yield multipart.part_tail(boundary)
+
+    return StreamingResponse(
+        body(first),
+        media_type=multipart.content_type(media_type, boundary),
+        headers={"Cache-Control": "private, max-age=3600"},
+    )
+
+
+@router.get("/studies/{study}/rendered", summary="Rendered study (frame 1 of each instance)")
+def rendered_study(
+    study: str,
+    request: Request,
+    archive: ArchiveDep,
+    base: BaseUrlDep,
+    window: WindowParam = None,
+    viewport: ViewportParam = None,
+    quality: QualityParam = 90,
+    accept: AcceptParam = None,
+) -> Response:
+    records = series_records(archive, study, None)
+    return rendered_collection(
+        archive,
+        records,
+        request,
+        base,
+        window=window,
+        viewport=viewport,
+        quality=quality,
+        accept=accept,
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/rendered",
+    summary="Rendered series (frame 1 of each instance)",
+)
+def rendered_series(
+    study: str,
+    series: str,
+    request: Request,
+    archive: ArchiveDep,
+    base: BaseUrlDep,
+    window: WindowParam = None,
+    viewport: ViewportParam = None,
+    quality: QualityParam = 90,
+    accept: AcceptParam = None,
+) -> Response:
+    records = series_records(archive, study, series)
+    return rendered_collection(
+        archive,
+        records,
+        request,
+        base,
+        window=window,
+        viewport=viewport,
+        quality=quality,
+        accept=accept,
+    )
 
 
 # --- thumbnails -------------------------------------------------------------------------
@@ -183,7 +371,7 @@ async def _thumbnail(
 
 
 def _middle(records: list[InstanceRecord]) -> InstanceRecord:
-    with_pixels = [r for r in records if r.pixel_format != "none"] or records
+    with_pixels = [r for r in records if has_pixels(r)] or records
     return with_pixels[len(with_pixels) // 2]
 
 
@@ -285,7 +473,7 @@ async def tile_response(
 ) -> Response:
     archive = state.archive
     media_type = choose_image_type(request, accept)
-    if record.pixel_format == "none" or not 1 <= frame <= frame_count(record):
+    if not has_pixels(record) or not 1 <= frame <= frame_count(record):
         raise NotFoundError(f"instance {record.sop_uid} has no frame {frame}")
     rows, cols = int(record.rows_ or 0), int(record.columns_ or 0)
     levels = rendering.tile_levels(rows, cols)

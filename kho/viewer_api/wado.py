@@ -1,31 +1,45 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data.
 
-- Instances go out as received (``transfer-syntax=*``, the stored syntax, or none named);
-  another syntax is refused with 406 (no transcoding).
+Instances, frames and pixel bulk data follow the archive's retrieval rule
+(kho.archive.transcode, the same as C-GET/C-MOVE) over the syntaxes the Accept header
+names, best first:
+
+- Instances: ``transfer-syntax=*`` keeps the received bytes, bit for bit; a named syntax
+  is served as received if it is the received one, else re-wrapped from the at-rest
+  JPEG-LS frames (JPEG-LS Lossless), else transcoded losslessly; no syntax named
+  (``application/dicom``, ``*/*`` or no Accept) means Explicit VR Little Endian
+  (PS3.18 8.7.3.4, 8.7.3.5.2).  406 when an instance cannot be served in any of them.
+- Frames go out as stored when the client accepts that (``transfer-syntax=*``, the
+  syntax, or its media type), else decoded (``application/octet-stream``, the default) or
+  encoded losslessly into the media type asked: ``image/jls`` (JPEG-LS), ``image/jp2``
+  (JPEG 2000), ``image/jpeg`` (JPEG lossless SV1 unless the frame was received as JPEG),
+  ``image/dicom-rle``; the part's Content-Type names the syntax served.
 - Metadata is the DICOM JSON made at ingest (kho.archive.dicomjson), one read per
   instance; a series' concatenation is cached (and gzipped once) until the series changes.
-- Frames go out in the stored syntax when the client accepts it (``transfer-syntax=*``,
-  that syntax, or its media type), else decoded to native little endian
-  (``application/octet-stream``).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
-import numpy as np
 import pydicom
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from kho.archive import dicomjson, query
+from kho.archive import dicomjson, query, transcode
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
-from kho.archive.pixels import JPEG_LS_LOSSLESS, frame_array, frame_count, stored_frame
+from kho.archive.pixels import (
+    frame_array,
+    frame_count,
+    has_pixels,
+    native_bytes,
+    stored_frame,
+)
 from kho.errors import NotFoundError, QueryError
 from kho.viewer_api import multipart
 from kho.viewer_api.deps import (
@@ -43,6 +57,7 @@ from kho.viewer_api.media import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     OCTET_STREAM,
     frame_media_type,
+    frame_syntaxes,
     parse_accept,
 )
 from kho.viewer_api.paths import frame_list
@@ -71,55 +86,69 @@ def series_records(archive: Archive, study: str, series: str | None) -> list[Ins
 
 def stored_syntax(record: InstanceRecord) -> str:
     """The transfer syntax of a frame as stored_frame() returns it."""
-    if record.pixel_format == "encapsulated":
-        return record.transfer_syntax_uid
-    if record.pixel_format == "jpeg-ls":
-        return JPEG_LS_LOSSLESS
-    return EXPLICIT_VR_LITTLE_ENDIAN
+    return transcode.stored_frame_syntax(record)
 
 
 # --- retrieve ---------------------------------------------------------------------------
 
 
-def _negotiate_instances(request: Request, records: list[InstanceRecord]) -> bool:
-    """True for multipart (always, except a single-part application/dicom of one
-    instance); 406 when the client names only transfer syntaxes other than the stored."""
+def _negotiate_instances(
+    request: Request, records: list[InstanceRecord]
+) -> tuple[bool, list[list[str]]]:
+    """(multipart?, per instance the syntaxes it may go out in, best first).
+
+    Multipart always, except a single-part application/dicom of one instance.  The Accept
+    ranges that ask for instances give the syntaxes in their order: ``*`` the received one,
+    none named Explicit VR Little Endian (also with no Accept).  406 when an instance can be
+    served in none of them (kho.archive.transcode decides what can be produced)."""
     ranges = parse_accept(request.headers.get("accept"))
-    if not ranges:
-        return True
-    stored = {r.transfer_syntax_uid for r in records}
+    multi: bool | None = True if not ranges else None
+    wanted = [] if ranges else [EXPLICIT_VR_LITTLE_ENDIAN]
     for r in ranges:
         if r.media == "*/*" or (r.is_multipart and r.inner in ("", DICOM, "*/*")):
-            multi = True
+            this = True
         elif r.media == DICOM and len(records) == 1:
-            multi = False
+            this = False
         else:
             continue
-        syntax = r.transfer_syntax
-        if syntax in (None, "*") or stored == {syntax}:
-            return multi
-    raise NotAcceptableError(
-        "instances are served in their stored transfer syntax "
-        f"({', '.join(sorted(stored))}) with transfer-syntax=* or that syntax; "
-        "transcoding is not offered"
-    )
+        multi = this if multi is None else multi
+        wanted.append(r.transfer_syntax or EXPLICIT_VR_LITTLE_ENDIAN)
+    if multi is None:
+        raise NotAcceptableError(
+            'instances are served as multipart/related; type="application/dicom"'
+            + (" or application/dicom" if len(records) == 1 else "")
+        )
+    accepted: list[list[str]] = []
+    for record in records:
+        syntaxes = [record.transfer_syntax_uid if w == "*" else w for w in wanted]
+        if transcode.choose_syntax(record, syntaxes) is None:
+            raise NotAcceptableError(
+                f"instance {record.sop_uid}, received as {record.transfer_syntax_uid}, cannot "
+                f"be served in {', '.join(dict.fromkeys(wanted))}: ask for transfer-syntax=* "
+                "(as received) or a syntax kho produces losslessly (Explicit VR Little "
+                "Endian, JPEG-LS, JPEG 2000, JPEG lossless, RLE, Deflated)"
+            )
+        accepted.append(syntaxes)
+    return multi, accepted
 
 
 def _retrieve(archive: Archive, request: Request, records: list[InstanceRecord]) -> Response:
-    multi = _negotiate_instances(request, records)
+    multi, accepted = _negotiate_instances(request, records)
+    # the first instance is made before the status line goes out, so an unreachable store
+    # answers 503 (and a failed transcode an error); a failure after that can only cut the
+    # stream short
+    syntax, first = transcode.encode_part10_for(archive, records[0], accepted[0])
     if not multi:
-        return Response(archive.read_part10(records[0]), media_type=DICOM)
+        return Response(first, media_type=f"{DICOM}; transfer-syntax={syntax}")
     boundary = multipart.new_boundary()
-    # read the first instance before the status line goes out, so an unreachable store
-    # answers 503; a failure after that can only cut the stream short
-    first = archive.read_part10(records[0])
 
     def parts() -> Iterator[tuple[bytes, str]]:
         for i, record in enumerate(records):  # one instance in memory at a time
-            yield (
-                first if i == 0 else archive.read_part10(record),
-                f"{DICOM}; transfer-syntax={record.transfer_syntax_uid}",
-            )
+            if i == 0:
+                ts, data = syntax, first
+            else:
+                ts, data = transcode.encode_part10_for(archive, record, accepted[i])
+            yield data, f"{DICOM}; transfer-syntax={ts}"
 
     return StreamingResponse(
         multipart.write_parts(boundary, parts()),
@@ -240,47 +269,63 @@ def instance_metadata(
 # --- frames -----------------------------------------------------------------------------
 
 
-def negotiate_frames(accept: str | None, stored_ts: str, frames: int) -> tuple[str, str | None]:
-    """("stored" | "native", single-part media type or None for multipart/related)."""
+def negotiate_frames(
+    accept: str | None,
+    stored_ts: str,
+    frames: int,
+    can_produce: Callable[[str], bool] | None = None,
+) -> tuple[str, str | None]:
+    """(the syntax the frames go out in, the single-part media type or None for
+    multipart/related).  ``can_produce``: whether a syntax other than the stored one and
+    Explicit VR Little Endian (decoded) can be made (kho.archive.transcode)."""
     ranges = parse_accept(accept)
     stored_media = frame_media_type(stored_ts)
+
+    def producible(syntax: str) -> bool:
+        if syntax in (stored_ts, EXPLICIT_VR_LITTLE_ENDIAN):
+            return True
+        return can_produce is not None and can_produce(syntax)
+
     for r in ranges:
         if r.media == "*/*":  # anything: the default below, unless a later range is named
             continue
         if r.is_multipart:
-            single = None
+            multipart_asked = True
         elif frames == 1:
-            single = r.media
+            multipart_asked = False
         else:
             continue
         inner = r.inner or "*/*"
-        syntax = r.transfer_syntax
         if inner in ("*/*", "image/*"):
-            return "stored", None if single is None else stored_media
-        if syntax == "*" and inner in (OCTET_STREAM, stored_media):
-            return "stored", None if single is None else stored_media
-        if syntax == stored_ts or (syntax is None and inner == stored_media != OCTET_STREAM):
-            return "stored", single
-        if inner == OCTET_STREAM and syntax in (None, EXPLICIT_VR_LITTLE_ENDIAN):
-            return "native", single
+            return stored_ts, None if multipart_asked else stored_media
+        for syntax in frame_syntaxes(inner, r.transfer_syntax, stored_ts):
+            if producible(syntax):
+                return syntax, None if multipart_asked else frame_media_type(syntax)
     if not ranges or any(r.media == "*/*" for r in ranges):
         # PS3.18 8.7.3.3, Table 8.7.3-4: the default for bulk data (and frames) is
         # uncompressed little endian application/octet-stream, multipart
-        return "native", None
+        return EXPLICIT_VR_LITTLE_ENDIAN, None
     raise NotAcceptableError(
         f"frames are stored as {stored_ts} ({stored_media}); ask for transfer-syntax=*, "
-        f"that syntax, or application/octet-stream (decoded)"
+        "that syntax, application/octet-stream (decoded), or image/jls, image/jp2, "
+        "image/jpeg, image/dicom-rle (encoded losslessly where the pixels allow it)"
     )
 
 
+def frame_producer(record: InstanceRecord) -> Callable[[str], bool]:
+    """negotiate_frames' ``can_produce`` for one instance."""
+    return lambda syntax: transcode.can_produce_frame(record, syntax)
+
+
 def native_frame(archive: Archive, record: InstanceRecord, number: int) -> bytes:
-    """One frame decoded to native little-endian bytes."""
-    if record.pixel_format == "raw":
+    """One frame decoded to native little-endian bytes (1-bit: packed, as in Pixel Data)."""
+    bits = int(record.bits_allocated or 8)
+    # 1-bit frames need not start on a byte: decoded (and packed again from bit 0)
+    if record.pixel_format == "raw" and bits != 1:
         data, _syntax = stored_frame(archive, record, number)
         return data
     arr = frame_array(archive, record, number)
-    little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-    return np.ascontiguousarray(little).tobytes()
+    return native_bytes(arr, bits, record.planar_configuration == 1)
 
 
 def frames_response(
@@ -290,25 +335,28 @@ def frames_response(
     accept: str | None,
     negotiated: tuple[str, str | None] | None = None,
 ) -> Response:
-    if record.pixel_format == "none":
+    if not has_pixels(record):
         raise NotFoundError(f"instance {record.sop_uid} has no pixel data")
     stored_ts = stored_syntax(record)
-    mode, single = negotiated or negotiate_frames(accept, stored_ts, len(numbers))
+    syntax, single = negotiated or negotiate_frames(
+        accept, stored_ts, len(numbers), frame_producer(record)
+    )
+    media = frame_media_type(syntax)
     parts: list[tuple[bytes, str]] = []
     for number in numbers:
-        if mode == "stored":
-            data, syntax = stored_frame(archive, record, number)
-        else:
-            data, syntax = native_frame(archive, record, number), EXPLICIT_VR_LITTLE_ENDIAN
-        parts.append((data, f"{frame_media_type(syntax)}; transfer-syntax={syntax}"))
+        if syntax == EXPLICIT_VR_LITTLE_ENDIAN:
+            data = native_frame(archive, record, number)
+        elif syntax == stored_ts:
+            data, _stored = stored_frame(archive, record, number)
+        else:  # encoded now, losslessly (the negotiation checked that it can be)
+            data = transcode.encode_frame(archive, record, number, syntax)
+        parts.append((data, f"{media}; transfer-syntax={syntax}"))
     if single is not None:
-        syntax = stored_ts if mode == "stored" else EXPLICIT_VR_LITTLE_ENDIAN
         return Response(parts[0][0], media_type=f"{single}; transfer-syntax={syntax}")
     boundary = multipart.new_boundary()
-    inner = frame_media_type(stored_ts) if mode == "stored" else OCTET_STREAM
     return Response(
         multipart.join_parts(boundary, parts),
-        media_type=multipart.content_type(inner, boundary),
+        media_type=multipart.content_type(media, boundary),
     )
 
 
@@ -332,9 +380,16 @@ async def retrieve_frames_response(
     thread hop) or decoded (in the thread pool: the decoders release the GIL)."""
     numbers = frame_list(frames)  # checked already (paths.py): parsed again, cheaply
     negotiated = None
-    if record.pixel_format != "none":
-        negotiated = negotiate_frames(accept, stored_syntax(record), len(numbers))
-        if len(numbers) <= 4 and (negotiated[0] == "stored" or record.pixel_format == "raw"):
+    if has_pixels(record):
+        stored_ts = stored_syntax(record)
+        negotiated = negotiate_frames(accept, stored_ts, len(numbers), frame_producer(record))
+        # a deflated dataset's frames and 1-bit frames are decoded, frames in another
+        # compressed syntax encoded: in the thread pool
+        decoded = negotiated[0] == EXPLICIT_VR_LITTLE_ENDIAN
+        plain_raw = decoded and record.pixel_format == "raw" and record.bits_allocated != 1
+        as_stored = negotiated[0] == stored_ts and not decoded
+        inline = as_stored and record.pixel_format != "none"
+        if len(numbers) <= 4 and (inline or plain_raw):
             return frames_response(archive, record, numbers, accept, negotiated)
     return await run_in_threadpool(frames_response, archive, record, numbers, accept, negotiated)
 

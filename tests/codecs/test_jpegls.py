@@ -239,3 +239,115 @@ def test_one_compiled_specialisation_per_kernel() -> None:
             kernels_seen += 1
             assert len(function.signatures) <= 1, (name, function.signatures)
     assert kernels_seen or not hasattr(kernels.decode_scan, "signatures")
+
+
+# --- restart intervals written by kho, decoded on several threads ------------------------
+
+
+def _restart_markers(stream: bytes) -> list[int]:
+    """The m of every RSTm marker in the scan data, in order."""
+    return [
+        stream[i + 1] - 0xD0
+        for i in range(len(stream) - 1)
+        if stream[i] == 0xFF and 0xD0 <= stream[i + 1] <= 0xD7
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bits", "comps", "interleave", "interval"),
+    [
+        (8, 1, "sample", 5),
+        (12, 1, "sample", 7),
+        (16, 1, "sample", 64),
+        (8, 3, "sample", 6),
+        (8, 3, "line", 9),
+        (12, 3, "none", 10),
+        (12, 1, "sample", 1),
+    ],
+)
+def test_restart_intervals_are_standard_and_decode_on_every_thread_count(
+    bits: int, comps: int, interleave: str, interval: int
+) -> None:
+    """A stream kho writes with restart intervals: a DRI segment, RST0..RST7 in order
+    (per scan), read to the same pixels by CharLS and by kho on 1, 2 and 8 threads."""
+    rows, cols = 73, 41
+    hu = ct_slice_hu(12, 40, rows=rows, cols=cols).astype(np.int64) + 1024
+    planes = [(hu * (c + 1)) % (1 << bits) for c in range(comps)]
+    image = np.stack(planes, axis=-1) if comps > 1 else planes[0]
+    image = image.astype(_dtype(bits))
+    stream = jpegls.encode(
+        image, bits_stored=bits, interleave=interleave, restart_interval=interval
+    )
+    dri = stream.index(b"\xff\xdd")
+    assert stream[dri + 2 : dri + 6] == b"\x00\x04" + struct.pack(">H", interval)
+    bands = -(-rows // interval)
+    scans = comps if interleave == "none" and comps > 1 else 1
+    markers = _restart_markers(stream)
+    assert markers == [m % 8 for _ in range(scans) for m in range(bands - 1)]
+    assert np.array_equal(imagecodecs.jpegls_decode(stream).reshape(image.shape), image)
+    for threads in (1, 2, 8):
+        assert np.array_equal(jpegls.decode(stream, threads=threads), image)
+    # the same image without restart markers is smaller and decodes to the same pixels
+    plain = jpegls.encode(image, bits_stored=bits, interleave=interleave)
+    assert b"\xff\xdd" not in plain and len(plain) < len(stream)
+    assert np.array_equal(jpegls.decode(plain, threads=2), image)
+
+
+def test_the_at_rest_codec_writes_restart_intervals_in_radiographs_only() -> None:
+    """Frames of a megapixel or more get bands of >= 2**17 pixels, at most 16; smaller
+    frames none (older decoders, dcmtk 3.6.7 among them, cannot read restart markers)."""
+    assert jpegls.at_rest_restart_interval(512, 512) == 0
+    assert jpegls.at_rest_restart_interval(1000, 1000) == 0
+    for rows, cols in [(1024, 1024), (2500, 3000), (2614, 3072), (4096, 3328), (1100, 65535)]:
+        interval = jpegls.at_rest_restart_interval(rows, cols)
+        bands = -(-rows // interval)
+        assert 2 <= bands <= jpegls.RESTART_MAX_BANDS, (rows, cols)
+        assert interval * cols >= jpegls.RESTART_MIN_PIXELS, (rows, cols)
+    codec = get_codec(JPEG_LS_LOSSLESS)
+    small = (ct_slice_hu(3, 10, rows=128, cols=128).astype(np.int32) + 1024).astype(np.uint16)
+    assert b"\xff\xdd" not in codec.encode(small, bits_stored=12)
+
+
+def test_restart_intervals_cost_little_compression() -> None:
+    """The at-rest bands of a 1200x1100 CT-like frame (10 bands of 120 lines) cost under
+    0.5% of its size, and the stream is CharLS-readable."""
+    image = (ct_slice_hu(40, 100, rows=1200, cols=1100).astype(np.int32) + 1024).astype(np.uint16)
+    banded = get_codec(JPEG_LS_LOSSLESS).encode(image, bits_stored=12)
+    plain = jpegls.encode(image, bits_stored=12)
+    assert len(_restart_markers(banded)) == 9
+    assert len(plain) < len(banded) <= len(plain) * 1.005
+    assert np.array_equal(imagecodecs.jpegls_decode(banded), image)
+    assert np.array_equal(jpegls.decode(banded), image)
+
+
+def test_concurrent_decodes_share_the_band_threads() -> None:
+    """Many frames decoded at once from many threads (more than the band pool has): each
+    comes out whole; a busy pool only means callers decode more of their own bands."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [
+        (ct_slice_hu(i, 16, rows=90, cols=70).astype(np.int32) + 1024).astype(np.uint16)
+        for i in range(16)
+    ]
+    streams = [jpegls.encode(im, bits_stored=12, restart_interval=8, threads=4) for im in images]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        decoded = list(pool.map(lambda s: jpegls.decode(s, threads=4), streams * 3))
+    for image, out in zip(images * 3, decoded, strict=True):
+        assert np.array_equal(out, image)
+
+
+def test_a_corrupt_or_missing_band_is_refused_on_threads() -> None:
+    image = (ct_slice_hu(5, 10, rows=64, cols=48).astype(np.int32) + 1024).astype(np.uint16)
+    stream = jpegls.encode(image, bits_stored=12, restart_interval=8)
+    rst3 = stream.index(b"\xff\xd3")
+    for broken in (
+        stream[:rst3] + stream[rst3 + 2 :],  # RST3 missing: the next marker is out of order
+        stream[: rst3 - 40] + stream[rst3:],  # band 3's end cut away
+        stream.replace(b"\xff\xd5", b"\xff\xd6", 1),
+    ):
+        for threads in (1, 4):
+            with pytest.raises(CodecError):
+                jpegls.decode(broken, threads=threads)
+    for cut in range(0, len(stream) - 1, 7):
+        with pytest.raises(CodecError):
+            jpegls.decode(stream[:cut], threads=4)

@@ -16,34 +16,34 @@ EVRLE = "1.2.840.10008.1.2.1"
 @pytest.mark.parametrize(
     ("accept", "stored", "frames", "expected"),
     [
-        (None, JLS, 1, ("native", None)),
+        (None, JLS, 1, (EVRLE, None)),
         # PS3.18 8.7.3.3: the default (uncompressed, little endian octet-stream) for */*
-        ("*/*", JLS, 1, ("native", None)),
-        ("*/*", JLS, 3, ("native", None)),
+        ("*/*", JLS, 1, (EVRLE, None)),
+        ("*/*", JLS, 3, (EVRLE, None)),
         # a named range is preferred over */* whatever their order
-        ("*/*, image/jls", JLS, 1, ("stored", "image/jls")),
+        ("*/*, image/jls", JLS, 1, (JLS, "image/jls")),
         (
             "multipart/related; type=application/octet-stream; transfer-syntax=*",
             JLS,
             1,
-            ("stored", None),
+            (JLS, None),
         ),
-        ('multipart/related; type="application/octet-stream"', JLS, 2, ("native", None)),
-        (f'multipart/related; type="image/jls"; transfer-syntax={JLS}', JLS, 1, ("stored", None)),
-        ("image/jls", JLS, 1, ("stored", "image/jls")),
-        ("application/octet-stream", EVRLE, 1, ("native", "application/octet-stream")),
+        ('multipart/related; type="application/octet-stream"', JLS, 2, (EVRLE, None)),
+        (f'multipart/related; type="image/jls"; transfer-syntax={JLS}', JLS, 1, (JLS, None)),
+        ("image/jls", JLS, 1, (JLS, "image/jls")),
+        ("application/octet-stream", EVRLE, 1, (EVRLE, "application/octet-stream")),
         (
             "multipart/related; type=application/octet-stream; transfer-syntax=*",
             EVRLE,
             3,
-            ("stored", None),
+            (EVRLE, None),
         ),
         # q-values order the ranges
         (
             'image/jp2;q=0.9, multipart/related; type="application/octet-stream";q=0.5',
             JLS,
             1,
-            ("native", None),
+            (EVRLE, None),
         ),
     ],
 )
