@@ -346,9 +346,7 @@ class SpooledStore:
     """An object store with the spool beside it: spool keys are read from the spool, the
     rest goes to ``inner``.  Deleting a spool key frees nothing (see Spool.reclaim)."""
 
-    def __init__(
-        self, inner: ObjectStore, spool: Spool, peers: SpoolPeers | None = None
-    ) -> None:
+    def __init__(self, inner: ObjectStore, spool: Spool, peers: SpoolPeers | None = None) -> None:
         self.inner = inner
         self.spool = spool
         #: reads the spool keys of other hosts (kho.storage.peer); None: one host
