@@ -1,6 +1,6 @@
 """DICOMweb latency for EMR viewers: kho against Orthanc (+ DICOMweb plugin) on the same data.
 
-Data: a 300-slice 512x512 CT series (kho.archive.phantom), a 3000x2500 radiograph
+Data: a 300-slice 512x512 CT series (kho.bench.phantom), a 3000x2500 radiograph
 (generated here) and, when the PyPI package ``deid-data`` is installed, its real 2614x3072
 DX.  Requests, each at 1 and 8 concurrent clients (processes, one persistent HTTP/1.1
 connection each), with the CPU time per request of the server and of the clients:
@@ -123,7 +123,7 @@ def real_dx() -> Path | None:
 
 
 def make_data(folder: Path, slices: int) -> tuple[list[Path], Path]:
-    from kho.archive.phantom import write_ct_series
+    from kho.bench.phantom import write_ct_series
 
     ct = write_ct_series(folder / "ct", count=slices)
     return ct, write_radiograph(folder / "dx.dcm")
@@ -164,7 +164,7 @@ from kho.archive.config import Settings
 from kho.viewer_api.server import HttpServer
 archive = Archive(Settings(data_dir=Path(sys.argv[1]), fsync=False))
 try:  # as `kho serve` does at start: numba kernels loaded before the first request
-    from kho.archive.pixels import warm_up_codecs
+    from kho.archive.read.pixels import warm_up_codecs
     warm_up_codecs()
 except ImportError:
     pass

@@ -1,7 +1,7 @@
 """Ingest throughput: dcmtk storescu -> kho, against dcmtk storescp --bit-preserving (the
 ceiling for this machine), in the same run.
 
-A 300-slice 512x512 16-bit CT series (kho.archive.phantom: body, lungs, bone, noise) is sent
+A 300-slice 512x512 16-bit CT series (kho.bench.phantom: body, lungs, bone, noise) is sent
 over 1 and 4 associations (4 storescu processes sending a quarter each).  Each run starts a
 fresh server with an empty data directory (a fresh bucket and database for S3).  Reports
 instances/s and MB/s (received bytes) until the last acknowledgement, medians over
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from kho.archive.phantom import write_ct_series
+    from kho.bench.phantom import write_ct_series
 
     corpus_dir = args.keep_corpus or Path(tempfile.mkdtemp(prefix="kho-ct-"))
     files = sorted(corpus_dir.glob("*.dcm"))

@@ -42,9 +42,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from kho.archive import query
-from kho.archive.attributes import patient_key
 from kho.archive.catalog import INSTANCE_COLUMNS, Catalog, fold_name, open_catalog
+from kho.archive.dataset.attributes import patient_key
+from kho.archive.query import engine as query
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FINDSCU = "/usr/bin/findscu"  # dcmtk's; pynetdicom installs a findscu that shadows it on PATH

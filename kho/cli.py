@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log.info("recovery: removed objects of %d interrupted ingests", cleaned)
 
     def _warm_up() -> None:
-        from kho.archive.pixels import warm_up_codecs
+        from kho.archive.read.pixels import warm_up_codecs
 
         log.info("codecs ready (%.1f s)", warm_up_codecs())
 
@@ -270,7 +270,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from kho.archive import bench, phantom
+    from kho.bench import phantom
+    from kho.bench import runner as bench
 
     with tempfile.TemporaryDirectory(prefix="kho-bench-corpus-") as tmp:
         if args.paths:

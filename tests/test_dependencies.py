@@ -124,7 +124,7 @@ def test_every_runtime_import_of_kho_is_a_declared_dependency() -> None:
 
 def test_the_rendering_encoder_is_a_declared_dependency() -> None:
     """The regression this test exists for: rendered images answered 500 on a plain install."""
-    source = (PACKAGE / "archive" / "rendering.py").read_text(encoding="utf-8")
+    source = (PACKAGE / "archive" / "read" / "rendering.py").read_text(encoding="utf-8")
     imported = {module.partition(".")[0] for _, module in runtime_imports(source)}
     encoders = imported & {"imagecodecs", "PIL"}
     assert encoders, "rendering.py no longer imports an image encoder: update this test"

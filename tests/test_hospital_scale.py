@@ -17,8 +17,8 @@ from pynetdicom import AE, _config
 
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
-from kho.archive.part10 import read_file_meta
-from kho.archive.phantom import write_ct_series
+from kho.archive.dataset.part10 import read_file_meta
+from kho.bench.phantom import write_ct_series
 from tests.helpers import dcmtk
 from tests.helpers.postgres import postgres_database
 from tests.helpers.server import kho_serve

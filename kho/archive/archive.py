@@ -7,41 +7,31 @@ outside kho/archive touches the catalog or the store directly.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
 
 from kho.archive import keys, metrics
-from kho.archive.attributes import InstanceAttributes
 from kho.archive.catalog import Catalog, InstanceRecord, open_catalog
 from kho.archive.config import Settings
-from kho.archive.derived import read_header_object
-from kho.archive.finisher import Finisher, collect_garbage
-from kho.archive.ingest import DatasetBytes, IngestResult, ingest_dimse, ingest_part10
-from kho.archive.part10 import Part10Layout, read_file_meta
-from kho.archive.pixels import EncodedPixels, pixel_value
-from kho.errors import (
-    IntegrityError,
-    ObjectNotFoundError,
-    StorageError,
-    StorageUnavailableError,
-)
+from kho.archive.dataset.attributes import InstanceAttributes
+from kho.archive.dataset.part10 import Part10Layout
+from kho.archive.finish.derived import Deriver
+from kho.archive.finish.finisher import Finisher, collect_garbage
+from kho.archive.finish.pixels import EncodedPixels
+from kho.archive.ingest.pipeline import DatasetBytes, IngestResult, ingest_dimse, ingest_part10
+from kho.archive.read import instances
+from kho.errors import IntegrityError
 from kho.storage import FilesystemStore, ObjectStore, open_store
 from kho.storage.peer import PeerSpoolClient
-from kho.storage.spool import Spool, SpooledStore, is_spool_key
+from kho.storage.spool import Spool, SpooledStore
 
 log = logging.getLogger(__name__)
-
-#: a deriver makes named objects (metadata JSON, thumbnail, tiles) at ingest
-Deriver = Callable[
-    [bytes, Part10Layout, Dataset, InstanceAttributes, EncodedPixels | None], dict[str, bytes]
-]
 
 
 def open_object_store(settings: Settings) -> ObjectStore:
@@ -95,7 +85,7 @@ class Archive:
             if self.spool is not None and settings.peer_url:
                 # with the segments earlier processes left here: served from here now
                 self.catalog.register_spool(sorted(self.spool.stems()), settings.peer_url)
-        from kho.archive.derived import default_derivers
+        from kho.archive.finish.derived import default_derivers
 
         #: encode native pixel data with the at-rest codec (JPEG-LS) when it can
         self.at_rest_codec = settings.at_rest_codec
@@ -221,65 +211,22 @@ class Archive:
         collect_garbage(self)
         return cleaned
 
-    # --- retrieval -------------------------------------------------------------------
+    # --- retrieval: kho.archive.read.instances ----------------------------------------
 
     def read_part10(self, record: InstanceRecord) -> bytes:
-        """The instance's bytes exactly as received (Part 10, with our meta for DIMSE).
-
-        ``record`` may be older than the row: a C-MOVE or a study retrieve loads its records
-        first, and the finisher may switch one meanwhile and delete its received object a
-        minute later.  Then the row is read again and the instance rebuilt from it (the
-        same bytes either way)."""
-        try:
-            return self._read_part10(record)
-        except (ObjectNotFoundError, StorageUnavailableError) as exc:
-            # unavailable: a spooled instance whose host is out of reach, moved into the
-            # bucket since, perhaps (else nothing better to read)
-            unreachable = isinstance(exc, StorageUnavailableError)
-            if unreachable and not is_spool_key(record.pixels_key):
-                raise
-            current = self.catalog.get_instance(record.sop_uid)
-            if current is None or current == record or current.sha256 != record.sha256:
-                raise
-            if unreachable and is_spool_key(current.pixels_key):
-                raise
-            return self._read_part10(current)
-
-    def _read_part10(self, record: InstanceRecord) -> bytes:
-        header = read_header_object(self.store, record.header_key)
-        if record.pixel_format == "none" or record.stored_as_received:
-            return header
-        payload = self.store.get(record.pixels_key)
-        value = pixel_value(self, record, payload)
-        split = record.pixel_split
-        return b"".join((header[:split], value, header[split:]))
+        """The instance's bytes exactly as received (see instances.read_part10)."""
+        return instances.read_part10(self, record)
 
     def read_instance(self, sop_uid: str) -> tuple[InstanceRecord, bytes]:
-        record = self.catalog.require_instance(sop_uid)
-        return record, self.read_part10(record)
+        return instances.read_instance(self, sop_uid)
 
     def read_dataset(self, record: InstanceRecord) -> bytes:
         """The dataset bytes (no File Meta Information) in the transfer syntax received."""
-        data = self.read_part10(record)
-        _meta, offset = read_file_meta(data)
-        return data[offset:]
+        return instances.read_dataset(self, record)
 
     def verify(self) -> Iterator[tuple[InstanceRecord, str | None]]:
         """Re-read every instance; yield (record, problem or None)."""
-        for record in self.catalog.iter_instances():
-            try:
-                data = self.read_part10(record)
-            except ObjectNotFoundError as exc:
-                yield record, f"missing object: {exc}"
-                continue
-            except (StorageError, IntegrityError) as exc:
-                yield record, f"unreadable: {exc}"
-                continue
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != record.sha256:
-                yield record, f"SHA-256 mismatch: stored {record.sha256}, read {digest}"
-            else:
-                yield record, None
+        return instances.verify(self)
 
     def spool_stats(self) -> dict[str, int]:
         """Segments and bytes in this host's ingest spool (instances awaiting the finisher,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from pynetdicom.events import Event
 
     from kho.archive.archive import Archive
-    from kho.archive.ingest import DatasetBytes
+    from kho.archive.ingest.pipeline import DatasetBytes
 
 log = logging.getLogger(__name__)
 

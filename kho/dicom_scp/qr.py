@@ -1,8 +1,8 @@
 """Query/Retrieve handlers: C-FIND, C-GET and C-MOVE for the Patient Root and Study Root
-information models, on the shared matching engine (kho.archive.query).
+information models, on the shared matching engine (kho.archive.query.engine).
 
 Each sub-operation sends its instance by the archive's retrieval rule
-(kho.archive.transcode, the same as WADO-RS): the bytes as received when the peer accepted
+(kho.archive.read.transcode, the same as WADO-RS): the bytes as received when the peer accepted
 the received syntax, else the at-rest JPEG-LS frames re-wrapped when it accepted JPEG-LS
 Lossless, else decoded and encoded (losslessly) into a syntax it accepted; when nothing it
 accepted can be produced the sub-operation fails and the instance is listed in the Failed
@@ -68,9 +68,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from kho.archive import query, transcode
 from kho.archive.catalog import InstanceRecord
-from kho.archive.part10 import build_file_meta
+from kho.archive.dataset.part10 import build_file_meta
+from kho.archive.query import engine as query
+from kho.archive.read import transcode
 from kho.dicom_scp.statuses import (
     CANCEL,
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
@@ -547,7 +548,7 @@ def encode_for_peer(
     archive: Archive, record: InstanceRecord, accepted: list[str]
 ) -> tuple[str, bytes]:
     """(transfer syntax, dataset bytes) to send, by the archive's retrieval rule
-    (kho.archive.transcode).  Raises KhoError (CodecUnavailableError) when nothing the peer
+    (kho.archive.read.transcode).  Raises KhoError (CodecUnavailableError) when nothing the peer
     accepted can be produced."""
     return transcode.encode_for(archive, record, accepted)
 

@@ -1,8 +1,9 @@
-"""Object storage: the ObjectStore protocol and its backends."""
+"""Object storage: the ObjectStore protocol, its filesystem and S3 backends, the ingest
+spool.  A foundation: imports nothing of kho but errors."""
 
 from typing import Any
 
-from kho.storage.base import ObjectStore, validate_key
+from kho.storage.base import ObjectStore, put_objects, validate_key
 from kho.storage.filesystem import FilesystemStore
 
 
@@ -26,4 +27,4 @@ def open_store(url: str, *, fsync: bool = True, **s3_options: Any) -> ObjectStor
     return FilesystemStore(url.removeprefix("file://"), fsync=fsync)
 
 
-__all__ = ["FilesystemStore", "ObjectStore", "open_store", "validate_key"]
+__all__ = ["FilesystemStore", "ObjectStore", "open_store", "put_objects", "validate_key"]

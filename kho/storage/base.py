@@ -36,6 +36,16 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+def put_objects(store: ObjectStore, objects: dict[str, bytes | memoryview]) -> None:
+    """Write objects durably, in one batch where the backend offers one."""
+    put_many = getattr(store, "put_many", None)
+    if put_many is not None:
+        put_many(objects)
+        return
+    for key, blob in objects.items():
+        store.put(key, blob)
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """put, get, get_range, exists, delete, list, size: all a backend must provide."""

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
-from kho.archive.rendering import RenderCache
+from kho.archive.read.rendering import RenderCache
 from kho.errors import NotFoundError
 
 #: STOW-RS request bodies larger than this are refused with 413 (settings.stow_max_bytes)

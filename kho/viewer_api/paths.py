@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from kho.archive.attributes import check_uid
+from kho.archive.dataset.attributes import check_uid
 from kho.errors import DatasetMismatchError
 from kho.viewer_api.errors import BadRequestError
 

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from kho.archive import query
+from kho.archive.query import engine as query
 from kho.errors import QueryError
 from kho.viewer_api.deps import ArchiveDep, BaseUrlDep
 from kho.viewer_api.errors import NotAcceptableError

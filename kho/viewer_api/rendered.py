@@ -6,7 +6,7 @@ multipart/related with one such image per instance that has pixel data, in serie
 instance number order, each part naming its instance's rendered URL (Content-Location).
 Thumbnails of instances come from the JPEG made at ingest; series and study thumbnails
 use their middle instance.  Tiles (level 0 = full resolution, level L = 1/2**L) are cut
-from a cached display image per level (see kho.archive.rendering).
+from a cached display image per level (see kho.archive.read.rendering).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from kho.archive import dicomjson, rendering
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
-from kho.archive.pixels import frame_array, frame_count, has_pixels
+from kho.archive.finish import images
+from kho.archive.read import metadata, rendering
+from kho.archive.read.pixels import frame_array, frame_count, has_pixels
 from kho.codecs.render import RenderParams
 from kho.errors import CodecError, NotFoundError
 from kho.viewer_api import multipart
@@ -71,10 +72,10 @@ def choose_image_type(request: Request, accept_param: str | None) -> str:
 
 def params_of(archive: Archive, record: InstanceRecord) -> RenderParams:
     """From the instance's DICOM JSON; from its header when it has LUT tables."""
-    document = json.loads(dicomjson.instance_document(archive, record))
+    document = json.loads(metadata.instance_document(archive, record))
     if not rendering.needs_header(document):
         return rendering.params_from_json(document)
-    return rendering.params_from_dataset(dicomjson.stored_header(archive, record))
+    return rendering.params_from_dataset(metadata.stored_header(archive, record))
 
 
 def _params_with(archive: Archive, record: InstanceRecord, window: str | None) -> RenderParams:
@@ -479,7 +480,7 @@ async def tile_response(
     levels = rendering.tile_levels(rows, cols)
     if not 0 <= level < levels:
         raise NotFoundError(f"no level {level}: levels 0..{levels - 1}")
-    default_look = frame == 1 and window is None and quality == rendering.PYRAMID_QUALITY
+    default_look = frame == 1 and window is None and quality == images.PYRAMID_QUALITY
     if default_look and media_type == rendering.JPEG:
         try:  # the pyramid the finisher stored: one ranged read
             stored = rendering.stored_tile(archive, record, level, x, y)

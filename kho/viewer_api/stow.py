@@ -23,8 +23,8 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from kho.archive.archive import Archive
-from kho.archive.attributes import read_header
-from kho.archive.part10 import parse_part10
+from kho.archive.dataset.attributes import read_header
+from kho.archive.dataset.part10 import parse_part10
 from kho.errors import (
     CatalogError,
     DatasetMismatchError,

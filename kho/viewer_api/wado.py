@@ -1,7 +1,7 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data.
 
 Instances, frames and pixel bulk data follow the archive's retrieval rule
-(kho.archive.transcode, the same as C-GET/C-MOVE) over the syntaxes the Accept header
+(kho.archive.read.transcode, the same as C-GET/C-MOVE) over the syntaxes the Accept header
 names, best first:
 
 - Instances: ``transfer-syntax=*`` keeps the received bytes, bit for bit; a named syntax
@@ -14,7 +14,7 @@ names, best first:
   encoded losslessly into the media type asked: ``image/jls`` (JPEG-LS), ``image/jp2``
   (JPEG 2000), ``image/jpeg`` (JPEG lossless SV1 unless the frame was received as JPEG),
   ``image/dicom-rle``; the part's Content-Type names the syntax served.
-- Metadata is the DICOM JSON made at ingest (kho.archive.dicomjson), one read per
+- Metadata is the DICOM JSON made at ingest (kho.archive.read.metadata), one read per
   instance; a series' concatenation is cached (and gzipped once) until the series changes.
 """
 
@@ -30,16 +30,11 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from kho.archive import dicomjson, query, transcode
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
-from kho.archive.pixels import (
-    frame_array,
-    frame_count,
-    has_pixels,
-    native_bytes,
-    stored_frame,
-)
+from kho.archive.query import engine as query
+from kho.archive.read import metadata, transcode
+from kho.archive.read.pixels import frame_array, frame_count, has_pixels, native_bytes, stored_frame
 from kho.errors import NotFoundError, QueryError
 from kho.viewer_api import multipart
 from kho.viewer_api.deps import (
@@ -100,7 +95,7 @@ def _negotiate_instances(
     Multipart always, except a single-part application/dicom of one instance.  The Accept
     ranges that ask for instances give the syntaxes in their order: ``*`` the received one,
     none named Explicit VR Little Endian (also with no Accept).  406 when an instance can be
-    served in none of them (kho.archive.transcode decides what can be produced)."""
+    served in none of them (kho.archive.read.transcode decides what can be produced)."""
     ranges = parse_accept(request.headers.get("accept"))
     multi: bool | None = True if not ranges else None
     wanted = [] if ranges else [EXPLICIT_VR_LITTLE_ENDIAN]
@@ -182,7 +177,7 @@ def _check_json_accept(request: Request) -> None:
 
 def _documents(archive: Archive, base: str, records: list[InstanceRecord]) -> bytes:
     docs = [
-        dicomjson.with_absolute_uris(dicomjson.instance_document(archive, r), instance_url(base, r))
+        metadata.with_absolute_uris(metadata.instance_document(archive, r), instance_url(base, r))
         for r in records
     ]
     return b"[" + b",".join(docs) + b"]"
@@ -192,7 +187,7 @@ def _cached_series(
     state: ViewerState, base: str, series: str, records: list[InstanceRecord]
 ) -> tuple[bytes, bytes | None] | None:
     cached = state.metadata_cache.get((series, base))
-    if cached is not None and cached[0] == dicomjson.documents_key(records):
+    if cached is not None and cached[0] == metadata.documents_key(records):
         return cached[1], cached[2]
     return None
 
@@ -211,7 +206,7 @@ def _series_metadata(
     cached = _cached_series(state, base, series, records)
     if cached is not None:
         return cached
-    key = dicomjson.documents_key(records)
+    key = metadata.documents_key(records)
     cache_key = (series, base)
     body = _documents(state.archive, base, records)
     gzipped = gzip_body(body)
@@ -244,7 +239,7 @@ async def series_metadata_response(
     """The series' metadata: from the cache while the series' version is unchanged."""
     _check_json_accept(request)
     cached = None
-    version = dicomjson.series_version(state.archive, study, series)
+    version = metadata.series_version(state.archive, study, series)
     if version is not None:
         found = state.metadata_cache.get((series, base))
         if found is not None and found[0] == version:
@@ -277,7 +272,7 @@ def negotiate_frames(
 ) -> tuple[str, str | None]:
     """(the syntax the frames go out in, the single-part media type or None for
     multipart/related).  ``can_produce``: whether a syntax other than the stored one and
-    Explicit VR Little Endian (decoded) can be made (kho.archive.transcode)."""
+    Explicit VR Little Endian (decoded) can be made (kho.archive.read.transcode)."""
     ranges = parse_accept(accept)
     stored_media = frame_media_type(stored_ts)
 

@@ -10,14 +10,14 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from kho.archive.attributes import (
+from kho.archive.dataset.attributes import (
     InstanceAttributes,
     check_uid,
     extract_attributes,
     read_catalog_values,
     read_header,
 )
-from kho.archive.part10 import parse_part10
+from kho.archive.dataset.part10 import parse_part10
 from kho.errors import DatasetMismatchError, KhoError
 from tests.archive.test_ingest import part10_of
 from tests.conftest import pydicom_test_files, sample_files

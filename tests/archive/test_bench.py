@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kho.archive import bench, phantom
 from kho.archive.archive import Archive
+from kho.bench import phantom
+from kho.bench import runner as bench
 
 
 def test_capacity_projection_arithmetic() -> None:

@@ -110,9 +110,9 @@ def test_instance_counts_are_exact_before_and_after_folding(tmp_path: Path) -> N
     """PostgreSQL ingests add their instance counts as deltas (no shared counter row to
     queue on); C-FIND/QIDO counts include the pending ones, and folding changes nothing a
     query sees."""
-    from kho.archive import query
     from kho.archive.archive import Archive
     from kho.archive.config import Settings
+    from kho.archive.query import engine as query
     from tests.archive.test_ingest import make_instance
     from tests.helpers.postgres import postgres_database
 

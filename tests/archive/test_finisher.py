@@ -17,12 +17,12 @@ from typing import Any
 import pydicom
 import pytest
 
-from kho.archive import finisher as finisher_module
 from kho.archive.archive import Archive
 from kho.archive.catalog import PIXELS_OBJECT
 from kho.archive.config import Settings
-from kho.archive.part10 import read_file_meta
-from kho.archive.phantom import ct_series_datasets
+from kho.archive.dataset.part10 import read_file_meta
+from kho.archive.finish import finisher as finisher_module
+from kho.bench.phantom import ct_series_datasets
 from kho.storage.spool import is_spool_key, segment_of
 from tests.archive.test_ingest import make_instance
 from tests.helpers import dcmtk
@@ -253,7 +253,7 @@ def test_compressed_instances_stay_one_object_with_frames_found_inside(archive: 
     finishing.  Its thumbnail would cost 13% of it: left to be rendered on request."""
     from pydicom.encaps import generate_frames
 
-    from kho.archive.pixels import stored_frame
+    from kho.archive.read.pixels import stored_frame
     from tests.conftest import SAMPLES_DIR
 
     archive.finisher.stop()

@@ -1,5 +1,6 @@
-"""Decoded frames for viewers: the bounded cache with read-ahead (kho.archive.pixels), and
-small rendered views made from the stored thumbnail and tile pyramid (kho.archive.rendering)."""
+"""Decoded frames for viewers: the bounded cache with read-ahead (kho.archive.read.pixels), and
+small rendered views made from the stored thumbnail and tile pyramid
+(kho.archive.read.rendering)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from kho.archive import pixels, rendering
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
-from kho.archive.phantom import ct_series_datasets, ct_slice_hu
+from kho.archive.read import pixels, rendering
+from kho.bench.phantom import ct_series_datasets, ct_slice_hu
 from kho.viewer_api.rendered import params_of
 from tests.archive.test_tile_pyramid import _radiograph
 

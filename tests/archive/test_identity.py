@@ -24,8 +24,8 @@ from pydicom.dataset import Dataset
 
 from kho.archive.archive import Archive
 from kho.archive.config import MissingUidPolicy, Settings
-from kho.archive.ingest import IngestOutcome
-from kho.archive.query import find
+from kho.archive.ingest.pipeline import IngestOutcome
+from kho.archive.query.engine import find
 from kho.errors import DatasetMismatchError, IdentityConflictError
 from kho.viewer_api.app import create_app
 from tests.archive.test_ingest import part10_of

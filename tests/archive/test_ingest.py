@@ -20,14 +20,9 @@ from kho.archive import keys
 from kho.archive.archive import Archive
 from kho.archive.catalog import PROCESS_OWNER
 from kho.archive.config import DuplicatePolicy, Settings
-from kho.archive.ingest import IngestOutcome
-from kho.archive.part10 import read_file_meta
-from kho.errors import (
-    DatasetMismatchError,
-    DuplicateInstanceError,
-    InvalidDicomError,
-    StorageError,
-)
+from kho.archive.dataset.part10 import read_file_meta
+from kho.archive.ingest.pipeline import IngestOutcome
+from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError, StorageError
 from kho.storage.spool import is_spool_key
 from tests.conftest import sample_files
 from tests.helpers.postgres import ENGINES, archive_on

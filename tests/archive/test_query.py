@@ -1,4 +1,4 @@
-"""The matching engine (kho.archive.query) on a catalog filled by real ingest: the real
+"""The matching engine (kho.archive.query.engine) on a catalog filled by real ingest: the real
 samples plus synthetic instances with known attributes; each test runs on SQLite and on
 PostgreSQL (a fresh database per run)."""
 
@@ -17,10 +17,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from kho.archive import query
 from kho.archive.archive import Archive
 from kho.archive.catalog import Catalog, open_catalog
 from kho.archive.config import Settings
+from kho.archive.query import engine as query
 from kho.errors import KhoError, QueryError
 from tests.conftest import sample_files
 

@@ -19,10 +19,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from kho.archive import query
 from kho.archive.archive import Archive
 from kho.archive.catalog import Catalog, open_catalog
 from kho.archive.config import Settings
+from kho.archive.query import engine as query
 from kho.errors import QueryError
 from kho.viewer_api.server import HttpServer
 from tests.helpers.postgres import ADMIN_URL, archive_on

@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from kho.archive import query
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
+from kho.archive.query import engine as query
 from kho.dicom_scp.server import DicomServer
 from kho.errors import QueryError
 from tests.archive.test_ingest import make_instance

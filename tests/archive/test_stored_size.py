@@ -20,11 +20,13 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.uid import UID
 
-from kho.archive import derived, dicomjson, keys, rendering
+from kho.archive import keys
 from kho.archive.archive import Archive
 from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT, InstanceRecord
 from kho.archive.config import Settings
-from kho.archive.phantom import ct_series_datasets
+from kho.archive.finish import images
+from kho.archive.read import metadata, objects, rendering
+from kho.bench.phantom import ct_series_datasets
 from kho.codecs.render import RenderParams
 from kho.errors import DatasetMismatchError, InvalidDicomError
 from kho.viewer_api.app import create_app
@@ -100,8 +102,8 @@ def test_finished_instances_cost_no_more_than_received(archive: Archive) -> None
                 f"stored {record.stored_size} {sizes}"
             )
         # the metadata is served, and the same whether stored or made from the header
-        document = json.loads(dicomjson.instance_document(archive, record))
-        assert document == json.loads(dicomjson.document_from_header(archive, record)), name
+        document = json.loads(metadata.instance_document(archive, record))
+        assert document == json.loads(metadata.document_from_header(archive, record)), name
         thumbnail = rendering.stored_thumbnail(archive, record)
         assert thumbnail is None or thumbnail[:2] == b"\xff\xd8", name
     assert finished > 150
@@ -141,9 +143,9 @@ def test_viewer_objects_kept_where_the_savings_pay_for_them(archive: Archive) ->
             f"/instances/{record.sop_uid}"
         )
         assert client.get(base + "/thumbnail").status_code == 200
-        metadata = client.get(base + "/metadata")
-        assert metadata.status_code == 200
-        assert metadata.json()[0]["00080018"]["Value"] == [record.sop_uid]
+        answer = client.get(base + "/metadata")
+        assert answer.status_code == 200
+        assert answer.json()[0]["00080018"]["Value"] == [record.sop_uid]
     tile = client.get(
         f"/dicom-web/studies/{rg_record.study_uid}/series/{rg_record.series_uid}"
         f"/instances/{rg_record.sop_uid}/frames/1/tiles/0/1/1"
@@ -155,12 +157,12 @@ def test_trimmed_pyramid_keeps_the_coarsest_levels_byte_for_byte(archive: Archiv
     yy, xx = np.mgrid[0:1300, 0:1100]
     values = (2000 + 1500 * np.sin(xx / 90.0) * np.cos(yy / 70.0)).astype(np.uint16)
     params = RenderParams(window_center=2000.0, window_width=3000.0)
-    full = rendering.encode_pyramid(values, params)
-    assert rendering.trim_pyramid(full, len(full)) == full
-    trimmed = rendering.trim_pyramid(full, len(full) // 2)
+    full = images.encode_pyramid(values, params)
+    assert images.trim_pyramid(full, len(full)) == full
+    trimmed = images.trim_pyramid(full, len(full) // 2)
     assert trimmed is not None and len(trimmed) <= len(full) // 2
     for fits in (full, trimmed):
-        assert rendering.trim_pyramid(fits, 10) is None  # not even the top level
+        assert images.trim_pyramid(fits, 10) is None  # not even the top level
 
     def tiles(blob: bytes, level: int) -> list[bytes | None]:
         key = f"test/{secrets.token_hex(8)}.tiles"
@@ -184,13 +186,13 @@ def _as_old_version_stored_it(archive: Archive, record: InstanceRecord) -> Insta
     """Rewrite a finished instance as versions before compression wrote it: the header
     uncompressed at ``<prefix>.header`` (not named in ``derived``), the metadata plain
     JSON at its key."""
-    header = derived.read_header_object(archive.store, record.header_key)
+    header = objects.read_header_object(archive.store, record.header_key)
     archive.store.put(keys.header_key(record.object_prefix), header)
     archive.store.delete(record.header_key)
     names = dict(record.derived_keys)
     names.pop(HEADER_OBJECT)
     metadata_key = names["metadata"]
-    archive.store.put(metadata_key, dicomjson.instance_document(archive, record))
+    archive.store.put(metadata_key, metadata.instance_document(archive, record))
     archive.catalog.execute(
         "UPDATE instances SET derived = ?, header_size = ? WHERE sop_uid = ?",
         (json.dumps(names, separators=(",", ":")), len(header), record.sop_uid),
@@ -209,21 +211,21 @@ def test_objects_stored_uncompressed_by_older_versions_still_read(archive: Archi
         archive.finisher.drain()
         new = archive.catalog.require_instance(result.sop_uid)
         assert new.header_key.endswith(keys.COMPRESSED_SUFFIX)
-        document = dicomjson.instance_document(archive, new)
-        header = dicomjson.stored_header(archive, new)
+        document = metadata.instance_document(archive, new)
+        header = metadata.stored_header(archive, new)
         old = _as_old_version_stored_it(archive, new)
         assert PIXELS_OBJECT in old.derived_keys and not old.stored_as_received
         assert archive.read_part10(old) == data
         assert [p for _r, p in archive.verify() if p] == []
-        assert dicomjson.instance_document(archive, old) == document
-        assert dicomjson.stored_header(archive, old) == header
+        assert metadata.instance_document(archive, old) == document
+        assert metadata.stored_header(archive, old) == header
         thumbnail = rendering.stored_thumbnail(archive, old)
         assert thumbnail is not None and thumbnail[:2] == b"\xff\xd8"
         client = TestClient(create_app(archive))
         base = f"/dicom-web/studies/{old.study_uid}/series/{old.series_uid}"
-        metadata = client.get(base + "/metadata")
-        assert metadata.status_code == 200
-        assert metadata.json()[0]["00080018"]["Value"] == [old.sop_uid]
+        answer = client.get(base + "/metadata")
+        assert answer.status_code == 200
+        assert answer.json()[0]["00080018"]["Value"] == [old.sop_uid]
         served = client.get(f"{base}/instances/{old.sop_uid}/thumbnail")
         assert served.status_code == 200 and served.content == thumbnail
         with warnings.catch_warnings():

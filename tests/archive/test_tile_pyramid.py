@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from fastapi.testclient import TestClient
 
-from kho.archive import rendering
 from kho.archive.archive import Archive
-from kho.archive.pixels import frame_array
+from kho.archive.read import rendering
+from kho.archive.read.pixels import frame_array
 from kho.viewer_api.app import create_app
 from kho.viewer_api.rendered import params_of
 from tests.archive.test_ingest import make_instance

@@ -1,4 +1,4 @@
-"""The retrieval rule and the transcoder (kho.archive.transcode) on a real archive: the
+"""The retrieval rule and the transcoder (kho.archive.read.transcode) on a real archive: the
 order of the rule, the encoder registry, every syntax kho can produce decoded back by
 pydicom to the original's pixels (and overlays, palettes), the re-wrapped at-rest JPEG-LS
 header, and what happens to pixels JPEG-family streams cannot hold."""
@@ -18,11 +18,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from kho.archive import transcode
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
 from kho.archive.config import Settings
-from kho.archive.pixels import stored_frame
+from kho.archive.read import transcode
+from kho.archive.read.pixels import stored_frame
 from kho.errors import CodecError, CodecUnavailableError
 from tests.conftest import SAMPLES_DIR
 

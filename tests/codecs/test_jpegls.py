@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.encaps import generate_frames
 
-from kho.archive.phantom import ct_slice_hu
+from kho.bench.phantom import ct_slice_hu
 from kho.codecs import get_codec, jpegls
 from kho.errors import CodecError
 from tests.conftest import sample_files

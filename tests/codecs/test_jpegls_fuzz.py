@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kho.archive.phantom import ct_slice_hu
+from kho.bench.phantom import ct_slice_hu
 from kho.codecs import jpegls
 from kho.errors import CodecError
 

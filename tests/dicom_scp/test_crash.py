@@ -17,7 +17,7 @@ from pynetdicom import AE, _config
 
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
-from kho.archive.part10 import read_file_meta
+from kho.archive.dataset.part10 import read_file_meta
 from tests.archive.test_ingest import make_instance
 from tests.helpers.server import kho_serve
 

@@ -16,7 +16,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
-from kho.archive.part10 import read_file_meta
+from kho.archive.dataset.part10 import read_file_meta
 from kho.dicom_scp import fast_store
 from kho.dicom_scp.server import DicomServer
 from tests.archive.test_ingest import make_instance

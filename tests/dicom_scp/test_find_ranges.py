@@ -15,8 +15,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from kho.archive import query
 from kho.archive.config import Settings
+from kho.archive.query import engine as query
 from kho.dicom_scp.server import DicomServer
 from tests.archive.test_query_ranges import (
     AROUND_1015,

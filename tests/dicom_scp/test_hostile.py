@@ -15,7 +15,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from kho.archive.archive import Archive
-from kho.archive.part10 import build_file_meta, read_file_meta
+from kho.archive.dataset.part10 import build_file_meta, read_file_meta
 from tests.archive.test_ingest import make_instance
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

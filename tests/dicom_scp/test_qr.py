@@ -25,8 +25,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
-from kho.archive.part10 import read_file_meta
-from kho.archive.transcode import PROPOSAL_ORDER
+from kho.archive.dataset.part10 import read_file_meta
+from kho.archive.read.transcode import PROPOSAL_ORDER
 from kho.dicom_scp.server import DicomServer
 from tests.archive.test_query import _fill
 from tests.helpers import dcmtk
@@ -704,7 +704,7 @@ def test_direct_response_encoding_equals_pydicom(qr: dict[str, Any]) -> None:
     same response dataset, in both little endian syntaxes."""
     from pynetdicom.dsutils import encode
 
-    from kho.archive import query
+    from kho.archive.query import engine as query
     from kho.dicom_scp.qr import FindPlan
 
     archive: Archive = qr["archive"]

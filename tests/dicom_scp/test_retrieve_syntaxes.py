@@ -1,4 +1,4 @@
-"""C-GET and C-MOVE sub-operations by the archive's retrieval rule (kho.archive.transcode),
+"""C-GET and C-MOVE sub-operations by the archive's retrieval rule (kho.archive.read.transcode),
 against real peers: dcmtk's getscu and movescu -> storescp preferring each transfer syntax
 they offer, for one study holding instances received native (little and big endian, JPEG-LS
 at rest), JPEG-LS, JPEG lossless (process 14 SV1 and predictor 6), RLE, JPEG 2000 lossless,
@@ -31,11 +31,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from kho.archive import transcode
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
-from kho.archive.part10 import read_file_meta
-from kho.archive.pixels import stored_frame
+from kho.archive.dataset.part10 import read_file_meta
+from kho.archive.read import transcode
+from kho.archive.read.pixels import stored_frame
 from kho.dicom_scp.server import DicomServer
 from tests.conftest import SAMPLES_DIR
 from tests.helpers import dcmtk

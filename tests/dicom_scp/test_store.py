@@ -13,7 +13,7 @@ from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pynetdicom import AE, _config
 
 from kho.archive.archive import Archive
-from kho.archive.part10 import build_file_meta, parse_part10, read_file_meta
+from kho.archive.dataset.part10 import build_file_meta, parse_part10, read_file_meta
 from kho.errors import KhoError
 from tests.conftest import pydicom_test_files, sample_files
 from tests.helpers import dcmtk

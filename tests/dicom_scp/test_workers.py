@@ -11,8 +11,8 @@ from pathlib import Path
 import pydicom
 
 from kho.archive.catalog import open_catalog
-from kho.archive.part10 import read_file_meta
-from kho.archive.phantom import write_ct_series
+from kho.archive.dataset.part10 import read_file_meta
+from kho.bench.phantom import write_ct_series
 from tests.helpers import dcmtk
 from tests.helpers.server import kho_serve
 

@@ -37,7 +37,7 @@ from pydicom.uid import (
 
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
-from kho.archive.ingest import IngestResult
+from kho.archive.ingest.pipeline import IngestResult
 from kho.errors import KhoError
 from kho.viewer_api.app import create_app
 from tests.conftest import pydicom_test_files, sample_files

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import requests
 
-from kho.archive.rendering import tile_levels
+from kho.archive.read.rendering import tile_levels
 from tests.viewer_api.conftest import Served
 
 

@@ -21,7 +21,7 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
-from kho.archive.phantom import ct_series_datasets
+from kho.bench.phantom import ct_series_datasets
 from kho.viewer_api.server import HttpServer
 from tests.viewer_api.conftest import serve
 

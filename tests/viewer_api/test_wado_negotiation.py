@@ -1,4 +1,4 @@
-"""WADO-RS retrieval by the archive's retrieval rule (kho.archive.transcode), with
+"""WADO-RS retrieval by the archive's retrieval rule (kho.archive.read.transcode), with
 dicomweb-client and raw httpx against a running server: Explicit VR Little Endian is the
 default for application/dicom (PS3.18 8.7.3.4, 8.7.3.5.2), ``transfer-syntax=*`` keeps the
 received bytes bit for bit, instances come as JPEG-LS, JPEG 2000 and JPEG lossless, frames
@@ -23,10 +23,10 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import generate_uid
 
-from kho.archive import transcode
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
-from kho.archive.pixels import stored_frame
+from kho.archive.read import transcode
+from kho.archive.read.pixels import stored_frame
 from kho.viewer_api.media import parse_media_type
 from kho.viewer_api.multipart import MultipartParser, Part
 from kho.viewer_api.server import HttpServer

@@ -29,12 +29,7 @@ from kho.archive.catalog.records import (
     InstanceAttributes,
     InstanceRecord,
 )
-from kho.archive.catalog.schema import (
-    SCHEMA,
-    SCHEMA_VERSION,
-    hierarchy_unchanged,
-    hierarchy_values,
-)
+from kho.archive.catalog.schema import SCHEMA, SCHEMA_VERSION, hierarchy_unchanged, hierarchy_values
 from kho.archive.catalog.sequences import SEQUENCES
 from kho.errors import CatalogError, IdentityConflictError, NotFoundError
 from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of, stem_of

@@ -16,12 +16,7 @@ import psycopg
 
 from kho.archive.catalog.base import REQUEUE_SET, Catalog, recount_updates
 from kho.archive.catalog.records import INSTANCE_COLUMNS, InstanceAttributes
-from kho.archive.catalog.schema import (
-    HIERARCHY_COLUMNS,
-    SCHEMA,
-    SCHEMA_VERSION,
-    column_types,
-)
+from kho.archive.catalog.schema import HIERARCHY_COLUMNS, SCHEMA, SCHEMA_VERSION, column_types
 from kho.errors import CatalogError
 
 

@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS pending (
     owner TEXT NOT NULL DEFAULT ''
 );
 -- instances acknowledged as received, awaiting the at-rest codec and derived objects
--- (kho.archive.finisher), claimed by one process at a time for a lease
+-- (kho.archive.finish.finisher), claimed by one process at a time for a lease
 CREATE TABLE IF NOT EXISTS unfinished (
     sop_uid TEXT PRIMARY KEY,
     object_prefix TEXT NOT NULL,

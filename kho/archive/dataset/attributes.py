@@ -3,7 +3,7 @@
 Only the bytes before the pixel data are parsed (``stop_before_pixels``), so this costs the
 same for a 1 KB and a 1 GB instance.  Two readers give the same values: pydicom's
 (``read_header``), and ``read_catalog_values``, which picks the ~35 values straight from the
-top-level elements that the Part 10 walk found (kho.archive.part10), about ten times
+top-level elements that the Part 10 walk found (kho.archive.dataset.part10), about ten times
 cheaper.  The second one answers only where it reads exactly what pydicom would (a
 single-byte or UTF-8 character set, dictionary VRs, no catalogued sequence, no repeated
 tag, plain integers); anything else is read with pydicom.
@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 
 from kho.archive.catalog.records import InstanceAttributes
 from kho.archive.catalog.sequences import SEQUENCES, extract_sequences
-from kho.archive.part10 import Part10Layout
+from kho.archive.dataset.part10 import Part10Layout
 from kho.errors import DatasetMismatchError, InvalidDicomError
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")

@@ -1,13 +1,5 @@
-"""The instance's DICOM JSON (PS3.18 F.2), made once at ingest for WADO-RS metadata.
-
-A viewer's series-metadata request then reads one precomputed document per instance instead
-of parsing Part 10 files.  Pixel data and large binary values are not inlined: they carry a
-``BulkDataURI`` stored relative (``bulkdata/<tag>``), which the HTTP layer turns into an
-absolute URL per request (the archive does not know the host name viewers use).
-
-The document is stored zstd-compressed (a quarter of the JSON text, inflated in
-microseconds); documents stored as plain JSON by older versions are read as they are.
-"""
+"""DICOM JSON (PS3.18 F) of an instance: made from its header, stored at
+finishing, read back (compressed) for WADO-RS metadata."""
 
 from __future__ import annotations
 
@@ -23,23 +15,28 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from kho.archive import derived
-from kho.archive.attributes import InstanceAttributes
-from kho.archive.part10 import PIXEL_DATA, Part10Layout
-from kho.archive.pixels import EncodedPixels
+from kho.archive.dataset.part10 import PIXEL_DATA, Part10Layout
+from kho.archive.read import objects
 from kho.errors import InvalidDicomError
 
 if TYPE_CHECKING:
-    from kho.archive.archive import Archive
     from kho.archive.catalog import InstanceRecord
+    from kho.archive.read.source import StoredArchive
 
 #: the derived object's name (its key is ``<instance prefix>.metadata``; no dot in object names)
 METADATA_OBJECT = "metadata"
+
+
 #: stored BulkDataURI values start with this; the HTTP layer prefixes the instance URL
 BULKDATA_PLACEHOLDER = "bulkdata/"
+
+
 #: binary values longer than this go out as BulkDataURI (PS3.18 leaves the size to us)
 BULK_THRESHOLD = 1024
+
+
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
 
 _parsed = threading.local()
 
@@ -111,35 +108,18 @@ def encode(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def metadata_deriver(
-    data: bytes,
-    layout: Part10Layout,
-    ds: Dataset,
-    attrs: InstanceAttributes,
-    encoded: EncodedPixels | None,
-) -> dict[str, bytes]:
-    """Deriver (kho.archive.archive.Deriver): the instance's DICOM JSON document,
-    compressed (see :func:`stored_document`)."""
-    header = full_header(data, layout)
-    pixel_tag = layout.pixels.tag if layout.pixels else PIXEL_DATA
-    document = encode(dataset_json(header, pixel_vr(layout, attrs.bits_allocated), pixel_tag))
-    return {METADATA_OBJECT: derived.compress(document)}
-
-
 def stored_document(blob: bytes) -> bytes:
     """The JSON text of a stored metadata object: a zstd frame, or (written by older
     versions) the JSON itself, which always starts with "{"."""
-    if blob[:4] == derived.ZSTD_MAGIC:
-        return derived.decompress(blob)
+    if blob[:4] == objects.ZSTD_MAGIC:
+        return objects.decompress(blob)
     return blob
 
-
-# --- serving ----------------------------------------------------------------------------
 
 _STORED_URI = b'"BulkDataURI":"' + BULKDATA_PLACEHOLDER.encode()
 
 
-def instance_document(archive: Archive, record: InstanceRecord) -> bytes:
+def instance_document(archive: StoredArchive, record: InstanceRecord) -> bytes:
     """The instance's stored DICOM JSON (relative BulkDataURIs); made from its stored
     header when it has none (not finished yet, stored by an older version, or too small
     to afford one: kho.archive.derived.fit_derived), never from its pixels."""
@@ -149,7 +129,7 @@ def instance_document(archive: Archive, record: InstanceRecord) -> bytes:
     return document_from_header(archive, record)
 
 
-def document_from_header(archive: Archive, record: InstanceRecord) -> bytes:
+def document_from_header(archive: StoredArchive, record: InstanceRecord) -> bytes:
     """What metadata_deriver made for the instance, from its stored header alone."""
     head = _stored_head(archive, record)
     header = _parse_head(head)
@@ -160,17 +140,17 @@ def document_from_header(archive: Archive, record: InstanceRecord) -> bytes:
     return encode(dataset_json(header, _vr_of(tag, encapsulated, record.bits_allocated), tag))
 
 
-def stored_header(archive: Archive, record: InstanceRecord) -> Dataset:
+def stored_header(archive: StoredArchive, record: InstanceRecord) -> Dataset:
     """The instance's full header, parsed from its stored header object (no pixel read)."""
     return _parse_head(_stored_head(archive, record))
 
 
-def _stored_head(archive: Archive, record: InstanceRecord) -> bytes:
+def _stored_head(archive: StoredArchive, record: InstanceRecord) -> bytes:
     """The instance's bytes up to its pixel value (all of them when it has none)."""
     if record.pixel_format == "none":
-        return derived.read_header_object(archive.store, record.header_key)
+        return objects.read_header_object(archive.store, record.header_key)
     # kept whole, the instance's object is read up to its pixel value only
-    return derived.read_header_range(archive.store, record.header_key, 0, record.pixel_split)
+    return objects.read_header_range(archive.store, record.header_key, 0, record.pixel_split)
 
 
 def _parse_head(head: bytes) -> Dataset:
@@ -210,7 +190,7 @@ def documents_key(records: list[InstanceRecord]) -> str:
     return _version(record.object_prefix for record in records)
 
 
-def series_version(archive: Archive, study_uid: str, series_uid: str) -> str | None:
+def series_version(archive: StoredArchive, study_uid: str, series_uid: str) -> str | None:
     """documents_key() of a series from one indexed single-column query (a cache check
     that costs far less than loading the instance records); None if there is no series."""
     rows = archive.catalog.fetchall(

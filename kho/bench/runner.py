@@ -276,8 +276,8 @@ def bench_remote(
     Returns (instances acknowledged, refused, seconds, bytes sent)."""
     from pynetdicom import AE, _config
 
-    from kho.archive.attributes import read_header
-    from kho.archive.part10 import parse_part10
+    from kho.archive.dataset.attributes import read_header
+    from kho.archive.dataset.part10 import parse_part10
 
     plans: list[tuple[Path, str, str, int]] = []
     for path in files:

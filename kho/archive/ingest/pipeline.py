@@ -20,28 +20,23 @@ from typing import TYPE_CHECKING
 from pydicom.dataset import Dataset
 
 from kho.archive import keys, metrics
-from kho.archive.attributes import (
+from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT, InstanceRecord
+from kho.archive.config import MissingUidPolicy
+from kho.archive.dataset.attributes import (
     CatalogValues,
     InstanceAttributes,
     extract_attributes,
     read_catalog_values,
     read_header,
 )
-from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT, InstanceRecord
-from kho.archive.config import MissingUidPolicy
-from kho.archive.part10 import Part10Layout, build_file_meta, parse_part10
-from kho.archive.pixels import encode_pixels
-from kho.errors import (
-    DatasetMismatchError,
-    DuplicateInstanceError,
-    InvalidDicomError,
-    KhoError,
-)
-from kho.storage import ObjectStore
+from kho.archive.dataset.part10 import Part10Layout, build_file_meta, parse_part10
+from kho.archive.finish.pixels import encode_pixels
+from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError, KhoError
+from kho.storage import put_objects
 from kho.storage.spool import is_spool_key
 
 if TYPE_CHECKING:
-    from kho.archive.archive import Archive
+    from kho.archive.ingest.source import IngestingArchive
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +66,7 @@ class IngestResult:
 
 
 def ingest_dimse(
-    archive: Archive,
+    archive: IngestingArchive,
     dataset: DatasetBytes,
     *,
     transfer_syntax_uid: str,
@@ -95,7 +90,7 @@ def ingest_dimse(
 
 
 def ingest_part10(
-    archive: Archive,
+    archive: IngestingArchive,
     data: bytes,
     *,
     expected_sop_class_uid: str | None = None,
@@ -137,7 +132,7 @@ def ingest_part10(
 
 
 def _ingest_part10(
-    archive: Archive,
+    archive: IngestingArchive,
     data: bytes,
     *,
     expected_sop_class_uid: str | None,
@@ -226,7 +221,7 @@ def _ingest_part10(
     return _result(IngestOutcome.STORED, attrs, record)
 
 
-def _spooled(archive: Archive, record: InstanceRecord) -> bool:
+def _spooled(archive: IngestingArchive, record: InstanceRecord) -> bool:
     return archive.spool is not None and is_spool_key(record.pixels_key)
 
 
@@ -261,7 +256,7 @@ def _check_identity(
 
 
 def _write_objects(
-    archive: Archive,
+    archive: IngestingArchive,
     data: bytes,
     layout: Part10Layout,
     ds: Dataset | CatalogValues,
@@ -364,7 +359,7 @@ def _write_objects(
     )
 
 
-def _abandon(archive: Archive, prefix: str) -> None:
+def _abandon(archive: IngestingArchive, prefix: str) -> None:
     """A failed ingest: delete what it wrote (unless the commit went through after all);
     if the store cannot even delete now (an outage), leave the journal row to recovery."""
     try:
@@ -375,16 +370,6 @@ def _abandon(archive: Archive, prefix: str) -> None:
     except KhoError:
         with contextlib.suppress(KhoError):
             archive.catalog.disown_pending(prefix)
-
-
-def put_objects(store: ObjectStore, objects: dict[str, bytes | memoryview]) -> None:
-    """Write objects durably, in one batch where the backend offers one."""
-    put_many = getattr(store, "put_many", None)
-    if put_many is not None:
-        put_many(objects)
-        return
-    for key, blob in objects.items():
-        store.put(key, blob)
 
 
 def _result(outcome: IngestOutcome, attrs: InstanceAttributes, rec: InstanceRecord) -> IngestResult:

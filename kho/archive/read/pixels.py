@@ -1,20 +1,10 @@
-"""Pixel data at rest: how a received pixel value becomes the pixel object, and back.
-
-Formats (``instances.pixel_format``):
-- ``raw``: a native pixel value exactly as received (also the fallback when the at-rest
-  codec cannot represent it exactly);
-- ``encapsulated``: compressed fragments exactly as received (item tags, offset table and
-  delimiter included), so they go back out untouched;
-- a codec name (e.g. ``jpeg-ls``): native frames encoded one by one and concatenated.
-The frame index lists, per frame, the ``[offset, length]`` of its fragments in the pixel
-object, so a viewer's frame request is one ranged read.
-"""
+"""Pixel data read back: the received value rebuilt from the at-rest encoding,
+frames as stored or decoded to arrays, a bounded cache of decoded frames."""
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import threading
 import time
 import warnings
@@ -26,131 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kho.archive.attributes import InstanceAttributes
-from kho.archive.part10 import (
+from kho.archive.dataset.part10 import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
-    ITEM,
-    SEQUENCE_DELIMITER,
-    Part10Layout,
     dataset_encoding,
 )
-from kho.errors import CodecError, IntegrityError, InvalidDicomError, KhoError, NotFoundError
+from kho.errors import CodecError, IntegrityError, KhoError, NotFoundError
 
 if TYPE_CHECKING:
-    from kho.archive.archive import Archive
     from kho.archive.catalog import InstanceRecord
-
-FrameIndex = list[list[list[int]]]
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedPixels:
-    pixel_format: str
-    payload: bytes | memoryview
-    frame_index: FrameIndex
-
-
-def native_frame_length(attrs: InstanceAttributes) -> int | None:
-    """Bytes of one native frame, or None when frames are not byte-aligned / unknown."""
-    if not (attrs.rows and attrs.columns and attrs.bits_allocated):
-        return None
-    bits = attrs.rows * attrs.columns * (attrs.samples_per_pixel or 1) * attrs.bits_allocated
-    return bits // 8 if bits % 8 == 0 else None
-
-
-def native_frame_index(value_length: int, attrs: InstanceAttributes) -> FrameIndex:
-    frame_length = native_frame_length(attrs)
-    frames = attrs.number_of_frames
-    if frame_length is None or frame_length * frames > value_length:
-        return [[[0, value_length]]]
-    return [[[i * frame_length, frame_length]] for i in range(frames)]
-
-
-def encapsulated_fragments(value: bytes | memoryview) -> tuple[list[int], list[list[int]]]:
-    """(Basic Offset Table entries, fragments as [offset, length]) of an encapsulated value.
-
-    Offsets are relative to the start of the value; a fragment's offset is its data's.
-    """
-    pos, end = 0, len(value)
-    items: list[list[int]] = []
-    while pos + 8 <= end:
-        group, element, length = struct.unpack_from("<HHI", value, pos)
-        tag = (group << 16) | element
-        if tag == SEQUENCE_DELIMITER:
-            break
-        if tag != ITEM or pos + 8 + length > end:
-            raise InvalidDicomError("malformed encapsulated pixel data")
-        items.append([pos + 8, length])
-        pos += 8 + length
-    if not items:
-        raise InvalidDicomError("encapsulated pixel data has no Basic Offset Table item")
-    bot_offset, bot_length = items[0]
-    table = [struct.unpack_from("<I", value, bot_offset + 4 * i)[0] for i in range(bot_length // 4)]
-    return table, items[1:]
-
-
-def encapsulated_frame_index(value: bytes | memoryview, frames: int) -> FrameIndex:
-    """Group fragments into frames: one frame, one fragment per frame, the offset table, or
-    (JPEG family) the end-of-image marker, in that order."""
-    table, fragments = encapsulated_fragments(value)
-    if not fragments:
-        return []
-    if frames <= 1:
-        return [fragments]
-    if len(fragments) == frames:
-        return [[f] for f in fragments]
-    first_item = fragments[0][0] - 8
-    if len(table) == frames:
-        starts = [first_item + t for t in table]
-        grouped: FrameIndex = []
-        for i, start in enumerate(starts):
-            stop = starts[i + 1] if i + 1 < len(starts) else len(value) + 1
-            grouped.append([f for f in fragments if start <= f[0] - 8 < stop])
-        if all(grouped):
-            return grouped
-    grouped, current = [], []
-    for frag in fragments:
-        current.append(frag)
-        end = frag[0] + frag[1]
-        # a JPEG frame ends with EOI (FFD9), possibly followed by one padding byte
-        tail = bytes(value[max(frag[0], end - 3) : end])
-        if tail.endswith(b"\xff\xd9") or tail[:2] == b"\xff\xd9":
-            grouped.append(current)
-            current = []
-    if current:
-        grouped.append(current)
-    return grouped
-
-
-def encode_pixels(
-    archive: Archive,
-    data: bytes,
-    layout: Part10Layout,
-    attrs: InstanceAttributes,
-    *,
-    use_codec: bool = True,
-) -> EncodedPixels:
-    """The pixel object for an instance's pixel value (see the module docstring);
-    ``use_codec=False``: native data stays as received (a finisher encodes it later)."""
-    pixels = layout.pixels
-    assert pixels is not None
-    if not use_codec:  # a view: the caller stores the received bytes whole, not this value
-        view = memoryview(data)[pixels.value_offset : pixels.value_offset + pixels.value_length]
-        if pixels.encapsulated:
-            index = encapsulated_frame_index(view, attrs.number_of_frames)
-            return EncodedPixels("encapsulated", view, index)
-        return EncodedPixels("raw", view, native_frame_index(len(view), attrs))
-    value = data[pixels.value_offset : pixels.value_offset + pixels.value_length]
-    if pixels.encapsulated:
-        return EncodedPixels(
-            "encapsulated", value, encapsulated_frame_index(value, attrs.number_of_frames)
-        )
-    encoded = archive.encode_native(value, layout, attrs)
-    if encoded is None and archive.at_rest_codec and not _ow_bytes_swapped(data, layout, attrs):
-        encoded = encode_at_rest(value, layout.transfer_syntax_uid, attrs)
-    if encoded is not None:
-        return encoded
-    return EncodedPixels("raw", value, native_frame_index(len(value), attrs))
+    from kho.archive.read.source import StoredArchive
+from kho.archive.read.objects import read_header_range
 
 
 def is_little_endian(transfer_syntax_uid: str) -> bool:
@@ -158,36 +33,20 @@ def is_little_endian(transfer_syntax_uid: str) -> bool:
     return encoding is None or encoding[1]
 
 
-# --- layouts the frame readers must know of -----------------------------------------------
-# Explicit VR Big Endian 8-bit pixel data of VR OW is byte-swapped in 16-bit words (PS3.5
-# 8.2, A.3); a deflated dataset is kept whole (never walked), so its record has no frame
-# index.  Both are rare (retired or seldom used syntaxes) and read through these helpers.
-
-
-def _ow_bytes_swapped(data: bytes, layout: Part10Layout, attrs: InstanceAttributes) -> bool:
-    """8-bit big endian OW pixel data: kept raw, since the at-rest codec would encode the
-    word-swapped bytes (not the image) and decoded frames would come back scrambled."""
-    pixels = layout.pixels
-    if pixels is None or pixels.encapsulated or attrs.bits_allocated != 8:
-        return False
-    if is_little_endian(layout.transfer_syntax_uid):
-        return False
-    return data[pixels.value_offset - 8 : pixels.value_offset - 6] == b"OW"
-
-
-def _stored_ow_bytes_swapped(archive: Archive, record: InstanceRecord) -> bool:
+def _stored_ow_bytes_swapped(archive: StoredArchive, record: InstanceRecord) -> bool:
     """_ow_bytes_swapped() of a stored raw record (the VR is read from its header, where
     the pixel element's header ends at ``pixel_split`` in either stored layout)."""
     if record.bits_allocated != 8 or is_little_endian(record.transfer_syntax_uid):
         return False
     if record.pixel_split < 8:
         return False
-    from kho.archive.derived import read_header_range  # a header object may be compressed
 
     return read_header_range(archive.store, record.header_key, record.pixel_split - 8, 2) == b"OW"
 
 
-def _unswap_ow_frame(archive: Archive, record: InstanceRecord, offset: int, length: int) -> bytes:
+def _unswap_ow_frame(
+    archive: StoredArchive, record: InstanceRecord, offset: int, length: int
+) -> bytes:
     """The frame at [offset, offset + length) of a word-swapped 8-bit pixel value, in pixel
     order.  A frame of odd length starts or ends in the middle of a word: the whole words
     are read and swapped, then cut (values have even length, so the last word is whole)."""
@@ -244,7 +103,7 @@ def _pydicom_frame(data: bytes, index: int) -> np.ndarray:
             return pixel_array(ds, index=index, raw=True)
 
 
-def pixel_value(archive: Archive, record: InstanceRecord, payload: bytes) -> bytes:
+def pixel_value(archive: StoredArchive, record: InstanceRecord, payload: bytes) -> bytes:
     """The pixel value exactly as received, from the stored pixel object."""
     if record.pixel_format in ("raw", "encapsulated"):
         return payload
@@ -253,12 +112,18 @@ def pixel_value(archive: Archive, record: InstanceRecord, payload: bytes) -> byt
     return archive.decode_native(record, payload)
 
 
-# --- the at-rest codec ------------------------------------------------------------------
-
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+
+
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
 _AT_REST_SYNTAX = {"jpeg-ls": JPEG_LS_LOSSLESS}
+
+
 _POOL: ThreadPoolExecutor | None = None
+
+
 _POOL_LOCK = threading.Lock()
 
 
@@ -295,7 +160,7 @@ def _frames_array(
 
 def _at_rest_codec(name: str) -> Any | None:
     try:
-        from kho.codecs import registry  # type: ignore[attr-defined,unused-ignore]
+        from kho.codecs import registry
     except ImportError:
         return None
     try:
@@ -303,72 +168,6 @@ def _at_rest_codec(name: str) -> Any | None:
     except KhoError:
         return None
     return codec
-
-
-def encode_at_rest(
-    value: bytes, transfer_syntax_uid: str, attrs: InstanceAttributes, *, verify: bool = True
-) -> EncodedPixels | None:
-    """Native pixel data as JPEG-LS frames, or None where JPEG-LS cannot hold it exactly.
-
-    JPEG-LS holds Bits Stored bits per sample.  Unsigned data must have every bit above
-    Bits Stored clear; signed data must have them equal to the sign bit (two's complement
-    sign extension), which decoding restores.  Anything else (overlay bits in the high bits,
-    odd layouts, 32-bit, YBR 4:2:2) stays raw: never altered.
-    """
-    bits_allocated = attrs.bits_allocated or 0
-    bits_stored = attrs.bits_stored or bits_allocated
-    spp = attrs.samples_per_pixel or 1
-    frame_length = native_frame_length(attrs)
-    frames = attrs.number_of_frames
-    if (
-        bits_allocated not in (8, 16)
-        or not 2 <= bits_stored <= bits_allocated
-        or spp not in (1, 3)
-        or frame_length is None
-        or frame_length * frames != len(value)
-        or (
-            attrs.photometric_interpretation.startswith("YBR")
-            and "422" in attrs.photometric_interpretation
-        )
-    ):
-        return None
-    codec = _at_rest_codec("jpeg-ls")
-    if codec is None:
-        return None
-    little = is_little_endian(transfer_syntax_uid)
-    stack = _frames_array(value, attrs, little, frames)
-    mask = (1 << bits_stored) - 1
-    masked = (stack & mask).astype(np.uint8 if bits_allocated == 8 else np.uint16)
-    if attrs.pixel_representation == 1 and bits_stored < bits_allocated:
-        if not np.array_equal(
-            _sign_extend(masked, bits_stored, bits_allocated), stack.astype(masked.dtype)
-        ):
-            return None
-    elif bits_stored < bits_allocated and not np.array_equal(masked, stack):
-        return None
-
-    def encode_one(i: int) -> bytes:
-        frame = np.ascontiguousarray(masked[i])
-        stream: bytes = codec.encode(frame, bits_stored=bits_stored)
-        if verify:
-            back = codec.decode(stream)
-            if not np.array_equal(back.reshape(frame.shape), frame):
-                raise IntegrityError("at-rest codec round trip differs; keeping raw")
-        return stream
-
-    try:
-        streams = [encode_one(0)] if frames == 1 else list(_pool().map(encode_one, range(frames)))
-    except (IntegrityError, CodecError):
-        return None
-    total = sum(len(s) for s in streams)
-    if total >= len(value):
-        return None  # incompressible (noise): raw is smaller and faster to serve
-    index: FrameIndex = []
-    offset = 0
-    for stream in streams:
-        index.append([[offset, len(stream)]])
-        offset += len(stream)
-    return EncodedPixels("jpeg-ls", b"".join(streams), index)
 
 
 def _sign_extend(masked: np.ndarray, bits_stored: int, bits_allocated: int) -> np.ndarray:
@@ -413,9 +212,6 @@ def decode_stored_array(
     return arr
 
 
-# --- frames for viewers -----------------------------------------------------------------
-
-
 def frame_count(record: InstanceRecord) -> int:
     if deflated_pixels(record):
         return int(record.number_of_frames or 1)
@@ -431,7 +227,9 @@ def _check_frame(record: InstanceRecord, frame_number: int) -> list[list[int]]:
     return frames[frame_number - 1]
 
 
-def stored_frame(archive: Archive, record: InstanceRecord, frame_number: int) -> tuple[bytes, str]:
+def stored_frame(
+    archive: StoredArchive, record: InstanceRecord, frame_number: int
+) -> tuple[bytes, str]:
     """A frame's bytes as stored (1-based) and their transfer syntax UID.
 
     JPEG-LS stream for "jpeg-ls"; the received fragments joined for "encapsulated"; native
@@ -463,7 +261,7 @@ def stored_frame(archive: Archive, record: InstanceRecord, frame_number: int) ->
 
 
 def frame_array(
-    archive: Archive, record: InstanceRecord, frame_number: int, *, read_ahead: bool = True
+    archive: StoredArchive, record: InstanceRecord, frame_number: int, *, read_ahead: bool = True
 ) -> np.ndarray:
     """Decoded pixel values of one frame (1-based): natural dtype (signed where Pixel
     Representation says so), shape (rows, cols) or (rows, cols, samples), colour by pixel,
@@ -478,7 +276,7 @@ def frame_array(
     return decode_frame(archive, record, frame_number)
 
 
-def decode_frame(archive: Archive, record: InstanceRecord, frame_number: int) -> np.ndarray:
+def decode_frame(archive: StoredArchive, record: InstanceRecord, frame_number: int) -> np.ndarray:
     """:func:`frame_array` without the cache: the frame decoded now."""
     fragments = _check_frame(record, frame_number)
     rows, cols = int(record.rows_ or 0), int(record.columns_ or 0)
@@ -513,15 +311,20 @@ def decode_frame(archive: Archive, record: InstanceRecord, frame_number: int) ->
     return arr
 
 
-# --- decoded frames for viewers: a bounded cache with read-ahead --------------------------
-
 #: bytes of decoded frames one process keeps (:class:`DecodedFrameCache`)
 FRAME_CACHE_BYTES = 256 * 1024 * 1024
+
+
 #: frames decoded ahead of a viewer that walks an instance's frames or a series' instances
 READ_AHEAD_FRAMES = 4
+
+
 #: how long a series' instance order is reused for read-ahead (instances may still arrive)
 SERIES_ORDER_TTL_S = 10.0
+
+
 _SERIES_KEPT = 64
+
 
 FrameKey = tuple[int, str, str, int]
 
@@ -578,16 +381,16 @@ class DecodedFrameCache:
             self._bytes = 0
 
     @staticmethod
-    def key(archive: Archive, record: InstanceRecord, frame_number: int) -> FrameKey:
+    def key(archive: StoredArchive, record: InstanceRecord, frame_number: int) -> FrameKey:
         return (id(archive.store), record.pixels_key, record.sha256, frame_number)
 
-    def cached(self, archive: Archive, record: InstanceRecord, frame_number: int) -> bool:
+    def cached(self, archive: StoredArchive, record: InstanceRecord, frame_number: int) -> bool:
         with self._lock:
             return self.key(archive, record, frame_number) in self._items
 
     def frame(
         self,
-        archive: Archive,
+        archive: StoredArchive,
         record: InstanceRecord,
         frame_number: int,
         *,
@@ -628,7 +431,7 @@ class DecodedFrameCache:
         return False
 
     def _decode(
-        self, archive: Archive, record: InstanceRecord, frame_number: int, key: FrameKey
+        self, archive: StoredArchive, record: InstanceRecord, frame_number: int, key: FrameKey
     ) -> np.ndarray:
         arr = decode_frame(archive, record, frame_number)
         arr.flags.writeable = False
@@ -650,7 +453,9 @@ class DecodedFrameCache:
                 )
             return self._executor
 
-    def _read_ahead(self, archive: Archive, record: InstanceRecord, frame_number: int) -> None:
+    def _read_ahead(
+        self, archive: StoredArchive, record: InstanceRecord, frame_number: int
+    ) -> None:
         frames = frame_count(record)
         if frames > 1:
             last = min(frames, frame_number + self.read_ahead)
@@ -667,7 +472,9 @@ class DecodedFrameCache:
         else:
             self._submit(archive, [(r, 1) for r in following])
 
-    def _following(self, archive: Archive, record: InstanceRecord) -> list[InstanceRecord] | None:
+    def _following(
+        self, archive: StoredArchive, record: InstanceRecord
+    ) -> list[InstanceRecord] | None:
         with self._lock:
             order = self._series.get((id(archive.store), record.series_uid))
         if order is None or time.monotonic() - order.loaded_at > SERIES_ORDER_TTL_S:
@@ -677,7 +484,7 @@ class DecodedFrameCache:
             return None
         return order.records[at + 1 : at + 1 + self.read_ahead]
 
-    def _load_and_read_ahead(self, archive: Archive, record: InstanceRecord) -> None:
+    def _load_and_read_ahead(self, archive: StoredArchive, record: InstanceRecord) -> None:
         try:
             self._load_series(archive, record)
         except KhoError:  # a catalog outage: no read-ahead this time
@@ -686,7 +493,7 @@ class DecodedFrameCache:
             with self._lock:
                 self._planning.discard((id(archive.store), record.series_uid))
 
-    def _load_series(self, archive: Archive, record: InstanceRecord) -> None:
+    def _load_series(self, archive: StoredArchive, record: InstanceRecord) -> None:
         records = archive.catalog.instances_where("series_uid = ?", (record.series_uid,))
         records = [r for r in records if r.study_uid == record.study_uid]
         order = _SeriesOrder(
@@ -701,7 +508,7 @@ class DecodedFrameCache:
         if following:
             self._submit(archive, [(r, 1) for r in following])
 
-    def _submit(self, archive: Archive, targets: list[tuple[InstanceRecord, int]]) -> None:
+    def _submit(self, archive: StoredArchive, targets: list[tuple[InstanceRecord, int]]) -> None:
         pool = self._pool()
         for target, number in targets:
             if target.pixel_format not in _AT_REST_SYNTAX and target.pixel_format != "encapsulated":
@@ -717,7 +524,7 @@ class DecodedFrameCache:
                 self._pending[key] = future
 
     def _decode_ahead(
-        self, archive: Archive, record: InstanceRecord, frame_number: int, key: FrameKey
+        self, archive: StoredArchive, record: InstanceRecord, frame_number: int, key: FrameKey
     ) -> np.ndarray | None:
         try:
             arr = self._decode(archive, record, frame_number, key)

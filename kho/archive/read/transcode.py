@@ -39,8 +39,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 
-from kho.archive.derived import read_header_object
-from kho.archive.part10 import (
+from kho.archive.dataset.part10 import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -48,17 +47,13 @@ from kho.archive.part10 import (
     build_file_meta,
     read_file_meta,
 )
-from kho.archive.pixels import (
-    frame_array,
-    has_pixels,
-    is_little_endian,
-    stored_frame,
-)
+from kho.archive.read.objects import read_header_object
+from kho.archive.read.pixels import frame_array, has_pixels, is_little_endian, stored_frame
 from kho.errors import CodecError, CodecUnavailableError, KhoError, ObjectNotFoundError
 
 if TYPE_CHECKING:
-    from kho.archive.archive import Archive
     from kho.archive.catalog import InstanceRecord
+    from kho.archive.read.source import StoredArchive
 
 log = logging.getLogger(__name__)
 
@@ -510,7 +505,9 @@ def producible_syntaxes(record: InstanceRecord) -> list[str]:
 # --- instances -----------------------------------------------------------------------------
 
 
-def encode_instance(archive: Archive, record: InstanceRecord, transfer_syntax_uid: str) -> bytes:
+def encode_instance(
+    archive: StoredArchive, record: InstanceRecord, transfer_syntax_uid: str
+) -> bytes:
     """The instance's dataset bytes (no File Meta Information) in the given syntax: as
     received, re-wrapped from the at-rest JPEG-LS frames, or transcoded.  CodecError (or
     CodecUnavailableError) when it cannot be produced."""
@@ -526,7 +523,9 @@ def encode_instance(archive: Archive, record: InstanceRecord, transfer_syntax_ui
     return _transcode(archive, record, transfer_syntax_uid)
 
 
-def encode_part10(archive: Archive, record: InstanceRecord, transfer_syntax_uid: str) -> bytes:
+def encode_part10(
+    archive: StoredArchive, record: InstanceRecord, transfer_syntax_uid: str
+) -> bytes:
     """A Part 10 file in the given syntax: the received bytes (bit for bit, File Meta
     Information included) in the received syntax, else our File Meta and the transcoded
     dataset."""
@@ -537,7 +536,7 @@ def encode_part10(archive: Archive, record: InstanceRecord, transfer_syntax_uid:
 
 
 def encode_for(
-    archive: Archive, record: InstanceRecord, accepted: Iterable[str]
+    archive: StoredArchive, record: InstanceRecord, accepted: Iterable[str]
 ) -> tuple[str, bytes]:
     """(syntax, dataset bytes) by the rule: the first candidate that encodes.  An encode may
     still fail where the metadata allowed it (a pixel above Bits Stored): the next one is
@@ -546,7 +545,7 @@ def encode_for(
 
 
 def encode_part10_for(
-    archive: Archive, record: InstanceRecord, accepted: Iterable[str]
+    archive: StoredArchive, record: InstanceRecord, accepted: Iterable[str]
 ) -> tuple[str, bytes]:
     """:func:`encode_for` as a Part 10 file (:func:`encode_part10`)."""
     return _first_that_encodes(record, accepted, lambda ts: encode_part10(archive, record, ts))
@@ -580,7 +579,9 @@ def _pixel_element_header_length(head: bytes) -> int:
     raise CodecError("the stored header does not end with a Pixel Data element")
 
 
-def _rewrap_at_rest(archive: Archive, record: InstanceRecord, transfer_syntax_uid: str) -> bytes:
+def _rewrap_at_rest(
+    archive: StoredArchive, record: InstanceRecord, transfer_syntax_uid: str
+) -> bytes:
     """The received header with the at-rest JPEG-LS frames as encapsulated Pixel Data.
 
     The streams hold Bits Stored bits (P = Bits Stored, as the header says) of unsigned or
@@ -619,7 +620,7 @@ def _set_encapsulated(ds: Dataset, frames: list[bytes]) -> None:
         ds.PlanarConfiguration = 0
 
 
-def _transcode(archive: Archive, record: InstanceRecord, transfer_syntax_uid: str) -> bytes:
+def _transcode(archive: StoredArchive, record: InstanceRecord, transfer_syntax_uid: str) -> bytes:
     if not can_produce(record, transfer_syntax_uid):
         raise CodecUnavailableError(
             f"{record.sop_uid}: cannot produce {transfer_syntax_uid} from "
@@ -642,7 +643,7 @@ def _transcode(archive: Archive, record: InstanceRecord, transfer_syntax_uid: st
     return _write(ds, transfer_syntax_uid, True)
 
 
-def _native_dataset(archive: Archive, record: InstanceRecord) -> Dataset:
+def _native_dataset(archive: StoredArchive, record: InstanceRecord) -> Dataset:
     """The instance with native little-endian pixel data (binary values little endian)."""
     ds = _read(archive.read_part10(record))
     received = record.transfer_syntax_uid
@@ -770,7 +771,7 @@ def _frame_layout(record: InstanceRecord) -> PixelLayout:
 
 
 def encode_frame(
-    archive: Archive, record: InstanceRecord, frame_number: int, transfer_syntax_uid: str
+    archive: StoredArchive, record: InstanceRecord, frame_number: int, transfer_syntax_uid: str
 ) -> bytes:
     """One frame (1-based) in a compressed syntax: as stored when it is the stored one, else
     decoded and encoded (lossless).  Native frames are the viewer API's (decoded bytes)."""

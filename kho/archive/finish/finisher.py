@@ -10,7 +10,7 @@ disk speed and the CPU catches up in between.
 
 Finishing one instance: read it as received, encode and derive, write the new objects
 beside the received ones (same prefix, new names: the header zstd-compressed, the pixels,
-the derived objects the instance can afford, see kho.archive.derived), then one catalog
+the derived objects the instance can afford, see kho.archive.read.objects), then one catalog
 transaction switches the row to them if it is still the same stored version, takes it off
 the queue, and lists the received object as garbage, deleted a minute later (a reader
 that loaded the old row just before can still fetch it).  While instances are arriving
@@ -33,19 +33,20 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kho.archive import derived as derived_objects
 from kho.archive import keys, metrics
-from kho.archive.attributes import extract_attributes, read_header
 from kho.archive.catalog import GARBAGE_DELAY_S, HEADER_OBJECT, PIXELS_OBJECT
-from kho.archive.ingest import put_objects
-from kho.archive.part10 import Part10Layout, parse_part10
-from kho.archive.pixels import EncodedPixels, encode_pixels
+from kho.archive.dataset.attributes import extract_attributes, read_header
+from kho.archive.dataset.part10 import Part10Layout, parse_part10
+from kho.archive.finish.derived import allowance, arrived_compressed, fit_derived
+from kho.archive.finish.pixels import EncodedPixels, encode_pixels
+from kho.archive.read.objects import compress
 from kho.errors import CatalogError, KhoError, ObjectNotFoundError, StorageError
+from kho.storage import put_objects
 from kho.storage.spool import Spool, is_spool_key
 
 if TYPE_CHECKING:
-    from kho.archive.archive import Archive
     from kho.archive.catalog import InstanceRecord
+    from kho.archive.finish.source import FinishingArchive
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ BUSY_BACKLOG = 2000
 class Finisher:
     """Threads that finish queued instances; started on the first notify() or start()."""
 
-    def __init__(self, archive: Archive, threads: int = 0) -> None:
+    def __init__(self, archive: FinishingArchive, threads: int = 0) -> None:
         self.archive = archive
         self.threads = threads or os.cpu_count() or 1
         self._wake = threading.Event()
@@ -379,16 +380,14 @@ def _plan(
 ) -> _Plan:
     """Split the instance into a header object (zstd-compressed when that is smaller) and
     a pixel object (the at-rest encoding, or the value as received), and keep the derived
-    objects that fit its allowance (kho.archive.derived).  An instance whose received
+    objects that fit its allowance (kho.archive.read.objects).  An instance whose received
     object is already in the store and needs no re-encoding stays that one object unless
     splitting it lets it keep more of its derived objects: a large compressed instance is
     not copied for a header's worth of bytes."""
     prefix = record.object_prefix
-    limit = derived_objects.allowance(
-        record.received_size, derived_objects.arrived_compressed(layout)
-    )
+    limit = allowance(record.received_size, arrived_compressed(layout))
     raw_header = layout.pixels.header_of(data) if layout.pixels is not None else data
-    compressed = derived_objects.compress(raw_header)
+    compressed = compress(raw_header)
     header: bytes | memoryview = raw_header
     header_key = keys.header_key(prefix)
     if len(compressed) < len(raw_header):
@@ -415,7 +414,7 @@ def _plan(
         pixel_format, pixel_size = encoded.pixel_format, len(encoded.payload)
         frame_index = json.dumps(encoded.frame_index, separators=(",", ":"))
     essential = len(header) + (pixel_size if layout.pixels is not None else 0)
-    kept = derived_objects.fit_derived(made, limit - essential)
+    kept = fit_derived(made, limit - essential)
 
     in_spool = is_spool_key(record.header_key) or is_spool_key(record.pixels_key)
     unchanged = encoded is None or encoded.pixel_format == record.pixel_format
@@ -423,7 +422,7 @@ def _plan(
         whole = record.header_size
         if not record.stored_as_received and record.pixel_format != "none":
             whole += record.pixel_size
-        kept_whole = derived_objects.fit_derived(made, limit - whole)
+        kept_whole = fit_derived(made, limit - whole)
         if _total(kept_whole) >= _total(kept):
             return _Plan(
                 objects={},
@@ -453,7 +452,7 @@ def _total(blobs: dict[str, bytes]) -> int:
     return sum(len(blob) for blob in blobs.values())
 
 
-def _read_received(archive: Archive, record: InstanceRecord) -> bytes:
+def _read_received(archive: FinishingArchive, record: InstanceRecord) -> bytes:
     """The instance as received.  A spooled one is checked against its SHA-256 first: its
     bytes are about to become its only copy (read from the local disk or over the network
     from the host holding them); a mismatch leaves it where it is (StorageError)."""
@@ -482,7 +481,7 @@ def _referenced(record: InstanceRecord) -> set[str]:
     return out
 
 
-def collect_garbage(archive: Archive, limit: int = 1000) -> int:
+def collect_garbage(archive: FinishingArchive, limit: int = 1000) -> int:
     """Delete due garbage objects, then spool segments nothing refers to any more; how many
     objects.  Safe in several processes at once."""
     archive.catalog.fold_counters()  # PostgreSQL's pending instance counts
@@ -495,7 +494,7 @@ def collect_garbage(archive: Archive, limit: int = 1000) -> int:
     return len(due)
 
 
-def reclaim_spool(archive: Archive, spool: Spool, *, force: bool = False) -> int:
+def reclaim_spool(archive: FinishingArchive, spool: Spool, *, force: bool = False) -> int:
     """Delete the spool segments that no process writes and no catalog row refers to (at
     most every SPOOL_RECLAIM_S unless ``force``: the look-up reads every queued row)."""
     now = time.monotonic()

@@ -1,0 +1,3 @@
+"""The DIMSE front door (pynetdicom, plus kho's fast C-STORE path): a thin adapter from
+DIMSE events to the archive's services.  Imports kho.archive, codecs, storage, errors; never
+another front door."""
