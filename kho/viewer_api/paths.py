@@ -3,7 +3,7 @@
 A UID in a path selects what a request reads; an empty, blank or wildcard one would reach
 the matching engine as universal matching ("everything").  So every ``{study}``,
 ``{series}`` and ``{instance}`` must be a UID as ingest accepts it
-(:func:`kho.archive.attributes.check_uid`: PS3.5 9.1, plus the letters, '-' and '_' that
+(:func:`kho.archive.dataset.attributes.check_uid`: PS3.5 9.1, plus the letters, '-' and '_' that
 real writers use), with no empty component; frame numbers are positive integers.  Anything
 else is 400 with a message naming the parameter.
 

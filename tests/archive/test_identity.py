@@ -341,3 +341,17 @@ def test_random_colliding_instances_keep_every_view_consistent(
             assert result.outcome.value == expected, f"step {step}"
             model[sop] = new
         check_views(archive, model, namespace, web)
+
+
+def test_a_kept_instance_answers_with_the_stored_uids(archive: Archive) -> None:
+    """duplicate_policy keep: the newcomer (here under another series, and without a Study
+    UID) is dropped, so the answer names the stored instance's UIDs, nothing invented."""
+    from kho.archive.config import DuplicatePolicy
+
+    archive.settings.duplicate_policy = DuplicatePolicy.KEEP
+    sop = f"{ROOT}.11.1"
+    first = archive.ingest_part10(instance(sop, "P11", f"{ROOT}.11", f"{ROOT}.11.5"))
+    kept = archive.ingest_part10(instance(sop, "P11", None, f"{ROOT}.11.6", pixel=3))
+    assert kept.outcome is IngestOutcome.KEPT
+    assert (kept.study_uid, kept.series_uid) == (first.study_uid, first.series_uid)
+    assert kept.coerced == ()

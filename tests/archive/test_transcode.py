@@ -254,3 +254,33 @@ def test_frame_rule(archive: Archive, records: dict[str, InstanceRecord]) -> Non
     stream = transcode.encode_frame(archive, j2k, 4, JLS)
     ds = _read(_path("emri_small_jpeg_2k_lossless.dcm"))
     np.testing.assert_array_equal(imagecodecs.jpegls_decode(stream), ds.pixel_array[3])
+
+
+def test_large_frames_stored_with_restart_intervals_go_without_them(archive: Archive) -> None:
+    """A radiograph's at-rest frame holds restart intervals (decoded on every core here);
+    a peer asking for JPEG-LS gets it re-encoded without them, which decoders older than
+    CharLS 2.3 (dcmtk 3.6.7's) can read, and the same pixels."""
+    rng = np.random.default_rng(12)
+    pixels = (rng.normal(2000, 300, (1100, 1000)).clip(0, 4095)).astype(np.uint16)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "RST-1", "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    result = archive.ingest_part10(out.getvalue())
+    record = archive.catalog.require_instance(result.sop_uid)
+    stored = stored_frame(archive, record, 1)[0]
+    assert record.pixel_format == "jpeg-ls" and transcode._has_restart_intervals(stored)
+    got = _read(transcode.encode_part10(archive, record, JLS))
+    (fragment,) = generate_frames(got.PixelData, number_of_frames=1)
+    assert not transcode._has_restart_intervals(fragment)
+    np.testing.assert_array_equal(imagecodecs.jpegls_decode(fragment), pixels)
+    np.testing.assert_array_equal(got.pixel_array, pixels)

@@ -244,6 +244,10 @@ class Catalog:
         """Add counter deltas not yet in the rows (PostgreSQL); how many were folded."""
         return 0
 
+    def _lock_rows(self, table: str, key: str, uids: set[str]) -> None:
+        """Lock these rows of ``table`` until the transaction ends (SQLite: the write
+        transaction holds the whole database)."""
+
     def _lock_hierarchy(self, a: InstanceAttributes) -> None:
         """Lock an instance's patient, study and series rows (SQLite: the write
         transaction holds the whole database)."""
@@ -526,6 +530,9 @@ class Catalog:
         refuses it (IdentityConflictError: a study never spans two patients).  Rows left
         without instances disappear; the counts of every row touched are counted again."""
         sop_uid = attrs.sop_uid
+        # the rows it leaves and enters, locked before they are looked at (PostgreSQL)
+        self._lock_rows("studies", "study_uid", {previous.study_uid, attrs.study_uid})
+        self._lock_rows("series", "series_uid", {previous.series_uid, attrs.series_uid})
         old_patient = self._parent_of("studies", previous.study_uid)
         study_patient = self._parent_of("studies", attrs.study_uid)
         series_study = self._parent_of("series", attrs.series_uid)
@@ -559,6 +566,13 @@ class Catalog:
             ]
         )
         self._upsert_hierarchy(attrs)
+        stays = (previous.study_uid, previous.series_uid, old_patient) == (
+            attrs.study_uid,
+            attrs.series_uid,
+            attrs.patient_key,
+        )
+        if stays and not moves:
+            return  # same patient, study and series: no count changes, no row empties
         self._tidy_hierarchy(
             {k for k in (old_patient, study_patient, attrs.patient_key) if k},
             {k for k in (previous.study_uid, series_study, attrs.study_uid) if k},
@@ -816,7 +830,7 @@ class Catalog:
         self, a: InstanceAttributes, hierarchy: tuple[dict[str, Any], ...]
     ) -> list[tuple[str, Sequence[Any]]]:
         """The statements reading an instance's patient, study and series rows (the columns
-        of ``hierarchy``, see _hierarchy_values)."""
+        of ``hierarchy``, see schema.hierarchy_values)."""
         patient, study, series = hierarchy
         return [
             (f"SELECT {', '.join(patient)} FROM patients WHERE patient_key = ?", (a.patient_key,)),

@@ -29,7 +29,7 @@ def _new_in_known_series_statement(journalled: bool, unfinished: bool) -> str:
     counter and journal rows only if it was.  Returns (rows matched, instance inserted):
     anything else is left to the general path, which then finds the catalog unchanged.
     Parameters: the patient, study and series keys each followed by their
-    _hierarchy_values, the instance columns, then the tail's."""
+    schema.hierarchy_values, the instance columns, then the tail's."""
     types = column_types("instances")
     # the rows must also be each other's parents (a study of another patient, a series of
     # another study: the general path refuses the instance)
@@ -239,6 +239,11 @@ class PostgresCatalog(Catalog):
                 "(SELECT count(*) FROM s), (SELECT count(*) FROM r)"
             )
         return int(row[0]) if row else 0
+
+    def _lock_rows(self, table: str, key: str, uids: set[str]) -> None:
+        ordered = sorted(uids)  # one order for every transaction: no deadlock between them
+        marks = ", ".join("?" for _ in ordered)
+        self.execute(f"SELECT 1 FROM {table} WHERE {key} IN ({marks}) FOR UPDATE", ordered)
 
     def _lock_hierarchy(self, a: InstanceAttributes) -> None:
         """PostgreSQL: lock the patient, study and series rows of an instance, in that

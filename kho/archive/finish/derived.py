@@ -38,8 +38,8 @@ def metadata_deriver(
     attrs: InstanceAttributes,
     encoded: EncodedPixels | None,
 ) -> dict[str, bytes]:
-    """Deriver (kho.archive.archive.Deriver): the instance's DICOM JSON document,
-    compressed (see :func:`stored_document`)."""
+    """Deriver (kho.archive.finish.derived.Deriver): the instance's DICOM JSON document,
+    compressed (see :func:`kho.archive.read.metadata.stored_document`)."""
     header = full_header(data, layout)
     pixel_tag = layout.pixels.tag if layout.pixels else PIXEL_DATA
     document = encode(dataset_json(header, pixel_vr(layout, attrs.bits_allocated), pixel_tag))
@@ -47,8 +47,6 @@ def metadata_deriver(
 
 
 def default_derivers(settings: Settings) -> list[Deriver]:
-    from kho.archive.finish.derived import metadata_deriver
-
     derivers: list[Deriver] = [metadata_deriver, thumbnail_deriver]
     if settings.tile_pyramid:
         derivers.append(tile_pyramid_deriver)

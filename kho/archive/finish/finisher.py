@@ -10,7 +10,7 @@ disk speed and the CPU catches up in between.
 
 Finishing one instance: read it as received, encode and derive, write the new objects
 beside the received ones (same prefix, new names: the header zstd-compressed, the pixels,
-the derived objects the instance can afford, see kho.archive.read.objects), then one catalog
+the derived objects the instance can afford, see kho.archive.finish.derived), then one catalog
 transaction switches the row to them if it is still the same stored version, takes it off
 the queue, and lists the received object as garbage, deleted a minute later (a reader
 that loaded the old row just before can still fetch it).  While instances are arriving
@@ -380,7 +380,7 @@ def _plan(
 ) -> _Plan:
     """Split the instance into a header object (zstd-compressed when that is smaller) and
     a pixel object (the at-rest encoding, or the value as received), and keep the derived
-    objects that fit its allowance (kho.archive.read.objects).  An instance whose received
+    objects that fit its allowance (kho.archive.finish.derived).  An instance whose received
     object is already in the store and needs no re-encoding stays that one object unless
     splitting it lets it keep more of its derived objects: a large compressed instance is
     not copied for a header's worth of bytes."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -14,12 +14,6 @@ from pydicom.dataset import Dataset
 from kho.archive.dataset.attributes import InstanceAttributes
 from kho.archive.dataset.part10 import Part10Layout, dataset_encoding
 from kho.archive.finish.pixels import EncodedPixels
-from kho.codecs import render as codec_render
-from kho.codecs.render import RenderParams
-from kho.errors import CodecError
-
-if TYPE_CHECKING:
-    pass
 from kho.archive.read.metadata import full_header
 from kho.archive.read.rendering import (
     _PYRAMID_MAGIC,
@@ -33,6 +27,9 @@ from kho.archive.read.rendering import (
     encode_image,
     params_from_dataset,
 )
+from kho.codecs import render as codec_render
+from kho.codecs.render import RenderParams
+from kho.errors import CodecError
 
 
 def first_frame(data: bytes, layout: Part10Layout, attrs: InstanceAttributes) -> np.ndarray:
@@ -78,7 +75,7 @@ def thumbnail_deriver(
     attrs: InstanceAttributes,
     encoded: EncodedPixels | None,
 ) -> dict[str, bytes]:
-    """Deriver (kho.archive.archive.Deriver): a JPEG of frame 1 within 128x128 pixels.
+    """Deriver (kho.archive.finish.derived.Deriver): a JPEG of frame 1 within 128x128 pixels.
 
     An image that cannot be decoded gets no thumbnail (it is rendered on request, or the
     request fails there with a clear error); ingest never fails for a thumbnail.  Nor does

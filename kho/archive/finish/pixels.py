@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -16,10 +16,6 @@ from kho.archive.dataset.part10 import (
     SEQUENCE_DELIMITER,
     Part10Layout,
 )
-from kho.errors import CodecError, IntegrityError, InvalidDicomError
-
-if TYPE_CHECKING:
-    pass
 from kho.archive.read.pixels import (
     _at_rest_codec,
     _frames_array,
@@ -27,6 +23,7 @@ from kho.archive.read.pixels import (
     _sign_extend,
     is_little_endian,
 )
+from kho.errors import CodecError, IntegrityError, InvalidDicomError
 
 FrameIndex = list[list[list[int]]]
 

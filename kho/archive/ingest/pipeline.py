@@ -373,13 +373,15 @@ def _abandon(archive: IngestingArchive, prefix: str) -> None:
 
 
 def _result(outcome: IngestOutcome, attrs: InstanceAttributes, rec: InstanceRecord) -> IngestResult:
+    """What the sender is told, of ``rec``: the stored instance (for KEPT, the earlier one:
+    the newcomer's UIDs, invented or not, were never used)."""
     return IngestResult(
         outcome=outcome,
         sop_uid=attrs.sop_uid,
-        study_uid=attrs.study_uid,
-        series_uid=attrs.series_uid,
+        study_uid=rec.study_uid,
+        series_uid=rec.series_uid,
         sha256=rec.sha256,
         received_size=rec.received_size,
         stored_size=rec.stored_size,
-        coerced=attrs.coerced,
+        coerced=attrs.coerced if outcome is not IngestOutcome.KEPT else (),
     )

@@ -122,7 +122,7 @@ _STORED_URI = b'"BulkDataURI":"' + BULKDATA_PLACEHOLDER.encode()
 def instance_document(archive: StoredArchive, record: InstanceRecord) -> bytes:
     """The instance's stored DICOM JSON (relative BulkDataURIs); made from its stored
     header when it has none (not finished yet, stored by an older version, or too small
-    to afford one: kho.archive.derived.fit_derived), never from its pixels."""
+    to afford one: kho.archive.finish.derived.fit_derived), never from its pixels."""
     key = record.derived_keys.get(METADATA_OBJECT)
     if key:
         return stored_document(archive.store.get(key))
@@ -130,7 +130,8 @@ def instance_document(archive: StoredArchive, record: InstanceRecord) -> bytes:
 
 
 def document_from_header(archive: StoredArchive, record: InstanceRecord) -> bytes:
-    """What metadata_deriver made for the instance, from its stored header alone."""
+    """What kho.archive.finish.derived.metadata_deriver made for the instance, from its
+    stored header alone."""
     head = _stored_head(archive, record)
     header = _parse_head(head)
     if record.pixel_format == "none":

@@ -27,7 +27,12 @@ _STRONG_LEVEL_MAX = 1 << 20
 def compress(blob: bytes | memoryview) -> bytes:
     """One zstd frame holding ``blob`` (its size written in the frame header)."""
     level = 19 if len(blob) <= _STRONG_LEVEL_MAX else 9
-    return zstandard.ZstdCompressor(level=level, write_checksum=False).compress(blob)
+    compressors: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
+    if compressors is None:  # one per thread and level: a level-19 context is large to make
+        compressors = _local.compressors = {}
+    if level not in compressors:
+        compressors[level] = zstandard.ZstdCompressor(level=level, write_checksum=False)
+    return compressors[level].compress(blob)
 
 
 def decompress(blob: bytes) -> bytes:

@@ -34,8 +34,9 @@ def is_little_endian(transfer_syntax_uid: str) -> bool:
 
 
 def _stored_ow_bytes_swapped(archive: StoredArchive, record: InstanceRecord) -> bool:
-    """_ow_bytes_swapped() of a stored raw record (the VR is read from its header, where
-    the pixel element's header ends at ``pixel_split`` in either stored layout)."""
+    """kho.archive.finish.pixels._ow_bytes_swapped() of a stored raw record (the VR is read
+    from its header, where the pixel element's header ends at ``pixel_split`` in either
+    stored layout)."""
     if record.bits_allocated != 8 or is_little_endian(record.transfer_syntax_uid):
         return False
     if record.pixel_split < 8:
@@ -285,6 +286,8 @@ def decode_frame(archive: StoredArchive, record: InstanceRecord, frame_number: i
     signed = record.pixel_representation == 1
     if record.pixel_format in _AT_REST_SYNTAX:
         codec = _at_rest_codec(record.pixel_format)
+        if codec is None:
+            raise IntegrityError(f"no codec for {record.pixel_format!r} ({record.sop_uid})")
         key = record.pixels_key
         ((offset, length),) = fragments
         payload = archive.store.get_range(key, offset, length)

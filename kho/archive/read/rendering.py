@@ -417,7 +417,8 @@ class RenderCache:
         self._put(key, data)
 
 
-#: the last compressed frame 1 first_frame decoded in this thread, with its instance bytes
+#: the last compressed frame 1 kho.archive.finish.images.first_frame decoded in this
+#: thread, with its instance bytes
 _decoded = threading.local()
 
 

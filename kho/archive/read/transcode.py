@@ -520,7 +520,29 @@ def encode_instance(
             return _rewrap_at_rest(archive, record, transfer_syntax_uid)
         except ObjectNotFoundError:
             pass  # replaced meanwhile: read_part10 finds the current version
+        except _RestartIntervalsError:
+            # large frames are stored with restart intervals, which decoders older than
+            # CharLS 2.3 (dcmtk 3.6.7 among them) cannot read: a peer gets them re-encoded
+            # without (JpegLsEncoder writes none)
+            pass
     return _transcode(archive, record, transfer_syntax_uid)
+
+
+class _RestartIntervalsError(CodecError):
+    """An at-rest stream holds restart intervals (a DRI segment)."""
+
+
+def _has_restart_intervals(stream: bytes) -> bool:
+    """Whether a JPEG-LS stream's header (the segments before its first SOS) holds a DRI."""
+    at = 2  # after SOI
+    while at + 4 <= len(stream) and stream[at] == 0xFF:
+        marker = stream[at + 1]
+        if marker == 0xDD:  # DRI
+            return True
+        if marker == 0xDA:  # SOS: the scan begins
+            return False
+        at += 2 + int.from_bytes(stream[at + 2 : at + 4], "big")
+    return False
 
 
 def encode_part10(
@@ -598,6 +620,8 @@ def _rewrap_at_rest(
     ]
     if len(streams) != int(record.number_of_frames or 1):
         raise CodecError(f"{record.sop_uid}: {len(streams)} at-rest frames, header says more")
+    if any(_has_restart_intervals(stream) for stream in streams):
+        raise _RestartIntervalsError(f"{record.sop_uid}: at-rest frames with restart intervals")
     _set_encapsulated(ds, streams)
     return _write(ds, transfer_syntax_uid, is_little_endian(record.transfer_syntax_uid))
 
