@@ -42,8 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from kho.archive.catalog import INSTANCE_COLUMNS, Catalog, fold_name, open_catalog
-from kho.archive.dataset.attributes import patient_key
+from kho.archive.catalog import INSTANCE_COLUMNS, Catalog, fold_name, open_catalog, patient_key
 from kho.archive.query import engine as query
 
 RESULTS = Path(__file__).resolve().parent / "results"
