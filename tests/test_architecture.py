@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
         "sys.exit(lint_imports_command())", "--no-cache"]  # fmt: skip
@@ -34,37 +36,41 @@ def _copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_a_loop_inside_a_folder_breaks_the_contracts(tmp_path: Path) -> None:
+# (file to change, what is appended to it, the contract it breaks)
+BREAKS = [
+    pytest.param(
+        # base imports schema: schema importing base back closes a loop (a type-only one)
+        "kho/archive/catalog/schema.py",
+        "from kho.archive.catalog.base import Catalog",
+        "No import loops among the modules of any folder BROKEN",
+        id="loop-in-a-folder",
+    ),
+    pytest.param(
+        "kho/archive/read/pixels.py",
+        "from kho.archive.archive import Archive",
+        "no flow imports it BROKEN",
+        id="flow-imports-the-archive",
+    ),
+    pytest.param(
+        "kho/codecs/base.py",
+        "from kho.archive.config import Settings",
+        "foundations BROKEN",
+        id="foundation-imports-a-service",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "line", "broken"), BREAKS)
+def test_a_forbidden_import_breaks_the_contracts(
+    tmp_path: Path, path: str, line: str, broken: str
+) -> None:
     root = _copy(tmp_path)
-    schema = root / "kho/archive/catalog/schema.py"
-    # base imports schema; schema importing base back closes a loop (a type-only one)
-    schema.write_text(
-        schema.read_text()
+    target = root / path
+    target.write_text(
+        target.read_text()
         + "\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n"
-        + "    from kho.archive.catalog.base import Catalog  # noqa: F401\n"
+        + f"    {line}  # noqa: F401\n"
     )
     result = lint(root)
     assert result.returncode != 0
-    assert "No import loops among the modules of any folder BROKEN" in result.stdout
-
-
-def test_a_flow_importing_the_archive_breaks_the_contracts(tmp_path: Path) -> None:
-    root = _copy(tmp_path)
-    pixels = root / "kho/archive/read/pixels.py"
-    pixels.write_text(
-        pixels.read_text()
-        + "\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n"
-        + "    from kho.archive.archive import Archive  # noqa: F401\n"
-    )
-    result = lint(root)
-    assert result.returncode != 0
-    assert "no flow imports it BROKEN" in result.stdout
-
-
-def test_a_foundation_importing_a_service_breaks_the_contracts(tmp_path: Path) -> None:
-    root = _copy(tmp_path)
-    codecs = root / "kho/codecs/base.py"
-    codecs.write_text(codecs.read_text() + "\nimport kho.archive.config  # noqa: F401\n")
-    result = lint(root)
-    assert result.returncode != 0
-    assert "foundations BROKEN" in result.stdout
+    assert broken in result.stdout
