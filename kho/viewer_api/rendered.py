@@ -298,17 +298,7 @@ def rendered_study(
     quality: QualityParam = 90,
     accept: AcceptParam = None,
 ) -> Response:
-    records = series_records(archive, study, None)
-    return rendered_collection(
-        archive,
-        records,
-        request,
-        base,
-        window=window,
-        viewport=viewport,
-        quality=quality,
-        accept=accept,
-    )
+    return rendered_series(study, None, request, archive, base, window, viewport, quality, accept)
 
 
 @router.get(
@@ -317,7 +307,7 @@ def rendered_study(
 )
 def rendered_series(
     study: str,
-    series: str,
+    series: str | None,
     request: Request,
     archive: ArchiveDep,
     base: BaseUrlDep,
@@ -326,10 +316,10 @@ def rendered_series(
     quality: QualityParam = 90,
     accept: AcceptParam = None,
 ) -> Response:
-    records = series_records(archive, study, series)
+    """The rendered instances of a series (of the whole study for ``series=None``)."""
     return rendered_collection(
         archive,
-        records,
+        series_records(archive, study, series),
         request,
         base,
         window=window,
