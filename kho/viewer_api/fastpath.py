@@ -82,17 +82,22 @@ async def _thumbnail(
     )
 
 
+def _quality(text: str | None) -> int | None:
+    """The JPEG quality asked (90 when not), None when out of 1..100 or not a number."""
+    if text is None:
+        return 90
+    if _QUALITY.fullmatch(text) and 1 <= int(text) <= 100:
+        return int(text)
+    return None
+
+
 async def _tile(state: ViewerState, request: Request, groups: tuple[str, ...]) -> Response | None:
     study, series, sop, frame, level, x, y = groups
     query = _query(request, ("window", "quality", "accept"))
     if query is None:
         return None
-    quality_text = query["quality"]
-    if quality_text is None:
-        quality = 90
-    elif _QUALITY.fullmatch(quality_text) and 1 <= int(quality_text) <= 100:
-        quality = int(quality_text)
-    else:
+    quality = _quality(query["quality"])
+    if quality is None:
         return None  # FastAPI's validation answers
     record = instance_record(state.archive, study, series, sop)
     return await rendered.tile_response(
@@ -116,12 +121,8 @@ async def _rendered(
     query = _query(request, ("window", "viewport", "quality", "accept"))
     if query is None:
         return None
-    quality_text = query["quality"]
-    if quality_text is None:
-        quality = 90
-    elif _QUALITY.fullmatch(quality_text) and 1 <= int(quality_text) <= 100:
-        quality = int(quality_text)
-    else:
+    quality = _quality(query["quality"])
+    if quality is None:
         return None  # FastAPI's validation answers
     record = instance_record(state.archive, study, series, sop)
     return await rendered.rendered_response(
