@@ -30,7 +30,9 @@ from kho.archive.dataset.attributes import (
     read_header,
 )
 from kho.archive.dataset.part10 import Part10Layout, build_file_meta, parse_part10
+from kho.archive.finish.derived import allowance, arrived_compressed, fit_derived
 from kho.archive.finish.pixels import encode_pixels
+from kho.archive.read.objects import compress
 from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError, KhoError
 from kho.storage import put_objects
 from kho.storage.spool import is_spool_key
@@ -299,6 +301,11 @@ def _write_objects(
             for frame in encoded.frame_index
         ]
         encoded = None  # nothing else is written: the pixel value is inside ``received``
+    elif not defer and len(packed := compress(header)) < len(header):
+        # stored as the finisher stores it: zstd, under the key that says so
+        header = packed
+        derived[HEADER_OBJECT] = keys.compressed_header_key(prefix)
+        objects[keys.compressed_header_key(prefix)] = header
     else:
         objects[keys.header_key(prefix)] = header
     if encoded is not None:
@@ -309,6 +316,9 @@ def _write_objects(
     if not defer:
         assert isinstance(ds, Dataset), "derivers read pydicom's dataset"
         made = archive.derive(data, layout, ds, attrs, encoded)
+        # what the instance can afford beside its header and pixels (as the finisher keeps)
+        essential = len(header) + (len(encoded.payload) if encoded is not None else 0)
+        made = fit_derived(made, allowance(len(data), arrived_compressed(layout)) - essential)
     for name, blob in made.items():
         key = keys.derived_key(prefix, name)
         objects[key] = blob
