@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from pydicom.dataset import Dataset
 
 from kho.archive.dataset.attributes import InstanceAttributes
-from kho.archive.dataset.part10 import PIXEL_DATA, Part10Layout
+from kho.archive.dataset.part10 import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, PIXEL_DATA, Part10Layout
 from kho.archive.finish.images import thumbnail_deriver, tile_pyramid_deriver, trim_pyramid
 from kho.archive.finish.pixels import EncodedPixels
 from kho.archive.read import objects
@@ -57,7 +57,7 @@ def default_derivers(settings: Settings) -> list[Deriver]:
 COMPRESSED_GROWTH = 0.03
 
 
-DEFLATED_SYNTAXES = frozenset({"1.2.840.10008.1.2.1.99"})
+DEFLATED_SYNTAXES = frozenset({DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN})
 
 
 #: derived objects in the order they are kept (a viewer's first requests: the series

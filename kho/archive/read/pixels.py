@@ -18,8 +18,10 @@ import numpy as np
 
 from kho.archive.dataset.part10 import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
     dataset_encoding,
 )
+from kho.codecs.jpegls import TRANSFER_SYNTAX as JPEG_LS_LOSSLESS
 from kho.errors import CodecError, IntegrityError, KhoError, NotFoundError
 
 if TYPE_CHECKING:
@@ -111,12 +113,6 @@ def pixel_value(archive: StoredArchive, record: InstanceRecord, payload: bytes) 
     if record.pixel_format in _AT_REST_SYNTAX:
         return decode_at_rest(record, payload)
     return archive.decode_native(record, payload)
-
-
-JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
-
-
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
 
 _AT_REST_SYNTAX = {"jpeg-ls": JPEG_LS_LOSSLESS}

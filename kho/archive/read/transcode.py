@@ -49,6 +49,8 @@ from kho.archive.dataset.part10 import (
 )
 from kho.archive.read.objects import read_header_object
 from kho.archive.read.pixels import frame_array, has_pixels, is_little_endian, stored_frame
+from kho.codecs.jpegls import TRANSFER_SYNTAX as JPEG_LS_LOSSLESS
+from kho.codecs.rle import TRANSFER_SYNTAX as RLE_LOSSLESS
 from kho.errors import CodecError, CodecUnavailableError, KhoError, ObjectNotFoundError
 
 if TYPE_CHECKING:
@@ -57,13 +59,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 JPEG_LS_NEAR_LOSSLESS = "1.2.840.10008.1.2.4.81"
 JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 JPEG_2000 = "1.2.840.10008.1.2.4.91"
 JPEG_LOSSLESS_P14 = "1.2.840.10008.1.2.4.57"
 JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
-RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
 #: syntaxes whose pixel data is exactly what was encoded (a lossless source stays lossless)
 LOSSLESS_SYNTAXES = frozenset(
