@@ -95,16 +95,18 @@ def owner_is_gone(owner: str) -> bool:
 PROCESS_OWNER = _owner_of(os.getpid())
 
 
+def in_list(uids: list[str]) -> str:
+    """The placeholders of an IN (...) list; NULL for none (IN () is no SQL)."""
+    return ", ".join("?" for _ in uids) or "NULL"
+
+
 def recount_updates(
     patient_keys: list[str], study_uids: list[str], series_uids: list[str], *, folded: bool
 ) -> list[tuple[str, list[str]]]:
     """UPDATEs setting the counters of these patient, study and series rows to what the
     instances say; ``folded``: also those of the rows a CTE named ``d`` lists (PostgreSQL,
     the counter deltas it folds in)."""
-    marks = {
-        name: ", ".join("?" for _ in uids) or "NULL"
-        for name, uids in (("p", patient_keys), ("s", study_uids), ("r", series_uids))
-    }
+    marks = {"p": in_list(patient_keys), "s": in_list(study_uids), "r": in_list(series_uids)}
     also = {
         "r": " OR t.series_uid IN (SELECT series_uid FROM d)" if folded else "",
         "s": " OR t.study_uid IN (SELECT study_uid FROM d)" if folded else "",
@@ -252,17 +254,11 @@ class Catalog:
         """Lock an instance's patient, study and series rows (SQLite: the write
         transaction holds the whole database)."""
 
-    def _recount_statements(
-        self, patient_keys: list[str], study_uids: list[str], series_uids: list[str]
-    ) -> list[tuple[str, list[str]]]:
-        """UPDATEs setting these rows' counters to what the instances say."""
-        return recount_updates(patient_keys, study_uids, series_uids, folded=False)
-
     def _recount(
         self, patient_keys: list[str], study_uids: list[str], series_uids: list[str]
     ) -> None:
         """Set the counters of these rows to what the instances say."""
-        self.execute_batch(self._recount_statements(patient_keys, study_uids, series_uids))
+        self.execute_batch(recount_updates(patient_keys, study_uids, series_uids, folded=False))
 
     def close(self) -> None:
         with self._conn_lock:

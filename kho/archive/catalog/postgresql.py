@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from kho.archive.catalog.base import REQUEUE_SET, Catalog, recount_updates
+from kho.archive.catalog.base import REQUEUE_SET, Catalog, in_list, recount_updates
 from kho.archive.catalog.records import INSTANCE_COLUMNS, InstanceAttributes
 from kho.archive.catalog.schema import HIERARCHY_COLUMNS, SCHEMA, SCHEMA_VERSION, column_types
 from kho.errors import CatalogError
@@ -242,8 +242,9 @@ class PostgresCatalog(Catalog):
 
     def _lock_rows(self, table: str, key: str, uids: set[str]) -> None:
         ordered = sorted(uids)  # one order for every transaction: no deadlock between them
-        marks = ", ".join("?" for _ in ordered)
-        self.execute(f"SELECT 1 FROM {table} WHERE {key} IN ({marks}) FOR UPDATE", ordered)
+        self.execute(
+            f"SELECT 1 FROM {table} WHERE {key} IN ({in_list(ordered)}) FOR UPDATE", ordered
+        )
 
     def _lock_hierarchy(self, a: InstanceAttributes) -> None:
         """PostgreSQL: lock the patient, study and series rows of an instance, in that
@@ -265,14 +266,11 @@ class PostgresCatalog(Catalog):
         """In one statement that also folds in (deletes) these rows' pending
         instance_deltas, so the instances counted and the deltas dropped are of one
         snapshot."""
-        marks = {
-            name: ", ".join("?" for _ in uids) or "NULL"
-            for name, uids in (("p", patient_keys), ("s", study_uids), ("r", series_uids))
-        }
         fold = (
-            "DELETE FROM instance_deltas WHERE patient_key IN ({p}) OR study_uid IN ({s}) "
-            "OR series_uid IN ({r}) RETURNING patient_key, study_uid, series_uid"
-        ).format(**marks)
+            f"DELETE FROM instance_deltas WHERE patient_key IN ({in_list(patient_keys)}) "
+            f"OR study_uid IN ({in_list(study_uids)}) OR series_uid IN ({in_list(series_uids)}) "
+            "RETURNING patient_key, study_uid, series_uid"
+        )
         parts = [f"d AS ({fold})"]
         params: list[Any] = [*patient_keys, *study_uids, *series_uids]
         updates = recount_updates(patient_keys, study_uids, series_uids, folded=True)
