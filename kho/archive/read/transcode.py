@@ -48,7 +48,13 @@ from kho.archive.dataset.part10 import (
     read_file_meta,
 )
 from kho.archive.read.objects import read_header_object
-from kho.archive.read.pixels import frame_array, has_pixels, is_little_endian, stored_frame
+from kho.archive.read.pixels import (
+    _sign_extend,
+    frame_array,
+    has_pixels,
+    is_little_endian,
+    stored_frame,
+)
 from kho.codecs.jpegls import TRANSFER_SYNTAX as JPEG_LS_LOSSLESS
 from kho.codecs.rle import TRANSFER_SYNTAX as RLE_LOSSLESS
 from kho.errors import CodecError, CodecUnavailableError, KhoError, ObjectNotFoundError
@@ -338,10 +344,9 @@ def _unsigned(frame: np.ndarray) -> np.ndarray:
 
 
 def _sign_extended(masked: np.ndarray, bits_stored: int) -> np.ndarray:
-    """Masked Bits Stored values back to signed integers of the same size."""
-    signed = masked.astype(np.int64)
-    signed = np.where(signed >= (1 << (bits_stored - 1)), signed - (1 << bits_stored), signed)
-    return signed.astype(np.dtype(f"i{masked.dtype.itemsize}"))
+    """Masked (unsigned) Bits Stored values back to signed integers of the same size."""
+    size = masked.dtype.itemsize
+    return _sign_extend(masked, bits_stored, size * 8).view(np.dtype(f"i{size}"))
 
 
 _ENCODERS: dict[str, SyntaxEncoder] = {}
