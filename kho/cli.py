@@ -1,8 +1,9 @@
-"""The `kho` command: serve | import | bench | verify | stats."""
+"""The `kho` command: serve | import | bench | verify | stats | keys."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -12,11 +13,15 @@ import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kho.access.callers import Caller, CallerKind
 from kho.archive.archive import Archive
 from kho.archive.config import Settings, load_settings
 from kho.errors import KhoError
+
+if TYPE_CHECKING:
+    from kho.access.api_keys import ApiKeys
 
 log = logging.getLogger("kho")
 
@@ -43,9 +48,96 @@ def _setup_logging(level: str) -> None:
 # --- serve ------------------------------------------------------------------------------
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` listens on this machine only: a loopback address or
+    "localhost".  Every other name or address (0.0.0.0, ::, an interface's address, a host
+    name) may be reachable from the network."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def check_bind_security(settings: Settings, host: str) -> str | None:
+    """Why ``kho serve`` must not start on ``host`` with these settings, or None when it
+    may: any address beyond loopback needs authentication, or the explicit opt-out."""
+    if is_loopback(host) or settings.auth_on or settings.insecure_open_network:
+        return None
+    shown = host or "every address"
+    return (
+        f"refusing to serve on {shown} with authentication off: anyone who reaches this "
+        "address could read and change every patient's images.\n"
+        "Configure authentication (settings file or KHO_* environment variables):\n"
+        "  - oidc_issuer and oidc_audience: OpenID Connect bearer tokens, from Keycloak or "
+        "another issuer (KHO_OIDC_ISSUER, KHO_OIDC_AUDIENCE; turns auth on)\n"
+        '  - auth = "on" and API keys for machine clients (KHO_AUTH=on; kho keys create '
+        "--name NAME --grant viewer@TENANT)\n"
+        '  - [dicom_peers."AE TITLE"] entries: the DICOM peers allowed to associate '
+        "(turns auth on)\n"
+        "or bind a loopback address (--host 127.0.0.1), or accept the risk with "
+        "insecure_open_network = true (KHO_INSECURE_OPEN_NETWORK=true)."
+    )
+
+
+def _log_security_posture(
+    settings: Settings, archive: Archive, dicom_port: int, http_port: int
+) -> None:
+    """Say at start who may connect: an operator reads the posture in the log."""
+    from kho.access.api_keys import ApiKeys
+
+    try:
+        keys: int | str = ApiKeys(archive.catalog, settings.tenant_names).active_count()
+    except KhoError as exc:  # the posture is reported, never a reason not to start
+        log.warning("security: cannot count API keys: %s", exc)
+        keys = "?"
+    peers = len(settings.dicom_peers)
+    log.info(
+        "security: auth %s; OIDC issuer %s; API keys %s; registered AEs %d; tenants %s",
+        "on" if settings.auth_on else "OFF (every caller is a platform admin)",
+        settings.oidc_issuer or "none",
+        keys,
+        peers,
+        ", ".join(settings.tenant_names),
+    )
+    host = settings.host or "*"
+    log.info(
+        "security: DICOM %s on %s:%d, HTTP on %s:%d",
+        settings.ae_title,
+        host,
+        dicom_port,
+        host,
+        http_port,
+    )
+    if settings.auth_on and not (settings.oidc_issuer or peers or keys):
+        log.warning(
+            "security: auth on but no identity source (no oidc_issuer, API key or "
+            "dicom_peers): every request and association will be refused"
+        )
+    if not settings.auth_on and not is_loopback(settings.host):
+        log.warning(
+            "INSECURE: insecure_open_network is set and authentication is off on %s: anyone "
+            "who reaches ports %d and %d can read, store and delete every patient's images. "
+            "Configure authentication (oidc_issuer, API keys, dicom_peers) and remove "
+            "insecure_open_network.",
+            settings.host or "every address",
+            dicom_port,
+            http_port,
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging(settings.log_level)
+    refusal = check_bind_security(settings, settings.host)
+    if refusal:  # before anything is opened or bound
+        print(f"kho: {refusal}", file=sys.stderr)
+        return 2
     workers = max(1, args.workers)
     if workers > 1 and not args.worker:
         return _serve_workers(args, settings, workers)
@@ -77,12 +169,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         target=_sweep, args=(archive, stop, args.recover_after), name="kho-recovery", daemon=True
     )
     sweeper.start()
+    from kho.access.service import Access
+    from kho.audit.auditor import Auditor
     from kho.viewer_api.server import HttpServer
 
-    server = DicomServer(archive, reuse_port=args.worker).start()
+    access = Access(settings, archive)  # one key cache and registry for both doors
+    auditor = Auditor(archive).start()  # one audit trail for both doors
+    auditor.application(started=True)
+    server = DicomServer(archive, reuse_port=args.worker, access=access)
+    server.door.auditor = auditor  # type: ignore[attr-defined]
+    server.start()
     http = HttpServer(
-        archive, host=settings.host, port=settings.http_port, reuse_port=args.worker
-    ).start()
+        archive, host=settings.host, port=settings.http_port, reuse_port=args.worker, access=access
+    )
+    http.app.state.viewer.auditor = auditor
+    http.start()
+    if not args.worker:
+        _log_security_posture(settings, archive, server.port, http.port)
     # lines the tests and scripts wait for
     print(f"kho: DICOM {settings.ae_title} on {settings.host}:{server.port}", flush=True)
     print(f"kho: HTTP (DICOMweb) on http://{settings.host}:{http.port}/dicom-web", flush=True)
@@ -91,6 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         http.stop()
         server.stop()
+        auditor.application(started=False)
+        auditor.close()
         archive.close()
     return 0
 
@@ -111,12 +216,13 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, workers: int) -
     over them, so every core works.  This process recovers, starts them, and stops them."""
     import subprocess
 
+    if not settings.dicom_port:
+        raise KhoError("--workers needs a fixed --port (the processes share it)")
     with Archive(settings) as archive:
         cleaned = archive.recover(grace_s=args.recover_after)
         if cleaned:
             log.info("recovery: removed objects of %d interrupted ingests", cleaned)
-    if not settings.dicom_port:
-        raise KhoError("--workers needs a fixed --port (the processes share it)")
+        _log_security_posture(settings, archive, settings.dicom_port, settings.http_port)
     argv = [sys.executable, "-m", "kho.cli"]
     if args.config:
         argv += ["--config", args.config]
@@ -232,11 +338,44 @@ def _human(n: float) -> str:
 def cmd_stats(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _setup_logging("WARNING")
+    names = settings.tenant_names
+    if args.tenant is not None and args.tenant not in names:
+        raise KhoError(f"no tenant {args.tenant!r}; the archive's tenants: {', '.join(names)}")
     with Archive(settings) as archive:
-        stats = archive.stats()
-    if args.json:
-        print(json.dumps(stats, indent=2))
+        if args.all_tenants:
+            per_tenant = {name: archive.for_tenant(name).stats() for name in names}
+        else:
+            tenant = args.tenant or settings.default_tenant
+            stats = archive.for_tenant(tenant).stats()
+    if not args.all_tenants:
+        if args.json:
+            print(json.dumps(stats, indent=2))
+        else:
+            if args.tenant is not None:
+                print(f"tenant {args.tenant}")
+            _print_stats(stats)
         return 0
+    if args.json:
+        print(json.dumps({"tenants": per_tenant}, indent=2))
+        return 0
+    for name, stats in per_tenant.items():
+        print(f"tenant {name}")
+        _print_stats(stats)
+        print()
+    total = {k: sum(s[k] for s in per_tenant.values()) for k in ("patients", "studies")}
+    instances = sum(s["instances"] for s in per_tenant.values())
+    received = sum(s["received_bytes"] for s in per_tenant.values())
+    stored = sum(s["stored_bytes"] for s in per_tenant.values())
+    ratio = f"{received / stored:.2f}x" if stored else "-"
+    print(
+        f"all {len(per_tenant)} tenants: patients {total['patients']}  studies "
+        f"{total['studies']}  instances {instances}  received {_human(received)}  stored "
+        f"{_human(stored)}  ratio {ratio}"
+    )
+    return 0
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
     print(
         f"patients {stats['patients']}  studies {stats['studies']}  series {stats['series']}  "
         f"instances {stats['instances']}"
@@ -258,6 +397,82 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"{row['modality']:10} {row['instances']:>10} {_human(row['received_bytes']):>12} "
             f"{_human(row['stored_bytes']):>12} {r:>7}"
         )
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+def _api_keys(archive: Archive, settings: Settings) -> ApiKeys:
+    from kho.access.api_keys import ApiKeys
+
+    # the platform catalog: the default tenant's, the one every kho serve process reads
+    return ApiKeys(archive.catalog, settings.tenant_names)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    with Archive(settings) as archive:
+        keys = _api_keys(archive, settings)
+        key_id, text = keys.create(args.name, args.grant)
+        grants = keys.validate_grants(args.grant)
+        _audit_credentials(archive, f"API key {key_id} ({args.name.strip()}) created: {grants}")
+    if args.json:
+        payload = {"id": key_id, "name": args.name.strip(), "grants": grants, "key": text}
+        print(json.dumps(payload, indent=2))
+        print("The key is not shown again: store it now.", file=sys.stderr)
+        return 0
+    # the key alone on stdout (KEY=$(kho keys create ...)); the words around it on stderr
+    print(
+        f"API key {key_id} ({args.name.strip()}): {', '.join(grants)}. Send it as "
+        "'Authorization: Bearer <key>' or 'X-API-Key: <key>':",
+        file=sys.stderr,
+    )
+    print(text, flush=True)
+    print(
+        "This key is not shown again: store it now (kho keeps only its SHA-256). "
+        f"Revoke it with: kho keys revoke {key_id}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    with Archive(settings) as archive:
+        infos = _api_keys(archive, settings).list()
+    if args.json:
+        print(json.dumps([info.as_dict() for info in infos], indent=2))
+        return 0
+    if not infos:
+        print("no API keys (kho keys create --name NAME --grant ROLE@TENANT)")
+        return 0
+    width = max(4, *(len(info.name) for info in infos))
+    print(f"{'ID':12}  {'NAME':{width}}  {'CREATED':20}  {'REVOKED':20}  GRANTS")
+    for info in infos:
+        shown = info.as_dict()
+        print(
+            f"{info.key_id:12}  {info.name:{width}}  {shown['created']!s:20}  "
+            f"{shown['revoked'] or '-'!s:20}  {', '.join(info.grants)}"
+        )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    from kho.access.api_keys import key_id_of
+
+    key_id = key_id_of(args.key_id)
+    with Archive(settings) as archive:
+        revoked = key_id is not None and _api_keys(archive, settings).revoke(key_id)
+        if revoked:
+            _audit_credentials(archive, f"API key {key_id} revoked")
+    if not revoked:
+        print(f"kho: no valid API key {args.key_id!r} (kho keys list)", file=sys.stderr)
+        return 1
+    print(f"revoked API key {key_id}: refused from now on by every kho serve process")
     return 0
 
 
@@ -339,7 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the DICOM and DICOMweb servers")
     common(serve)
     serve.add_argument("--ae-title", help="AE title (KHO_AE_TITLE)")
-    serve.add_argument("--host", help="bind address (KHO_HOST)")
+    serve.add_argument(
+        "--host",
+        help="bind address (KHO_HOST; default 127.0.0.1): any non-loopback address needs "
+        "authentication configured, or insecure_open_network",
+    )
     serve.add_argument("--port", type=int, help="DICOM port (KHO_DICOM_PORT)")
     serve.add_argument("--http-port", type=int, help="HTTP port (KHO_HTTP_PORT)")
     serve.add_argument(
@@ -385,8 +604,172 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="what the archive holds")
     common(stats)
     stats.add_argument("--json", action="store_true")
+    which = stats.add_mutually_exclusive_group()
+    which.add_argument("--tenant", help="one tenant (hospital); default: the default tenant")
+    which.add_argument("--all-tenants", action="store_true", help="every tenant, one by one")
     stats.set_defaults(func=cmd_stats)
+
+    keys = sub.add_parser(
+        "keys", help="API keys for machine clients (shown once, stored hashed, revocable)"
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key and print it (once)")
+    common(create)
+    create.add_argument("--name", required=True, help="who holds it (logs and audit)")
+    create.add_argument(
+        "--grant",
+        action="append",
+        required=True,
+        metavar="ROLE@TENANT",
+        help="viewer|uploader|admin @ a tenant, or admin@* (whole platform); repeatable",
+    )
+    create.add_argument("--json", action="store_true", help="print id, name, grants and key")
+    create.set_defaults(func=cmd_keys_create)
+    listing = keys_sub.add_parser("list", help="every key: id, name, grants, created, revoked")
+    common(listing)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key at once (every process)")
+    common(revoke)
+    revoke.add_argument("key_id", metavar="KEY_ID", help="its id (kho keys list), or the key")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    audit = sub.add_parser("audit", help="the audit trail: verify its chain, search it")
+
+    def tenants(p: argparse.ArgumentParser) -> None:
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--tenant", help="one tenant (hospital); default: the default one")
+        which.add_argument("--all-tenants", action="store_true", help="every tenant")
+
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_sub.add_parser(
+        "verify", help="find edited, removed, reordered or truncated records (exit 1)"
+    )
+    common(audit_verify)
+    tenants(audit_verify)
+    audit_verify.set_defaults(func=cmd_audit_verify)
+    audit_search = audit_sub.add_parser("search", help="who did what to which patient, when")
+    common(audit_search)
+    tenants(audit_search)
+    audit_search.add_argument("--patient", help="Patient ID")
+    audit_search.add_argument("--study", help="Study Instance UID")
+    audit_search.add_argument("--user", help="user, API key name or AE title")
+    audit_search.add_argument("--since", help="ISO date or date-time (local time if no zone)")
+    audit_search.add_argument("--until", help="ISO date or date-time")
+    audit_search.add_argument("--event", help="event kind, e.g. instances-accessed, query")
+    audit_search.add_argument("--limit", type=int, default=100)
+    audit_search.add_argument("--json", action="store_true")
+    audit_search.set_defaults(func=cmd_audit_search)
     return parser
+
+
+def _audit_credentials(archive: Archive, description: str) -> None:
+    """A Security Alert (credentials changed) in the platform's audit trail, written now."""
+    from kho.audit.auditor import Auditor
+    from kho.audit.messages import AlertReason
+
+    auditor = Auditor(archive)
+    auditor.security_alert(
+        AlertReason.CREDENTIALS_CHANGE, user=_local_user(), description=description
+    )
+    auditor.close()
+
+
+def _local_user() -> Caller:
+    """The person at the command line (their OS account): the data directory's owner."""
+    import getpass
+
+    try:
+        name = f"local:{getpass.getuser()}"
+    except (OSError, KeyError):
+        name = "local"
+    return Caller(CallerKind.OPEN, name)
+
+
+def _audit_archives(archive: Archive, args: argparse.Namespace) -> list[Archive]:
+    if args.all_tenants:
+        return archive.tenant_archives()
+    return [archive.for_tenant(args.tenant or archive.settings.default_tenant)]
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Chain what is waiting, then check every record of the chosen tenants' journals."""
+    from kho.audit.journal import chain_all, verify
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    secret = settings.audit_chain_key.get_secret_value()
+    key = secret.encode() if secret else None
+    problems_found = 0
+    with Archive(settings) as archive:
+        for tenant_archive in _audit_archives(archive, args):
+            chain_all(tenant_archive.catalog, key=key)
+            problems = verify(tenant_archive.catalog, key=key)
+            problems_found += len(problems)
+            count = tenant_archive.catalog.fetchone("SELECT count(*) FROM audit_journal")
+            total = int(count[0]) if count else 0
+            print(f"tenant {tenant_archive.tenant}: {total} records, {len(problems)} problems")
+            for problem in problems:
+                print(f"  {problem}")
+    return 1 if problems_found else 0
+
+
+def _when(text: str | None) -> float | None:
+    if not text:
+        return None
+    from datetime import datetime
+
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time, as a person types it
+    return moment.timestamp()
+
+
+def cmd_audit_search(args: argparse.Namespace) -> int:
+    from kho.audit import messages
+    from kho.audit.auditor import Auditor
+    from kho.audit.journal import chain_all, search
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    found: list[dict[str, Any]] = []
+    with Archive(settings) as archive:
+        archives = _audit_archives(archive, args)
+        for tenant_archive in archives:
+            chain_all(tenant_archive.catalog)
+            for record in search(
+                tenant_archive.catalog,
+                patient_id=args.patient,
+                study_uid=args.study,
+                user=args.user,
+                since=_when(args.since),
+                until=_when(args.until),
+                event=args.event,
+                limit=args.limit,
+            ):
+                found.append({**record.as_dict(message=args.json), "tenant": tenant_archive.tenant})
+        # reading the audit trail is itself audited (PS3.15 A.5.3.2 Audit Log Used)
+        auditor = Auditor(archive)
+        for tenant_archive in archives:
+            auditor.record(
+                messages.audit_log_used(_local_user(), uri="kho audit search"),
+                tenant_archive.tenant,
+            )
+        auditor.close()
+    found.sort(key=lambda r: str(r["time"]), reverse=True)
+    found = found[: args.limit]
+    if args.json:
+        print(json.dumps(found, indent=2, default=str))
+        return 0
+    for r in found:
+        print(
+            f"{r['time']}  {r['tenant']:10}  {r['event']:24} outcome={r['outcome']}  "
+            f"user={r['user']}  from={r['address']}  via={r['via']}  "
+            f"patients={r['patients']}  studies={r['studies']}"
+        )
+    if not found:
+        print("no audit records match")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

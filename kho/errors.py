@@ -92,3 +92,18 @@ class QueryError(KhoError, ValueError):
 
 class IntegrityError(KhoError):
     """Stored bytes do not match their recorded SHA-256."""
+
+
+# --- access -------------------------------------------------------------------------------
+
+
+class AuthenticationError(KhoError, PermissionError):
+    """The caller presented no credential, or one that does not hold (bad signature,
+    expired, wrong issuer or audience, revoked key).  Maps to HTTP 401 and, for a DICOM
+    peer, A-ASSOCIATE-RJ (calling AE title not recognized)."""
+
+
+class AccessDeniedError(KhoError, PermissionError):
+    """A known caller asked for something no grant of theirs allows (role too low, another
+    hospital's data, a DIMSE service not granted).  Maps to HTTP 403 and the DIMSE service's
+    refusal status."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,17 @@ from kho.archive.config import Settings
 from kho.archive.dataset.attributes import InstanceAttributes
 from kho.archive.dataset.part10 import Part10Layout
 from kho.archive.finish.derived import Deriver
-from kho.archive.finish.finisher import Finisher, collect_garbage
+from kho.archive.finish.finisher import Finisher, collect_garbage, spool_segments_in_use
 from kho.archive.finish.pixels import EncodedPixels
-from kho.archive.ingest.pipeline import DatasetBytes, IngestResult, ingest_dimse, ingest_part10
+from kho.archive.ingest.pipeline import (
+    DatasetBytes,
+    IngestResult,
+    RowsFor,
+    ingest_dimse,
+    ingest_part10,
+)
 from kho.archive.read import instances
-from kho.errors import IntegrityError
+from kho.errors import IntegrityError, KhoError, NotFoundError
 from kho.storage import FilesystemStore, ObjectStore, open_store
 from kho.storage.peer import PeerSpoolClient
 from kho.storage.spool import Spool, SpooledStore
@@ -48,7 +55,11 @@ class VerifyProblem:
 
 
 class Archive:
-    """One archive: what every adapter and command works through."""
+    """One archive: what every adapter and command works through.  One object per tenant
+    (hospital), each with its own catalog: ``for_tenant``; the one built is the platform's
+    root, the default tenant's."""
+
+    _derivers: list[Deriver]
 
     def __init__(
         self,
@@ -58,6 +69,15 @@ class Archive:
         catalog: Catalog | None = None,
     ) -> None:
         self.settings = settings
+        #: the platform's archive: the default tenant's, which opens the others and holds
+        #: what they share (itself, for the root)
+        self._root = self
+        #: the other tenants' archives, opened on first use (for_tenant)
+        self._tenants: dict[str, Archive] = {}
+        #: the archives of tenants no longer declared whose catalogs are still there
+        self._dormant: dict[str, Archive] = {}
+        self._tenants_lock = threading.Lock()
+        self._closed = False
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = store if store is not None else open_object_store(settings)
         #: where received instances wait for the finisher (None: in the object store)
@@ -82,16 +102,14 @@ class Archive:
                 settings.peer_url,
                 on_read=lambda outcome: metrics.PEER_READS.labels(outcome).inc(),
             )
-            if self.spool is not None and settings.peer_url:
-                # with the segments earlier processes left here: served from here now
-                self.catalog.register_spool(sorted(self.spool.stems()), settings.peer_url)
         from kho.archive.finish.derived import default_derivers
 
         #: encode native pixel data with the at-rest codec (JPEG-LS) when it can
         self.at_rest_codec = settings.at_rest_codec
 
-        self.derivers: list[Deriver] = default_derivers(settings)
-        #: encodes and derives what ingest acknowledged as received (finish_in_background)
+        self.derivers = default_derivers(settings)
+        #: encodes and derives what ingest acknowledged as received (finish_in_background),
+        #: in every tenant: one pool of threads for the host, not one per hospital
         self.finisher = Finisher(self, settings.finish_threads)
         #: time.monotonic() of the latest ingest (the finisher waits while they come in)
         self.last_ingest_at = 0.0
@@ -102,29 +120,133 @@ class Archive:
             if not self._ingest_stamp.exists():  # made as "long ago"
                 self._ingest_stamp.touch()
                 os.utime(self._ingest_stamp, (0, 0))
+        children = set(settings.tenant_names[1:])
+        #: tenants whose catalog is there but who are no longer declared: not served, but
+        #: still finished and collected, and their spool references honoured (else the
+        #: spool would lose what they hold there)
+        self._undeclared = [t for t in self.catalog.tenants_present() if t not in children]
+        if self._undeclared:
+            log.warning(
+                "catalogs of tenants not declared in the settings: %s (not served; their "
+                "queued instances are still finished)",
+                ", ".join(self._undeclared),
+            )
+        if settings.peer_reads and self.spool is not None and settings.peer_url:
+            # with the segments earlier processes left here: served from here now (in
+            # the platform's catalog; what is still in use: in any tenant's)
+            self.catalog.register_spool(
+                sorted(self.spool.stems()), settings.peer_url, in_use=spool_segments_in_use(self)
+            )
+
+    # --- tenants (hospitals) ----------------------------------------------------------
+
+    @property
+    def tenant(self) -> str:
+        """The hospital this archive object holds (the root archive: the default one)."""
+        return self.catalog.tenant or self.settings.default_tenant
+
+    def for_tenant(self, name: str) -> Archive:
+        """The archive of one tenant: the root itself for the default tenant; for another
+        declared one (settings.tenants), an archive opened on first use and kept, with
+        its own catalog (open_catalog's ``tenant``) and object keys, and the root's object
+        store, spool, finisher, derivers, settings and ingest clock.  NotFoundError for a
+        name the settings do not declare.  Closed with the root."""
+        root = self._root
+        if name == root.settings.default_tenant:
+            return root
+        child = root._tenants.get(name)
+        if child is not None:
+            return child
+        if name not in root.settings.tenant_names:
+            raise NotFoundError(f"no tenant {name!r} is declared on this archive")
+        return root._open_tenant(name, root._tenants)
+
+    def _open_tenant(self, name: str, opened: dict[str, Archive]) -> Archive:
+        """The (root's) archive of tenant ``name`` in ``opened``, opened if need be."""
+        with self._tenants_lock:
+            child = opened.get(name)
+            if child is None:
+                if self._closed:
+                    raise KhoError("the archive is closed")
+                catalog = open_catalog(
+                    self.catalog.url, synchronous_full=self.catalog.synchronous_full, tenant=name
+                )
+                child = opened[name] = self._tenant_archive(catalog)
+        return child
+
+    def tenant_archives(self) -> list[Archive]:
+        """Every declared tenant's archive, the default one (the root) first, each opened,
+        whichever tenant's archive is asked: the platform (platform_stats)."""
+        return [self.for_tenant(name) for name in self.settings.tenant_names]
+
+    def housekept_archives(self) -> list[Archive]:
+        """tenant_archives, and those of tenants no longer declared whose catalogs are
+        still there: what the finisher, recovery and the spool's reclaim work on (a tenant
+        taken out of the settings keeps its instances)."""
+        root = self._root
+        dormant = [root._open_tenant(name, root._dormant) for name in root._undeclared]
+        return self.tenant_archives() + dormant
+
+    def _tenant_archive(self, catalog: Catalog) -> Archive:
+        """An archive on ``catalog`` sharing everything else with this (root) one."""
+        child = object.__new__(type(self))
+        child.settings = self.settings
+        child._root = self
+        child._tenants = {}
+        child._tenants_lock = self._tenants_lock
+        child.spool = self.spool  # never two Spool objects on one folder
+        child.spool_reader = self.spool_reader
+        child.store = self.store  # the SpooledStore, its peer client with it
+        child.catalog = catalog
+        child.at_rest_codec = self.at_rest_codec
+        child.finisher = self.finisher
+        return child
+
+    @property
+    def derivers(self) -> list[Deriver]:
+        """What finishing makes of an instance (thumbnail, DICOM JSON...): one list for
+        every tenant, the root's."""
+        return self._root._derivers
+
+    @derivers.setter
+    def derivers(self, value: list[Deriver]) -> None:
+        self._root._derivers = value
 
     def note_ingest(self) -> None:
-        """An instance is being taken in (stamped for the host at most every 0.1 s)."""
+        """An instance is being taken in, in any tenant (stamped for the host at most
+        every 0.1 s)."""
+        root = self._root
         now = time.monotonic()
-        self.last_ingest_at = now
-        if now - self._stamped_at > 0.1:
-            self._stamped_at = now
+        root.last_ingest_at = now
+        if now - root._stamped_at > 0.1:
+            root._stamped_at = now
             with contextlib.suppress(OSError):
-                os.utime(self._ingest_stamp)
+                os.utime(root._ingest_stamp)
 
     def seconds_since_ingest(self) -> float:
         """Since this host (any of its processes) last took an instance in.  One worker's
         finisher must not take the CPU another worker is receiving with: with an S3 store,
         the bucket's server does the work of each upload at its own, normal priority."""
-        own = time.monotonic() - self.last_ingest_at
+        root = self._root
+        own = time.monotonic() - root.last_ingest_at
         try:
-            host = time.time() - os.stat(self._ingest_stamp).st_mtime
+            host = time.time() - os.stat(root._ingest_stamp).st_mtime
         except OSError:
             return own
         return min(own, max(host, 0.0))
 
     def close(self) -> None:
+        """Close the archive; the root closes every tenant's archive with it (a tenant's
+        own close does nothing: it is shared, and kept by the root)."""
+        if self._root is not self:
+            return
         self.finisher.stop()
+        with self._tenants_lock:
+            self._closed = True
+            children = [*self._tenants.values(), *self._dormant.values()]
+            self._tenants, self._dormant = {}, {}
+        for child in children:
+            child.catalog.close()
         self.catalog.close()
         self.store.close()
 
@@ -143,9 +265,15 @@ class Archive:
         source: str = "",
         lenient_identity: bool = False,
         defer: bool | None = None,
+        with_rows: RowsFor | None = None,
     ) -> IngestResult:
         return ingest_part10(
-            self, data, source=source, lenient_identity=lenient_identity, defer=defer
+            self,
+            data,
+            source=source,
+            lenient_identity=lenient_identity,
+            defer=defer,
+            with_rows=with_rows,
         )
 
     def ingest_dimse(
@@ -156,6 +284,7 @@ class Archive:
         sop_class_uid: str,
         sop_instance_uid: str,
         source_ae: str = "",
+        with_rows: RowsFor | None = None,
     ) -> IngestResult:
         return ingest_dimse(
             self,
@@ -164,6 +293,7 @@ class Archive:
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
             source_ae=source_ae,
+            with_rows=with_rows,
         )
 
     def encode_native(
@@ -198,15 +328,20 @@ class Archive:
         that no instance references, when the process that wrote them is gone (same host)
         or the entry is older than ``grace_s``.  Other processes' ingests in flight are left
         alone, so any number of processes may share the catalog.  Returns how many prefixes
-        were cleaned."""
+        were cleaned.
+        Every tenant's catalog is recovered, whichever tenant's archive is asked."""
         cleaned = 0
-        for prefix in self.catalog.abandoned_prefixes(grace_s):
-            if not self.catalog.prefix_in_use(prefix):
-                self.delete_prefix(prefix)
-                cleaned += 1
-            self.catalog.end_pending(prefix)
-        # finishing work a gone process had claimed goes back on the queue
-        if self.catalog.release_claims_of_gone_processes():
+        released = 0
+        for archive in self.housekept_archives():
+            catalog = archive.catalog
+            for prefix in catalog.abandoned_prefixes(grace_s):
+                if not catalog.prefix_in_use(prefix):
+                    archive.delete_prefix(prefix)
+                    cleaned += 1
+                catalog.end_pending(prefix)
+            # finishing work a gone process had claimed goes back on the queue
+            released += catalog.release_claims_of_gone_processes()
+        if released:
             self.finisher.notify()
         collect_garbage(self)
         return cleaned
@@ -225,7 +360,8 @@ class Archive:
         return instances.read_dataset(self, record)
 
     def verify(self) -> Iterator[tuple[InstanceRecord, str | None]]:
-        """Re-read every instance; yield (record, problem or None)."""
+        """Re-read every instance of this archive's tenant; yield (record, problem or
+        None)."""
         return instances.verify(self)
 
     def spool_stats(self) -> dict[str, int]:
@@ -234,6 +370,8 @@ class Archive:
         return self.spool_reader.stats()
 
     def stats(self) -> dict[str, Any]:
+        """What this archive's tenant holds (its catalog); ``spool`` is the host's, which
+        every tenant shares."""
         counts = self.catalog.counts()
         per_modality: list[dict[str, Any]] = [
             {
@@ -256,3 +394,40 @@ class Archive:
             "ratio": (received / stored) if stored else None,
             "by_modality": per_modality,
         }
+
+    def platform_stats(self, tenants: Iterable[str] | None = None) -> dict[str, Any]:
+        """Each tenant's stats (``tenants``: these, else every declared one) and their
+        totals, in the shape of stats: ``{"tenants": {name: stats}, "totals": stats}``.
+        The host's spool, which they share, is counted once."""
+        names = self.settings.tenant_names if tenants is None else list(dict.fromkeys(tenants))
+        per_tenant = {name: self.for_tenant(name).stats() for name in names}
+        summed = ("patients", "studies", "series", "instances", "unfinished")
+        totals: dict[str, Any] = {
+            key: sum(one[key] for one in per_tenant.values()) for key in summed
+        }
+        by_modality: dict[str, list[int]] = {}
+        for one in per_tenant.values():
+            for row in one["by_modality"]:
+                total = by_modality.setdefault(row["modality"], [0, 0, 0])
+                total[0] += row["instances"]
+                total[1] += row["received_bytes"]
+                total[2] += row["stored_bytes"]
+        totals["by_modality"] = [
+            {
+                "modality": modality,
+                "instances": n,
+                "received_bytes": received,
+                "stored_bytes": stored,
+                "ratio": (received / stored) if stored else None,
+            }
+            for modality, (n, received, stored) in sorted(by_modality.items())
+        ]
+        received = sum(r["received_bytes"] for r in totals["by_modality"])
+        stored = sum(r["stored_bytes"] for r in totals["by_modality"])
+        totals.update(
+            spool=self.spool_stats(),
+            received_bytes=received,
+            stored_bytes=stored,
+            ratio=(received / stored) if stored else None,
+        )
+        return {"tenants": per_tenant, "totals": totals}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kho.errors import ConfigError
@@ -36,6 +37,57 @@ class MissingUidPolicy(StrEnum):
     # (coercion) naming the UID, STOW-RS a WarningReason in the Referenced SOP item
     COERCE = "coerce"
     REJECT = "reject"  # refused: DIMSE 0xA900, STOW-RS failure 0xA900
+
+
+class AuthMode(StrEnum):
+    """Whether callers must prove who they are (kho.access)."""
+
+    # on as soon as an identity source is configured (oidc_issuer, dicom_peers); else off,
+    # which kho serve accepts on a loopback address only
+    AUTO = "auto"
+    ON = "on"  # every HTTP request needs a token or API key; every DICOM peer a registry entry
+    OFF = "off"  # every caller is a platform admin: loopback only, or insecure_open_network
+
+
+#: the DIMSE services a registered peer may be allowed
+DIMSE_SERVICES = ("echo", "store", "find", "get", "move")
+#: tenant (hospital) names: short, lower-case, safe in paths, keys and schema names
+TENANT_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+#: a grant's tenant naming the whole platform
+PLATFORM = "*"
+
+
+class DicomPeer(BaseModel):
+    """One known DICOM application entity (the AE registry, ``[dicom_peers.<AE title>]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field("", description="the hospital it belongs to (empty: default_tenant)")
+    services: list[str] = Field(
+        default_factory=lambda: ["echo"],
+        description="DIMSE services it may use: echo, store, find, get, move",
+    )
+    network: str = Field(
+        "",
+        description="address or CIDR network its associations must come from (empty: the "
+        "host below when set, else any)",
+    )
+    host: str = Field("", description="where kho connects to it (C-MOVE destination)")
+    port: int = Field(0, ge=0, le=65535, description="its port (0: not a C-MOVE destination)")
+    tls: bool = Field(False, description="kho's associations to it use TLS (BCP 195)")
+    tls_subject: str = Field(
+        "",
+        description="the Common Name its client certificate must carry: its associations "
+        "must then come over TLS with that certificate (mutual TLS)",
+    )
+
+    @field_validator("services")
+    @classmethod
+    def _check_services(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(DIMSE_SERVICES))
+        if unknown:
+            raise ValueError(f"unknown DIMSE services {unknown}; known: {list(DIMSE_SERVICES)}")
+        return value
 
 
 class SpoolMode(StrEnum):
@@ -133,6 +185,111 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
+    # --- TLS (PS3.15 BCP 195: TLS 1.2 and 1.3 only) ----------------------------------
+    tls_cert_file: str = Field(
+        "", description="the archive's certificate chain (PEM) for DICOM TLS and HTTPS"
+    )
+    tls_key_file: str = Field("", description="its private key (PEM)")
+    tls_ca_file: str = Field(
+        "",
+        description="CA certificates (PEM) that client certificates are checked against and "
+        "that peers' certificates are checked against on kho's own TLS associations",
+    )
+    tls_require_client_cert: bool = Field(
+        False, description="DICOM TLS: refuse a handshake without a client certificate"
+    )
+    dicom_tls_port: int = Field(
+        2762, ge=0, le=65535, description="DICOM TLS port (used when tls_cert_file is set)"
+    )
+    dicom_plain: bool = Field(
+        True, description="serve DICOM without TLS on dicom_port as well (false: TLS only)"
+    )
+    http_tls: bool = Field(
+        False,
+        description="serve HTTP as HTTPS only on http_port (tls_cert_file), with HSTS",
+    )
+
+    # --- audit trail (kho.audit): PS3.15 A.5 records, hash-chained in each catalog ----
+    audit: bool = Field(
+        True,
+        description="record every access to patient data and every security event "
+        "(a store's record commits with the instance; reads within a second)",
+    )
+    audit_read_window_s: float = Field(
+        60.0, gt=0, description="one Instances Accessed record per caller and study per window"
+    )
+    audit_chain_key: SecretStr = Field(
+        SecretStr(""),
+        description="a secret that makes the chain's hashes HMAC-SHA-256 (someone with "
+        "write access to the database alone cannot recompute them); empty: SHA-256",
+    )
+    audit_syslog_host: str = Field(
+        "", description="forward records to this audit repository (syslog over TLS)"
+    )
+    audit_syslog_port: int = Field(6514, ge=1, le=65535, description="its port (RFC 5425)")
+    audit_syslog_ca_file: str = Field("", description="CA to check the repository against")
+    audit_syslog_cert_file: str = Field("", description="kho's client certificate (mutual TLS)")
+    audit_syslog_key_file: str = Field("", description="its private key")
+
+    # --- access (kho.access): README "Securing kho" ----------------------------------
+    auth: AuthMode = Field(
+        AuthMode.AUTO,
+        description="auto: on when oidc_issuer or dicom_peers is configured; on: every "
+        "caller proves who it is (deny by default); off: every caller is a platform admin "
+        "(loopback addresses only, unless insecure_open_network)",
+    )
+    insecure_open_network: bool = Field(
+        False,
+        description="let kho serve bind a non-loopback address with auth off: anyone who "
+        "reaches the ports reads and writes every patient (logged loudly at start)",
+    )
+    default_tenant: str = Field(
+        "default",
+        description="the hospital of callers and instances that name none (an archive from "
+        "before tenants holds only this one)",
+    )
+    tenants: list[str] = Field(
+        default_factory=list,
+        description="the other hospitals of a shared archive; each has its own catalog "
+        "and object keys, and a grant naming an undeclared one grants nothing",
+    )
+    dicom_peers: dict[str, DicomPeer] = Field(
+        default_factory=dict,
+        description="the AE registry: AE title -> tenant, services, network, host, port "
+        "(with auth on, only these may associate; C-MOVE goes only to those with a port)",
+    )
+    oidc_issuer: str = Field(
+        "", description="OpenID Connect issuer whose bearer tokens (JWT) are accepted (iss)"
+    )
+    oidc_audience: str = Field("", description="the audience (aud) a token must name")
+    oidc_jwks_url: str = Field(
+        "",
+        description="the issuer's JWKS URL (empty: jwks_uri from the issuer's "
+        "/.well-known/openid-configuration)",
+    )
+    oidc_jwks_file: str = Field(
+        "", description="a JWKS file to read the issuer's keys from instead of a URL"
+    )
+    oidc_algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256", "PS256", "ES256"],
+        description="signature algorithms accepted (asymmetric only; never none or HS*)",
+    )
+    oidc_leeway_s: float = Field(
+        30.0, ge=0, le=300, description="clock skew tolerated on exp, nbf and iat"
+    )
+    oidc_roles_claim: str = Field(
+        "roles",
+        description="the claim (dotted path, e.g. realm_access.roles) listing roles: "
+        "'viewer', 'uploader', 'admin' (for the token's tenant), 'viewer@<tenant>', "
+        "'admin@*' (the whole platform)",
+    )
+    oidc_tenant_claim: str = Field(
+        "tenant", description="the claim naming the caller's hospital (tenant)"
+    )
+    oidc_user_claim: str = Field(
+        "preferred_username", description="the claim naming the person (audit, logs)"
+    )
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -165,6 +322,35 @@ class Settings(BaseSettings):
             raise ValueError("AE title must be 1-16 characters without backslash")
         return value
 
+    @field_validator("oidc_algorithms")
+    @classmethod
+    def _check_algorithms(cls, value: list[str]) -> list[str]:
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
+        allowed |= {"ES256", "ES384", "ES512", "EdDSA"}
+        bad = [a for a in value if a not in allowed]
+        if bad or not value:
+            raise ValueError(f"oidc_algorithms must be asymmetric JWS algorithms, not {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tenants(self) -> Settings:
+        names = [self.default_tenant, *self.tenants]
+        for name in names:
+            if not re.match(TENANT_NAME, name):
+                raise ValueError(f"tenant name {name!r} must match {TENANT_NAME}")
+        for title, peer in self.dicom_peers.items():
+            if not 0 < len(title.strip()) <= 16 or "\\" in title:
+                raise ValueError(f"dicom_peers: AE title {title!r} must be 1-16 characters")
+            if peer.tenant and peer.tenant not in names:
+                raise ValueError(f"dicom_peers.{title}: tenant {peer.tenant!r} is not declared")
+        if self.http_tls and not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError("http_tls needs tls_cert_file and tls_key_file")
+        if not self.dicom_plain and not self.tls_cert_file:
+            raise ValueError("dicom_plain = false needs tls_cert_file (a DICOM TLS port)")
+        if self.oidc_issuer and not self.oidc_audience:
+            raise ValueError("oidc_audience is required with oidc_issuer")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -189,6 +375,23 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def auth_on(self) -> bool:
+        """Whether callers must authenticate (the auth setting resolved)."""
+        if self.auth == AuthMode.AUTO:
+            return bool(self.oidc_issuer or self.dicom_peers)
+        return self.auth == AuthMode.ON
+
+    @property
+    def dicom_tls(self) -> bool:
+        """Whether a DICOM TLS port is served."""
+        return bool(self.tls_cert_file and self.tls_key_file and self.dicom_tls_port)
+
+    @property
+    def tenant_names(self) -> list[str]:
+        """Every hospital of the archive, the default one first."""
+        return [self.default_tenant, *(t for t in self.tenants if t != self.default_tenant)]
 
     @property
     def peer_reads(self) -> bool:

@@ -10,14 +10,25 @@ import hashlib
 import secrets
 
 
-def instance_prefix(study_uid: str, series_uid: str, sop_uid: str, sha256_hex: str) -> str:
+def instance_prefix(
+    study_uid: str, series_uid: str, sop_uid: str, sha256_hex: str, *, tenant: str
+) -> str:
     """Prefix of one ingest of an instance: the UIDs' hash (fan-out), the content's hash,
     and a random part.  Each ingest writes under its own prefix, so objects being deleted
     (a replaced version, the surplus copy of a concurrent duplicate, garbage) can never be
-    the objects of a later ingest of the same bytes."""
-    uid_hash = hashlib.sha256(f"{study_uid}\x00{series_uid}\x00{sop_uid}".encode()).hexdigest()
+    the objects of a later ingest of the same bytes.
+
+    ``tenant``: "" for the default tenant, whose keys are those of an archive from before
+    tenants (``i/...``); another tenant's name (config.TENANT_NAME: safe in a key) puts
+    its objects under ``t/<tenant>/`` (listed, billed, or removed as one) and into its
+    UIDs' hash, so the same UIDs of two hospitals never share a fan-out folder name."""
+    uids = f"{study_uid}\x00{series_uid}\x00{sop_uid}"
+    if tenant:
+        uids = f"{tenant}\x00{uids}"
+    uid_hash = hashlib.sha256(uids.encode()).hexdigest()
     unique = secrets.token_hex(4)
-    return f"i/{uid_hash[:2]}/{uid_hash[2:4]}/{uid_hash[:40]}-{sha256_hex[:16]}-{unique}"
+    space = f"t/{tenant}/i" if tenant else "i"
+    return f"{space}/{uid_hash[:2]}/{uid_hash[2:4]}/{uid_hash[:40]}-{sha256_hex[:16]}-{unique}"
 
 
 # An instance's objects sit side by side in one fan-out folder ("<prefix>.<name>"): no

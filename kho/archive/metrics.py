@@ -3,7 +3,7 @@ holds (from the catalog, read at scrape time, so every process reports the same 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -48,50 +48,88 @@ REQUEST_SECONDS = Histogram(
 
 
 class ArchiveCollector(Collector):
-    """Counts and bytes per modality, read from the catalog when scraped (``stats``: the
-    archive's statistics, as Archive.stats gives them)."""
+    """Counts and bytes per modality, read from the catalog when scraped.
 
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    ``stats``: one archive's statistics, as Archive.stats gives them (no tenant label:
+    the archive as before tenants); or ``tenants``: statistics by tenant, as
+    Archive.platform_stats()["tenants"] gives them (for all tenants or for a caller's),
+    each figure of a tenant then labelled ``tenant``, so /metrics can show a caller only
+    its hospitals.  The host's spool (``host``: shown or not) is no tenant's: every
+    tenant's instances wait in it."""
+
+    def __init__(
+        self,
+        stats: Callable[[], dict[str, Any]] | None = None,
+        *,
+        tenants: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+        host: bool = True,
+    ) -> None:
+        if (stats is None) == (tenants is None):
+            raise ValueError("ArchiveCollector needs stats or tenants, not both")
         self.stats = stats
+        self.tenants = tenants
+        self.host = host
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        stats = self.stats()
+        if self.tenants is not None:
+            by_tenant = self.tenants()
+            tenant: list[str] = ["tenant"]
+        else:
+            assert self.stats is not None
+            by_tenant = {"": self.stats()}
+            tenant = []
         counts = GaugeMetricFamily(
-            "kho_objects", "Patients, studies, series, instances", labels=["level"]
+            "kho_objects", "Patients, studies, series, instances", labels=["level", *tenant]
         )
-        for level in ("patients", "studies", "series", "instances"):
-            counts.add_metric([level], stats[level])
-        yield counts
         received = GaugeMetricFamily(
-            "kho_received_bytes", "Bytes received per modality", labels=["modality"]
+            "kho_received_bytes", "Bytes received per modality", labels=["modality", *tenant]
         )
         stored = GaugeMetricFamily(
-            "kho_stored_bytes", "Bytes stored per modality (after compression)", labels=["modality"]
+            "kho_stored_bytes",
+            "Bytes stored per modality (after compression)",
+            labels=["modality", *tenant],
         )
         instances = GaugeMetricFamily(
-            "kho_modality_instances", "Instances per modality", labels=["modality"]
+            "kho_modality_instances", "Instances per modality", labels=["modality", *tenant]
         )
-        for row in stats["by_modality"]:
-            received.add_metric([row["modality"]], row["received_bytes"])
-            stored.add_metric([row["modality"]], row["stored_bytes"])
-            instances.add_metric([row["modality"]], row["instances"])
+        unfinished = GaugeMetricFamily(
+            "kho_unfinished_instances",
+            "Instances acknowledged as received, not yet encoded at rest by the finisher",
+            labels=tenant,
+        )
+        spool_bytes = 0
+        for name, stats in by_tenant.items():
+            named = [name] if tenant else []
+            for level in ("patients", "studies", "series", "instances"):
+                counts.add_metric([level, *named], stats[level])
+            for row in stats["by_modality"]:
+                received.add_metric([row["modality"], *named], row["received_bytes"])
+                stored.add_metric([row["modality"], *named], row["stored_bytes"])
+                instances.add_metric([row["modality"], *named], row["instances"])
+            unfinished.add_metric(named, stats["unfinished"])
+            spool_bytes = stats["spool"]["bytes"]
+        yield counts
         yield received
         yield stored
         yield instances
-        yield GaugeMetricFamily(
-            "kho_unfinished_instances",
-            "Instances acknowledged as received, not yet encoded at rest by the finisher",
-            value=stats["unfinished"],
-        )
-        yield GaugeMetricFamily(
-            "kho_spool_bytes",
-            "Bytes in this host's ingest spool (segments not yet deleted)",
-            value=stats["spool"]["bytes"],
-        )
+        yield unfinished
+        if self.host:
+            yield GaugeMetricFamily(
+                "kho_spool_bytes",
+                "Bytes in this host's ingest spool (segments not yet deleted)",
+                value=spool_bytes,
+            )
 
 
-def exposition(stats: Callable[[], dict[str, Any]]) -> bytes:
-    """The text exposition format: this process's histograms plus the archive's totals."""
+def exposition(
+    stats: Callable[[], dict[str, Any]] | None = None,
+    *,
+    tenants: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+    host: bool = True,
+) -> bytes:
+    """The text exposition format: this process's histograms plus the archive's totals
+    (see ArchiveCollector: ``stats`` for one archive, unlabelled; ``tenants`` for some
+    tenants, labelled ``tenant``; ``host``: with the host's spool)."""
     registry = CollectorRegistry()
-    registry.register(ArchiveCollector(stats))
+    registry.register(ArchiveCollector(stats, tenants=tenants, host=host))
     return generate_latest(REGISTRY) + generate_latest(registry)

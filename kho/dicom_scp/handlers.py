@@ -12,6 +12,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from kho.dicom_scp import fast_dimse
 from kho.dicom_scp.statuses import (
     COERCION_OF_DATA_ELEMENTS,
+    NOT_AUTHORIZED,
+    NOT_AUTHORIZED_COMMENT,
     PROCESSING_FAILURE,
     SUCCESS,
     coercion_comment,
@@ -25,18 +27,24 @@ if TYPE_CHECKING:
 
     from kho.archive.archive import Archive
     from kho.archive.ingest.pipeline import DatasetBytes
+    from kho.dicom_scp.door import Door
 
 log = logging.getLogger(__name__)
 
 
-def handle_association_open(event: Event, archive: Archive) -> None:
-    """Per association: kho's own C-STORE receive path and response encoding (fast_dimse)."""
+def handle_association_open(event: Event, door: Door) -> None:
+    """Per association: kho's own C-STORE receive path and response encoding (fast_dimse).
+    Each C-STORE on it passes the door's check and goes into its peer's tenant."""
+    association = event.assoc
 
     def store(
         parts: Sequence[Any], transfer_syntax: str, sop_class: str, sop_instance: str, ae: str
     ) -> tuple[int, str | None]:
+        session = door.admit(association, "store")
+        if session is None:
+            return NOT_AUTHORIZED, NOT_AUTHORIZED_COMMENT
         return store_instance(
-            archive,
+            session.archive,
             parts,
             transfer_syntax_uid=transfer_syntax,
             sop_class_uid=sop_class,
@@ -44,11 +52,13 @@ def handle_association_open(event: Event, archive: Archive) -> None:
             calling_ae=ae,
         )
 
-    fast_dimse.install(event.assoc, store)
+    fast_dimse.install(association, store)
 
 
-def handle_echo(event: Event) -> int:
-    """C-ECHO: the archive is up."""
+def handle_echo(event: Event, door: Door) -> int:
+    """C-ECHO: the archive is up (for a peer granted echo: PS3.7 0x0124 otherwise)."""
+    if door.admit(event.assoc, "echo") is None:
+        return NOT_AUTHORIZED
     return SUCCESS
 
 
@@ -98,12 +108,15 @@ def store_instance(
     return SUCCESS, None
 
 
-def handle_store(event: Event, archive: Archive) -> int | Dataset:
+def handle_store(event: Event, door: Door) -> int | Dataset:
     """C-STORE through pynetdicom (associations without kho's receive path)."""
+    session = door.admit(event.assoc, "store")
+    if session is None:
+        return status_dataset(NOT_AUTHORIZED, NOT_AUTHORIZED_COMMENT)
     request = cast(C_STORE, event.request)
     buffer = request.DataSet
     status, comment = store_instance(
-        archive,
+        session.archive,
         buffer.getvalue() if buffer is not None else b"",
         transfer_syntax_uid=str(event.context.transfer_syntax),
         sop_class_uid=str(request.AffectedSOPClassUID),

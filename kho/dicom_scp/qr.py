@@ -28,13 +28,22 @@ Statuses chosen (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4):
   0xA700 Refused: out of resources: more matches than settings.find_result_limit.
   0xA701 Unable to calculate matches: the catalog failed.
   0xFF01 Pending with unsupported optional keys (answered empty); 0xFE00 after C-CANCEL.
-  0xA801 Move destination unknown: only for an AE title not in settings.move_destinations
-         (PS3.4 C.4.2.1.4: an AE the SCP does not know).
+  0xA801 Move destination unknown: only for an AE title the caller may not send to
+         (PS3.4 C.4.2.1.4: an AE the SCP does not know): with authentication off one not
+         in settings.move_destinations; on, one not registered in the AE registry with a
+         host and port for the caller's tenant (another hospital's AE is as unknown).
+  0x0124 Refused: Not authorized (PS3.7 C.5, a general status of every DIMSE service): a
+         registered peer asking for find, get or move its registry entry does not grant;
+         nothing is matched and no destination is contacted.
   0xB000 / 0xA702: some / all sub-operations failed, with the Number of Failed
          Sub-operations and the Failed SOP Instance UID List.  A known destination that
          cannot be reached (connection refused, association rejected or aborted) fails
          every sub-operation: 0xA702 with an Error Comment saying why (pynetdicom 3.0.4
          would answer 0xA801 itself: see MoveDestination).
+
+Each handler acts on the archive of the association's tenant (kho.dicom_scp.door): another
+hospital's studies are not in its catalog, so they simply do not match (C-FIND: no match;
+C-GET, C-MOVE: zero sub-operations, as for any UID the archive does not hold).
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ from kho.archive.read import transcode
 from kho.dicom_scp.statuses import (
     CANCEL,
     IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    NOT_AUTHORIZED,
+    NOT_AUTHORIZED_COMMENT,
     OUT_OF_RESOURCES,
     PENDING,
     PENDING_WARNING,
@@ -91,6 +102,7 @@ if TYPE_CHECKING:
     from pynetdicom.events import Event
 
     from kho.archive.archive import Archive
+    from kho.dicom_scp.door import Door
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +448,16 @@ def _retrieve_filters(identifier: Dataset, model: str) -> tuple[str, dict[str, s
 # --- C-FIND ----------------------------------------------------------------------------
 
 
-def handle_find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+def handle_find(event: Event, door: Door) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """C-FIND for a peer granted find, in its tenant's catalog (0x0124 otherwise)."""
+    session = door.admit(event.assoc, "find")
+    if session is None:
+        yield status_dataset(NOT_AUTHORIZED, NOT_AUTHORIZED_COMMENT), None
+        return
+    yield from find(event, session.archive)
+
+
+def find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """C-FIND: one pending response per match, then success (pynetdicom sends it)."""
     model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), "STUDY")
     limit = archive.settings.find_result_limit
@@ -608,7 +629,18 @@ def _retrieve_records(
         raise Refusal(QR_UNABLE_TO_CALCULATE_MATCHES, str(exc)) from exc
 
 
-def handle_get(event: Event, archive: Archive) -> Iterator[Any]:
+def handle_get(event: Event, door: Door) -> Iterator[Any]:
+    """C-GET for a peer granted get, from its tenant's catalog (0x0124 otherwise)."""
+    session = door.admit(event.assoc, "get")
+    if session is None:
+        # pynetdicom needs a sub-operation count before any status: one, which fails
+        yield 1
+        yield status_dataset(NOT_AUTHORIZED, NOT_AUTHORIZED_COMMENT), None
+        return
+    yield from get(event, session.archive)
+
+
+def get(event: Event, archive: Archive) -> Iterator[Any]:
     """C-GET: C-STORE sub-operations over the requesting association."""
     try:
         records = _retrieve_records(event, archive, GET_MODELS)
@@ -674,12 +706,17 @@ class MoveDestination:
     know.  So the server AE hands a failed association to ``unreachable``, which gives
     pynetdicom a stand-in and lets handle_move answer every sub-operation failed."""
 
-    def __init__(self, archive: Archive, ae_title: str) -> None:
+    def __init__(self, archive: Archive | None, ae_title: str) -> None:
         self.archive = archive
         self.ae_title = ae_title
         self.settled = threading.Event()
         self.connected = False
         self.failure: str | None = None
+        #: the move was refused before any destination: the server AE opens nothing and
+        #: hands pynetdicom the stand-in (``unreachable``) at once
+        self.refused = False
+        #: the association goes over TLS (its handshake is part of connecting)
+        self.tls = False
 
     def connection_opened(self, event: Event) -> None:
         """EVT_CONN_OPEN of the association to the destination: TCP got through."""
@@ -688,13 +725,20 @@ class MoveDestination:
 
     def established(self, event: Event) -> None:
         """EVT_ESTABLISHED of the association to the destination (in its thread)."""
-        install_raw_sender(self.archive, event.assoc)
+        if self.archive is not None:
+            install_raw_sender(self.archive, event.assoc)
         self.settled.set()
 
-    def unreachable(self, association: Association) -> _UnreachableDestination:
-        """The association could not be opened: say why, and what pynetdicom gets."""
-        if not self.connected:  # connection refused, timed out, no route
-            self.failure = "unreachable (no connection)"
+    def unreachable(self, association: Association | None) -> _UnreachableDestination:
+        """The association could not be opened (or, refused, was not tried: None): say
+        why, and what pynetdicom gets."""
+        if association is None:
+            self.failure = "not contacted (move refused)"
+            self.settled.set()
+            return _UnreachableDestination()
+        if not self.connected:  # connection refused, timed out, no route; TLS refused
+            # (an Error Comment holds 64 characters: pynetdicom logs the TLS error itself)
+            self.failure = "unreachable over TLS" if self.tls else "unreachable (no connection)"
         elif association.is_rejected:
             self.failure = "rejected the association"
         else:
@@ -728,15 +772,45 @@ def _all_failed(records: list[InstanceRecord]) -> Dataset:
     return identifier
 
 
-def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
-    """C-MOVE: yields the destination, the sub-operation count, then one placeholder per
-    instance; pynetdicom opens the association and counts the sub-operations."""
+def handle_move(event: Event, door: Door) -> Iterator[Any]:
+    """C-MOVE for a peer granted move, from its tenant's catalog, to a destination its
+    tenant may send to (0x0124 / 0xA801 otherwise)."""
+    session = door.admit(event.assoc, "move")
+    if session is None:
+        yield from _refuse_move(event, NOT_AUTHORIZED, NOT_AUTHORIZED_COMMENT)
+        return
     destination_ae = (event.move_destination or "").strip()
-    address = archive.settings.move_destination(destination_ae)
+    address = door.move_destination(event.assoc, session, destination_ae)
     if address is None:
-        log.warning("C-MOVE to unknown destination %r", destination_ae)
         yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
         return
+    yield from move(
+        event, session.archive, destination_ae, address, door.destination_tls(destination_ae)
+    )
+
+
+def _refuse_move(event: Event, status: int, comment: str) -> Iterator[Any]:
+    """A C-MOVE answered with a failure ``status`` before any destination is contacted:
+    pynetdicom wants a destination, so it gets one that the server AE never opens (see
+    MoveDestination.refused), then the one failing sub-operation and the status."""
+    destination = MoveDestination(None, (event.move_destination or "").strip())
+    destination.refused = True
+    yield "127.0.0.1", 1, {MOVE_DESTINATION_OPTION: destination}
+    yield 1
+    yield status_dataset(status, comment), None
+
+
+def move(
+    event: Event,
+    archive: Archive,
+    destination_ae: str,
+    address: tuple[str, int],
+    tls: ssl.SSLContext | None = None,
+) -> Iterator[Any]:
+    """C-MOVE: yields the destination, the sub-operation count, then one placeholder per
+    instance; pynetdicom opens the association and counts the sub-operations.  ``tls``:
+    the client context of a destination registered for TLS (its certificate must verify
+    and name the host kho connects to)."""
     refusal: Refusal | None = None
     records: list[InstanceRecord] = []
     try:
@@ -755,6 +829,9 @@ def handle_move(event: Event, archive: Archive) -> Iterator[Any]:
         "max_pdu": 0,
         MOVE_DESTINATION_OPTION: destination,
     }
+    if tls is not None:
+        options["tls_args"] = (tls, address[0])
+        destination.tls = True
     yield address[0], address[1], options
     if refusal is not None:
         yield 1

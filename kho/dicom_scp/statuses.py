@@ -25,6 +25,11 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.4: used by archives that refuse duplicates
 PROCESSING_FAILURE = 0x0110
+# PS3.7 C.5 general failure status, for every DIMSE service: "Refused: Not authorized".  kho
+# answers it to a registered peer asking for a service (echo, store, find, get, move) its
+# registry entry does not grant; PS3.4's C-FIND/C-GET/C-MOVE tables have no closer failure
+NOT_AUTHORIZED = 0x0124
+NOT_AUTHORIZED_COMMENT = "service not granted to this AE title"
 # kho's own in the "cannot understand" family: the instance contradicts the catalog (its
 # study belongs to another patient, its series to another study); Error Comment says which
 IDENTITY_CONFLICT = 0xC410

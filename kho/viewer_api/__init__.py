@@ -17,6 +17,14 @@ Resources (one router per module):
   ``.../frames/{f}/tiles/{level}/{x}/{y}`` (256x256 JPEG/PNG tiles; level 0 = full size);
 - stow.py: ``POST /studies``, ``POST /studies/{s}`` (multipart/related application/dicom).
 
+security.py: who may call what.  An ASGI middleware authenticates every request (OIDC
+bearer token or API key, kho.access) before the fast path and the routers, answering 401
+with ``WWW-Authenticate: Bearer``; each router declares the role its routes need
+(``requires(Role.VIEWER)``: QIDO, WADO, rendered; uploader: STOW; admin: /metrics) and
+create_app refuses a route that declares none.  ``/tenants/<t>/dicom-web/...`` is the same
+API acting in hospital ``<t>``; ``/dicom-web/...`` acts in the caller's own.  Routes read
+the archive of the tenant the request acts in (deps.ArchiveDep).
+
 fastpath.py dispatches the requests viewers repeat most (frames, instance and frame
 thumbnails, tiles, series metadata) to the same handlers without FastAPI's routing and
 dependency solving (most of a small request's CPU); metrics.py times every request by

@@ -2,19 +2,29 @@
 
 The dependencies are ``async``: FastAPI runs a sync dependency in the thread pool, and a
 thread hop per dependency costs more than the catalog lookup itself (~50 us).
+
+Routes reach the archive only through :data:`ArchiveDep` (and :data:`InstanceDep` on it):
+the archive of the tenant the request acts in, as the route's role dependency decided
+(kho.viewer_api.security).  A route that declared no role gets 403 from it, never the
+root archive.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
 from kho.archive.read.rendering import RenderCache
+from kho.audit.auditor import Auditor
 from kho.errors import NotFoundError
+from kho.viewer_api.security import Authorized, authorized_of
+
+if TYPE_CHECKING:
+    from kho.access.service import Access
 
 #: STOW-RS request bodies larger than this are refused with 413 (settings.stow_max_bytes)
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024 * 1024
@@ -24,11 +34,18 @@ DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024 * 1024
 class ViewerState:
     """What every request of one application shares."""
 
-    archive: Archive
+    #: the default tenant's archive, whose for_tenant() gives the others: routes use
+    #: ArchiveDep (the request's tenant), never this
+    root_archive: Archive
+    access: Access
+    #: the audit trail (kho serve makes one; None: nothing recorded)
+    auditor: Auditor | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    #: keys carry the tenant (kho.viewer_api.rendered)
     render_cache: RenderCache = field(default_factory=RenderCache)
-    # series metadata documents: (series UID, base URL) -> (validity key, body, gzipped body)
-    metadata_cache: dict[tuple[str, str], tuple[str, bytes, bytes | None]] = field(
+    # series metadata documents: (tenant, series UID, base URL) -> (validity key, body,
+    # gzipped body)
+    metadata_cache: dict[tuple[str, str, str], tuple[str, bytes, bytes | None]] = field(
         default_factory=dict
     )
 
@@ -38,17 +55,23 @@ async def get_state(request: Request) -> ViewerState:
     return state
 
 
+async def get_authorized(request: Request) -> Authorized:
+    return authorized_of(request.scope)
+
+
 async def get_archive(request: Request) -> Archive:
-    state: ViewerState = request.app.state.viewer
-    return state.archive
+    """The archive of the tenant the request acts in (see the module's note)."""
+    return authorized_of(request.scope).archive
 
 
 StateDep = Annotated[ViewerState, Depends(get_state)]
+AuthorizedDep = Annotated[Authorized, Depends(get_authorized)]
 ArchiveDep = Annotated[Archive, Depends(get_archive)]
 
 
 async def base_url(request: Request) -> str:
-    """The service root viewers reached us at (for RetrieveURL and BulkDataURI)."""
+    """The service root viewers reached us at (for RetrieveURL and BulkDataURI): under
+    ``/tenants/<t>`` when the request came that way (it is in the root path then)."""
     root = str(request.base_url).rstrip("/")
     return f"{root}/dicom-web"
 

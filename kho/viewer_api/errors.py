@@ -1,19 +1,24 @@
 """Every error of the HTTP layer becomes a status here, in one place.
 
 kho.errors (raised by the archive) and the few HTTP-only conditions below map to
-PS3.18 statuses with a plain-text message saying what was wrong.
+PS3.18 statuses with a plain-text message saying what was wrong; 401 and 403 (access) are
+JSON, 401 with the ``WWW-Authenticate: Bearer`` challenge.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
+from starlette.responses import Response
 
 from kho.errors import (
+    AccessDeniedError,
+    AuthenticationError,
     CatalogError,
     CodecError,
     DatasetMismatchError,
@@ -70,6 +75,8 @@ class BadRequestError(HttpError):
 #: kho.errors classes -> HTTP status, most specific first
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (HttpError, 0),  # the instance's own status
+    (AuthenticationError, 401),  # JSON, with WWW-Authenticate (security.py)
+    (AccessDeniedError, 403),
     (ObjectNotFoundError, 404),
     (NotFoundError, 404),
     (InvalidKeyError, 400),
@@ -91,16 +98,34 @@ def status_for(exc: Exception) -> int:
     return 500
 
 
-def error_response(exc: Exception) -> PlainTextResponse:
+def error_response(exc: Exception) -> Response:
     """The response for an archive or HTTP-level error (the handler of both routers)."""
+    if isinstance(exc, (AuthenticationError, AccessDeniedError)):
+        return access_error_response(exc)
     status = status_for(exc)
     if status >= 500:
         log.error("request failed: %s: %s", type(exc).__name__, exc)
     return PlainTextResponse(str(exc) or type(exc).__name__, status_code=status)
 
 
+def _json_error(status: int, error: str, message: str, headers: dict[str, str]) -> Response:
+    body = json.dumps({"error": error, "message": message}, ensure_ascii=False).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def access_error_response(exc: AuthenticationError | AccessDeniedError) -> Response:
+    """401 (with the challenge RFC 6750 asks for) or 403, as JSON.  The message says what
+    was wrong with the credential or the grant; it never names patient data (the errors
+    are raised before anything is looked up)."""
+    if isinstance(exc, AuthenticationError):
+        return _json_error(
+            401, "unauthorized", str(exc), {"WWW-Authenticate": 'Bearer realm="kho"'}
+        )
+    return _json_error(403, "forbidden", str(exc), {})
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_kho_error(_request: Request, exc: Exception) -> PlainTextResponse:
+    async def on_kho_error(_request: Request, exc: Exception) -> Response:
         return error_response(exc)
 
     async def on_validation(_request: Request, exc: Exception) -> PlainTextResponse:

@@ -9,6 +9,12 @@ responses are the same; anything it is not sure of (an unexpected query paramete
 a root path, another method) goes to FastAPI, which stays the reference (and the OpenAPI
 document).  ``tests/viewer_api/test_fastpath.py`` checks that FastAPI's router picks the
 same route for every path matched here.
+
+Access control holds here as in the routers: the caller the access middleware (outside
+this one) authenticated must hold the viewer role in the request's tenant, checked by the
+routers' own function (security.authorize_scope) before any lookup, and every handler reads
+that tenant's archive.  Paths under ``/tenants/<t>`` arrive with the prefix in the root
+path; the routes match the path without it, as FastAPI's router does.
 """
 
 from __future__ import annotations
@@ -21,14 +27,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kho.access.callers import Role
+from kho.archive.archive import Archive
 from kho.errors import KhoError
 from kho.viewer_api import rendered, wado
 from kho.viewer_api.deps import ViewerState, base_url, instance_record
 from kho.viewer_api.errors import error_response
 from kho.viewer_api.metrics import ROUTE_KEY
 from kho.viewer_api.paths import check_path_params
+from kho.viewer_api.security import authorize_scope, route_path
 
-Handler = Callable[[ViewerState, Request, tuple[str, ...]], Awaitable[Response | None]]
+Handler = Callable[[ViewerState, Archive, Request, tuple[str, ...]], Awaitable[Response | None]]
+#: the role of every route here (the WADO-RS and rendered routers declare the same)
+ROLE = Role.VIEWER
 
 _SEGMENT = "([^/]+)"
 _NUMBER = "([0-9]{1,9})"
@@ -44,11 +55,13 @@ class FastRoute:
     names: tuple[str, ...]  # the template's path parameters, in the regex's group order
 
 
-async def _frames(state: ViewerState, request: Request, groups: tuple[str, ...]) -> Response:
+async def _frames(
+    _state: ViewerState, archive: Archive, request: Request, groups: tuple[str, ...]
+) -> Response:
     study, series, sop, frames = groups
-    record = instance_record(state.archive, study, series, sop)
+    record = instance_record(archive, study, series, sop)
     return await wado.retrieve_frames_response(
-        state.archive, record, frames, request.headers.get("accept")
+        archive, record, frames, request.headers.get("accept")
     )
 
 
@@ -65,15 +78,15 @@ def _query(request: Request, names: tuple[str, ...]) -> dict[str, str | None] | 
 
 
 async def _thumbnail(
-    state: ViewerState, request: Request, groups: tuple[str, ...]
+    _state: ViewerState, archive: Archive, request: Request, groups: tuple[str, ...]
 ) -> Response | None:
     study, series, sop, *frame = groups
     query = _query(request, ("viewport", "accept"))
     if query is None:
         return None
-    record = instance_record(state.archive, study, series, sop)
+    record = instance_record(archive, study, series, sop)
     return await rendered._thumbnail(
-        state.archive,
+        archive,
         record,
         int(frame[0]) if frame else 1,
         request,
@@ -91,7 +104,9 @@ def _quality(text: str | None) -> int | None:
     return None
 
 
-async def _tile(state: ViewerState, request: Request, groups: tuple[str, ...]) -> Response | None:
+async def _tile(
+    state: ViewerState, archive: Archive, request: Request, groups: tuple[str, ...]
+) -> Response | None:
     study, series, sop, frame, level, x, y = groups
     query = _query(request, ("window", "quality", "accept"))
     if query is None:
@@ -99,9 +114,10 @@ async def _tile(state: ViewerState, request: Request, groups: tuple[str, ...]) -
     quality = _quality(query["quality"])
     if quality is None:
         return None  # FastAPI's validation answers
-    record = instance_record(state.archive, study, series, sop)
+    record = instance_record(archive, study, series, sop)
     return await rendered.tile_response(
         state,
+        archive,
         request,
         record,
         int(frame),
@@ -115,7 +131,7 @@ async def _tile(state: ViewerState, request: Request, groups: tuple[str, ...]) -
 
 
 async def _rendered(
-    state: ViewerState, request: Request, groups: tuple[str, ...]
+    state: ViewerState, archive: Archive, request: Request, groups: tuple[str, ...]
 ) -> Response | None:
     study, series, sop, *frame = groups
     query = _query(request, ("window", "viewport", "quality", "accept"))
@@ -124,9 +140,10 @@ async def _rendered(
     quality = _quality(query["quality"])
     if quality is None:
         return None  # FastAPI's validation answers
-    record = instance_record(state.archive, study, series, sop)
+    record = instance_record(archive, study, series, sop)
     return await rendered.rendered_response(
         state,
+        archive,
         request,
         record,
         int(frame[0]) if frame else 1,
@@ -138,11 +155,11 @@ async def _rendered(
 
 
 async def _series_metadata(
-    state: ViewerState, request: Request, groups: tuple[str, ...]
+    state: ViewerState, archive: Archive, request: Request, groups: tuple[str, ...]
 ) -> Response:
     study, series = groups
     return await wado.series_metadata_response(
-        state, request, await base_url(request), study, series
+        state, archive, request, await base_url(request), study, series
     )
 
 
@@ -195,9 +212,9 @@ class FastPath:
         self.routes = fast_routes(prefix)
 
     def match(self, scope: Scope) -> tuple[FastRoute, tuple[str, ...]] | None:
-        if scope["type"] != "http" or scope["method"] != "GET" or scope.get("root_path"):
+        if scope["type"] != "http" or scope["method"] != "GET":
             return None
-        path: str = scope["path"]
+        path = route_path(scope)  # as the router sees it: without /tenants/<t>
         if not path.startswith(self.prefix):
             return None
         for route in self.routes:
@@ -213,9 +230,11 @@ class FastPath:
             request = Request(scope, receive)
             response: Response | None
             try:
-                # the routers' own path check (a dependency there), before any lookup
+                # the routers' own dependencies, in their order, before any lookup: the
+                # path check (input syntax only), then the role in the tenant
                 check_path_params(dict(zip(route.names, groups, strict=True)))
-                response = await route.handler(self.state, request, groups)
+                archive = authorize_scope(self.state, scope, ROLE).archive
+                response = await route.handler(self.state, archive, request, groups)
             except KhoError as exc:
                 response = error_response(exc)
             if response is not None:

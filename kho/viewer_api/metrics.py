@@ -1,28 +1,76 @@
-"""GET /metrics (Prometheus text format) and the request-latency middleware."""
+"""GET /metrics (Prometheus text format) and the request-latency middleware.
+
+/metrics needs the admin role.  A platform admin sees every series; an admin of one
+hospital (or a platform admin asking through ``/tenants/<t>/metrics``) sees only the series
+labelled ``tenant="<t>"``: what the archive holds and does for that hospital, not the
+process-wide figures (spool, request latencies) that mix every hospital's traffic.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST
+from fastapi import APIRouter, FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kho.access.callers import Role
 from kho.archive import metrics
+from kho.viewer_api.deps import AuthorizedDep, StateDep
+from kho.viewer_api.security import requires, route_path, split_tenant
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], dependencies=[requires(Role.ADMIN)])
 
 #: the scope key where a handler that knows its route template leaves it (see fastpath)
 ROUTE_KEY = "kho.route"
 
 
 @router.get("/metrics", summary="Prometheus metrics: counts, bytes per modality, latencies")
-def get_metrics(request: Request) -> Response:
-    archive = request.app.state.viewer.archive
-    return Response(metrics.exposition(archive.stats), media_type=CONTENT_TYPE_LATEST)
+def get_metrics(state: StateDep, authorized: AuthorizedDep) -> Response:
+    root = state.root_archive
+    if authorized.platform_view:
+        if len(root.settings.tenant_names) == 1:  # one hospital: unlabelled, as before tenants
+            body = metrics.exposition(root.stats)
+        else:
+            body = metrics.exposition(tenants=lambda: root.platform_stats()["tenants"])
+    else:
+        tenant = authorized.tenant
+        body = metrics.exposition(
+            tenants=lambda: root.platform_stats([tenant])["tenants"], host=False
+        )
+        # this process's histograms and counters mix every hospital's traffic: only the
+        # series labelled with the caller's tenant
+        body = tenant_exposition(body, tenant)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+class _Families:
+    """A collector of metric families already made (filtered from an exposition)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def tenant_exposition(text: bytes, tenant: str) -> bytes:
+    """Only the samples labelled ``tenant="<tenant>"``; families left empty are dropped.
+    Parsed, not matched as text: label values come from DICOM data (modality) and may
+    hold quotes and commas."""
+    kept = []
+    for family in text_string_to_metric_families(text.decode()):
+        family.samples = [s for s in family.samples if s.labels.get("tenant") == tenant]
+        if family.samples:
+            kept.append(family)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(kept))
+    return generate_latest(registry)
 
 
 class RouteTemplates:
@@ -72,7 +120,9 @@ class RequestTimer:
         try:
             await self.app(scope, receive, timed_send)
         finally:
-            template = scope.get(ROUTE_KEY) or self.templates(scope["path"])
+            # the route template, never the URL (UIDs would explode labels) nor the
+            # tenant prefix (the same route for every hospital)
+            template = scope.get(ROUTE_KEY) or self.templates(split_tenant(route_path(scope))[1])
             labels = (scope["method"], template, str(status))
             child = self._children.get(labels)
             if child is None:

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kho.archive.dataset.attributes import check_uid
 from kho.errors import DatasetMismatchError
 from kho.viewer_api.errors import BadRequestError
+from kho.viewer_api.security import route_path
 
 #: path parameter -> what it names (in messages)
 UID_PARAMS = {
@@ -106,7 +107,7 @@ class PathGuard:
         await self.app(scope, receive, send)
 
     def problem(self, scope: Scope) -> str | None:
-        path: str = scope["path"]
+        path = route_path(scope)  # without a /tenants/<t> prefix (kho.viewer_api.security)
         if not path.startswith(self.prefix):
             return None
         raw: bytes = scope.get("raw_path") or b""

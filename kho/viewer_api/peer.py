@@ -11,27 +11,31 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from kho.errors import NotFoundError
 from kho.storage.peer import ABSENT_HEADER, PEER_SPOOL_PATH, token_matches
 from kho.storage.spool import parse_spool_key
-from kho.viewer_api.deps import ArchiveDep
+from kho.viewer_api.deps import StateDep
 from kho.viewer_api.errors import BadRequestError, UnauthorizedError
+from kho.viewer_api.security import own_credential
 
-router = APIRouter(tags=["peers"], include_in_schema=False)
+# host to host with the archive's peer token, not a caller's credential: the access
+# middleware lets PEER_SPOOL_PATH through, and this marker tells check_routes so
+router = APIRouter(tags=["peers"], include_in_schema=False, dependencies=[Depends(own_credential)])
 
 
 @router.get(PEER_SPOOL_PATH + "{segment}/{span}")
 async def spooled_bytes(
-    archive: ArchiveDep,
+    state: StateDep,
     segment: Annotated[str, Path(max_length=200)],
     span: Annotated[str, Path(max_length=64)],
     offset: Annotated[int, Query(ge=0)] = 0,
     length: Annotated[int | None, Query(ge=0)] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
+    archive = state.root_archive  # the host's spool, shared by every tenant
     settings = archive.settings
     if not settings.peer_reads:
         raise NotFoundError("peer reads are not enabled on this host")

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
+from kho.access.callers import Role
 from kho.archive.query import engine as query
 from kho.errors import QueryError
 from kho.viewer_api.deps import ArchiveDep, BaseUrlDep
@@ -21,8 +22,9 @@ from kho.viewer_api.errors import NotAcceptableError
 from kho.viewer_api.media import DICOM_JSON, parse_accept
 from kho.viewer_api.paths import checked_uid
 from kho.viewer_api.responses import json_response
+from kho.viewer_api.security import requires
 
-router = APIRouter(tags=["QIDO-RS"])
+router = APIRouter(tags=["QIDO-RS"], dependencies=[requires(Role.VIEWER)])
 
 _CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
 _TAG = re.compile(r"^([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})$")

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from kho.access.callers import Role
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
 from kho.archive.finish import images
@@ -39,9 +40,10 @@ from kho.viewer_api.deps import (
 )
 from kho.viewer_api.errors import NotAcceptableError
 from kho.viewer_api.media import parse_accept, parse_media_type
+from kho.viewer_api.security import requires
 from kho.viewer_api.wado import series_records
 
-router = APIRouter(tags=["WADO-RS rendered"])
+router = APIRouter(tags=["WADO-RS rendered"], dependencies=[requires(Role.VIEWER)])
 log = logging.getLogger(__name__)
 
 #: frames larger than this (pixels a side) keep their decoded values in the render cache
@@ -124,15 +126,23 @@ def render_frame(
     large = max(record.rows_ or 0, record.columns_ or 0) > LARGE_IMAGE
     if cache is not None and large:
         # viewers pan over large images with viewport regions: decode the frame once
-        key = (record.sop_uid, record.sha256, number, "values")
+        key = values_key(archive, record, number)
         values = cache.get_or_make(key, lambda: frame_array(archive, record, number))
     else:
         values = frame_array(archive, record, number)
     return rendering.render(values, params, viewport=parsed_viewport, max_size=max_size)
 
 
+def values_key(archive: Archive, record: InstanceRecord, number: int) -> tuple[object, ...]:
+    """The render cache's key of a frame's decoded values.  The tenant is part of every
+    key: two hospitals may hold the same UIDs, and one must not learn from a cache hit
+    what the other holds."""
+    return (archive.tenant, record.sop_uid, record.sha256, number, "values")
+
+
 async def rendered_response(
     state: ViewerState,
+    archive: Archive,
     request: Request,
     record: InstanceRecord,
     number: int,
@@ -146,14 +156,24 @@ async def rendered_response(
     that shaped it, so the same view asked again (a viewer scrolling back, a second viewer)
     is answered from memory, on the event loop; otherwise it is made in the thread pool."""
     media_type = choose_image_type(request, accept)
-    key = ("rendered", record.sop_uid, record.sha256, number, window, viewport, quality, media_type)
+    key = (
+        "rendered",
+        archive.tenant,
+        record.sop_uid,
+        record.sha256,
+        number,
+        window,
+        viewport,
+        quality,
+        media_type,
+    )
     cached = state.render_cache.get_encoded(key)
     if cached is not None:
         return _encoded(cached, media_type)
 
     def make() -> bytes:
         img = render_frame(
-            state.archive,
+            archive,
             record,
             number,
             window=window,
@@ -176,13 +196,22 @@ async def rendered_instance(
     record: InstanceDep,
     request: Request,
     state: StateDep,
+    archive: ArchiveDep,
     window: WindowParam = None,
     viewport: ViewportParam = None,
     quality: QualityParam = 90,
     accept: AcceptParam = None,
 ) -> Response:
     return await rendered_response(
-        state, request, record, 1, window=window, viewport=viewport, quality=quality, accept=accept
+        state,
+        archive,
+        request,
+        record,
+        1,
+        window=window,
+        viewport=viewport,
+        quality=quality,
+        accept=accept,
     )
 
 
@@ -195,6 +224,7 @@ async def rendered_frame(
     frame: int,
     request: Request,
     state: StateDep,
+    archive: ArchiveDep,
     window: WindowParam = None,
     viewport: ViewportParam = None,
     quality: QualityParam = 90,
@@ -202,6 +232,7 @@ async def rendered_frame(
 ) -> Response:
     return await rendered_response(
         state,
+        archive,
         request,
         record,
         frame,
@@ -440,17 +471,29 @@ async def tile(
     y: int,
     request: Request,
     state: StateDep,
+    archive: ArchiveDep,
     window: WindowParam = None,
     quality: QualityParam = 90,
     accept: AcceptParam = None,
 ) -> Response:
     return await tile_response(
-        state, request, record, frame, level, x, y, window=window, quality=quality, accept=accept
+        state,
+        archive,
+        request,
+        record,
+        frame,
+        level,
+        x,
+        y,
+        window=window,
+        quality=quality,
+        accept=accept,
     )
 
 
 async def tile_response(
     state: ViewerState,
+    archive: Archive,
     request: Request,
     record: InstanceRecord,
     frame: int,
@@ -462,7 +505,6 @@ async def tile_response(
     quality: int,
     accept: str | None,
 ) -> Response:
-    archive = state.archive
     media_type = choose_image_type(request, accept)
     if not has_pixels(record) or not 1 <= frame <= frame_count(record):
         raise NotFoundError(f"instance {record.sop_uid} has no frame {frame}")
@@ -479,7 +521,7 @@ async def tile_response(
         if stored is not None:
             return _encoded(stored, media_type)
     params = _params_with(archive, record, window)
-    key = (record.sop_uid, record.sha256, frame, "values")
+    key = values_key(archive, record, frame)
     values = state.render_cache.get(key)
     if values is None:  # decode once, off the event loop; neighbouring tiles reuse it
         values = await run_in_threadpool(

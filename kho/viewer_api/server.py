@@ -1,4 +1,11 @@
-"""The HTTP server: uvicorn in a background thread, bound before start() returns."""
+"""The HTTP server: uvicorn in a background thread, bound before start() returns.
+
+With ``http_tls`` the port speaks HTTPS only: kho's TLS context (kho.access.tls: TLS 1.2 and
+1.3, the BCP 195 cipher suites, as the DICOM TLS port) on the bound socket, asyncio doing
+each handshake without holding up the others, and every response carrying
+Strict-Transport-Security (kho.viewer_api.hsts).  Plain HTTP to that port fails its
+handshake and is closed: nothing is answered, nothing redirected, in clear text.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,11 @@ import time
 
 import uvicorn
 
+from kho.access import tls
+from kho.access.service import Access
 from kho.archive.archive import Archive
 from kho.viewer_api.app import create_app
+from kho.viewer_api.hsts import StrictTransportSecurity
 
 
 def _http_protocol() -> str:
@@ -25,7 +35,8 @@ class HttpServer:
     """DICOMweb on ``host:port`` (port 0 picks a free one; see ``.port``).
 
     ``reuse_port``: several processes may bind the same port (SO_REUSEPORT), as the DICOM
-    server does for ``kho serve --workers N``.
+    server does for ``kho serve --workers N``.  ``access``: who may call what (made from
+    the archive's settings when not given; see kho.viewer_api.security).
     """
 
     def __init__(
@@ -35,15 +46,25 @@ class HttpServer:
         host: str = "127.0.0.1",
         port: int = 8080,
         reuse_port: bool = False,
+        access: Access | None = None,
     ) -> None:
         self.archive = archive
         self.host = host
         self._requested_port = port
         self.reuse_port = reuse_port
-        self.app = create_app(archive)
+        self.app = create_app(archive, access=access)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the port speaks HTTPS (the setting ``http_tls``)."""
+        return bool(self.archive.settings.http_tls)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     @property
     def port(self) -> int:
@@ -66,16 +87,28 @@ class HttpServer:
         return sock
 
     def start(self) -> HttpServer:
+        tokens = self.app.state.viewer.access.tokens
+        if tokens is not None:  # the issuer's keys now, not when the first viewer waits
+            tokens.refresh()
+        settings = self.archive.settings
+        # a certificate that does not load fails here, before the port is bound
+        context = tls.server_context(settings, client_certificates=False) if self.tls else None
         self._socket = self._bind()
         config = uvicorn.Config(
-            self.app,
+            StrictTransportSecurity(self.app) if context is not None else self.app,
             log_level="warning",
             access_log=False,
             lifespan="off",
             loop="asyncio",
             http=_http_protocol(),
             timeout_keep_alive=30,
+            # uvicorn's own context has no protocol floor: it is replaced below
+            ssl_certfile=settings.tls_cert_file if context is not None else None,
+            ssl_keyfile=settings.tls_key_file if context is not None else None,
         )
+        if context is not None:
+            config.load()  # uvicorn's run() keeps a loaded config as it is
+            config.ssl = context
         self._server = uvicorn.Server(config)
         sock = self._socket
         server = self._server

@@ -22,9 +22,11 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from kho.access.callers import Role
 from kho.archive.archive import Archive
 from kho.archive.dataset.attributes import read_header
 from kho.archive.dataset.part10 import parse_part10
+from kho.archive.ingest.pipeline import RowsFor
 from kho.errors import (
     CatalogError,
     DatasetMismatchError,
@@ -33,7 +35,7 @@ from kho.errors import (
     InvalidDicomError,
     StorageError,
 )
-from kho.viewer_api.deps import BaseUrlDep, StateDep
+from kho.viewer_api.deps import ArchiveDep, BaseUrlDep, StateDep
 from kho.viewer_api.errors import (
     BadRequestError,
     NotAcceptableError,
@@ -43,8 +45,9 @@ from kho.viewer_api.errors import (
 from kho.viewer_api.media import DICOM, DICOM_JSON, parse_accept, parse_media_type
 from kho.viewer_api.multipart import MultipartParser, Part
 from kho.viewer_api.responses import json_response
+from kho.viewer_api.security import authorized_of, requires
 
-router = APIRouter(tags=["STOW-RS"])
+router = APIRouter(tags=["STOW-RS"], dependencies=[requires(Role.UPLOADER)])
 log = logging.getLogger(__name__)
 
 # PS3.18 Table 10.5.3-? / PS3.4 Annex B failure reasons
@@ -89,7 +92,9 @@ def _identity(data: bytes) -> tuple[str, str, str]:
     )
 
 
-def store_part(archive: Archive, part: Part, study: str | None) -> PartOutcome:
+def store_part(
+    archive: Archive, part: Part, study: str | None, with_rows: RowsFor | None = None
+) -> PartOutcome:
     part_type = parse_media_type(part.content_type or DICOM)
     if part_type.media != DICOM:
         reason = f"part type {part_type.media}"
@@ -105,7 +110,7 @@ def store_part(archive: Archive, part: Part, study: str | None) -> PartOutcome:
         outcome.reason = f"Study Instance UID {part_study} is not the request's {study}"
         return outcome
     try:
-        result = archive.ingest_part10(data, source="stow")
+        result = archive.ingest_part10(data, source="stow", with_rows=with_rows)
     except DuplicateInstanceError as exc:
         outcome.failure, outcome.reason = DUPLICATE_SOP_INSTANCE, str(exc)
     except IdentityConflictError as exc:
@@ -193,14 +198,20 @@ async def read_parts(request: Request, max_bytes: int) -> list[Part]:
     return parts
 
 
-async def _store(request: Request, state: StateDep, base: str, study: str | None) -> Response:
+async def _store(
+    request: Request, state: StateDep, archive: Archive, base: str, study: str | None
+) -> Response:
     ranges = parse_accept(request.headers.get("accept"))
     if ranges and not any(r.matches(DICOM_JSON) or r.matches("application/json") for r in ranges):
         raise NotAcceptableError("the STOW-RS response is application/dicom+json")
     parts = await read_parts(request, state.max_upload_bytes)
+    with_rows = None
+    if state.auditor is not None:  # each instance's record commits with it
+        authorized = authorized_of(request.scope)
+        with_rows = state.auditor.stored_rows(authorized.caller, authorized.tenant, "STOW-RS")
 
     def store_all() -> list[PartOutcome]:
-        return [store_part(state.archive, part, study) for part in parts]
+        return [store_part(archive, part, study, with_rows) for part in parts]
 
     outcomes = await run_in_threadpool(store_all)
     stored = sum(1 for o in outcomes if o.failure is None)
@@ -218,12 +229,14 @@ async def _store(request: Request, state: StateDep, base: str, study: str | None
 
 
 @router.post("/studies", summary="Store instances")
-async def store_instances(request: Request, state: StateDep, base: BaseUrlDep) -> Response:
-    return await _store(request, state, base, None)
+async def store_instances(
+    request: Request, state: StateDep, archive: ArchiveDep, base: BaseUrlDep
+) -> Response:
+    return await _store(request, state, archive, base, None)
 
 
 @router.post("/studies/{study}", summary="Store instances of one study")
 async def store_study_instances(
-    study: str, request: Request, state: StateDep, base: BaseUrlDep
+    study: str, request: Request, state: StateDep, archive: ArchiveDep, base: BaseUrlDep
 ) -> Response:
-    return await _store(request, state, base, study)
+    return await _store(request, state, archive, base, study)

@@ -30,6 +30,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from kho.access.callers import Role
 from kho.archive.archive import Archive
 from kho.archive.catalog import InstanceRecord
 from kho.archive.query import engine as query
@@ -57,8 +58,9 @@ from kho.viewer_api.media import (
 )
 from kho.viewer_api.paths import frame_list
 from kho.viewer_api.responses import gzip_body, json_response
+from kho.viewer_api.security import requires
 
-router = APIRouter(tags=["WADO-RS"])
+router = APIRouter(tags=["WADO-RS"], dependencies=[requires(Role.VIEWER)])
 
 PIXEL_TAGS = frozenset({"7FE00010", "7FE00008", "7FE00009"})
 
@@ -184,9 +186,11 @@ def _documents(archive: Archive, base: str, records: list[InstanceRecord]) -> by
 
 
 def _cached_series(
-    state: ViewerState, base: str, series: str, records: list[InstanceRecord]
+    state: ViewerState,
+    cache_key: tuple[str, str, str],
+    records: list[InstanceRecord],
 ) -> tuple[bytes, bytes | None] | None:
-    cached = state.metadata_cache.get((series, base))
+    cached = state.metadata_cache.get(cache_key)
     if cached is not None and cached[0] == metadata.documents_key(records):
         return cached[1], cached[2]
     return None
@@ -194,21 +198,24 @@ def _cached_series(
 
 def _series_metadata(
     state: ViewerState,
+    archive: Archive,
     base: str,
     study: str,
     series: str,
     records: list[InstanceRecord] | None = None,
 ) -> tuple[bytes, bytes | None]:
-    """The series' documents joined (one read per instance), cached per series and base
-    URL until an instance is added, removed or replaced."""
+    """The series' documents joined (one read per instance), cached per tenant, series and
+    base URL until an instance is added, removed or replaced."""
     if records is None:
-        records = series_records(state.archive, study, series)
-    cached = _cached_series(state, base, series, records)
+        records = series_records(archive, study, series)
+    # the tenant first: two hospitals may hold the same series UID, and one base URL
+    # (/dicom-web) serves each caller's home tenant
+    cache_key = (archive.tenant, series, base)
+    cached = _cached_series(state, cache_key, records)
     if cached is not None:
         return cached
     key = metadata.documents_key(records)
-    cache_key = (series, base)
-    body = _documents(state.archive, base, records)
+    body = _documents(archive, base, records)
     gzipped = gzip_body(body)
     if len(state.metadata_cache) > 256:  # bounded: forget everything, refill on demand
         state.metadata_cache.clear()
@@ -217,35 +224,42 @@ def _series_metadata(
 
 
 @router.get("/studies/{study}/metadata", summary="Study metadata (DICOM JSON)")
-def study_metadata(study: str, request: Request, state: StateDep, base: BaseUrlDep) -> Response:
+def study_metadata(
+    study: str, request: Request, state: StateDep, archive: ArchiveDep, base: BaseUrlDep
+) -> Response:
     _check_json_accept(request)
-    records = series_records(state.archive, study, None)
+    records = series_records(archive, study, None)
     series_uids = list(dict.fromkeys(r.series_uid for r in records))
-    bodies = [_series_metadata(state, base, study, s)[0] for s in series_uids]
+    bodies = [_series_metadata(state, archive, base, study, s)[0] for s in series_uids]
     body = b"[" + b",".join(b[1:-1] for b in bodies if len(b) > 2) + b"]"
     return json_response(request, body)
 
 
 @router.get("/studies/{study}/series/{series}/metadata", summary="Series metadata (DICOM JSON)")
 async def series_metadata(
-    study: str, series: str, request: Request, state: StateDep, base: BaseUrlDep
+    study: str,
+    series: str,
+    request: Request,
+    state: StateDep,
+    archive: ArchiveDep,
+    base: BaseUrlDep,
 ) -> Response:
-    return await series_metadata_response(state, request, base, study, series)
+    return await series_metadata_response(state, archive, request, base, study, series)
 
 
 async def series_metadata_response(
-    state: ViewerState, request: Request, base: str, study: str, series: str
+    state: ViewerState, archive: Archive, request: Request, base: str, study: str, series: str
 ) -> Response:
     """The series' metadata: from the cache while the series' version is unchanged."""
     _check_json_accept(request)
     cached = None
-    version = metadata.series_version(state.archive, study, series)
+    version = metadata.series_version(archive, study, series)
     if version is not None:
-        found = state.metadata_cache.get((series, base))
+        found = state.metadata_cache.get((archive.tenant, series, base))
         if found is not None and found[0] == version:
             cached = found[1], found[2]
     if cached is None:
-        cached = await run_in_threadpool(_series_metadata, state, base, study, series)
+        cached = await run_in_threadpool(_series_metadata, state, archive, base, study, series)
     body, gzipped = cached
     return json_response(request, body, gzipped=gzipped)
 

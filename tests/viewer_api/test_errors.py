@@ -72,6 +72,8 @@ def test_error_mapping_is_complete() -> None:
     assert status_for(errors.DuplicateInstanceError("x")) == 409
     assert status_for(errors.StorageUnavailableError("x")) == 503
     assert status_for(errors.CatalogError("x")) == 503
+    assert status_for(errors.AuthenticationError("x")) == 401
+    assert status_for(errors.AccessDeniedError("x")) == 403
     assert status_for(RuntimeError("x")) == 500
 
 

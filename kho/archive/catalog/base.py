@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kho.archive.catalog.records import (
@@ -136,6 +136,20 @@ def recount_updates(
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class RowInsert:
+    """One row to insert with an instance's commit (``Catalog.commit_instance``): the
+    catalog knows nothing of what it means (an audit record, a forwarding task)."""
+
+    table: str
+    columns: tuple[str, ...]
+    values: tuple[Any, ...]
+
+    def statement(self) -> tuple[str, Sequence[Any]]:
+        marks = ", ".join("?" for _ in self.columns)
+        return f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES ({marks})", self.values
+
+
 class Catalog:
     """Catalog access shared by ingest, query, retrieval and the admin commands: the one
     interface of both engines (kho.archive.catalog.open_catalog picks one).
@@ -150,8 +164,11 @@ class Catalog:
     #: the engine's own errors, reported as CatalogError
     ENGINE_ERRORS: tuple[type[BaseException], ...] = ()
 
-    def __init__(self, url: str, *, synchronous_full: bool = True) -> None:
+    def __init__(self, url: str, *, synchronous_full: bool = True, tenant: str = "") -> None:
         self.url = url
+        #: the tenant (hospital) whose catalog this is; "" for the default tenant's, the
+        #: catalog of an archive from before tenants (kho.archive.catalog.open_catalog)
+        self.tenant = tenant
         self._local = threading.local()
         self._all_connections: list[tuple[threading.Thread, Any]] = []
         self._conn_lock = threading.Lock()
@@ -161,6 +178,11 @@ class Catalog:
 
     def _connect(self) -> Any:
         raise NotImplementedError
+
+    def tenants_present(self) -> list[str]:
+        """The tenants whose own catalog exists beside this (the default tenant's) one,
+        declared or not (see open_catalog's ``tenant``)."""
+        return []
 
     def sql(self, text: str) -> str:
         """Translate ``?`` placeholders for the engine."""
@@ -237,6 +259,7 @@ class Catalog:
         values: dict[str, Any],
         unfinished: bool,
         journalled: bool,
+        with_rows: Sequence[RowInsert] = (),
     ) -> bool:
         """A one-statement store of a new instance of an unchanged series, where the
         engine has one (PostgreSQL); whether it stored it (if not, nothing was written)."""
@@ -413,15 +436,23 @@ class Catalog:
         policy: str,
         unfinished: bool = False,
         journalled: bool = True,
+        with_rows: Sequence[RowInsert] = (),
     ) -> tuple[str, InstanceRecord | None]:
         """See _commit_instance; a PostgreSQL deadlock or serialisation failure (another
         ingest of the same patient, study or series) is retried: the transaction rolled
         back whole and the objects are already written.  ``journalled``: the objects'
-        prefix has a journal row (begin_pending) that a new instance's commit ends."""
+        prefix has a journal row (begin_pending) that a new instance's commit ends.
+        ``with_rows``: rows inserted in the same transaction when the instance is stored
+        or replaced (an audit record: durable exactly when the instance is)."""
         for attempt in range(5):
             try:
                 return self._commit_instance(
-                    attrs, record, policy=policy, unfinished=unfinished, journalled=journalled
+                    attrs,
+                    record,
+                    policy=policy,
+                    unfinished=unfinished,
+                    journalled=journalled,
+                    with_rows=with_rows,
                 )
             except CatalogError as exc:
                 if attempt == 4 or not _is_retryable(exc):
@@ -437,6 +468,7 @@ class Catalog:
         policy: str,
         unfinished: bool,
         journalled: bool,
+        with_rows: Sequence[RowInsert] = (),
     ) -> tuple[str, InstanceRecord | None]:
         """Make an instance visible, deciding duplicates inside the write transaction.
 
@@ -451,7 +483,7 @@ class Catalog:
         marks = ", ".join("?" for _ in INSTANCE_COLUMNS)
         hierarchy = hierarchy_values(attrs)
         if not attrs.sequences and self._commit_new_in_known_series(
-            attrs, hierarchy, values, unfinished, journalled
+            attrs, hierarchy, values, unfinished, journalled, with_rows
         ):
             return "stored", None
         with self.transaction():
@@ -478,6 +510,7 @@ class Catalog:
                     tail.append(_end_pending_statement(record.object_prefix))
                 if unfinished:  # a new SOP Instance UID has no queue row to clear
                     tail.append(_queue_statement(record, unfinished))
+                tail += [row.statement() for row in with_rows]
                 # last: these rows are shared by every instance of the series
                 tail += self._count_statements(
                     attrs.study_uid, attrs.series_uid, attrs.patient_key, +1
@@ -513,6 +546,8 @@ class Catalog:
                 # no moment passes where nothing refers to it
                 self._add_garbage([previous.pixels_key], GARBAGE_DELAY_S)
             self._queue_unfinished(record, unfinished)
+            if with_rows:
+                self.execute_batch([row.statement() for row in with_rows])
             return "replaced", previous
 
     def _replace_instance(
@@ -766,9 +801,13 @@ class Catalog:
             used.add(segment_of(key))
         return used
 
-    def register_spool(self, stems: Sequence[str], peer_url: str) -> None:
+    def register_spool(
+        self, stems: Sequence[str], peer_url: str, *, in_use: set[str] | None = None
+    ) -> None:
         """Record where the spools whose segments start with ``stems`` are served (this
-        process's, and those earlier processes left in the same folder)."""
+        process's, and those earlier processes left in the same folder).  ``in_use``:
+        the segments still referred to by every catalog sharing the spool (the tenants';
+        default: this catalog's)."""
         with self.transaction():
             for stem in stems:
                 self.execute(
@@ -779,12 +818,14 @@ class Catalog:
                 )
         # this host's older spools that nothing refers to any more (a day: readers that
         # loaded a row long ago find the instance moved, in the bucket)
-        in_use = {stem_of(segment) for segment in self.spool_segments_in_use()}
+        if in_use is None:
+            in_use = self.spool_segments_in_use()
+        used_stems = {stem_of(segment) for segment in in_use}
         rows = self.fetchall(
             "SELECT stem FROM spool_hosts WHERE peer_url = ? AND registered_at < ?",
             (peer_url, time.time() - 86400.0),
         )
-        unused = [stem for (stem,) in rows if stem not in in_use and stem not in stems]
+        unused = [stem for (stem,) in rows if stem not in used_stems and stem not in stems]
         if unused:
             with self.transaction():
                 for stem in unused:

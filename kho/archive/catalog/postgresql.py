@@ -13,15 +13,19 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from kho.archive.catalog.base import REQUEUE_SET, Catalog, in_list, recount_updates
+from kho.archive.catalog.base import REQUEUE_SET, Catalog, RowInsert, in_list, recount_updates
 from kho.archive.catalog.records import INSTANCE_COLUMNS, InstanceAttributes
 from kho.archive.catalog.schema import HIERARCHY_COLUMNS, SCHEMA, SCHEMA_VERSION, column_types
+from kho.archive.config import TENANT_NAME
 from kho.errors import CatalogError
 
 
 @functools.cache
-def _new_in_known_series_statement(journalled: bool, unfinished: bool) -> str:
+def _new_in_known_series_statement(
+    journalled: bool, unfinished: bool, with_rows: tuple[tuple[str, tuple[str, ...]], ...] = ()
+) -> str:
     """PostgreSQL: the whole ingest of a new instance into a patient, study and series the
     catalog holds with exactly its values (every instance of a series after its first), as
     one statement, committed on its own (one round trip, one WAL flush).  The instance row
@@ -60,6 +64,12 @@ def _new_in_known_series_statement(journalled: bool, unfinished: bool) -> str:
             "unjournalled AS (DELETE FROM pending WHERE object_prefix = %s "
             "AND EXISTS (SELECT 1 FROM ins))"
         )
+    for n, (row_table, row_columns) in enumerate(with_rows):  # only with the instance
+        marks = ", ".join("%s" for _ in row_columns)
+        parts.append(
+            f"with_row{n} AS (INSERT INTO {row_table} ({', '.join(row_columns)}) "
+            f"SELECT {marks} FROM ins)"
+        )
     return (
         f"WITH {', '.join(parts)} SELECT (SELECT count(*) FROM known), (SELECT count(*) FROM ins)"
     )
@@ -72,18 +82,42 @@ class PostgresCatalog(Catalog):
     ROW_LOCK = " FOR UPDATE"
     ENGINE_ERRORS = (psycopg.Error,)
 
-    def __init__(self, url: str, *, synchronous_full: bool = True) -> None:
-        super().__init__(url, synchronous_full=synchronous_full)
+    def __init__(self, url: str, *, synchronous_full: bool = True, tenant: str = "") -> None:
+        """``tenant``: the catalog of that tenant, in the schema ``tenant_<name>`` of the
+        same database (made if need be); "" for the default tenant's, in the schema the
+        connection starts in (public), as before tenants."""
+        if tenant and not re.fullmatch(TENANT_NAME, tenant):
+            raise CatalogError(f"tenant name {tenant!r} must match {TENANT_NAME}")
+        super().__init__(url, synchronous_full=synchronous_full, tenant=tenant)
+        #: the schema holding this tenant's tables ("" : the connection's default)
+        self.namespace = f"tenant_{tenant}" if tenant else ""
+        self._conninfo = url
+        if self.namespace:
+            # in the startup packet, no round trip: each DIMSE association's thread opens
+            # a connection of its own.  Only the tenant's schema: a table missing there
+            # must never be found in another (pg_catalog is searched implicitly).
+            # TENANT_NAME keeps the name a plain identifier there (lower case, no space)
+            given = conninfo_to_dict(url).get("options") or ""
+            options = f"{given} -c search_path={self.namespace}".strip()
+            self._conninfo = make_conninfo(url, options=options)
         self._create_schema()
 
     def _connect(self) -> Any:
         try:
-            return psycopg.connect(self.url, autocommit=True)
+            return psycopg.connect(self._conninfo, autocommit=True)
         except psycopg.Error as exc:
             raise CatalogError(f"cannot connect to the catalog: {exc}") from exc
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
+
+    def tenants_present(self) -> list[str]:
+        """Tenants with a schema (``tenant_<name>``) in this catalog's database."""
+        rows = self.fetchall(
+            "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, ?)", ("tenant_",)
+        )
+        names = (str(name).removeprefix("tenant_") for (name,) in rows)
+        return sorted(name for name in names if re.fullmatch(TENANT_NAME, name))
 
     def execute(self, text: str, params: Sequence[Any] = ()) -> Any:
         if getattr(self._local, "begin_unsent", False):
@@ -158,6 +192,8 @@ class PostgresCatalog(Catalog):
         # one DDL lock so several processes starting at once do not race
         with self.transaction():
             self.execute("SELECT pg_advisory_xact_lock(7301)")
+            if self.namespace:  # the tables below go into it (the first in search_path)
+                self.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.namespace}"')
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self.execute(statement)
@@ -197,6 +233,7 @@ class PostgresCatalog(Catalog):
         values: dict[str, Any],
         unfinished: bool,
         journalled: bool,
+        with_rows: Sequence[RowInsert] = (),
     ) -> bool:
         """PostgreSQL: store a new instance of a series the catalog holds unchanged in one
         statement (_new_in_known_series_statement); whether it was stored.  If not (a new
@@ -211,9 +248,12 @@ class PostgresCatalog(Catalog):
             params += [values["object_prefix"], time.time()]
         if journalled:
             params.append(values["object_prefix"])
+        for row in with_rows:
+            params += row.values
         # committed on its own: never part of a transaction the caller has open
         assert not getattr(self._local, "begin_unsent", False)
-        statement = _new_in_known_series_statement(journalled, unfinished)
+        shapes = tuple((row.table, row.columns) for row in with_rows)
+        statement = _new_in_known_series_statement(journalled, unfinished, shapes)
         row = self.execute(statement, params).fetchone()
         return bool(row and row[1])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kho.archive.catalog.base import Catalog
+from kho.archive.config import TENANT_NAME
 from kho.errors import CatalogError
 
 
@@ -22,10 +24,13 @@ class SqliteCatalog(Catalog):
     dialect = "sqlite"
     ENGINE_ERRORS = (sqlite3.Error,)
 
-    def __init__(self, path: str | Path, *, synchronous_full: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, *, synchronous_full: bool = True, tenant: str = ""
+    ) -> None:
+        """``tenant``: only recorded; its file is chosen by open_catalog."""
         self.path = Path(str(path).removeprefix("sqlite:///"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        super().__init__(f"sqlite:///{self.path}", synchronous_full=synchronous_full)
+        super().__init__(f"sqlite:///{self.path}", synchronous_full=synchronous_full, tenant=tenant)
         self._writer_thread_lock = threading.Lock()
         lock_path = self.path.with_name(self.path.name + ".writelock")
         self._writer_fd: int | None = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
@@ -41,6 +46,13 @@ class SqliteCatalog(Catalog):
         conn.execute("PRAGMA case_sensitive_like=ON")
         conn.execute("PRAGMA cache_size=-65536")
         return conn
+
+    def tenants_present(self) -> list[str]:
+        """Tenants with a catalog file beside this one (``<stem>-<tenant><suffix>``)."""
+        stem, suffix = self.path.stem, self.path.suffix
+        found = self.path.parent.glob(f"{stem}-*{suffix}")
+        names = (path.name[len(stem) + 1 : len(path.name) - len(suffix)] for path in found)
+        return sorted(name for name in names if re.fullmatch(TENANT_NAME, name))
 
     def close(self) -> None:
         if self._writer_fd is not None:

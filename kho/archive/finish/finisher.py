@@ -19,19 +19,28 @@ it.  A crash at any point leaves the instance intact and queued: its claim expir
 its process is found gone) and the work is redone, writing the same keys again.  Several
 processes on one catalog claim rows, so each instance is finished once.  Viewers asking
 before then get thumbnails and metadata made on request.
+
+Tenants: one Finisher serves every tenant (hospital) of the archive, its threads taking
+their work from each tenant's queue in turn.  ``finish_threads`` is what the host gives
+to finishing, whatever the number of hospitals (a Finisher per tenant would multiply the
+threads, and the CPU they compete for, by the tenants), and no hospital's backlog waits
+behind another's.  Garbage is collected in every tenant's catalog; the spool, which every
+tenant shares, loses a segment only when no tenant's catalog refers to it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from kho.archive import keys, metrics
 from kho.archive.catalog import GARBAGE_DELAY_S, HEADER_OBJECT, PIXELS_OBJECT
@@ -39,6 +48,7 @@ from kho.archive.dataset.attributes import extract_attributes, read_header
 from kho.archive.dataset.part10 import Part10Layout, parse_part10
 from kho.archive.finish.derived import allowance, arrived_compressed, fit_derived
 from kho.archive.finish.pixels import EncodedPixels, encode_pixels
+from kho.archive.finish.source import FinishingArchive
 from kho.archive.read.objects import compress
 from kho.errors import CatalogError, KhoError, ObjectNotFoundError, StorageError
 from kho.storage import put_objects
@@ -46,9 +56,19 @@ from kho.storage.spool import Spool, is_spool_key
 
 if TYPE_CHECKING:
     from kho.archive.catalog import InstanceRecord
-    from kho.archive.finish.source import FinishingArchive
 
 log = logging.getLogger(__name__)
+
+
+class TenantedArchive(FinishingArchive, Protocol):
+    """An archive whose tenants share one store, spool and Finisher (kho.archive.archive:
+    Archive, any tenant's)."""
+
+    def housekept_archives(self) -> Sequence[FinishingArchive]:
+        """Every tenant's archive, this one's among them (and those of tenants no
+        longer declared whose catalogs are still there)."""
+        ...
+
 
 #: a claim older than this is taken to be abandoned (its process hung or is on another
 #: host that died); finishing one instance takes well under a second
@@ -68,9 +88,10 @@ BUSY_BACKLOG = 2000
 
 
 class Finisher:
-    """Threads that finish queued instances; started on the first notify() or start()."""
+    """Threads that finish the queued instances of every tenant; started on the first
+    notify() or start().  ``archive``: the platform's (any tenant's) archive."""
 
-    def __init__(self, archive: FinishingArchive, threads: int = 0) -> None:
+    def __init__(self, archive: TenantedArchive, threads: int = 0) -> None:
         self.archive = archive
         self.threads = threads or os.cpu_count() or 1
         self._wake = threading.Event()
@@ -79,6 +100,12 @@ class Finisher:
         self._workers: list[threading.Thread] = []
         self._last_gc = 0.0
         self._busy = 0  # instances in hand in this process
+        self._turn = 0  # the tenant whose queue a thread looks at first (in turn)
+        # (notify count, until when) of a tenant whose queue was found empty: it is not
+        # asked again before then, unless work was queued (notified) since
+        self._idle: dict[int, tuple[int, float]] = {}
+        self._notices = itertools.count(1)  # next() is atomic: no notice is lost
+        self._notified = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -92,9 +119,14 @@ class Finisher:
                 self._workers.append(worker)
 
     def notify(self) -> None:
-        """Work was queued: wake (or start) the threads."""
+        """Work was queued (in any tenant): wake (or start) the threads."""
         if not self._workers:
             self.start()
+        self._rouse()
+
+    def _rouse(self) -> None:
+        """Wake the threads and have them look at every tenant's queue."""
+        self._notified = next(self._notices)
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -108,13 +140,22 @@ class Finisher:
     # --- the work ----------------------------------------------------------------------
 
     def drain(self, timeout: float | None = None) -> int:
-        """Finish everything queued, in this thread (``kho bench``, tests); how many.
+        """Finish everything queued in every tenant, in this thread (``kho bench``,
+        tests); how many.
 
         Rows other processes hold are left to them; returns when none is left to claim
         (an instance postponed by an outage is tried once, and left queued)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         done = 0
-        catalog = self.archive.catalog
+        for tenant in self.archive.housekept_archives():
+            done += self._drain(tenant, deadline)
+        self.collect_garbage(force=True)
+        return done
+
+    def _drain(self, tenant: FinishingArchive, deadline: float | None) -> int:
+        """drain() of one tenant's queue."""
+        done = 0
+        catalog = tenant.catalog
         # claims postponed by an outage stay held until the end: not claimed again here
         postponed: list[tuple[str, str]] = []
         try:
@@ -123,22 +164,27 @@ class Finisher:
                 if not claimed:
                     break
                 for sop_uid, prefix, attempts in claimed:
-                    done += self._finish_claimed(sop_uid, prefix, attempts, postponed)
+                    done += self._finish_claimed(
+                        sop_uid, prefix, attempts, postponed, archive=tenant
+                    )
         finally:
             for sop_uid, prefix in postponed:
                 with contextlib.suppress(KhoError):
                     catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
-        self.collect_garbage(force=True)
         return done
 
+    def unfinished_count(self) -> int:
+        """Instances queued in every tenant."""
+        return sum(t.catalog.unfinished_count() for t in self.archive.housekept_archives())
+
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Wait until the queue is empty (the threads, or another process, emptied it) and
-        this process's threads have put down what they held."""
+        """Wait until every tenant's queue is empty (the threads, or another process,
+        emptied it) and this process's threads have put down what they held."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.archive.catalog.unfinished_count() == 0 and self._busy == 0:
+            if self.unfinished_count() == 0 and self._busy == 0:
                 return True
-            self._wake.set()
+            self._rouse()
             time.sleep(0.05)
         return False
 
@@ -146,15 +192,15 @@ class Finisher:
         """Whether this host (any of its processes) is taking instances in: then the
         finisher waits (its Python parts would compete for the interpreter lock with the
         receiving threads, which a lower CPU priority does not help, and the bucket's server
-        does the work of its uploads at normal priority), unless the backlog has grown past
-        BUSY_BACKLOG, when one thread works on regardless so raw data cannot pile up
-        without bound under a sustained stream."""
+        does the work of its uploads at normal priority), unless the backlog (of every
+        tenant) has grown past BUSY_BACKLOG, when one thread works on regardless so raw
+        data cannot pile up without bound under a sustained stream."""
         if self.archive.seconds_since_ingest() > QUIET_S:
             return False
         first = self._workers[0] if self._workers else None
         if threading.current_thread() is first:
             try:
-                return self.archive.catalog.unfinished_count() < BUSY_BACKLOG
+                return self.unfinished_count() < BUSY_BACKLOG
             except KhoError:
                 return True
         return True
@@ -166,14 +212,12 @@ class Finisher:
                 self._stop.wait(QUIET_S / 2)
                 continue
             self._wake.clear()
-            try:
-                claimed = self.archive.catalog.claim_unfinished(1, LEASE_S, MAX_ATTEMPTS)
-            except KhoError as exc:
-                log.warning("finisher: cannot read the queue: %s", exc)
+            tenant, claimed, failed = self._claim_next()
+            if failed and not claimed:
                 self._stop.wait(IDLE_POLL_S)
                 continue
             for sop_uid, prefix, attempts in claimed:
-                self._finish_claimed(sop_uid, prefix, attempts)
+                self._finish_claimed(sop_uid, prefix, attempts, archive=tenant)
             try:
                 self.collect_garbage()  # at most every few seconds, busy or not
             except KhoError as exc:
@@ -181,53 +225,95 @@ class Finisher:
             if not claimed:
                 self._wake.wait(IDLE_POLL_S)
 
+    def _claim_next(self) -> tuple[FinishingArchive, list[tuple[str, str, int]], bool]:
+        """Claim one instance from the tenants' queues, each thread starting at the next
+        tenant (one hospital's backlog does not hold another's up); skips queues found
+        empty lately (IDLE_POLL_S) unless work was queued since.  Returns (the tenant's
+        archive, what was claimed, whether a queue could not be read)."""
+        try:
+            tenants = self.archive.housekept_archives()
+        except KhoError as exc:
+            log.warning("finisher: cannot open a tenant's catalog: %s", exc)
+            return self.archive, [], True
+        with self._lock:
+            first = self._turn
+            self._turn += 1
+        failed = False
+        for n in range(len(tenants)):
+            tenant = tenants[(first + n) % len(tenants)]
+            notified, now = self._notified, time.monotonic()
+            idle = self._idle.get(id(tenant))
+            if idle is not None and idle[0] == notified and idle[1] > now:
+                continue
+            try:
+                claimed = tenant.catalog.claim_unfinished(1, LEASE_S, MAX_ATTEMPTS)
+            except KhoError as exc:
+                log.warning("finisher: cannot read the queue: %s", exc)
+                failed = True
+                continue
+            if claimed:
+                return tenant, claimed, failed
+            self._idle[id(tenant)] = (notified, now + IDLE_POLL_S)
+        return self.archive, [], failed
+
     def _finish_claimed(
         self,
         sop_uid: str,
         prefix: str,
         attempts: int,
         postponed: list[tuple[str, str]] | None = None,
+        *,
+        archive: FinishingArchive | None = None,
     ) -> int:
-        """Finish one claimed instance; 1 if done.  Postponed by an outage, its claim is
-        given back (to the end of the queue), or kept and added to ``postponed``."""
+        """Finish one instance claimed in ``archive``'s catalog (default: the root's); 1
+        if done.  Postponed by an outage, its claim is given back (to the end of the
+        queue), or kept and added to ``postponed``."""
         with self._lock:
             self._busy += 1
         try:
-            return self._finish_counted(sop_uid, prefix, attempts, postponed)
+            tenant = self.archive if archive is None else archive
+            return self._finish_counted(tenant, sop_uid, prefix, attempts, postponed)
         finally:
             with self._lock:
                 self._busy -= 1
 
-    def _postpone(self, sop_uid: str, prefix: str, postponed: list[tuple[str, str]] | None) -> None:
+    def _postpone(
+        self,
+        tenant: FinishingArchive,
+        sop_uid: str,
+        prefix: str,
+        postponed: list[tuple[str, str]] | None,
+    ) -> None:
         if postponed is not None:
             postponed.append((sop_uid, prefix))
             return
         with contextlib.suppress(KhoError):
-            self.archive.catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
+            tenant.catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
         self._stop.wait(1.0)
 
     def _finish_counted(
         self,
+        tenant: FinishingArchive,
         sop_uid: str,
         prefix: str,
         attempts: int,
         postponed: list[tuple[str, str]] | None,
     ) -> int:
-        catalog = self.archive.catalog
+        catalog = tenant.catalog
         started = time.perf_counter()
         if attempts > MAX_ATTEMPTS:  # given up, still spooled: only copy it out, as received
             try:
-                if not self.move_out_of_spool(sop_uid, prefix):
+                if not self.move_out_of_spool(sop_uid, prefix, archive=tenant):
                     catalog.drop_unfinished(sop_uid, prefix)
             except KhoError as exc:
                 log.warning("finisher: %s stays in the spool for now: %s", sop_uid, exc)
-                self._postpone(sop_uid, prefix, postponed)
+                self._postpone(tenant, sop_uid, prefix, postponed)
             return 0
         try:
-            done = self.finish_one(sop_uid, prefix)
+            done = self.finish_one(sop_uid, prefix, archive=tenant)
         except (StorageError, CatalogError) as exc:  # an outage: give it back, retry later
             log.warning("finisher: %s postponed: %s", sop_uid, exc)
-            self._postpone(sop_uid, prefix, postponed)
+            self._postpone(tenant, sop_uid, prefix, postponed)
             return 0
         except Exception as exc:
             # a bug or an input no codec handles: never lose the instance, stop retrying
@@ -235,7 +321,7 @@ class Finisher:
             with contextlib.suppress(KhoError):
                 if attempts >= MAX_ATTEMPTS:
                     log.error("finisher: %s stays stored as received", sop_uid)
-                    if self.move_out_of_spool(sop_uid, prefix):
+                    if self.move_out_of_spool(sop_uid, prefix, archive=tenant):
                         return 0
                     catalog.drop_unfinished(sop_uid, prefix)
                 else:
@@ -245,10 +331,14 @@ class Finisher:
             metrics.FINISH_SECONDS.observe(time.perf_counter() - started)
         return int(done)
 
-    def finish_one(self, sop_uid: str, prefix: str) -> bool:
-        """Encode and derive one queued instance and switch its row; False if there was
-        nothing to do (replaced or removed meanwhile)."""
-        archive, catalog = self.archive, self.archive.catalog
+    def finish_one(
+        self, sop_uid: str, prefix: str, *, archive: FinishingArchive | None = None
+    ) -> bool:
+        """Encode and derive one queued instance of ``archive``'s tenant (default: the
+        root's) and switch its row; False if there was nothing to do (replaced or
+        removed meanwhile)."""
+        archive = self.archive if archive is None else archive
+        catalog = archive.catalog
         record = catalog.get_instance(sop_uid)
         if record is None or record.object_prefix != prefix:
             catalog.drop_unfinished(sop_uid, prefix)
@@ -315,11 +405,15 @@ class Finisher:
         catalog.end_pending(prefix)
         return switched
 
-    def move_out_of_spool(self, sop_uid: str, prefix: str) -> bool:
-        """Put a spooled instance into the object store as received, unfinished, and take
-        it off the queue (what is left of an instance no finishing succeeds on); False if
-        it is not spooled.  On a failure it stays queued, in the spool."""
-        archive, catalog = self.archive, self.archive.catalog
+    def move_out_of_spool(
+        self, sop_uid: str, prefix: str, *, archive: FinishingArchive | None = None
+    ) -> bool:
+        """Put a spooled instance of ``archive``'s tenant (default: the root's) into the
+        object store as received, unfinished, and take it off the queue (what is left of
+        an instance no finishing succeeds on); False if it is not spooled.  On a failure
+        it stays queued, in the spool."""
+        archive = self.archive if archive is None else archive
+        catalog = archive.catalog
         record = catalog.get_instance(sop_uid)
         if record is None or record.object_prefix != prefix:
             return False
@@ -348,7 +442,8 @@ class Finisher:
         return True
 
     def collect_garbage(self, *, force: bool = False) -> int:
-        """Delete objects whose grace period is over (at most every few seconds)."""
+        """Delete objects whose grace period is over, in every tenant (at most every few
+        seconds)."""
         now = time.monotonic()
         if not force and now - self._last_gc < IDLE_POLL_S:
             return 0
@@ -481,22 +576,45 @@ def _referenced(record: InstanceRecord) -> set[str]:
     return out
 
 
-def collect_garbage(archive: FinishingArchive, limit: int = 1000) -> int:
-    """Delete due garbage objects, then spool segments nothing refers to any more; how many
-    objects.  Safe in several processes at once."""
-    archive.catalog.fold_counters()  # PostgreSQL's pending instance counts
-    due = archive.catalog.due_garbage(limit)
-    for key in due:
-        archive.store.delete(key)
-    if due:
-        archive.catalog.forget_garbage(due)
+def collect_garbage(archive: TenantedArchive, limit: int = 1000) -> int:
+    """Delete due garbage objects of every tenant, then spool segments nothing refers to
+    any more; how many objects.  Safe in several processes at once.  A tenant whose
+    catalog fails does not hold the others up (its error is raised at the end)."""
+    collected = 0
+    failure: KhoError | None = None
+    for tenant in archive.housekept_archives():
+        catalog = tenant.catalog
+        try:
+            catalog.fold_counters()  # PostgreSQL's pending instance counts
+            due = catalog.due_garbage(limit)
+            for key in due:
+                tenant.store.delete(key)
+            if due:
+                catalog.forget_garbage(due)
+        except KhoError as exc:
+            failure = failure or exc
+            continue
+        collected += len(due)
     reclaim_spool(archive, archive.spool_reader)
-    return len(due)
+    if failure is not None:
+        raise failure
+    return collected
 
 
-def reclaim_spool(archive: FinishingArchive, spool: Spool, *, force: bool = False) -> int:
-    """Delete the spool segments that no process writes and no catalog row refers to (at
-    most every SPOOL_RECLAIM_S unless ``force``: the look-up reads every queued row)."""
+def spool_segments_in_use(archive: TenantedArchive) -> set[str]:
+    """The spool segments any tenant's catalog refers to.  The spool is the host's, one
+    for every tenant, and one segment holds instances of several: a segment one tenant
+    no longer needs may be another's only copy of an instance."""
+    used: set[str] = set()
+    for tenant in archive.housekept_archives():
+        used |= tenant.catalog.spool_segments_in_use()
+    return used
+
+
+def reclaim_spool(archive: TenantedArchive, spool: Spool, *, force: bool = False) -> int:
+    """Delete the spool segments that no process writes and no tenant's catalog row
+    refers to (at most every SPOOL_RECLAIM_S unless ``force``: the look-up reads every
+    queued row)."""
     now = time.monotonic()
     if not force and now - spool.last_reclaim < SPOOL_RECLAIM_S:
         return 0
@@ -504,11 +622,12 @@ def reclaim_spool(archive: FinishingArchive, spool: Spool, *, force: bool = Fals
     spool.retire_idle(0.0 if force else SPOOL_RECLAIM_S)  # an idle archive frees it all
     spool.remove_stale_makings()
     # unlocked first, references second: a segment is unlocked only after every
-    # instance in it was committed, so what the catalog shows then is complete
+    # instance in it was committed, so what the catalogs show then is complete (a
+    # catalog that cannot be read raises here, and nothing is deleted)
     with spool.unlocked_segments() as candidates:
         if not candidates:
             return 0
-        removed = spool.reclaim(archive.catalog.spool_segments_in_use(), candidates)
+        removed = spool.reclaim(spool_segments_in_use(archive), candidates)
     if removed:
         log.info("spool: %d segment(s) deleted", removed)
     return removed

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from pydicom.dataset import Dataset
 
 from kho.archive import keys, metrics
-from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT, InstanceRecord
+from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT, InstanceRecord, RowInsert
 from kho.archive.config import MissingUidPolicy
 from kho.archive.dataset.attributes import (
     CatalogValues,
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: a dataset's bytes, whole or as the fragments it arrived in
 DatasetBytes = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+#: the rows a door commits with an instance, from its attributes (see ingest_part10)
+RowsFor = Callable[[InstanceAttributes], Sequence[RowInsert]]
 
 
 class IngestOutcome(StrEnum):
@@ -75,6 +77,7 @@ def ingest_dimse(
     sop_class_uid: str,
     sop_instance_uid: str,
     source_ae: str = "",
+    with_rows: RowsFor | None = None,
 ) -> IngestResult:
     """Ingest a dataset received over DIMSE (its bytes, or its fragments in order): wrap it
     in a File Meta Information first."""
@@ -88,6 +91,7 @@ def ingest_dimse(
         expected_sop_class_uid=sop_class_uid,
         expected_sop_instance_uid=sop_instance_uid,
         source=f"dimse:{source_ae.strip()}",
+        with_rows=with_rows,
     )
 
 
@@ -100,8 +104,12 @@ def ingest_part10(
     source: str = "",
     lenient_identity: bool = False,
     defer: bool | None = None,
+    with_rows: RowsFor | None = None,
 ) -> IngestResult:
     """Ingest one DICOM file's bytes (see _ingest_part10), recording latency and outcome.
+
+    ``with_rows``: given the instance's attributes, rows to commit in the same transaction
+    as the instance when it is stored or replaced (a door's audit record).
 
     ``defer`` (default: the ``finish_in_background`` setting): store the instance as
     received and acknowledge it; the archive's finisher encodes the pixels and makes the
@@ -121,6 +129,7 @@ def ingest_part10(
             source=source,
             lenient_identity=lenient_identity,
             defer=defer,
+            with_rows=with_rows,
         )
     except Exception as exc:
         metrics.INGEST_OUTCOMES.labels(channel, type(exc).__name__).inc()
@@ -142,6 +151,7 @@ def _ingest_part10(
     source: str,
     lenient_identity: bool,
     defer: bool,
+    with_rows: RowsFor | None = None,
 ) -> IngestResult:
     """Ingest one DICOM file's bytes; raise InvalidDicomError / DatasetMismatchError /
     DuplicateInstanceError / StorageError, having made nothing visible.
@@ -181,7 +191,9 @@ def _ingest_part10(
             f"SOP Instance UID {attrs.sop_uid} is already stored with different content"
         )
 
-    prefix = keys.instance_prefix(attrs.study_uid, attrs.series_uid, attrs.sop_uid, sha)
+    prefix = keys.instance_prefix(
+        attrs.study_uid, attrs.series_uid, attrs.sop_uid, sha, tenant=catalog.tenant
+    )
     record = None
     try:
         record = _write_objects(archive, data, layout, ds, attrs, sha, prefix, source, defer)
@@ -191,6 +203,7 @@ def _ingest_part10(
             policy=archive.settings.duplicate_policy.value,
             unfinished=defer,
             journalled=not _spooled(archive, record),  # a spooled ingest wrote no object
+            with_rows=with_rows(attrs) if with_rows is not None else (),
         )
     except BaseException:
         _abandon(archive, prefix)
