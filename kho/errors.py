@@ -103,6 +103,12 @@ class AuthenticationError(KhoError, PermissionError):
     peer, A-ASSOCIATE-RJ (calling AE title not recognized)."""
 
 
+class IdentityProviderUnavailableError(AuthenticationError):
+    """The issuer's signing keys cannot be fetched and none are cached: the token may be
+    fine, so HTTP answers 503 with Retry-After (a client must retry, not log in again).
+    Still a refusal wherever it is caught as AuthenticationError."""
+
+
 class AccessDeniedError(KhoError, PermissionError):
     """A known caller asked for something no grant of theirs allows (role too low, another
     hospital's data, a DIMSE service not granted).  Maps to HTTP 403 and the DIMSE service's

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -242,7 +242,8 @@ class AeRegistry:
                 raise PeerRejectedError(
                     PeerRejection.WRONG_CALLED_AE, f"called AE title {called!r} is not this AE"
                 )
-            return open_caller(self.settings.default_tenant, address)
+            # named after its AE title: audit records and logs say which peer acted
+            return replace(open_caller(self.settings.default_tenant, address), name=calling)
         entry = self._entries.get(calling)
         if entry is None:
             raise PeerRejectedError(

@@ -48,7 +48,7 @@ import jwt
 
 from kho.access.callers import Caller, CallerKind, Grant, parse_grants
 from kho.archive.config import PLATFORM
-from kho.errors import AuthenticationError, ConfigError
+from kho.errors import AuthenticationError, ConfigError, IdentityProviderUnavailableError
 
 if TYPE_CHECKING:
     from kho.archive.config import Settings
@@ -262,7 +262,7 @@ class TokenVerifier:
             self._refresh(wait=True)
             keys = self._keys
             if keys is None:
-                raise AuthenticationError("issuer keys unavailable")
+                raise IdentityProviderUnavailableError("issuer keys unavailable")
         elif time.monotonic() - self._loaded_at > self._max_age_s:
             self._refresh_in_background()
         key = self._find(keys, kid, alg)

@@ -196,7 +196,8 @@ class Settings(BaseSettings):
         "that peers' certificates are checked against on kho's own TLS associations",
     )
     tls_require_client_cert: bool = Field(
-        False, description="DICOM TLS: refuse a handshake without a client certificate"
+        False,
+        description="DICOM TLS only (not HTTPS): refuse a handshake without a client certificate",
     )
     dicom_tls_port: int = Field(
         2762, ge=0, le=65535, description="DICOM TLS port (used when tls_cert_file is set)"
@@ -345,8 +346,19 @@ class Settings(BaseSettings):
                 raise ValueError(f"dicom_peers.{title}: tenant {peer.tenant!r} is not declared")
         if self.http_tls and not (self.tls_cert_file and self.tls_key_file):
             raise ValueError("http_tls needs tls_cert_file and tls_key_file")
-        if not self.dicom_plain and not self.tls_cert_file:
-            raise ValueError("dicom_plain = false needs tls_cert_file (a DICOM TLS port)")
+        if not self.dicom_plain and not self.dicom_tls:
+            raise ValueError(
+                "dicom_plain = false needs a DICOM TLS port (tls_cert_file, tls_key_file, "
+                "dicom_tls_port)"
+            )
+        if self.tls_require_client_cert and not self.tls_ca_file:
+            raise ValueError("tls_require_client_cert needs tls_ca_file (to check them against)")
+        bound = [t for t, p in self.dicom_peers.items() if p.tls_subject]
+        if bound and not (self.dicom_tls and self.tls_ca_file):
+            raise ValueError(
+                f"dicom_peers {bound} name a tls_subject: that needs a DICOM TLS port and "
+                "tls_ca_file"
+            )
         if self.oidc_issuer and not self.oidc_audience:
             raise ValueError("oidc_audience is required with oidc_issuer")
         return self

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kho.access.callers import Caller
+from kho.access.dicom_peers import REFUSAL_OBSERVERS, TLS_HANDSHAKE_FAILED, DicomRefusal
 from kho.archive.catalog import RowInsert
 from kho.audit import messages
 from kho.audit.journal import outbox_statement
@@ -94,8 +95,36 @@ class Auditor:
                 self.log_of(tenant)
         return self
 
+    def watch_dicom_refusals(self) -> Auditor:
+        """Record every refused association, refused DIMSE request and failed DICOM TLS
+        handshake of this process (kho.access.dicom_peers.REFUSAL_OBSERVERS) as a
+        Security Alert, until close()."""
+        if self.enabled and self._on_refusal not in REFUSAL_OBSERVERS:
+            REFUSAL_OBSERVERS.append(self._on_refusal)
+        return self
+
+    def _on_refusal(self, refusal: DicomRefusal) -> None:
+        if refusal.reason == TLS_HANDSHAKE_FAILED:
+            reason = AlertReason.TLS_FAILURE
+        elif refusal.service is None:
+            reason = AlertReason.REFUSED_ASSOCIATION
+        else:
+            reason = AlertReason.DENIED_REQUEST
+        what = f"{refusal.service}: " if refusal.service else ""
+        detail = f" ({refusal.detail})" if refusal.detail else ""
+        called = f" to {refusal.called_ae}" if refusal.called_ae else ""
+        self.security_alert(
+            reason,
+            user=refusal.calling_ae,
+            address=refusal.address,
+            description=f"DICOM {what}{refusal.reason}{called}{detail}",
+            tenant=refusal.tenant or None,
+        )
+
     def close(self) -> None:
         """Flush and stop (before the archive's catalogs close)."""
+        if self._on_refusal in REFUSAL_OBSERVERS:
+            REFUSAL_OBSERVERS.remove(self._on_refusal)
         with self._lock:
             self._closed = True
             logs, self._logs = list(self._logs.values()), {}

@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from kho.access.callers import Caller
     from kho.access.service import Access
     from kho.archive.archive import Archive
+    from kho.archive.catalog import InstanceRecord
+    from kho.archive.ingest.pipeline import RowsFor
+    from kho.audit.auditor import Auditor
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,8 @@ class Door:
         self.peers = access.peers
         self._client_tls: ssl.SSLContext | None = None
         self._client_tls_lock = threading.Lock()
+        #: the audit trail (kho serve sets one; None: nothing recorded)
+        self.auditor: Auditor | None = None
 
     def posture(self) -> str:
         """One line for the start-up log: who may associate."""
@@ -198,6 +203,56 @@ class Door:
             if self._client_tls is None:
                 self._client_tls = client_context(self.archive.settings)
             return self._client_tls
+
+    # --- audit (observers: never change an answer) -----------------------------------------
+
+    def stored_rows(self, session: PeerSession) -> RowsFor | None:
+        """The audit record a C-STORE commits with its instance."""
+        if self.auditor is None:
+            return None
+        return self.auditor.stored_rows(session.caller, session.archive.tenant, "C-STORE")
+
+    def audit_query(self, session: PeerSession, event: Event) -> None:
+        if self.auditor is None:
+            return
+        try:
+            identifier = getattr(event.request, "Identifier", None)
+            raw = identifier.getvalue() if identifier is not None else b""
+            self.auditor.query(
+                session.caller,
+                session.archive.tenant,
+                target=str(event.request.AffectedSOPClassUID),
+                query=raw,
+                transfer_syntax=str(event.context.transfer_syntax),
+                via="C-FIND",
+            )
+        except Exception:
+            log.exception("audit: a C-FIND was not recorded")
+
+    def audit_sent(
+        self,
+        session: PeerSession,
+        event: Event,
+        sent: list[InstanceRecord],
+        *,
+        via: str,
+        destination: tuple[str, tuple[str, int]] | None = None,
+    ) -> None:
+        if self.auditor is None or not sent:
+            return
+        try:
+            name, (host, port) = destination if destination else (session.caller.name, ("", 0))
+            self.auditor.sent(
+                session.caller,
+                session.archive.tenant,
+                [(r.study_uid, r.sop_class_uid, r.sop_uid) for r in sent],
+                via=via,
+                destination=name,
+                destination_address=f"{host}:{port}" if host else session.caller.address,
+                failed=bool(event.is_cancelled),
+            )
+        except Exception:
+            log.exception("audit: a %s was not recorded", via)
 
     def refuse(
         self,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from pynetdicom.events import Event
 
     from kho.archive.archive import Archive
-    from kho.archive.ingest.pipeline import DatasetBytes
+    from kho.archive.ingest.pipeline import DatasetBytes, RowsFor
     from kho.dicom_scp.door import Door
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def handle_association_open(event: Event, door: Door) -> None:
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
             calling_ae=ae,
+            with_rows=door.stored_rows(session),
         )
 
     fast_dimse.install(association, store)
@@ -70,6 +71,7 @@ def store_instance(
     sop_class_uid: str,
     sop_instance_uid: str,
     calling_ae: str,
+    with_rows: RowsFor | None = None,
 ) -> tuple[int, str | None]:
     """Ingest a C-STORE's dataset exactly as received (bytes, or its fragments in order):
     the status to answer (success only once durable) and an Error Comment for failures
@@ -82,6 +84,7 @@ def store_instance(
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
             source_ae=calling_ae,
+            with_rows=with_rows,  # the audit record, committed with the instance
         )
     except Exception as exc:  # every failure becomes a status; the association lives on
         status = store_status_for(exc)
@@ -122,5 +125,6 @@ def handle_store(event: Event, door: Door) -> int | Dataset:
         sop_class_uid=str(request.AffectedSOPClassUID),
         sop_instance_uid=str(request.AffectedSOPInstanceUID),
         calling_ae=event.assoc.requestor.ae_title,
+        with_rows=door.stored_rows(session),
     )
     return status if status == SUCCESS else status_dataset(status, comment)

@@ -454,6 +454,7 @@ def handle_find(event: Event, door: Door) -> Iterator[tuple[int | Dataset, Datas
     if session is None:
         yield status_dataset(NOT_AUTHORIZED, NOT_AUTHORIZED_COMMENT), None
         return
+    door.audit_query(session, event)
     yield from find(event, session.archive)
 
 
@@ -637,11 +638,16 @@ def handle_get(event: Event, door: Door) -> Iterator[Any]:
         yield 1
         yield status_dataset(NOT_AUTHORIZED, NOT_AUTHORIZED_COMMENT), None
         return
-    yield from get(event, session.archive)
+    sent: list[InstanceRecord] = []
+    try:
+        yield from get(event, session.archive, sent)
+    finally:  # what was sent, once pynetdicom is done with the generator
+        door.audit_sent(session, event, sent, via="C-GET")
 
 
-def get(event: Event, archive: Archive) -> Iterator[Any]:
-    """C-GET: C-STORE sub-operations over the requesting association."""
+def get(event: Event, archive: Archive, sent: list[InstanceRecord] | None = None) -> Iterator[Any]:
+    """C-GET: C-STORE sub-operations over the requesting association (the instances
+    offered are added to ``sent``)."""
     try:
         records = _retrieve_records(event, archive, GET_MODELS)
     except Refusal as refusal:
@@ -655,6 +661,8 @@ def get(event: Event, archive: Archive) -> Iterator[Any]:
         if event.is_cancelled:
             yield CANCEL, None
             return
+        if sent is not None:
+            sent.append(record)
         yield PENDING, StoredInstance(record)
 
 
@@ -784,9 +792,18 @@ def handle_move(event: Event, door: Door) -> Iterator[Any]:
     if address is None:
         yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
         return
-    yield from move(
-        event, session.archive, destination_ae, address, door.destination_tls(destination_ae)
-    )
+    sent: list[InstanceRecord] = []
+    try:
+        yield from move(
+            event,
+            session.archive,
+            destination_ae,
+            address,
+            door.destination_tls(destination_ae),
+            sent,
+        )
+    finally:  # what was sent, once pynetdicom is done with the generator
+        door.audit_sent(session, event, sent, via="C-MOVE", destination=(destination_ae, address))
 
 
 def _refuse_move(event: Event, status: int, comment: str) -> Iterator[Any]:
@@ -806,6 +823,7 @@ def move(
     destination_ae: str,
     address: tuple[str, int],
     tls: ssl.SSLContext | None = None,
+    sent: list[InstanceRecord] | None = None,
 ) -> Iterator[Any]:
     """C-MOVE: yields the destination, the sub-operation count, then one placeholder per
     instance; pynetdicom opens the association and counts the sub-operations.  ``tls``:
@@ -866,6 +884,8 @@ def move(
         if event.is_cancelled:
             yield CANCEL, None
             return
+        if sent is not None:
+            sent.append(record)
         yield PENDING, StoredInstance(record)
 
 

@@ -169,22 +169,22 @@ class ConnectionGate:
         with self._lock:
             self._waiting = deque(a for a in self._waiting if fast_dimse.awaiting_request(a))
             while len(self._waiting) >= self.waiting_limit:
-                fast_dimse.drop_connection(self._waiting.popleft())
-                self.closed_waiting += 1
+                self.closed_waiting += 1  # before the close its peer may already see
                 self._closed_since_log += 1
+                fast_dimse.drop_connection(self._waiting.popleft())
             self._waiting.append(association)
             self._log_evictions("an A-ASSOCIATE-RQ", association.requestor.address)
 
     def handshake_started(self, sock: ssl.SSLSocket, address: str) -> None:
-        """A TLS connection begins its handshake (in its own thread): beyond
-        ``waiting_limit`` handshakes under way, the oldest is closed (its thread's handshake
-        fails at once)."""
+        """A TLS connection is accepted (the accept loop calls this, so in order of
+        arrival); its handshake follows in its own thread.  Beyond ``waiting_limit``
+        handshakes under way the oldest is closed: its thread's handshake fails at once."""
         with self._lock:
             while len(self._handshaking) >= self.waiting_limit:
                 oldest = self._handshaking.pop(next(iter(self._handshaking)))
-                _shut(oldest)
                 self.closed_waiting += 1
                 self._closed_since_log += 1
+                _shut(oldest)
             self._handshaking[id(sock)] = sock
             self._log_evictions("a completed TLS handshake", address)
 
@@ -372,16 +372,14 @@ class DicomServer:
                 handshake_timeout=self.gate.artim_timeout,
             )
             self._server = self._server or self._tls
+            if settings.tls_require_client_cert:
+                client_certificates = "required"
+            elif settings.tls_ca_file:
+                client_certificates = "verified when sent"
+            else:
+                client_certificates = "not asked for"
             started.append(
-                f"{settings.host}:{self.tls_port} (TLS; client certificates "
-                + (
-                    "required"
-                    if settings.tls_require_client_cert
-                    else "verified when sent"
-                    if settings.tls_ca_file
-                    else "not asked for"
-                )
-                + ")"
+                f"{settings.host}:{self.tls_port} (TLS; client certificates {client_certificates})"
             )
         log.info(
             "DICOM server %s listening on %s (%s)",

@@ -24,6 +24,7 @@ from kho.errors import (
     DatasetMismatchError,
     DuplicateInstanceError,
     IdentityConflictError,
+    IdentityProviderUnavailableError,
     InvalidDicomError,
     InvalidKeyError,
     KhoError,
@@ -117,6 +118,8 @@ def access_error_response(exc: AuthenticationError | AccessDeniedError) -> Respo
     """401 (with the challenge RFC 6750 asks for) or 403, as JSON.  The message says what
     was wrong with the credential or the grant; it never names patient data (the errors
     are raised before anything is looked up)."""
+    if isinstance(exc, IdentityProviderUnavailableError):  # the token may be fine
+        return _json_error(503, "unavailable", str(exc), {"Retry-After": "5"})
     if isinstance(exc, AuthenticationError):
         return _json_error(
             401, "unauthorized", str(exc), {"WWW-Authenticate": 'Bearer realm="kho"'}
