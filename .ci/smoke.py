@@ -204,6 +204,29 @@ def stop(server: subprocess.Popen[bytes]) -> None:
             server.wait()
 
 
+def check_viewer(origin: str, timeout_s: float = 240.0) -> None:
+    """The start page answers at once; the OHIF viewer once kho serve has installed it
+    (downloaded from the npm registry, integrity checked, in the background on first
+    start): the README's first command brings up a working viewer."""
+    content_type, body = get(f"{origin}/", "text/html")
+    expect(content_type.startswith("text/html"), f"the start page is {content_type}")
+    step(f"start page: 200 {content_type.split(';')[0]}, {len(body)} B")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{origin}/viewer/", timeout=HTTP_TIMEOUT_S) as response:
+                page = response.read()
+                break
+        except urllib.error.HTTPError as exc:
+            expect(exc.code == 503, f"/viewer/ answered {exc.code} while installing")
+        expect(time.monotonic() < deadline, f"/viewer/ not installed within {timeout_s:.0f} s")
+        time.sleep(2)
+    expect(b"app-config.js" in page, "/viewer/ is not OHIF's page")
+    content_type, config = get(f"{origin}/viewer/app-config.js")
+    expect(b"dicom-web" in config, "the viewer's app-config.js does not point at kho's DICOMweb")
+    step(f"OHIF viewer: 200, app-config.js {len(config)} B")
+
+
 def main() -> int:
     expect(Path(STORESCU).exists(), f"{STORESCU} is missing: apt-get install dcmtk")
     workdir = Path(tempfile.mkdtemp(prefix="kho-smoke-"))
@@ -228,6 +251,7 @@ def main() -> int:
         step(f"kho serve (pid {server.pid}) answers")
         send_study(dicom_port)
         check_retrieval(base)
+        check_viewer(f"http://127.0.0.1:{http_port}")
         log_text = log_path.read_text(errors="replace")
         expect("Traceback" not in log_text, "the server logged a traceback")
         ok = True

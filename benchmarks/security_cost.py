@@ -8,6 +8,8 @@ directory:
   secured       auth on: the sender a registered AE of tenant hosp-a, HTTP requests with
                 an API key of hosp-a (viewer), every instance in hosp-a's own catalog,
                 audit on (every store's record committed with it, reads recorded)
+  tls           as audit, over TLS: storescu +tls (the BCP 195 profile, +px) to the DICOM
+                TLS port, HTTPS for the requests (certificates made for the run)
 
 Per round and variant: a CT series (kho.bench.phantom) sent by dcmtk storescu over 4
 associations (instances/s until the last acknowledgement), the finisher's queue waited
@@ -16,7 +18,8 @@ stored frame, a thumbnail) with httpx on one keep-alive connection: medians.  Va
 take turns within each round, so the machine's drift weighs on all alike.  Reports
 medians, ranges over rounds, ratios (ingest) and differences (ms) against ``open``.
 
-Targets (issues 15 and 16): ingest >= 0.9x and DICOMweb medians within +0.3 ms.
+Targets (issues 15 and 16): ingest >= 0.9x and DICOMweb medians within +0.3 ms (secured and
+audit against open); tls is reported, without a target (issue 16 asks for the figure).
 
     python -m benchmarks.security_cost [--slices 150] [--rounds 3] [--requests 300]
 """
@@ -40,14 +43,22 @@ import httpx
 
 from benchmarks.common import machine, summary, write_results
 from benchmarks.ingest import kho_target, send
+from tests.helpers import dcmtk
+from tests.helpers.certs import Pki, make_pki
 
-VARIANTS = ("open", "audit", "secured")
+VARIANTS = ("open", "audit", "secured", "tls")
 TENANT = "hosp-a"
 STORED_FRAME = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 
 
-def variant_env(variant: str) -> dict[str, str]:
+def variant_env(variant: str, pki: Pki | None = None, tls_port: int = 0) -> dict[str, str]:
     env = {"KHO_AUDIT": "false" if variant == "open" else "true"}
+    if variant == "tls" and pki is not None:
+        env["KHO_TLS_CERT_FILE"] = str(pki.server.cert)
+        env["KHO_TLS_KEY_FILE"] = str(pki.server.key)
+        env["KHO_TLS_CA_FILE"] = str(pki.ca.cert)
+        env["KHO_DICOM_TLS_PORT"] = str(tls_port)
+        env["KHO_HTTP_TLS"] = "true"
     if variant == "secured":
         env["KHO_AUTH"] = "on"
         env["KHO_TENANTS"] = json.dumps([TENANT])
@@ -78,17 +89,46 @@ def _base_env() -> dict[str, str]:
 
 
 @contextmanager
-def http_client(port: int, key: str | None) -> Iterator[httpx.Client]:
+def http_client(port: int, key: str | None, pki: Pki | None = None) -> Iterator[httpx.Client]:
     headers = {"X-API-Key": key} if key else {}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as c:
-        yield c
+    scheme = "https" if pki is not None else "http"
+    verify: Any = str(pki.ca.cert) if pki is not None else True
+    with httpx.Client(
+        base_url=f"{scheme}://localhost:{port}", headers=headers, timeout=60, verify=verify
+    ) as client:
+        yield client
+
+
+def send_tls(port: int, files: list[Path], associations: int, pki: Pki) -> float:
+    """As benchmarks.ingest.send, over TLS (anonymous client, kho's certificate verified)."""
+    chunks = [files[i::associations] for i in range(associations)]
+    options = ["+tla", "+cf", str(pki.ca.cert), "+px"]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [dcmtk.tool("storescu"), "-xe", "-aec", "KHO", *options, "localhost", str(port)]
+            + [str(f) for f in chunk],
+            env=dcmtk.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    errors = []
+    for proc in procs:
+        _out, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            errors.append(err.decode(errors="replace")[-500:])
+    if errors:
+        raise RuntimeError(f"storescu +tls failed: {errors[0]}")
+    return time.perf_counter() - start
 
 
 def http_port_of(log: Path) -> int:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for line in log.read_text(errors="replace").splitlines():
-            if "HTTP (DICOMweb) on http://" in line:
+            if "HTTP (DICOMweb) on http" in line:
                 return int(line.rsplit(":", 1)[1].split("/")[0])
         time.sleep(0.1)
     raise TimeoutError("no HTTP port in the log")
@@ -123,14 +163,21 @@ def measure_http(client: httpx.Client, requests: int) -> dict[str, float]:
     return out
 
 
-def run_variant(variant: str, files: list[Path], work: Path, requests: int) -> dict[str, Any]:
-    env = variant_env(variant)
+def run_variant(
+    variant: str, files: list[Path], work: Path, requests: int, pki: Pki
+) -> dict[str, Any]:
+    tls_port = dcmtk.free_port()
+    env = variant_env(variant, pki, tls_port)
     data = work / "kho-data"
     key = make_key(data, env) if variant == "secured" else None
+    tls = pki if variant == "tls" else None
     with kho_target(work, env) as (port, _pids):
-        seconds = send(port, files, 4, "KHO")
+        if tls is not None:
+            seconds = send_tls(tls_port, files, 4, tls)
+        else:
+            seconds = send(port, files, 4, "KHO")
         http = http_port_of(work / f"serve-{port}.log")
-        with http_client(http, key) as client:
+        with http_client(http, key, tls) as client:
             # the finisher's queue: polled through the catalog file of the tenant
             tenant_file = f"catalog-{TENANT}.sqlite3" if variant == "secured" else "catalog.sqlite3"
             catalog = data / tenant_file
@@ -165,24 +212,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kho-security-cost-") as tmp:
         root = Path(tmp)
         files = write_ct_series(root / "corpus", args.slices)
+        pki = make_pki(root / "pki")
         for round_number in range(args.rounds):
             for variant in args.variants:
                 work = root / f"{variant}-{round_number}"
                 work.mkdir()
-                got = run_variant(variant, files, work, args.requests)
+                got = run_variant(variant, files, work, args.requests, pki)
                 results[variant].append(got)
                 print(f"round {round_number + 1} {variant}: {got}", flush=True)
     report: dict[str, Any] = {"machine": machine(), "slices": args.slices, "variants": {}}
-    reference = results.get("open")
+    # what each variant adds: auth and tenants or the audit trail to the open archive; TLS
+    # to the audited one (the same server but for the transport)
+    baselines = {"audit": "open", "secured": "open", "tls": "audit"}
     for variant, runs in results.items():
         entry: dict[str, Any] = {}
         for measure in runs[0]:
             entry[measure] = summary([r[measure] for r in runs])
-        if reference and variant != "open":
-            ingest = [r["instances_per_s"] for r in runs]
-            base = [r["instances_per_s"] for r in reference]
-            entry["ingest_ratio_vs_open"] = statistics.median(ingest) / statistics.median(base)
-            entry["ms_vs_open"] = {
+        base_name = baselines.get(variant)
+        reference = results.get(base_name) if base_name else None
+        if reference:
+            ingest = statistics.median(r["instances_per_s"] for r in runs)
+            base = statistics.median(r["instances_per_s"] for r in reference)
+            entry[f"ingest_ratio_vs_{base_name}"] = ingest / base
+            entry[f"ms_vs_{base_name}"] = {
                 m: statistics.median(r[m] for r in runs)
                 - statistics.median(r[m] for r in reference)
                 for m in runs[0]

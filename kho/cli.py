@@ -1,4 +1,4 @@
-"""The `kho` command: serve | import | bench | verify | stats | keys."""
+"""The `kho` command: serve | import | bench | verify | stats | keys | share | audit | viewer."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from kho.errors import KhoError
 
 if TYPE_CHECKING:
     from kho.access.api_keys import ApiKeys
+    from kho.access.links import ShareLinks
 
 log = logging.getLogger("kho")
 
@@ -107,10 +109,12 @@ def _log_security_posture(
     )
     host = settings.host or "*"
     log.info(
-        "security: DICOM %s on %s:%d, HTTP on %s:%d",
+        "security: DICOM %s on %s:%s%s, %s on %s:%d",
         settings.ae_title,
         host,
-        dicom_port,
+        dicom_port if settings.dicom_plain else "(no plain port)",
+        f", DICOM TLS on {host}:{settings.dicom_tls_port}" if settings.dicom_tls else "",
+        "HTTPS (HSTS)" if settings.http_tls else "HTTP",
         host,
         http_port,
     )
@@ -174,24 +178,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kho.viewer_api.server import HttpServer
 
     access = Access(settings, archive)  # one key cache and registry for both doors
-    auditor = Auditor(archive).start()  # one audit trail for both doors
+    auditor = Auditor(archive).start().watch_dicom_refusals()  # one trail for both doors
     auditor.application(started=True)
     server = DicomServer(archive, reuse_port=args.worker, access=access)
-    server.door.auditor = auditor  # type: ignore[attr-defined]
+    server.door.auditor = auditor
     server.start()
     http = HttpServer(
         archive, host=settings.host, port=settings.http_port, reuse_port=args.worker, access=access
     )
     http.app.state.viewer.auditor = auditor
     http.start()
+    hl7 = None
+    if settings.hl7_port:  # the HIS's patients and orders (kho.hl7)
+        from kho.hl7.server import Hl7Server
+
+        hl7 = Hl7Server(archive, access=access, auditor=auditor).start()
+    if not args.worker:  # the OHIF viewer on first start (kho.viewer_api.ohif)
+        from kho.viewer_api.ohif import install_in_background
+
+        http.app.state.viewer_files.pending = install_in_background(settings)
     if not args.worker:
         _log_security_posture(settings, archive, server.port, http.port)
     # lines the tests and scripts wait for
     print(f"kho: DICOM {settings.ae_title} on {settings.host}:{server.port}", flush=True)
-    print(f"kho: HTTP (DICOMweb) on http://{settings.host}:{http.port}/dicom-web", flush=True)
+    if server.tls_port is not None:
+        print(
+            f"kho: DICOM TLS {settings.ae_title} on {settings.host}:{server.tls_port}", flush=True
+        )
+    print(
+        f"kho: HTTP (DICOMweb) on {http.scheme}://{settings.host}:{http.port}/dicom-web", flush=True
+    )
+    print(
+        f"kho: viewer on {http.scheme}://{settings.host}:{http.port}/ (OHIF at /viewer/)",
+        flush=True,
+    )
+    if hl7 is not None:
+        print(f"kho: HL7 (MLLP) on {settings.host}:{hl7.port}", flush=True)
     try:
         stop.wait()
     finally:
+        if hl7 is not None:
+            hl7.stop()
         http.stop()
         server.stop()
         auditor.application(started=False)
@@ -229,7 +256,13 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, workers: int) -
     argv += ["serve", "--worker", "--data-dir", str(settings.data_dir)]
     argv += ["--ae-title", settings.ae_title, "--host", settings.host]
     argv += ["--port", str(settings.dicom_port), "--http-port", str(settings.http_port)]
-    children = [subprocess.Popen(argv) for _ in range(workers)]
+    # one HL7 listener per host: the first worker's (MLLP connections are long-lived and
+    # few; the port is not shared)
+    quiet_hl7 = {**os.environ, "KHO_HL7_PORT": "0"}
+    children = [subprocess.Popen(argv, env=None if i == 0 else quiet_hl7) for i in range(workers)]
+    from kho.viewer_api.ohif import install_in_background
+
+    install_in_background(settings)  # the workers find it once it is in place
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -476,6 +509,135 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- share ------------------------------------------------------------------------------
+
+
+def _share_links(archive: Archive, settings: Settings) -> ShareLinks:
+    from kho.access.links import ShareLinks
+
+    # the platform catalog, as API keys: every kho serve process checks links there
+    return ShareLinks(archive.catalog, settings.tenant_names)
+
+
+def _share_base(settings: Settings, base_url: str | None) -> str:
+    """Where patients reach this archive: --base-url, else the public_url setting (the
+    address a reverse proxy publishes), else the HTTP address kho serves."""
+    public = base_url or str(getattr(settings, "public_url", "") or "")
+    if public:
+        return public.rstrip("/")
+    scheme = "https" if settings.http_tls else "http"
+    host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+    return f"{scheme}://{host}:{settings.http_port}"
+
+
+def cmd_share_create(args: argparse.Namespace) -> int:
+    from kho.access.callers import Grant, Role
+    from kho.access.links import LinkInputError, present_studies
+    from kho.archive.config import PLATFORM
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    tenant = args.tenant or settings.default_tenant
+    if tenant not in settings.tenant_names:
+        print(f"kho: no tenant {tenant!r} (tenants: {settings.tenant_names})", file=sys.stderr)
+        return 2
+    # the person at the command line holds the data directory: the platform's admin
+    maker = Caller(CallerKind.OPEN, _local_user().name, frozenset({Grant(Role.ADMIN, PLATFORM)}))
+    with Archive(settings) as archive:
+        if not present_studies(archive.for_tenant(tenant).catalog, [args.study]):
+            print(f"kho: no study {args.study} in tenant {tenant!r}", file=sys.stderr)
+            return 1
+        try:
+            made = _share_links(archive, settings).create_share(
+                tenant, [args.study], created_by=maker, expires_s=args.expires, pin=args.pin
+            )
+        except LinkInputError as exc:
+            print(f"kho: {exc}", file=sys.stderr)
+            return 2
+        _audit_credentials(
+            archive,
+            f"share link {made.link_id} made for 1 study in {tenant}"
+            + (", with PIN" if made.has_pin else ""),
+        )
+    url = f"{_share_base(settings, args.base_url)}/s/{made.text}"
+    if args.qr:
+        from kho.viewer_api.share import qr_code
+
+        qr_path = Path(args.qr)
+        qr_path.write_bytes(qr_code(url, "png" if qr_path.suffix.lower() == ".png" else "svg"))
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(made.expires))
+    if args.json:
+        payload = {
+            "id": made.link_id,
+            "url": url,
+            "tenant": tenant,
+            "study": args.study,
+            "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made.expires)),
+            "pin": made.has_pin,
+            "qr": args.qr,
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    # the URL alone on stdout (URL=$(kho share create ...)); the words around it on stderr
+    print(
+        f"share link {made.link_id} for study {args.study} ({tenant}), valid until {expires}"
+        + (", PIN required" if made.has_pin else "")
+        + ":",
+        file=sys.stderr,
+    )
+    print(url, flush=True)
+    print(
+        "The link is not shown again (kho keeps only its SHA-256)."
+        + (f" QR code: {args.qr}." if args.qr else "")
+        + f" Withdraw it with: kho share revoke {made.link_id}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_share_list(args: argparse.Namespace) -> int:
+    from kho.access.links import LinkKind
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    kinds = [LinkKind.SHARE, LinkKind.LAUNCH] if args.all else [LinkKind.SHARE]
+    with Archive(settings) as archive:
+        infos = _share_links(archive, settings).list(kinds, tenant=args.tenant)
+    if args.json:
+        print(json.dumps([info.as_dict() for info in infos], indent=2))
+        return 0
+    if not infos:
+        print("no share links (kho share create --study UID)")
+        return 0
+    print(f"{'ID':12}  {'KIND':6}  {'STATE':12}  {'EXPIRES':20}  {'PIN':3}  {'USES':>4}  STUDY")
+    for info in infos:
+        shown = info.as_dict()
+        study = info.studies[0] + (f" (+{len(info.studies) - 1})" if len(info.studies) > 1 else "")
+        print(
+            f"{info.link_id:12}  {info.kind.value:6}  {info.state.value:12}  "
+            f"{shown['expires']!s:20}  {'yes' if info.has_pin else 'no':3}  {info.uses:>4}  "
+            f"{info.tenant}/{study}"
+        )
+    return 0
+
+
+def cmd_share_revoke(args: argparse.Namespace) -> int:
+    from kho.access.links import link_id_of
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    link_id = link_id_of(args.link_id)
+    with Archive(settings) as archive:
+        revoked = link_id is not None and _share_links(archive, settings).revoke(link_id)
+        if revoked:
+            _audit_credentials(archive, f"share link {link_id} revoked")
+    if not revoked:
+        print(f"kho: no valid share link {args.link_id!r} (kho share list)", file=sys.stderr)
+        return 1
+    print(f"revoked share link {link_id}: its page and images are refused from now on")
+    return 0
+
+
 # --- bench ------------------------------------------------------------------------------
 
 
@@ -634,6 +796,37 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", metavar="KEY_ID", help="its id (kho keys list), or the key")
     revoke.set_defaults(func=cmd_keys_revoke)
 
+    share = sub.add_parser(
+        "share", help="share links for patients (one study; expiry, PIN, revocable)"
+    )
+    share_sub = share.add_subparsers(dest="share_command", required=True)
+    share_create = share_sub.add_parser("create", help="make a link and print its URL (once)")
+    common(share_create)
+    share_create.add_argument("--study", required=True, help="Study Instance UID")
+    share_create.add_argument("--tenant", help="the hospital (default: the default tenant)")
+    share_create.add_argument(
+        "--expires", default="7d", help="how long it works: 30m, 12h, 7d, 2w (default 7d; max 90d)"
+    )
+    share_create.add_argument("--pin", help="4-12 digits the patient must type (sent apart)")
+    share_create.add_argument(
+        "--base-url",
+        help="the address patients reach kho at (https://pacs.example.org); default: "
+        "public_url, else the HTTP address from the settings",
+    )
+    share_create.add_argument("--qr", metavar="FILE", help="write the QR code (.svg or .png)")
+    share_create.add_argument("--json", action="store_true")
+    share_create.set_defaults(func=cmd_share_create)
+    share_list = share_sub.add_parser("list", help="every link: id, state, expiry, uses")
+    common(share_list)
+    share_list.add_argument("--tenant", help="one tenant's links only")
+    share_list.add_argument("--all", action="store_true", help="launch tokens too")
+    share_list.add_argument("--json", action="store_true")
+    share_list.set_defaults(func=cmd_share_list)
+    share_revoke = share_sub.add_parser("revoke", help="withdraw a link at once")
+    common(share_revoke)
+    share_revoke.add_argument("link_id", metavar="ID", help="its id (kho share list)")
+    share_revoke.set_defaults(func=cmd_share_revoke)
+
     audit = sub.add_parser("audit", help="the audit trail: verify its chain, search it")
 
     def tenants(p: argparse.ArgumentParser) -> None:
@@ -660,6 +853,37 @@ def build_parser() -> argparse.ArgumentParser:
     audit_search.add_argument("--limit", type=int, default=100)
     audit_search.add_argument("--json", action="store_true")
     audit_search.set_defaults(func=cmd_audit_search)
+
+    viewer = sub.add_parser("viewer", help="the OHIF viewer served at /viewer/")
+    viewer_sub = viewer.add_subparsers(dest="viewer_command", required=True)
+    viewer_install = viewer_sub.add_parser(
+        "install",
+        help="install OHIF (@ohif/app) from the npm registry, or offline from a tarball; "
+        "its SHA-512 is checked before anything is unpacked",
+    )
+    common(viewer_install)
+    viewer_install.add_argument(
+        "--from", dest="from_file", metavar="FILE", help="an @ohif/app .tgz (offline)"
+    )
+    viewer_install.add_argument(
+        "--sha512", help="the file's expected SHA-512 (sha512-<base64> or hex; default: kho's pin)"
+    )
+    viewer_install.add_argument(
+        "--version", help="another @ohif/app version (checked against the registry's hash)"
+    )
+    viewer_install.add_argument("--registry", default="https://registry.npmjs.org")
+    viewer_install.add_argument(
+        "--dir", help="install here (default: viewer_dir or DATA_DIR/viewer)"
+    )
+    viewer_install.add_argument("--json", action="store_true")
+    viewer_install.set_defaults(func=cmd_viewer_install)
+    viewer_status = viewer_sub.add_parser(
+        "status", help="the installed build: version, hash, licence"
+    )
+    common(viewer_status)
+    viewer_status.add_argument("--dir", help="look here (default: viewer_dir or DATA_DIR/viewer)")
+    viewer_status.add_argument("--json", action="store_true")
+    viewer_status.set_defaults(func=cmd_viewer_status)
     return parser
 
 
@@ -769,6 +993,58 @@ def cmd_audit_search(args: argparse.Namespace) -> int:
         )
     if not found:
         print("no audit records match")
+    return 0
+
+
+# --- viewer -----------------------------------------------------------------------------
+
+
+def cmd_viewer_install(args: argparse.Namespace) -> int:
+    """Install OHIF (kho.viewer_api.ohif): from the registry, or from a file (offline)."""
+    from kho.viewer_api import ohif
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    directory = Path(args.dir) if args.dir else ohif.viewer_dir(settings)
+    source = Path(args.from_file) if args.from_file else None
+    if args.sha512 and source is None:
+        raise KhoError("--sha512 checks a file given with --from")
+    version = args.version or ohif.PINNED_VERSION
+    build = ohif.install(
+        directory,
+        version=version,
+        tarball=source,
+        sha512=args.sha512,
+        registry=args.registry,
+        progress=lambda message: print(f"kho: {message}", flush=True),
+    )
+    if args.json:
+        print(json.dumps(build.describe(), indent=2))
+    elif build.version != ohif.PINNED_VERSION:
+        print(f"kho: note: {build.version} is not the version kho pins ({ohif.PINNED_VERSION})")
+    return 0
+
+
+def cmd_viewer_status(args: argparse.Namespace) -> int:
+    from kho.viewer_api import ohif
+
+    settings = _settings(args)
+    directory = Path(args.dir) if args.dir else ohif.viewer_dir(settings)
+    build = ohif.installed(directory)
+    if build is None:
+        if args.json:
+            print(json.dumps({"installed": False, "directory": str(directory)}))
+        else:
+            print(f"no viewer installed in {directory} (kho viewer install [--from FILE])")
+        return 1
+    described = build.describe()
+    if args.json:
+        print(json.dumps({"installed": True, **described}, indent=2))
+        return 0
+    print(f"OHIF {build.version} ({ohif.PACKAGE}, {build.licence} licence: {build.licence_file})")
+    print(f"  integrity {build.integrity}" + ("  (kho's pin)" if described["pinned"] else ""))
+    print(f"  from {build.source}")
+    print(f"  in {build.root} ({build.size / 1e6:.0f} MB)")
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from kho.access.api_keys import ApiKeys
 from kho.access.callers import Caller, Role, open_caller
 from kho.access.dicom_peers import AeRegistry
+from kho.access.links import LINK_PREFIXES, ShareLinks
 from kho.errors import AccessDeniedError, AuthenticationError, NotFoundError
 
 if TYPE_CHECKING:
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: API keys are sent as a bearer token too; their text starts so (JWTs start "eyJ")
+#: API keys are sent as a bearer token too; their text starts so (JWTs start "eyJ").  Share
+#: links, launch tokens and their sessions start ``kho_share_``, ``kho_launch_``,
+#: ``kho_session_`` (LINK_PREFIXES): an API key's id is hex, never one of those words
 API_KEY_PREFIX = "kho_"
 
 
@@ -38,15 +41,23 @@ class Access:
         #: API keys live in the platform (default tenant's) catalog
         self.api_keys: ApiKeys = ApiKeys(archive.catalog, self.tenant_names)
         self.peers: AeRegistry = AeRegistry(settings)
+        #: share links, launch tokens and their browser sessions (platform catalog too)
+        self.links: ShareLinks = ShareLinks(archive.catalog, self.tenant_names)
 
     # --- HTTP --------------------------------------------------------------------------
 
     def authenticate_http(
-        self, authorization: str | None, api_key: str | None, address: str = ""
+        self,
+        authorization: str | None,
+        api_key: str | None,
+        address: str = "",
+        session: str | None = None,
     ) -> Caller:
         """The caller behind an ``Authorization: Bearer`` header or an ``X-API-Key``
-        header; with authentication off, the open (platform admin) caller.  Raises
-        AuthenticationError (401) when authentication is on and nothing valid came."""
+        header, or else behind ``session`` (a share or launch session's cookie: the HTTP
+        door passes it only where a browser page's reads go); with authentication off,
+        the open (platform admin) caller.  Raises AuthenticationError (401) when
+        authentication is on and nothing valid came."""
         if not self.enabled:
             return open_caller(self.settings.default_tenant, address)
         credential = api_key
@@ -56,7 +67,11 @@ class Access:
                 raise AuthenticationError("Authorization must be 'Bearer <token>'")
             credential = value.strip()
         if not credential:
+            if session:  # a header, when there is one, speaks for the caller instead
+                return self.links.verify_session(session, address=address)
             raise AuthenticationError("a bearer token or API key is required")
+        if credential.startswith(LINK_PREFIXES):  # before API keys: the same "kho_" start
+            return self.links.verify(credential, address=address)
         if credential.startswith(API_KEY_PREFIX):
             return self.api_keys.verify(credential, address=address)
         if self.tokens is None:

@@ -50,7 +50,7 @@ class AuthMode(StrEnum):
 
 
 #: the DIMSE services a registered peer may be allowed
-DIMSE_SERVICES = ("echo", "store", "find", "get", "move")
+DIMSE_SERVICES = ("echo", "store", "find", "get", "move", "worklist", "mpps")
 #: tenant (hospital) names: short, lower-case, safe in paths, keys and schema names
 TENANT_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 #: a grant's tenant naming the whole platform
@@ -185,6 +185,57 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
+    # --- the viewer and the start page (kho.viewer_api): README "Viewing" -----------
+    public_url: str = Field(
+        "",
+        description="the address people reach kho at through a reverse proxy (e.g. "
+        "https://pacs.example.org/pacs): every URL kho writes names it",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="addresses or networks whose Forwarded / X-Forwarded-* headers are "
+        "believed (comma-separated); nobody else's",
+    )
+    viewer_dir: str = Field("", description="where OHIF is installed (default data_dir/viewer)")
+    viewer_auto_install: bool = Field(
+        True, description="kho serve installs the pinned OHIF build on first start if missing"
+    )
+    viewer_registry: str = Field(
+        "https://registry.npmjs.org", description="npm registry (or a hospital's mirror)"
+    )
+    viewer_oidc_client_id: str = Field(
+        "", description="OHIF's own OIDC sign-in (code flow with PKCE) with this client"
+    )
+    viewer_oidc_scope: str = Field("openid profile", description="scopes OHIF asks for")
+
+    # --- HIS integration (kho.hl7): README "HIS integration" --------------------------
+    hl7_port: int = Field(2575, ge=0, le=65535, description="HL7 v2 MLLP port (0: off)")
+    hl7_senders: dict[str, str] = Field(
+        default_factory=dict,
+        description='HL7 senders ("APP^FACILITY" or "APP") -> tenant; with auth on, other '
+        "senders are refused (AR)",
+    )
+    hl7_networks: list[str] = Field(
+        default_factory=list, description="networks (CIDR) HL7 connections may come from"
+    )
+    citizen_id_issuer: str = Field(
+        "CCCD", description="the issuer the 12-digit citizen ID is kept under"
+    )
+    hl7_patient_id_issuer: str = Field(
+        "", description="the issuer the HIS's local patient IDs are filed under"
+    )
+    hl7_application: str = Field(
+        "KHO", description="MSH-3 of ACKs when a message names no receiving application"
+    )
+    hl7_max_connections: int = Field(64, ge=1, description="concurrent MLLP connections")
+    hl7_idle_timeout_s: float = Field(300.0, gt=0, description="an idle MLLP connection")
+    hl7_max_message_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest HL7 message accepted"
+    )
+    hl7_housekeeping_interval_s: float = Field(
+        10.0, gt=0, description="worklist completion by arrived studies, merge follow-up"
+    )
+
     # --- TLS (PS3.15 BCP 195: TLS 1.2 and 1.3 only) ----------------------------------
     tls_cert_file: str = Field(
         "", description="the archive's certificate chain (PEM) for DICOM TLS and HTTPS"
@@ -291,7 +342,7 @@ class Settings(BaseSettings):
         "preferred_username", description="the claim naming the person (audit, logs)"
     )
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         # KHO_CORS_ORIGINS=https://emr.example,https://viewer.example (or a JSON list)

@@ -49,7 +49,7 @@ from kho.access import tls
 from kho.access.dicom_peers import TLS_HANDSHAKE_FAILED, DicomRefusal, report_refusal
 from kho.access.service import Access
 from kho.archive.archive import Archive
-from kho.dicom_scp import fast_dimse, handlers, qr
+from kho.dicom_scp import fast_dimse, handlers, qr, worklist
 from kho.dicom_scp.door import Door
 from kho.errors import ConfigError
 
@@ -117,7 +117,7 @@ class _ReusePortServer(ThreadedAssociationServer):
 
 def build_ae(archive: Archive) -> AE:
     """The archive's AE: Verification, Storage (every SOP class, even private ones),
-    Query/Retrieve (FIND, GET, MOVE)."""
+    Query/Retrieve (FIND, GET, MOVE), Modality Worklist and MPPS."""
     settings = archive.settings
     # accept storage of SOP classes pynetdicom does not list (private, newer than it)
     _config.UNRESTRICTED_STORAGE_SERVICE = True
@@ -142,6 +142,10 @@ def build_ae(archive: Archive) -> AE:
     # Query/Retrieve: C-FIND, C-GET, C-MOVE in the patient root and study root models
     for sop_class in qr.QR_SOP_CLASSES:
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+    # the Modality Worklist (C-FIND) and Modality Performed Procedure Step (N-CREATE,
+    # N-SET) of kho.dicom_scp.worklist
+    ae.add_supported_context(worklist.MODALITY_WORKLIST_FIND, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(worklist.MODALITY_PERFORMED_PROCEDURE_STEP, ALL_TRANSFER_SYNTAXES)
     # C-MOVE/C-GET send stored bytes from files unchanged (see kho.dicom_scp.qr)
     qr.enable_raw_sending()
     return ae
@@ -303,7 +307,10 @@ def event_handlers(
         (evt.EVT_REQUESTED, door.association_requested),
         (evt.EVT_C_ECHO, handlers.handle_echo, [door]),
         (evt.EVT_C_STORE, handlers.handle_store, [door]),
-        (evt.EVT_C_FIND, qr.handle_find, [door]),
+        # one event for every C-FIND model: the worklist's, else Query/Retrieve (qr)
+        (evt.EVT_C_FIND, worklist.handle_find, [door]),
+        (evt.EVT_N_CREATE, worklist.handle_n_create, [door]),
+        (evt.EVT_N_SET, worklist.handle_n_set, [door]),
         (evt.EVT_C_GET, qr.handle_get, [door]),
         (evt.EVT_C_MOVE, qr.handle_move, [door]),
     ]

@@ -1,4 +1,5 @@
-"""The FastAPI application: DICOMweb under ``/dicom-web`` on one Archive.
+"""The FastAPI application: DICOMweb under ``/dicom-web`` on one Archive, the OHIF viewer at
+``/viewer/``, the start page at ``/``, the EMR launch (IHE Invoke Image Display).
 
 CORS origins and the STOW-RS size limit come from the archive's settings
 (``cors_origins`` / ``KHO_CORS_ORIGINS``, ``stow_max_bytes`` / ``KHO_STOW_MAX_BYTES``);
@@ -13,13 +14,26 @@ from fastapi.middleware.cors import CORSMiddleware
 from kho.access.service import Access
 from kho.archive.archive import Archive
 from kho.audit.auditor import Auditor
-from kho.viewer_api import metrics, peer, qido, rendered, stow, wado
+from kho.viewer_api import (
+    launch,
+    metrics,
+    ohif,
+    peer,
+    qido,
+    rendered,
+    share,
+    start_page,
+    stow,
+    viewer,
+    wado,
+)
 from kho.viewer_api.audit import AuditTrail
 from kho.viewer_api.deps import ViewerState
 from kho.viewer_api.errors import install_error_handlers
 from kho.viewer_api.fastpath import FastPath
 from kho.viewer_api.head import HeadAsGet
 from kho.viewer_api.paths import PathGuard, valid_path
+from kho.viewer_api.proxy import ForwardedHeaders
 from kho.viewer_api.security import Authenticate, check_routes
 
 PREFIX = "/dicom-web"
@@ -56,8 +70,11 @@ def create_app(
         if max_upload_bytes is not None
         else archive.settings.stow_max_bytes,
     )
+    #: the OHIF build (kho.viewer_api.ohif), looked for again until one is installed
+    app.state.viewer_files = viewer.ViewerFiles(ohif.viewer_dir(archive.settings))
     install_error_handlers(app)
-    # Middleware, outermost first: request timer, CORS (answers preflights, and puts its
+    # Middleware, outermost first: the public address (a reverse proxy's forwarded headers,
+    # or public_url), request timer, CORS (answers preflights, and puts its
     # headers on 401s too, so a browser viewer can read them), HEAD as GET, access (the
     # caller; /tenants/<t> taken off the path), path guard, fast path, FastAPI's router.
     # The fast path answers the hot GET routes without FastAPI's routing and dependency
@@ -90,7 +107,18 @@ def create_app(
     for module in (qido, wado, rendered, stow):
         app.include_router(module.router, prefix=PREFIX, dependencies=[Depends(valid_path)])
     app.include_router(peer.router)  # the other hosts' reads of this host's spool
+    share.install(app)  # share links (/api/shares, the patient's page /s/), /api/launch
+    app.include_router(launch.router)  # IHE Invoke Image Display (the EMR's call)
+    app.include_router(launch.pages)  # /launch/<token> (the clinician's browser)
+    app.include_router(viewer.router)  # OHIF at /viewer/ (public files)
+    app.include_router(start_page.router)  # / (a public page; its data via /dicom-web)
     # /metrics and request latencies by route template
-    metrics.install(app, [(PREFIX, m.router) for m in (qido, wado, rendered, stow)])
+    metrics.install(
+        app,
+        [(PREFIX, m.router) for m in (qido, wado, rendered, stow)]
+        + [("", launch.router), ("", viewer.router), ("", start_page.router)],
+    )
+    # outermost: every other middleware and route sees the request's public address
+    app.add_middleware(ForwardedHeaders, settings=archive.settings)
     check_routes(app)  # deny by default: no route without a declared role
     return app

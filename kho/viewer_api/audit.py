@@ -24,6 +24,21 @@ from kho.viewer_api.deps import ViewerState
 from kho.viewer_api.security import AUTHORIZED_KEY, CALLER_KEY, Authorized, route_path
 
 _COLLECTIONS = ("studies", "series", "instances")
+#: paths whose next segment is a credential (share links, launch tokens): never recorded
+_SECRET_SEGMENT_AFTER = ("/s/", "/launch/")
+
+
+def _without_secrets(path: str) -> str:
+    """The path as recorded: a share or launch token in it replaced by ``<token>`` (the
+    audit trail is read by people who must not be able to open the link)."""
+    for prefix in _SECRET_SEGMENT_AFTER:
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            _token, slash, tail = rest.partition("/")
+            return f"{prefix}<token>{slash}{tail}"
+    return path
+
+
 _AUTHENTICATED_KINDS = (CallerKind.TOKEN, CallerKind.API_KEY)
 
 
@@ -60,7 +75,7 @@ class AuditTrail:
     def _observe(self, auditor: Auditor, scope: Scope, status: int) -> None:
         client = scope.get("client")
         address = client[0] if client else ""
-        path = route_path(scope)
+        path = _without_secrets(route_path(scope))
         if status == 401:
             auditor.security_alert(
                 AlertReason.BAD_TOKEN, address=address, description=f"{scope['method']} {path}"

@@ -7,6 +7,11 @@ Routes reach the archive only through :data:`ArchiveDep` (and :data:`InstanceDep
 the archive of the tenant the request acts in, as the route's role dependency decided
 (kho.viewer_api.security).  A route that declared no role gets 403 from it, never the
 root archive.
+
+Share links and launch tokens see their studies only: the authorization rule checks the
+study a route names (security.authorize_scope); the dependency that loads an instance checks
+it again (:func:`get_instance`), so a route added later with its own way to the study still
+meets one lock where the instance is read.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from kho.archive.catalog import InstanceRecord
 from kho.archive.read.rendering import RenderCache
 from kho.audit.auditor import Auditor
 from kho.errors import NotFoundError
-from kho.viewer_api.security import Authorized, authorized_of
+from kho.viewer_api.security import Authorized, authorized_of, require_study
 
 if TYPE_CHECKING:
     from kho.access.service import Access
@@ -87,10 +92,12 @@ def instance_record(archive: Archive, study: str, series: str, sop: str) -> Inst
     return record
 
 
-async def get_instance(
-    study: str, series: str, instance: str, archive: ArchiveDep
-) -> InstanceRecord:
-    return instance_record(archive, study, series, instance)
+async def get_instance(study: str, series: str, instance: str, request: Request) -> InstanceRecord:
+    """The instance a route names, for a caller that may see its study (a share or launch
+    caller: one of its own; 403 otherwise, before any lookup)."""
+    authorized = authorized_of(request.scope)
+    require_study(authorized.caller, study)
+    return instance_record(authorized.archive, study, series, instance)
 
 
 InstanceDep = Annotated[InstanceRecord, Depends(get_instance)]

@@ -13,7 +13,8 @@ same route for every path matched here.
 Access control holds here as in the routers: the caller the access middleware (outside
 this one) authenticated must hold the viewer role in the request's tenant, checked by the
 routers' own function (security.authorize_scope) before any lookup, and every handler reads
-that tenant's archive.  Paths under ``/tenants/<t>`` arrive with the prefix in the root
+that tenant's archive; a share or launch caller only for a study of its own (every route
+here names one).  Paths under ``/tenants/<t>`` arrive with the prefix in the root
 path; the routes match the path without it, as FastAPI's router does.
 """
 
@@ -35,7 +36,7 @@ from kho.viewer_api.deps import ViewerState, base_url, instance_record
 from kho.viewer_api.errors import error_response
 from kho.viewer_api.metrics import ROUTE_KEY
 from kho.viewer_api.paths import check_path_params
-from kho.viewer_api.security import authorize_scope, route_path
+from kho.viewer_api.security import authorize_scope, require_study, route_path
 
 Handler = Callable[[ViewerState, Archive, Request, tuple[str, ...]], Awaitable[Response | None]]
 #: the role of every route here (the WADO-RS and rendered routers declare the same)
@@ -232,9 +233,14 @@ class FastPath:
             try:
                 # the routers' own dependencies, in their order, before any lookup: the
                 # path check (input syntax only), then the role in the tenant
-                check_path_params(dict(zip(route.names, groups, strict=True)))
-                archive = authorize_scope(self.state, scope, ROLE).archive
-                response = await route.handler(self.state, archive, request, groups)
+                params = dict(zip(route.names, groups, strict=True))
+                check_path_params(params)
+                # as the router does: the study the path names is what a share or launch
+                # caller is checked against (every route here names one)
+                scope["path_params"] = params
+                authorized = authorize_scope(self.state, scope, ROLE)
+                require_study(authorized.caller, params["study"])
+                response = await route.handler(self.state, authorized.archive, request, groups)
             except KhoError as exc:
                 response = error_response(exc)
             if response is not None:

@@ -16,8 +16,21 @@ Two halves, one rule:
   application with a route that declares no role, so a new route cannot be forgotten.
 
 Exempt from authentication, and nothing else: a CORS preflight (browsers never send
-credentials with one; it reaches no route) and the peer spool route (host to host, with its
-own token: kho.storage.peer).
+credentials with one; it reaches no route), the peer spool route (host to host, with its
+own token: kho.storage.peer), the share page under ``/s/`` (its token is in its path:
+kho.viewer_api.share checks it, PIN and all), and the public pages' files (:func:`is_public`:
+the start page's shell and the OHIF viewer, which hold no patient data; what they show
+comes through the DICOMweb routes, with the caller's credential).
+
+Share links and launch tokens (kho.access.links) make callers with ``Caller.studies`` set.
+They arrive as a bearer token, or as the session cookie :data:`SESSION_COOKIE` that the
+share page (or a launch) sets -- taken only on GET and HEAD under ``/dicom-web``, where a
+page's image reads go, and only from a request with no Authorization or X-API-Key header.
+Such a caller reaches ``/dicom-web`` and nothing else: a route that names a study
+(``{study}``) answers only for its studies (:func:`require_study`, checked here, in the
+fast path and again where the instance is loaded, deps.py); the three searches without a
+study (``/studies``, ``/series``, ``/instances``) are narrowed to its studies
+(:func:`narrow_search`); any other route is 403.
 
 401: no credential, or one that does not hold.  403: a valid caller whose grants do not
 cover the route's role in the tenant asked for -- also for an undeclared tenant, so tenant
@@ -29,14 +42,16 @@ not there.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import cookie_parser
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -59,12 +74,53 @@ AUTHORIZED_KEY = "kho.authorized"
 
 TENANTS_PREFIX = "/tenants/"
 #: what may follow ``/tenants/<t>``: the routes that act in one tenant
-TENANT_SCOPED = ("/dicom-web", "/metrics")
+#: (the viewer too: ``/tenants/<t>/viewer/`` is OHIF reading that tenant's DICOMweb; and the
+#: EMR launch, resolving studies in that tenant; share links and launch tokens made there)
+TENANT_SCOPED = (
+    "/dicom-web",
+    "/metrics",
+    "/viewer",
+    "/IHEInvokeImageDisplay",
+    "/api/shares",
+    "/api/launch",
+)
 _TENANT_PATH = re.compile(r"/tenants/([^/]+)(/.*)?")
 
+#: the patient's share page (kho.viewer_api.share): its token is in its path
+SHARE_PAGE_PREFIX = "/s/"
 #: paths whose routes check a credential of their own (the middleware lets them through)
-OWN_CREDENTIAL_PREFIXES = (PEER_SPOOL_PATH,)
+#: an EMR launch's browser half (kho.viewer_api.launch): its launch token is in its path
+LAUNCH_PAGE_PREFIX = "/launch/"
+OWN_CREDENTIAL_PREFIXES = (PEER_SPOOL_PATH, SHARE_PAGE_PREFIX, LAUNCH_PAGE_PREFIX)
 API_KEY_HEADER = "X-API-Key"
+
+#: served to anyone, credential or not: the start page's shell (``/`` and its script and
+#: style under ``/start/``) and the OHIF viewer's static files and configuration (under
+#: ``/viewer``).  None holds patient data: every datum these pages show comes from the
+#: DICOMweb routes, with the caller's credential, through the rule below
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/viewer"})
+PUBLIC_PREFIXES = ("/start/", "/viewer/")
+
+
+def is_public(path: str) -> bool:
+    """Whether ``path`` (as the routes see it) is one of the public pages' files."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+#: the session cookie of a share link or launch (kho.access.links sessions)
+SESSION_COOKIE = "kho_session"
+#: where a share or launch caller may go, and where its session cookie is read
+DICOMWEB_PREFIX = "/dicom-web"
+#: the searches that name no study: narrowed to a share or launch caller's studies
+STUDY_SEARCHES = frozenset(
+    f"{DICOMWEB_PREFIX}/{level}" for level in ("studies", "series", "instances")
+)
+#: scope key: the search was narrowed (authorize_scope lets such a caller through then)
+NARROWED_KEY = "kho.narrowed"
+#: the query parameter names QIDO reads as Study Instance UID (its keyword, its tag with or
+#: without a comma, either case), once stripped as QIDO strips them: a name missed here
+#: would add its values to the caller's own (QIDO takes a repeated key as "any of")
+_STUDY_UID_PARAM = re.compile(r"studyinstanceuid|0020,?000d")
 
 
 class UnguardedRouteError(KhoError, RuntimeError):
@@ -131,11 +187,13 @@ class Authenticate:
                 scope["root_path"] = scope.get("root_path", "") + TENANTS_PREFIX + tenant
                 scope[TENANT_KEY] = tenant
                 path = rest
-        if path.startswith(OWN_CREDENTIAL_PREFIXES) or _is_preflight(scope):
+        if path.startswith(OWN_CREDENTIAL_PREFIXES) or _is_preflight(scope) or is_public(path):
             await self.app(scope, receive, send)
             return
         try:
-            scope[CALLER_KEY] = await self.authenticate(scope)
+            caller = scope[CALLER_KEY] = await self.authenticate(scope, path)
+            if caller.studies is not None:
+                confine(scope, path, caller.studies)
         except (AuthenticationError, AccessDeniedError) as exc:
             await access_error_response(exc)(scope, receive, send)
             return
@@ -144,13 +202,13 @@ class Authenticate:
             return
         await self.app(scope, receive, send)
 
-    async def authenticate(self, scope: Scope) -> Caller:
+    async def authenticate(self, scope: Scope, path: str) -> Caller:
         client = scope.get("client")
         address = client[0] if client else ""
         access = self.access
         if not access.enabled:
             return access.authenticate_http(None, None, address)
-        authorization = api_key = None
+        authorization = api_key = cookies = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if authorization is not None:
@@ -160,8 +218,11 @@ class Authenticate:
                 if api_key is not None:
                     raise AuthenticationError(f"more than one {API_KEY_HEADER} header")
                 api_key = value.decode("latin-1")
+            elif name == b"cookie":
+                cookies = value.decode("latin-1") if cookies is None else cookies
+        session = _session_cookie(scope, path, cookies)
         if access.tokens is None or not self._new_token(authorization, api_key):
-            return access.authenticate_http(authorization, api_key, address)
+            return access.authenticate_http(authorization, api_key, address, session)
         caller = await run_in_threadpool(access.authenticate_http, authorization, api_key, address)
         if len(self._seen_tokens) >= self.SEEN_TOKENS:
             self._seen_tokens.clear()  # refills from live traffic
@@ -182,6 +243,46 @@ def _credential(authorization: str | None, api_key: str | None) -> str:
     if api_key is not None:
         return api_key
     return (authorization or "").strip().partition(" ")[2].strip()
+
+
+def _session_cookie(scope: Scope, path: str, cookies: str | None) -> str | None:
+    """The share or launch session cookie, where it counts: a read (GET, HEAD) under
+    /dicom-web.  Nowhere else, so a cookie cannot carry a write (SameSite=Strict is the
+    browser's half of that) nor reach anything beyond a page's image reads."""
+    if cookies is None or scope["method"] not in ("GET", "HEAD"):
+        return None
+    if not path.startswith(DICOMWEB_PREFIX + "/"):
+        return None
+    return cookie_parser(cookies).get(SESSION_COOKIE) or None
+
+
+def confine(scope: Scope, path: str, studies: Set[str]) -> None:
+    """A share or launch caller's request: under /dicom-web only (AccessDeniedError
+    elsewhere), and a search that names no study narrowed to its studies."""
+    if not path.startswith(DICOMWEB_PREFIX + "/"):
+        raise AccessDeniedError("a share link or launch token reaches its studies only")
+    if path in STUDY_SEARCHES and scope["method"] in ("GET", "HEAD"):
+        narrow_search(scope, studies)
+
+
+def narrow_search(scope: Scope, studies: Set[str]) -> None:
+    """Narrow a search to ``studies``, in the query string itself (before any Request
+    object reads it): with no StudyInstanceUID asked, the caller's studies are added as a
+    UID list; with some asked, each must be one of them (AccessDeniedError otherwise: the
+    same answer as naming another study in a path).  Marks the scope (NARROWED_KEY)."""
+    raw = scope.get("query_string", b"").decode("latin-1")
+    pairs = parse_qsl(raw, keep_blank_values=True)
+    asked = [value for name, value in pairs if _STUDY_UID_PARAM.fullmatch(name.strip().lower())]
+    if asked:
+        uids = [
+            uid.strip() for value in asked for part in value.split(",") for uid in part.split("\\")
+        ]
+        if any(uid not in studies for uid in uids):
+            raise AccessDeniedError("a share link or launch token searches its studies only")
+    else:
+        pairs.append(("StudyInstanceUID", ",".join(sorted(studies))))
+        scope["query_string"] = urlencode(pairs).encode("latin-1")
+    scope[NARROWED_KEY] = True
 
 
 def _is_preflight(scope: Scope) -> bool:
@@ -233,15 +334,33 @@ def authorize_scope(state: AccessState, scope: Scope, role: Role) -> Authorized:
     if caller is None:
         raise AuthenticationError("a bearer token or API key is required")
     if caller.studies is not None:
-        # share and launch tokens (a later issue) will be scoped to their studies here,
-        # per study in the route's instance lookup; until then they reach no route
-        raise AccessDeniedError(f"{caller.kind.value} tokens are not accepted on this route")
+        _scoped_to_studies(caller, scope, role)
     requested: str | None = scope.get(TENANT_KEY)
     tenant = state.access.tenant_for(caller, role, requested)
     archive = state.root_archive.for_tenant(tenant)
     authorized = Authorized(caller, role, tenant, archive, requested is not None)
     scope[AUTHORIZED_KEY] = authorized
     return authorized
+
+
+def _scoped_to_studies(caller: Caller, scope: Scope, role: Role) -> None:
+    """A share or launch caller: reads only, of the study the route names (its path
+    parameter, which the router -- or the fast path -- has put in the scope), or a search
+    the middleware narrowed to its studies; nothing else."""
+    if role != Role.VIEWER:
+        raise AccessDeniedError(f"a {caller.kind.value} token may not {role.value}")
+    study = (scope.get("path_params") or {}).get("study")
+    if study is not None:
+        require_study(caller, study)
+    elif not scope.get(NARROWED_KEY):
+        raise AccessDeniedError(f"a {caller.kind.value} token reaches its studies only")
+
+
+def require_study(caller: Caller, study: str) -> None:
+    """AccessDeniedError unless ``caller`` may see ``study``: a share or launch caller,
+    only its own studies; any other caller, whatever its grants allow (checked before)."""
+    if caller.studies is not None and study not in caller.studies:
+        raise AccessDeniedError(f"this {caller.kind.value} token does not open that study")
 
 
 _bearer = HTTPBearer(auto_error=False, description="an OIDC access token or a kho API key")
@@ -264,6 +383,11 @@ async def authorize(
 def requires(role: Role) -> Any:
     """A router's (or route's) declaration: every route here needs ``role``."""
     return Security(authorize, scopes=[role.value])
+
+
+async def public() -> None:
+    """Marks a route of the public pages (:data:`PUBLIC_PATHS`, :data:`PUBLIC_PREFIXES`):
+    the middleware lets its path through, and check_routes accepts it, without a role."""
 
 
 async def own_credential() -> None:
@@ -293,6 +417,8 @@ class GuardedRoute:
     #: and for routes with a credential of their own (``own_credential``)
     role: Role | None
     own_credential: bool = False
+    #: a public page's file (no patient data; ``public``)
+    public: bool = False
 
 
 def _route_entries(app: FastAPI) -> Iterator[tuple[BaseRoute, str, set[str], Any]]:
@@ -327,6 +453,10 @@ def _checks_own_credential(dependant: Any) -> bool:
     return any(sub.call is own_credential for sub in getattr(dependant, "dependencies", ()))
 
 
+def _is_public_route(dependant: Any) -> bool:
+    return any(sub.call is public for sub in getattr(dependant, "dependencies", ()))
+
+
 def check_routes(app: FastAPI) -> list[GuardedRoute]:
     """Every route of ``app`` guarded: each API route declares exactly one role (or, under
     an own-credential prefix, checks its own credential); the only other routes are
@@ -346,6 +476,15 @@ def check_routes(app: FastAPI) -> list[GuardedRoute]:
                         f"{OWN_CREDENTIAL_PREFIXES} and declare no role"
                     )
                 table.append(GuardedRoute(path, frozenset(methods), None, own_credential=True))
+                continue
+            if _is_public_route(dependant):
+                template = path.split("{", 1)[0]  # /viewer/{path:path} -> /viewer/
+                if roles or not methods <= {"GET", "HEAD"} or not is_public(template):
+                    raise UnguardedRouteError(
+                        f"{path}: a public route must be a GET under {sorted(PUBLIC_PATHS)} "
+                        f"or {PUBLIC_PREFIXES} and declare no role"
+                    )
+                table.append(GuardedRoute(path, frozenset(methods), None, public=True))
                 continue
             if len(roles) != 1 or roles[0] not in {r.value for r in Role}:
                 raise UnguardedRouteError(

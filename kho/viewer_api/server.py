@@ -102,6 +102,9 @@ class HttpServer:
             loop="asyncio",
             http=_http_protocol(),
             timeout_keep_alive=30,
+            # forwarded headers are kho.viewer_api.proxy's to judge (trusted_proxies only):
+            # uvicorn's own middleware would trust any client on 127.0.0.1
+            proxy_headers=False,
             # uvicorn's own context has no protocol floor: it is replaced below
             ssl_certfile=settings.tls_cert_file if context is not None else None,
             ssl_keyfile=settings.tls_key_file if context is not None else None,

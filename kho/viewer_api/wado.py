@@ -187,11 +187,13 @@ def _documents(archive: Archive, base: str, records: list[InstanceRecord]) -> by
 
 def _cached_series(
     state: ViewerState,
+    archive: Archive,
     cache_key: tuple[str, str, str],
     records: list[InstanceRecord],
 ) -> tuple[bytes, bytes | None] | None:
     cached = state.metadata_cache.get(cache_key)
-    if cached is not None and cached[0] == metadata.documents_key(records):
+    # the key includes the patient's revision: an HL7 update is never served stale
+    if cached is not None and cached[0] == metadata.documents_key(records, archive):
         return cached[1], cached[2]
     return None
 
@@ -211,10 +213,10 @@ def _series_metadata(
     # the tenant first: two hospitals may hold the same series UID, and one base URL
     # (/dicom-web) serves each caller's home tenant
     cache_key = (archive.tenant, series, base)
-    cached = _cached_series(state, cache_key, records)
+    cached = _cached_series(state, archive, cache_key, records)
     if cached is not None:
         return cached
-    key = metadata.documents_key(records)
+    key = metadata.documents_key(records, archive)
     body = _documents(archive, base, records)
     gzipped = gzip_body(body)
     if len(state.metadata_cache) > 256:  # bounded: forget everything, refill on demand

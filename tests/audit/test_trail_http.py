@@ -167,3 +167,13 @@ def test_a_tokens_first_use_is_a_user_authentication(trail: Trail) -> None:
     logins = trail.records("default", EventKind.USER_AUTHENTICATION)
     assert [r.user_id for r in logins] == ["dr-a"]
     assert logins[0].outcome == 0
+
+
+def test_share_and_launch_tokens_never_reach_the_trail() -> None:
+    from kho.viewer_api.audit import _without_secrets
+
+    secret = "kho_share_0123456789ab_" + "x" * 43
+    assert _without_secrets(f"/s/{secret}") == "/s/<token>"
+    assert _without_secrets(f"/s/{secret}/qr.svg") == "/s/<token>/qr.svg"
+    assert _without_secrets(f"/launch/{secret}") == "/launch/<token>"
+    assert _without_secrets("/dicom-web/studies") == "/dicom-web/studies"

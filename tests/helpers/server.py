@@ -27,10 +27,12 @@ def kho_serve(
     command += ["--port", str(port), *args]
     if "--http-port" not in args:
         command += ["--http-port", "0"]  # a free port; tests that need it pass one
+    # the HL7 listener off unless a test asks for it (its default port, 2575, is one port
+    # for every kho serve a test run starts)
+    # and no OHIF download (tests/viewer_api/test_viewer.py tests it, from a cached copy)
+    run_env = {**os.environ, "KHO_HL7_PORT": "0", "KHO_VIEWER_AUTO_INSTALL": "false", **(env or {})}
     with open(data_dir.parent / f"serve-{port}.log", "ab") as log:
-        proc = subprocess.Popen(
-            command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(command, env=run_env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(port, timeout=60, proc=proc)
             yield proc, port

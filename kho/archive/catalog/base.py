@@ -29,7 +29,14 @@ from kho.archive.catalog.records import (
     InstanceAttributes,
     InstanceRecord,
 )
-from kho.archive.catalog.schema import SCHEMA, SCHEMA_VERSION, hierarchy_unchanged, hierarchy_values
+from kho.archive.catalog.schema import (
+    HIERARCHY_COLUMNS,
+    HIS_DEMOGRAPHICS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    hierarchy_unchanged,
+    hierarchy_values,
+)
 from kho.archive.catalog.sequences import SEQUENCES
 from kho.errors import CatalogError, IdentityConflictError, NotFoundError
 from kho.storage.spool import SPOOL_PREFIX, is_spool_key, segment_of, stem_of
@@ -283,6 +290,11 @@ class Catalog:
         """Set the counters of these rows to what the instances say."""
         self.execute_batch(recount_updates(patient_keys, study_uids, series_uids, folded=False))
 
+    def recount_patients(self, patient_keys: Sequence[str]) -> None:
+        """Count these patients' studies and instances again (in the caller's transaction:
+        after studies moved between patients, kho.archive.patients)."""
+        self._recount(sorted(set(patient_keys)), [], [])
+
     def close(self) -> None:
         with self._conn_lock:
             for _thread, conn in self._all_connections:
@@ -495,7 +507,7 @@ class Catalog:
             )
             cursors = self.execute_batch([insert, *self._hierarchy_reads(attrs, hierarchy)])
             if cursors[0].rowcount == 1:
-                read = self._read_hierarchy(attrs, cursors[1:])
+                read = self._read_hierarchy(attrs, cursors[1:], hierarchy)
                 rows: list[tuple[Any, ...] | None] | None = read
                 if attrs.sequences or not hierarchy_unchanged(read, hierarchy):
                     # rows to write: lock them first, in one order, and read them again
@@ -879,15 +891,25 @@ class Catalog:
                 f"SELECT study_uid, {', '.join(series)} FROM series WHERE series_uid = ?",
                 (a.series_uid,),
             ),
+            (HIS_DEMOGRAPHICS, (a.patient_key,)),
         ]
 
     def _read_hierarchy(
-        self, a: InstanceAttributes, cursors: Sequence[Any]
+        self,
+        a: InstanceAttributes,
+        cursors: Sequence[Any],
+        hierarchy: tuple[dict[str, Any], ...],
     ) -> list[tuple[Any, ...] | None]:
         """The rows of _hierarchy_reads' cursors, the parent keys checked (IdentityConflictError
         when the study belongs to another patient or the series to another study) and then
-        dropped: each row as its ``hierarchy`` values."""
-        patient, study, series = (cursor.fetchone() for cursor in cursors)
+        dropped: each row as its ``hierarchy`` values.
+
+        A patient the hospital information system manages keeps the HIS's demographics:
+        ``hierarchy``'s patient values become those (in place), so an instance typed
+        otherwise at the console neither rewrites the patient row nor counts as a change."""
+        patient, study, series, his = (cursor.fetchone() for cursor in cursors)
+        if his is not None:
+            hierarchy[0].update(zip(HIERARCHY_COLUMNS[0][2], his, strict=True))
         self._check_parents(
             a,
             study[0] if study is not None else None,
@@ -938,7 +960,7 @@ class Catalog:
         patient, study, series = hierarchy or hierarchy_values(a)
         if rows is None:
             reads = self._hierarchy_reads(a, (patient, study, series))
-            rows = self._read_hierarchy(a, self.execute_batch(reads))
+            rows = self._read_hierarchy(a, self.execute_batch(reads), (patient, study, series))
         self._upsert_row(
             "patients",
             ("patient_key", pkey),

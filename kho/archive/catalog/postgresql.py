@@ -44,7 +44,13 @@ def _new_in_known_series_statement(
     for table, key, columns in HIERARCHY_COLUMNS:
         row = ", ".join(f"{table}.{c}" for c in columns)
         given = ", ".join("%s::" + column_types(table)[c] for c in columns)
-        checks.append(f"{table}.{key} = %s AND ({row}) IS NOT DISTINCT FROM ({given})")
+        same = f"({row}) IS NOT DISTINCT FROM ({given})"
+        if table == "patients":  # the HIS's demographics stand, whatever the instance says
+            same = (
+                f"({same} OR EXISTS (SELECT 1 FROM his_patients h WHERE "
+                "h.patient_key = patients.patient_key AND h.merged_into = ''))"
+            )
+        checks.append(f"{table}.{key} = %s AND {same}")
     values = ", ".join(f"%s::{types[c]}" for c in INSTANCE_COLUMNS)
     parts = [
         f"known AS (SELECT 1 FROM patients, studies, series WHERE {' AND '.join(checks)})",

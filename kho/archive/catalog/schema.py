@@ -9,9 +9,11 @@ from typing import Any
 
 from kho.archive.catalog.records import InstanceAttributes, fold_name
 
+# 5: his_patients, patient_identifiers, hl7_messages, worklist_items, performed_steps;
 # 4: spool_hosts; 3: instance_deltas; 2: unfinished, garbage, sequence_items; the
-# received-object layout
-SCHEMA_VERSION = 4
+# received-object layout.  Every change so far only added tables: an older catalog is
+# upgraded by creating them (CREATE ... IF NOT EXISTS) and recording the new version.
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kho_schema (version BIGINT NOT NULL);
@@ -140,6 +142,87 @@ CREATE TABLE IF NOT EXISTS sequence_items (
     PRIMARY KEY (owner, sequence, item)
 );
 CREATE INDEX IF NOT EXISTS ix_sequence_items_v1 ON sequence_items (sequence, v1);
+-- patients as the hospital information system knows them (HL7 ADT and orders,
+-- kho.archive.patients): their demographics win over what images carry, at ingest
+-- (Catalog._read_hierarchy) and in retrieved metadata (kho.archive.read.metadata).
+-- merged_into: the surviving patient's key once merged (A40) or re-identified (A47)
+CREATE TABLE IF NOT EXISTS his_patients (
+    patient_key TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL,
+    patient_name TEXT NOT NULL,
+    patient_name_folded TEXT NOT NULL,
+    patient_birth_date TEXT NOT NULL,
+    patient_sex TEXT NOT NULL,
+    merged_into TEXT NOT NULL DEFAULT '',
+    revision BIGINT NOT NULL DEFAULT 0,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_his_patients_merged ON his_patients (merged_into);
+CREATE INDEX IF NOT EXISTS ix_his_patients_id ON his_patients (patient_id);
+CREATE INDEX IF NOT EXISTS ix_his_patients_name ON his_patients (patient_name_folded);
+-- a patient's other identifiers: the citizen ID, IDs a merge or a change replaced
+-- (C-FIND and QIDO-RS match Patient ID against them too: kho.archive.query.engine)
+CREATE TABLE IF NOT EXISTS patient_identifiers (
+    patient_key TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    issuer TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    PRIMARY KEY (patient_key, identifier, issuer)
+);
+CREATE INDEX IF NOT EXISTS ix_patient_identifiers_id ON patient_identifiers (identifier);
+-- HL7 v2 messages received (kho.hl7), with the ACK answered: a resend gets the same
+-- ACK and changes nothing, and they are kept for audit and replay
+CREATE TABLE IF NOT EXISTS hl7_messages (
+    message_key TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    control_id TEXT NOT NULL,
+    message_type TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    ack_code TEXT NOT NULL,
+    ack_text TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    message TEXT NOT NULL,
+    ack TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_hl7_messages_received ON hl7_messages (received_at);
+-- the Modality Worklist: scheduled procedure steps from the HIS's orders
+-- (kho.archive.worklist): the columns are its matching keys, attributes the rest (JSON)
+CREATE TABLE IF NOT EXISTS worklist_items (
+    item_key TEXT PRIMARY KEY,
+    order_number TEXT NOT NULL,
+    patient_key TEXT NOT NULL,
+    accession_number TEXT NOT NULL,
+    requested_procedure_id TEXT NOT NULL,
+    sps_id TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    station_ae TEXT NOT NULL,
+    station_name TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    start_date TEXT NOT NULL,
+    start_time TEXT NOT NULL,
+    performing_physician TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_worklist_items_start ON worklist_items (start_date, start_time);
+CREATE INDEX IF NOT EXISTS ix_worklist_items_status ON worklist_items (status);
+CREATE INDEX IF NOT EXISTS ix_worklist_items_order ON worklist_items (order_number);
+CREATE INDEX IF NOT EXISTS ix_worklist_items_patient ON worklist_items (patient_key);
+CREATE INDEX IF NOT EXISTS ix_worklist_items_accession ON worklist_items (accession_number);
+CREATE INDEX IF NOT EXISTS ix_worklist_items_study ON worklist_items (study_uid);
+-- Modality Performed Procedure Steps (MPPS N-CREATE, N-SET). item_keys: the worklist
+-- items they perform (JSON list), attributes: the last dataset (DICOM JSON)
+CREATE TABLE IF NOT EXISTS performed_steps (
+    sop_uid TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    item_keys TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL
+);
 CREATE INDEX IF NOT EXISTS ix_unfinished_queue ON unfinished (queued_at);
 CREATE INDEX IF NOT EXISTS ix_garbage_due ON garbage (not_before);
 CREATE INDEX IF NOT EXISTS ix_patients_id ON patients (patient_id);
@@ -200,6 +283,13 @@ HIERARCHY_COLUMNS = (
             "series_time",
         ),
     ),
+)
+
+#: the demographics of a patient the hospital information system manages (his_patients,
+#: not merged away), as the patient columns above: they replace an instance's own
+HIS_DEMOGRAPHICS = (
+    f"SELECT {', '.join(HIERARCHY_COLUMNS[0][2])} FROM his_patients "
+    "WHERE patient_key = ? AND merged_into = ''"
 )
 
 

@@ -42,6 +42,15 @@ tree, so no list reaches SQLite's expression depth limit (1000).
 Results are dicts keyword -> value ('' for empty, int for counts and numbers): the return
 keys asked for plus the unique keys of the level and, as the information model requires,
 of the levels above.
+
+A patient is found by any of its identifiers: an exact (wildcard-free) Patient ID value
+matches the patient's own Patient ID, the identifiers the hospital information system
+gave it (its 12-digit citizen ID, IDs a merge or a change of identifier replaced:
+``patient_identifiers``) and the Other Patient IDs its instances carry; with Issuer of
+Patient ID the issuer must match as well.  So a citizen ID finds the person's studies
+under every local Patient ID of the hospital (the tenant's catalog: never another's).
+The Patient ID returned is the local one.  Other Patient IDs Sequence matching and
+results include the HIS's identifiers too.
 """
 
 from __future__ import annotations
@@ -76,6 +85,13 @@ MAX_VALUES_PER_KEY = 1000
 MAX_VALUES_PER_QUERY = 4000
 
 _ESCAPE = "!"  # LIKE escape character: ASCII so SQLite's LIKE optimisation still applies
+#: the sequence whose items the HIS's patient identifiers extend (patient_identifiers)
+OTHER_PATIENT_IDS = "OtherPatientIDsSequence"
+#: patient_identifiers as Other Patient IDs items (owner, v1..v4: see catalog.sequences)
+_IDENTIFIER_ITEMS = (
+    "(SELECT patient_key AS owner, identifier AS v1, issuer AS v2, 'TEXT' AS v3, '' AS v4 "
+    "FROM patient_identifiers)"
+)
 _DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 _TIME = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?$")
 _ACR_NEMA_TIME = re.compile(r"^(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?$")
@@ -408,9 +424,19 @@ class _Compiler:
         if self.value_count > MAX_VALUES_PER_QUERY:
             raise QueryError(f"more than {MAX_VALUES_PER_QUERY} values in one query")
 
-    def add(self, attr: _Attribute, raw: Any) -> None:
+    def add(self, attr: _Attribute, raw: Any, issuer: Any = None) -> None:
+        """A condition for one key; ``issuer``: the Issuer of Patient ID value that goes
+        with a PatientID key (matched with it, see patient_ids)."""
         if attr.kind == "sequence":
             self._sequence(attr, raw)
+            return
+        if attr.keyword == "PatientID":
+            key_column = "p.patient_key" if self.level == "PATIENT" else "s.patient_key"
+            self.aliases.add(key_column[0])
+            found = self.patient_ids(key_column, attr.column, raw, issuer)
+            if found is not None:
+                self.clauses.append(found[0])
+                self.params.extend(found[1])
             return
         values = _values(raw)
         if not values:
@@ -424,6 +450,65 @@ class _Compiler:
         sql, params = _any_of(column, [self._one(attr, column, v) for v in values])
         self.clauses.append(sql)
         self.params.extend(params)
+
+    def condition(self, attr: _Attribute, column: str, raw: Any) -> tuple[str, list[Any]] | None:
+        """The condition of one key on ``column`` (None: universal matching)."""
+        values = _values(raw)
+        if not values:
+            return None
+        self._count(attr.keyword, values)
+        return _any_of(column, [self._one(attr, column, v) for v in values])
+
+    def patient_ids(
+        self, key_column: str, id_column: str, raw: Any, issuer: Any = None
+    ) -> tuple[str, list[Any]] | None:
+        """Patient ID matching (with its issuer, if given) over every identifier of a
+        patient: ``key_column`` (a patient_key column) in the patients whose own ID,
+        HIS identifier or catalogued Other Patient ID matches.  Wildcard values match the
+        own Patient ID only (``id_column``: the patients and the HIS's patients); None:
+        universal matching."""
+        ids = _values(raw)
+        if not ids:
+            return None
+        text = _Attribute("PatientID", "PATIENT", id_column, "text")
+        issuer_attr = _Attribute("IssuerOfPatientID", "PATIENT", "", "text")
+        exact = [v for v in ids if not _has_wildcard(v)]
+        if not exact:  # no identifier lookup: the own Patient ID as any text key
+            own = self.condition(text, id_column, ids)
+            assert own is not None
+            issuer_condition = self.condition(
+                issuer_attr, id_column.replace("patient_id", "issuer_of_patient_id"), issuer
+            )
+            if issuer_condition is None:
+                return own
+            return f"({own[0]}) AND ({issuer_condition[0]})", own[1] + issuer_condition[1]
+        branches: list[str] = []
+        params: list[Any] = []
+        for table, id_col, issuer_col, extra in (
+            ("patients x", "x.patient_id", "x.issuer_of_patient_id", ""),
+            # the HIS's patients, those without images too (the worklist's)
+            ("his_patients x", "x.patient_id", "x.issuer_of_patient_id", ""),
+            ("patient_identifiers x", "x.identifier", "x.issuer", ""),
+            ("sequence_items x", "x.v1", "x.v2", "x.sequence = ?"),
+        ):
+            key = "x.owner" if table.startswith("sequence_items") else "x.patient_key"
+            values = ids if table.startswith(("patients", "his_patients")) else exact
+            parts: list[str] = []
+            part_params: list[Any] = []
+            if extra:
+                parts.append(extra)
+                part_params.append(OTHER_PATIENT_IDS)
+            found = self.condition(text, id_col, values)
+            assert found is not None
+            parts.append(f"({found[0]})")
+            part_params += found[1]
+            issuer_condition = self.condition(issuer_attr, issuer_col, issuer)
+            if issuer_condition is not None:
+                parts.append(f"({issuer_condition[0]})")
+                part_params += issuer_condition[1]
+            branches.append(f"SELECT {key} FROM {table} WHERE {' AND '.join(parts)}")
+            params += part_params
+        return f"{key_column} IN ({' UNION '.join(branches)})", params
 
     def _one(self, attr: _Attribute, column: str, value: str) -> _Equal | tuple[str, list[Any]]:
         kind = attr.kind
@@ -489,10 +574,17 @@ class _Compiler:
         if not conditions:
             return  # an empty item: every owner matches (the items are returned)
         owner = self.column(attr)
-        self.clauses.append(
+        clause = (
             f"EXISTS (SELECT 1 FROM sequence_items q WHERE q.owner = {owner} "
             f"AND q.sequence = ? AND {' AND '.join(conditions)})"
         )
+        if attr.keyword == OTHER_PATIENT_IDS:  # and the HIS's identifiers of the patient
+            clause = (
+                f"({clause} OR EXISTS (SELECT 1 FROM {_IDENTIFIER_ITEMS} q "
+                f"WHERE q.owner = {owner} AND {' AND '.join(conditions)}))"
+            )
+            params = params + params[1:]
+        self.clauses.append(clause)
         self.params.extend(params)
 
     def _modality(self, column: str, value: str) -> tuple[str, list[Any]]:
@@ -546,10 +638,14 @@ def _compile(
         # the series decides: match the study through the series row (its primary key),
         # so the planner walks the series' instances, not every instance of the study
         compiler.study_column = "r.study_uid"
+    issuer = filters.get("IssuerOfPatientID") if _values(filters.get("PatientID")) else None
     for keyword, value in filters.items():
         if keyword in IGNORED_KEYS:
             continue
-        compiler.add(_attribute(keyword, level), value)
+        if keyword == "IssuerOfPatientID" and issuer is not None:
+            _attribute(keyword, level)
+            continue  # matched with the Patient ID (patient_ids)
+        compiler.add(_attribute(keyword, level), value, issuer if keyword == "PatientID" else None)
     return compiler
 
 
@@ -629,9 +725,57 @@ def _rows(
             owners = row[len(selected) + (1 if derived else 0) :]
             for (keyword, item), owner in zip(sequences.items(), owners, strict=True):
                 seq = SEQUENCES[keyword]
-                stored = catalog.sequence_rows(str(owner), keyword)
+                stored = _sequence_rows(catalog, str(owner), keyword)
                 result[keyword] = matching_items(seq, stored, item)
             yield result
+
+
+def _sequence_rows(catalog: Catalog, owner: str, keyword: str) -> list[tuple[str, ...]]:
+    """The catalogued items of a sequence; for Other Patient IDs also the HIS's
+    identifiers of the patient not among them."""
+    stored = catalog.sequence_rows(owner, keyword)
+    if keyword != OTHER_PATIENT_IDS:
+        return stored
+    known = {row[:2] for row in stored}
+    for identifier, issuer in catalog.fetchall(
+        "SELECT identifier, issuer FROM patient_identifiers WHERE patient_key = ? "
+        "ORDER BY origin, identifier",
+        (owner,),
+    ):
+        if (identifier, issuer) not in known:
+            known.add((identifier, issuer))
+            stored.append((identifier, issuer, "TEXT", ""))
+    return stored
+
+
+def patient_condition(
+    key_column: str, id_column: str, patient_id: Any, issuer: Any = None
+) -> tuple[str, list[Any]] | None:
+    """The condition matching a Patient ID (and Issuer of Patient ID) value over every
+    identifier of a patient, for other tables holding a patient_key (the worklist):
+    ``key_column`` names that column, ``id_column`` the Patient ID to match wildcards on.
+    None: universal matching."""
+    return _Compiler("STUDY", False).patient_ids(key_column, id_column, patient_id, issuer)
+
+
+def key_condition(
+    keyword: str,
+    column: str,
+    kind: str,
+    value: Any,
+    *,
+    folded: str = "",
+    fuzzy_names: bool = False,
+) -> tuple[str, list[Any]] | None:
+    """The C-FIND condition of one key on any column (``kind``: text, pn, uid, date,
+    time, int), with the engine's value semantics, for other tables (the worklist).
+    ``folded``: for pn, the upper-cased column that fuzzy matching compares.  None:
+    universal matching; QueryError for a malformed value."""
+    compiler = _Compiler("STUDY", fuzzy_names)
+    attr = _Attribute(keyword, "STUDY", column, kind, folded)
+    if kind == "pn" and fuzzy_names and folded:
+        column = folded
+    return compiler.condition(attr, column, value)
 
 
 def _derived(catalog: Catalog, keyword: str, study_uid: str) -> str:
