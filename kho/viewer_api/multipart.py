@@ -76,6 +76,10 @@ class MultipartParser:
         self._buffer = bytearray()
         self._state = "preamble"  # preamble -> headers -> body -> ... -> done
         self._headers: dict[str, str] = {}
+        #: in a part's body: where the next search for the delimiter starts (the bytes
+        #: before it were searched already; without it each chunk rescans the whole part,
+        #: quadratic in its size)
+        self._search_from = 0
         self.parts_seen = 0
 
     @property
@@ -111,9 +115,11 @@ class MultipartParser:
                 del self._buffer[: end + 4]
                 self._state = "body"
             elif self._state == "body":
-                end = self._buffer.find(self._delimiter)
-                if end < 0:
+                end = self._buffer.find(self._delimiter, self._search_from)
+                if end < 0:  # the delimiter may straddle this chunk and the next
+                    self._search_from = max(0, len(self._buffer) - len(self._delimiter) + 1)
                     return out
+                self._search_from = 0
                 body = bytes(self._buffer[:end])
                 out.append(Part(self._headers, body))
                 self.parts_seen += 1

@@ -32,7 +32,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from kho.access import dicom_peers, tls
 from kho.access.dicom_peers import DicomRefusal, PeerRejection
-from kho.access.service import Access
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
 from kho.dicom_scp.door import SESSION_ATTRIBUTE, PeerSession
@@ -617,12 +616,11 @@ def test_settings_that_cannot_work_fail_at_start(pki: Pki, tmp_path: Path) -> No
         "tls_key_file": str(pki.server.key),
         "dicom_tls_port": dcmtk.free_port(),
     }
-    required = Settings(**base, tls_require_client_cert=True)  # no tls_ca_file
-    with Archive(required) as archive, pytest.raises(ConfigError, match="tls_ca_file"):
-        DicomServer(archive).start()
+    # refused by the settings themselves (no tls_ca_file to check certificates against)
+    with pytest.raises(ValueError, match="tls_ca_file"):
+        Settings(**base, tls_require_client_cert=True)
     missing = Settings(**{**base, "tls_key_file": str(tmp_path / "missing.key")})
     with Archive(missing) as archive, pytest.raises(ConfigError, match="tls_key_file"):
         DicomServer(archive).start()
-    bound = Settings(**base, dicom_peers={"CT": {"tls_subject": "ct"}})  # no tls_ca_file
-    with Archive(bound) as archive, pytest.raises(ConfigError, match="tls_subject"):
-        Access(bound, archive)
+    with pytest.raises(ValueError, match="tls_subject"):  # no tls_ca_file
+        Settings(**base, dicom_peers={"CT": {"tls_subject": "ct"}})

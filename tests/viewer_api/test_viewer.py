@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from kho.access.api_keys import ApiKeys
+from kho.archive.config import Settings
 from kho.viewer_api import ohif
 from kho.viewer_api.viewer import app_config, render_index
 from tests.helpers.browser import (
@@ -169,7 +170,10 @@ def test_kho_viewer_install_and_status_commands(
 
 
 def settings_like(**values: object) -> SimpleNamespace:
-    defaults: dict[str, object] = {"auth_on": False, "oidc_issuer": "", "oidc_audience": ""}
+    """The settings the viewer reads, as the real Settings' defaults, with ``values``."""
+    real = Settings()
+    defaults: dict[str, object] = {name: getattr(real, name) for name in type(real).model_fields}
+    defaults["auth_on"] = False
     return SimpleNamespace(**{**defaults, **values})
 
 
