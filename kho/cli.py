@@ -180,13 +180,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     access = Access(settings, archive)  # one key cache and registry for both doors
     auditor = Auditor(archive).start().watch_dicom_refusals()  # one trail for both doors
     auditor.application(started=True)
+    from kho.routing.router import Router
+
+    router = Router(archive)  # forwarding: idle without destinations
+    forwarder = Caller(CallerKind.OPEN, f"kho-forwarder:{settings.ae_title}")
+    router.on_sent.append(
+        lambda d: auditor.sent(
+            forwarder,
+            d.tenant,
+            d.instances,
+            via="FORWARD",
+            destination=d.destination,
+            destination_address=d.address,
+        )
+    )
+    router.start()
     server = DicomServer(archive, reuse_port=args.worker, access=access)
     server.door.auditor = auditor
+    server.door.router = router
     server.start()
     http = HttpServer(
         archive, host=settings.host, port=settings.http_port, reuse_port=args.worker, access=access
     )
     http.app.state.viewer.auditor = auditor
+    http.app.state.viewer.router = router
     http.start()
     hl7 = None
     if settings.hl7_port:  # the HIS's patients and orders (kho.hl7)
@@ -221,6 +238,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             hl7.stop()
         http.stop()
         server.stop()
+        router.stop()
         auditor.application(started=False)
         auditor.close()
         archive.close()
@@ -827,6 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
     share_revoke.add_argument("link_id", metavar="ID", help="its id (kho share list)")
     share_revoke.set_defaults(func=cmd_share_revoke)
 
+    from kho.routing.cli import add_parser as add_routes_parser
+
+    add_routes_parser(sub, common).set_defaults(func=cmd_routes)
+
     audit = sub.add_parser("audit", help="the audit trail: verify its chain, search it")
 
     def tenants(p: argparse.ArgumentParser) -> None:
@@ -914,6 +936,15 @@ def _audit_archives(archive: Archive, args: argparse.Namespace) -> list[Archive]
     if args.all_tenants:
         return archive.tenant_archives()
     return [archive.for_tenant(args.tenant or archive.settings.default_tenant)]
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    """kho routes [status | list | retry | send]: the forwarding queue (kho.routing.cli)."""
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    with Archive(settings) as archive:
+        result: int = args.routes_command(args, archive)
+        return result
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from kho.archive.forwarding import DeidProject, ForwardDestination, ForwardRule
 from kho.errors import ConfigError
 
 
@@ -184,6 +185,26 @@ class Settings(BaseSettings):
         2 * 1024 * 1024 * 1024, description="largest STOW-RS request body (else 413)", ge=1
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    # --- forwarding (kho.routing): README "Forwarding and de-identification" --------
+    forward_destinations: dict[str, ForwardDestination] = Field(
+        default_factory=dict,
+        description="where instances may be sent: name -> url (dicom://AE@host:port, "
+        "dicoms://..., dicom://AE from dicom_peers, stow+https://.../dicom-web), token, "
+        "tenants, concurrency, retries, dead_after_s, storage commitment",
+    )
+    forward_rules: list[ForwardRule] = Field(
+        default_factory=list,
+        description="which received instances go where: conditions on calling AE, modality, "
+        "SOP class, body part, series/study description, tenant; trigger instance, series "
+        "or study (once stable); optional de-identification project",
+    )
+    deid_projects: dict[str, DeidProject] = Field(
+        default_factory=dict,
+        description="de-identification projects (PS3.15 Annex E Basic Profile and options), "
+        "each with its own secret: UIDs, pseudonyms and date shifts consistent within it",
+    )
+    forward_threads: int = Field(4, ge=1, le=64, description="forwarding worker threads")
 
     # --- the viewer and the start page (kho.viewer_api): README "Viewing" -----------
     public_url: str = Field(

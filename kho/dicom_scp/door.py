@@ -36,6 +36,7 @@ from kho.access.dicom_peers import (
     report_refusal,
 )
 from kho.access.tls import TlsPeer, client_context, peer_of
+from kho.archive.ingest.pipeline import RowsFor, combine_rows
 
 if TYPE_CHECKING:
     import ssl
@@ -47,8 +48,8 @@ if TYPE_CHECKING:
     from kho.access.service import Access
     from kho.archive.archive import Archive
     from kho.archive.catalog import InstanceRecord
-    from kho.archive.ingest.pipeline import RowsFor
     from kho.audit.auditor import Auditor
+    from kho.routing.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Door:
         self._client_tls_lock = threading.Lock()
         #: the audit trail (kho serve sets one; None: nothing recorded)
         self.auditor: Auditor | None = None
+        #: forwarding (kho serve sets one; None: nothing forwarded)
+        self.router: Router | None = None
 
     def posture(self) -> str:
         """One line for the start-up log: who may associate."""
@@ -206,11 +209,19 @@ class Door:
 
     # --- audit (observers: never change an answer) -----------------------------------------
 
-    def stored_rows(self, session: PeerSession) -> RowsFor | None:
-        """The audit record a C-STORE commits with its instance."""
-        if self.auditor is None:
-            return None
-        return self.auditor.stored_rows(session.caller, session.archive.tenant, "C-STORE")
+    def stored_rows(self, session: PeerSession, calling_ae: str = "") -> RowsFor | None:
+        """What a C-STORE commits with its instance: its audit record and the forwarding
+        tasks the rules select (both durable exactly when the instance is)."""
+        tenant = session.archive.tenant
+        audit = (
+            self.auditor.stored_rows(session.caller, tenant, "C-STORE") if self.auditor else None
+        )
+        forward = (
+            self.router.stored_rows(session.caller, tenant, "C-STORE", calling_ae)
+            if self.router is not None
+            else None
+        )
+        return combine_rows(audit, forward)
 
     def audit_query(self, session: PeerSession, event: Event) -> None:
         if self.auditor is None:

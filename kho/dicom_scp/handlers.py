@@ -50,7 +50,7 @@ def handle_association_open(event: Event, door: Door) -> None:
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
             calling_ae=ae,
-            with_rows=door.stored_rows(session),
+            with_rows=door.stored_rows(session, ae),
         )
 
     fast_dimse.install(association, store)
@@ -125,6 +125,6 @@ def handle_store(event: Event, door: Door) -> int | Dataset:
         sop_class_uid=str(request.AffectedSOPClassUID),
         sop_instance_uid=str(request.AffectedSOPInstanceUID),
         calling_ae=event.assoc.requestor.ae_title,
-        with_rows=door.stored_rows(session),
+        with_rows=door.stored_rows(session, event.assoc.requestor.ae_title),
     )
     return status if status == SUCCESS else status_dataset(status, comment)

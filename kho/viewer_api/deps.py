@@ -26,6 +26,7 @@ from kho.archive.catalog import InstanceRecord
 from kho.archive.read.rendering import RenderCache
 from kho.audit.auditor import Auditor
 from kho.errors import NotFoundError
+from kho.routing.router import Router
 from kho.viewer_api.security import Authorized, authorized_of, require_study
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class ViewerState:
     access: Access
     #: the audit trail (kho serve makes one; None: nothing recorded)
     auditor: Auditor | None = None
+    #: forwarding (kho serve makes one; None: nothing forwarded, no send route)
+    router: Router | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     #: keys carry the tenant (kho.viewer_api.rendered)
     render_cache: RenderCache = field(default_factory=RenderCache)

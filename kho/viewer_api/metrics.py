@@ -46,6 +46,12 @@ def get_metrics(state: StateDep, authorized: AuthorizedDep) -> Response:
         # this process's histograms and counters mix every hospital's traffic: only the
         # series labelled with the caller's tenant
         body = tenant_exposition(body, tenant)
+    router = state.router
+    if router is not None:  # the forwarding queue's gauges, of the tenants in view
+        from kho.routing.metrics import exposition as queue_exposition
+
+        names = root.settings.tenant_names if authorized.platform_view else [authorized.tenant]
+        body += queue_exposition(lambda: router.status(names)["tenants"])
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

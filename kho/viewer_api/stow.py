@@ -26,7 +26,7 @@ from kho.access.callers import Role
 from kho.archive.archive import Archive
 from kho.archive.dataset.attributes import read_header
 from kho.archive.dataset.part10 import parse_part10
-from kho.archive.ingest.pipeline import RowsFor
+from kho.archive.ingest.pipeline import RowsFor, combine_rows
 from kho.errors import (
     CatalogError,
     DatasetMismatchError,
@@ -205,10 +205,13 @@ async def _store(
     if ranges and not any(r.matches(DICOM_JSON) or r.matches("application/json") for r in ranges):
         raise NotAcceptableError("the STOW-RS response is application/dicom+json")
     parts = await read_parts(request, state.max_upload_bytes)
-    with_rows = None
-    if state.auditor is not None:  # each instance's record commits with it
-        authorized = authorized_of(request.scope)
-        with_rows = state.auditor.stored_rows(authorized.caller, authorized.tenant, "STOW-RS")
+    # each instance's audit record and forwarding tasks commit with it
+    authorized = authorized_of(request.scope)
+    caller, tenant = authorized.caller, authorized.tenant
+    with_rows = combine_rows(
+        state.auditor.stored_rows(caller, tenant, "STOW-RS") if state.auditor else None,
+        state.router.stored_rows(caller, tenant, "STOW-RS", "") if state.router else None,
+    )
 
     def store_all() -> list[PartOutcome]:
         return [store_part(archive, part, study, with_rows) for part in parts]

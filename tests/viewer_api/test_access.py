@@ -510,8 +510,11 @@ def test_create_app_refuses_a_route_without_a_role(archive: Archive) -> None:
     guarded = check_routes(app)
     assert {r.role for r in guarded if r.path == "/metrics"} == {Role.ADMIN}
     # storing is the uploader's; the other POSTs (share links, launch tokens) need a viewer
-    stores = [r for r in guarded if "POST" in r.methods and r.path.startswith(PREFIX)]
+    posts = [r for r in guarded if "POST" in r.methods and r.path.startswith(PREFIX)]
+    stores = [r for r in posts if not r.path.endswith("/send")]
     assert {r.role for r in stores} == {Role.UPLOADER}
+    # sending a study out of the archive (forwarding on demand) is an admin's
+    assert {r.role for r in posts if r.path.endswith("/send")} == {Role.ADMIN}
 
     @app.get("/dicom-web/forgotten")
     async def forgotten() -> dict[str, str]:

@@ -227,7 +227,7 @@ class Catalog:
             self._record_version()
 
     @contextmanager
-    def _relaxed_write(self) -> Iterator[None]:
+    def relaxed_write(self) -> Iterator[None]:
         """A write outside any transaction whose commit skips the flush to disk: it
         survives a crash of the process; after a power loss it may be lost, which callers
         must tolerate."""
@@ -363,11 +363,11 @@ class Catalog:
     def begin_pending(self, object_prefix: str) -> None:
         """Record that objects are about to be written under ``object_prefix``.
 
-        A relaxed write (see _relaxed_write): after a power loss the worst outcome is
+        A relaxed write (see relaxed_write): after a power loss the worst outcome is
         objects that recovery cannot name, invisible and harmless.  The instance commit
         that follows is fully synchronous and makes the journal row durable too.
         """
-        with self._relaxed_write():
+        with self.relaxed_write():
             self.execute(
                 "INSERT INTO pending (object_prefix, created_at, owner) VALUES (?, ?, ?) "
                 "ON CONFLICT (object_prefix) DO NOTHING",
@@ -667,7 +667,7 @@ class Catalog:
         on it) is taken off the queue: the instance stays as received."""
         now = time.time()
         cutoff = now - lease_s
-        with self._relaxed_write():
+        with self.relaxed_write():
             # a spooled instance stays queued: the finisher moves it out of the spool as
             # received (its segment would otherwise be deleted under it)
             given_up = self.execute(
@@ -691,7 +691,7 @@ class Catalog:
         for sop_uid, prefix, attempts in candidates:
             if len(claimed) >= limit:
                 break
-            with self._relaxed_write():  # a lost claim is only re-claimed after its lease
+            with self.relaxed_write():  # a lost claim is only re-claimed after its lease
                 cursor = self.execute(
                     "UPDATE unfinished SET owner = ?, claimed_at = ?, attempts = attempts + 1 "
                     "WHERE sop_uid = ? AND object_prefix = ? AND (owner = '' OR claimed_at < ?)",
@@ -717,7 +717,7 @@ class Catalog:
                 "attempts = CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END"
             )
             params = (time.time(),)
-        with self._relaxed_write():
+        with self.relaxed_write():
             self.execute(
                 f"{statement} WHERE sop_uid = ? AND object_prefix = ?",
                 (*params, sop_uid, object_prefix),
@@ -728,7 +728,7 @@ class Catalog:
         released = 0
         for (owner,) in rows:
             if owner_is_gone(owner):
-                with self._relaxed_write():
+                with self.relaxed_write():
                     cursor = self.execute(
                         "UPDATE unfinished SET owner = '', claimed_at = 0 WHERE owner = ?",
                         (owner,),

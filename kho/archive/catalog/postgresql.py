@@ -206,8 +206,8 @@ class PostgresCatalog(Catalog):
             self._record_version()
 
     @contextmanager
-    def _relaxed_write(self) -> Iterator[None]:
-        """SET LOCAL synchronous_commit = off (see Catalog._relaxed_write); inside a
+    def relaxed_write(self) -> Iterator[None]:
+        """SET LOCAL synchronous_commit = off (see Catalog.relaxed_write); inside a
         transaction, part of it."""
         in_transaction = getattr(self._local, "begin_unsent", False) or (
             self.connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE

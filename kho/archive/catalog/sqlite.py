@@ -94,8 +94,8 @@ class SqliteCatalog(Catalog):
             raise CatalogError(f"catalog commit failed: {exc}") from exc
 
     @contextmanager
-    def _relaxed_write(self) -> Iterator[None]:
-        """synchronous=NORMAL for this write (see Catalog._relaxed_write)."""
+    def relaxed_write(self) -> Iterator[None]:
+        """synchronous=NORMAL for this write (see Catalog.relaxed_write)."""
         relaxed = self.synchronous_full and not self.connection.in_transaction
         if relaxed:
             self.connection.execute("PRAGMA synchronous=NORMAL")

@@ -48,6 +48,18 @@ DatasetBytes = bytes | bytearray | memoryview | Sequence[bytes | bytearray | mem
 RowsFor = Callable[[InstanceAttributes], Sequence[RowInsert]]
 
 
+def combine_rows(*parts: RowsFor | None) -> RowsFor | None:
+    """One RowsFor of several (an audit record and forwarding tasks, say); None if none."""
+    present = [part for part in parts if part is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+
+    def rows(attrs: InstanceAttributes) -> Sequence[RowInsert]:
+        return [row for part in present for row in part(attrs)]
+
+    return rows
+
+
 class IngestOutcome(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # same bytes were already stored: nothing written
