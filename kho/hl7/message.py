@@ -113,6 +113,10 @@ def read_header(raw: bytes) -> Header:
     end = min((i for i in (raw.find(b"\r"), raw.find(b"\n")) if i >= 0), default=len(raw))
     # MSH is ASCII but for names: decoded leniently here, strictly with the whole message
     text = raw[:end].decode("latin-1")
+    if len(text) < 8:  # "MSH" then a segment break: no field separator, no encoding
+        raise MessageError(
+            "the MSH segment is too short to name its separators", "AR", SEGMENT_SEQUENCE_ERROR
+        )
     separator = text[3]
     fields = text.split(separator)
     encoding = fields[1] if len(fields) > 1 else "^~\\&"

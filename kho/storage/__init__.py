@@ -3,7 +3,7 @@ spool.  A foundation: imports nothing of kho but errors."""
 
 from typing import Any
 
-from kho.storage.base import ObjectStore, put_objects, validate_key
+from kho.storage.base import ObjectStore, is_full, put_objects, validate_key
 from kho.storage.filesystem import FilesystemStore
 
 
@@ -27,4 +27,4 @@ def open_store(url: str, *, fsync: bool = True, **s3_options: Any) -> ObjectStor
     return FilesystemStore(url.removeprefix("file://"), fsync=fsync)
 
 
-__all__ = ["FilesystemStore", "ObjectStore", "open_store", "put_objects", "validate_key"]
+__all__ = ["FilesystemStore", "ObjectStore", "is_full", "open_store", "put_objects", "validate_key"]

@@ -73,3 +73,24 @@ class ObjectStore(Protocol):
 
     def close(self) -> None:
         """Release connections and handles."""
+
+
+#: errno values of a full filesystem (no space, quota exceeded)
+_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT (Linux)
+
+
+def is_full(exc: BaseException) -> bool:
+    """Whether a failure (or one it was raised from) is a full disk: an OSError with
+    ENOSPC/EDQUOT, or SQLite's "database or disk is full".  A full disk is answered
+    differently from an outage (HTTP 507, not 503): waiting does not help, freeing does."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return True
+        text = str(current)
+        if "No space left on device" in text or "database or disk is full" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False

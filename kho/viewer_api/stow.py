@@ -35,6 +35,7 @@ from kho.errors import (
     InvalidDicomError,
     StorageError,
 )
+from kho.storage import is_full
 from kho.viewer_api.deps import ArchiveDep, BaseUrlDep, StateDep
 from kho.viewer_api.errors import (
     BadRequestError,
@@ -78,6 +79,8 @@ class PartOutcome:
     warning: int | None = None
     #: UIDs the archive invented for this part (keyword -> UID)
     coerced: tuple[tuple[str, str], ...] = ()
+    #: out of resources because a disk is full (507), not unreachable (503)
+    disk_full: bool = False
 
 
 def _identity(data: bytes) -> tuple[str, str, str]:
@@ -123,6 +126,7 @@ def store_part(
     except (StorageError, CatalogError) as exc:
         log.error("STOW-RS: cannot store %s: %s", sop_uid, exc)
         outcome.failure, outcome.reason = OUT_OF_RESOURCES, str(exc)
+        outcome.disk_full = is_full(exc)
     else:
         outcome.sop_uid, outcome.study_uid = result.sop_uid, result.study_uid
         outcome.series_uid = result.series_uid
@@ -224,7 +228,9 @@ async def _store(
     elif stored:
         status = 202
     elif all(o.failure == OUT_OF_RESOURCES for o in outcomes):
-        status = 503
+        # a full disk: 507 Insufficient Storage (freeing space helps, waiting does not);
+        # an unreachable store or catalog: 503
+        status = 507 if any(o.disk_full for o in outcomes) else 503
     else:
         status = 409
     body = json.dumps(response_dataset(base, outcomes, study), separators=(",", ":")).encode()

@@ -113,6 +113,31 @@ def test_background_threads_finish_what_ingest_queues(
         assert back == data
 
 
+def test_a_finisher_thread_survives_an_unexpected_failure(
+    archive: Archive, ct_slices: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that is no KhoError (found by the crash campaign: a catalog mid-edit)
+    must not end the thread for good: the queue would stay undrained until a restart."""
+    finisher = archive.finisher
+    real_claim = finisher._claim_next
+    failures: list[int] = []
+
+    def claim_failing_first() -> object:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("an unexpected failure (test)")
+        return real_claim()
+
+    monkeypatch.setattr(finisher, "_claim_next", claim_failing_first)
+    results = [archive.ingest_part10(data, defer=True) for data in ct_slices[:3]]
+    assert archive.finisher.wait_idle(timeout=120)
+    assert failures == [1]
+    for data, result in zip(ct_slices, results, strict=False):
+        record, back = archive.read_instance(result.sop_uid)
+        assert record.pixel_format == "jpeg-ls"
+        assert back == data
+
+
 def test_inline_ingest_queues_nothing(archive: Archive, ct_slices: list[bytes]) -> None:
     result = archive.ingest_part10(ct_slices[0], defer=False)
     assert archive.catalog.unfinished_count() == 0

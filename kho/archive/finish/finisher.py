@@ -208,22 +208,30 @@ class Finisher:
     def _run(self) -> None:
         _lower_priority()
         while not self._stop.is_set():
-            if self._receiving():
-                self._stop.wait(QUIET_S / 2)
-                continue
-            self._wake.clear()
-            tenant, claimed, failed = self._claim_next()
-            if failed and not claimed:
-                self._stop.wait(IDLE_POLL_S)
-                continue
-            for sop_uid, prefix, attempts in claimed:
-                self._finish_claimed(sop_uid, prefix, attempts, archive=tenant)
             try:
-                self.collect_garbage()  # at most every few seconds, busy or not
-            except KhoError as exc:
-                log.warning("finisher: garbage collection failed: %s", exc)
-            if not claimed:
-                self._wake.wait(IDLE_POLL_S)
+                self._run_once()
+            except Exception:  # a thread that died would leave the queue undrained
+                log.exception("finisher: unexpected failure; going on")
+                self._stop.wait(IDLE_POLL_S)
+
+    def _run_once(self) -> None:
+        """One turn of a finisher thread: claim, finish, collect garbage, or wait."""
+        if self._receiving():
+            self._stop.wait(QUIET_S / 2)
+            return
+        self._wake.clear()
+        tenant, claimed, failed = self._claim_next()
+        if failed and not claimed:
+            self._stop.wait(IDLE_POLL_S)
+            return
+        for sop_uid, prefix, attempts in claimed:
+            self._finish_claimed(sop_uid, prefix, attempts, archive=tenant)
+        try:
+            self.collect_garbage()  # at most every few seconds, busy or not
+        except KhoError as exc:
+            log.warning("finisher: garbage collection failed: %s", exc)
+        if not claimed:
+            self._wake.wait(IDLE_POLL_S)
 
     def _claim_next(self) -> tuple[FinishingArchive, list[tuple[str, str, int]], bool]:
         """Claim one instance from the tenants' queues, each thread starting at the next

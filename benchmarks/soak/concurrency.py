@@ -1,0 +1,129 @@
+"""Concurrency, in the shape of Orthanc's own test: many clients store the same study at
+once, again and again; the archive ends with exactly one study, its series and its
+instances, each stored once.
+
+    python -m benchmarks.soak.concurrency --engine both --clients 20 --uploads 5 --instances 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from benchmarks.common import machine
+from benchmarks.soak import harness, report
+from benchmarks.soak.crash import _settings, engine_env
+from kho.archive.archive import Archive
+from tests.helpers.server import kho_serve
+
+
+def run_same_study(
+    engine: str, workdir: Path, *, clients: int = 20, uploads: int = 5, instances: int = 50
+) -> dict[str, Any]:
+    corpus = harness.Corpus(workdir / "corpus", size=64)
+    study, series = generate_uid(harness.ROOT + "."), generate_uid(harness.ROOT + ".")
+    rng = np.random.default_rng(11)
+    study_files = [
+        corpus.instance(study, series, n, rng.integers(0, 4096, (64, 64), dtype=np.uint16))
+        for n in range(instances)
+    ]
+    ledger = harness.Ledger()
+    started = time.monotonic()
+    with engine_env(engine, workdir) as env, kho_serve(workdir / "data", env=env) as (_p, port):
+
+        def client() -> None:
+            for _ in range(uploads):  # one association per upload of the whole study
+                harness.dimse_sender(
+                    port, corpus, ledger, threading.Event(), instances=study_files, timeout=60
+                )
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        with Archive(_settings(workdir / "data", env)) as archive:
+            drain = harness.wait_finished(archive)
+            counts = archive.catalog.counts()
+            store = harness.audit_store(archive)
+            corrupt = harness.check_retrievable(archive, study_files)
+            objects_live = store.objects - store.garbage
+            referenced = sum(
+                len(harness.referenced_keys(r)) for r in archive.catalog.iter_instances()
+            )
+    return {
+        "engine": engine,
+        "clients": clients,
+        "uploads": uploads,
+        "instances": instances,
+        "stores_sent": clients * uploads * instances,
+        "refused": ledger.refused,
+        "unanswered": ledger.unanswered,
+        "counts": counts,
+        "objects": store.objects,
+        "objects_not_garbage": objects_live,
+        "objects_referenced": referenced,
+        "orphans": store.orphans,
+        "missing_objects": store.missing,
+        "corrupt": corrupt,
+        "upload_s": round(elapsed, 1),
+        "finish_drain_s": round(drain, 2),
+    }
+
+
+def clean(outcome: dict[str, Any]) -> bool:
+    counts = outcome["counts"]
+    return (
+        counts.get("studies") == 1
+        and counts.get("series") == 1
+        and counts.get("instances") == outcome["instances"]
+        and not outcome["refused"]
+        and not outcome["unanswered"]
+        and not outcome["orphans"]
+        and not outcome["missing_objects"]
+        and not outcome["corrupt"]
+        and outcome["objects_not_garbage"] <= outcome["objects_referenced"]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--uploads", type=int, default=5)
+    parser.add_argument("--instances", type=int, default=50)
+    parser.add_argument("--no-results", action="store_true")
+    args = parser.parse_args(argv)
+    outcomes = {}
+    for engine in ["sqlite", "postgresql"] if args.engine == "both" else [args.engine]:
+        workdir = Path(tempfile.mkdtemp(prefix=f"kho-concurrency-{engine}-"))
+        try:
+            outcome = run_same_study(
+                engine,
+                workdir,
+                clients=args.clients,
+                uploads=args.uploads,
+                instances=args.instances,
+            )
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        outcome["clean"] = clean(outcome)
+        outcomes[engine] = outcome
+        print(engine, outcome)
+    if not args.no_results:
+        previous = report.load().get("concurrency", {}).get("runs", {})
+        report.record("concurrency", {"machine": machine(), "runs": {**previous, **outcomes}})
+    return 0 if all(o["clean"] for o in outcomes.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
