@@ -28,6 +28,10 @@ and bytes (``transferSize``) by kind, and from nginx's log the upstream (server)
 kind.  Servers stay up across runs (both warm after run 1); runs alternate which server
 goes first.
 
+Orthanc runs with benchmarks.dicomweb's configuration, where its default
+``HttpCompressionEnabled`` (true) gzips answers for a browser that accepts gzip: its
+frames reach the browser gzipped (~250 KB of a 512 KB CT slice), kho's as JPEG-LS.
+
 Orthanc binds every interface, so the whole benchmark runs in a private network
 namespace (``unshare -n``) with loopback only.
 Usage: ``python -m benchmarks.viewer [--slices 189] [--runs 3]``.
@@ -236,7 +240,10 @@ def stage_site(site: Path, dist: Path) -> None:
         folder = site / server / "viewer"
         folder.mkdir(parents=True)
         for path in dist.rglob("*"):
-            if path.is_file() and path.name not in ("index.html", "app-config.js"):
+            if path.is_file() and path.name.removesuffix(".gz") not in (
+                "index.html",
+                "app-config.js",
+            ):
                 target = folder / path.relative_to(dist)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.symlink_to(path)
@@ -274,17 +281,18 @@ def start_nginx(work: Path, site: Path, ports: dict[str, int], port: int) -> tup
         }}"""
         for s in ports
     )
+    # the build and the folders are private to this user: workers run as it too
+    user = "user root;\n" if os.geteuid() == 0 else ""
     config = work / "nginx.conf"
     config.write_text(
         f"""
 daemon on;
-worker_processes 1;
+{user}worker_processes 1;
 pid {pid_file};
 error_log {work}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     include /etc/nginx/mime.types;
-    types {{ application/wasm wasm; }}
     log_format bench '$msec "$request_uri" $status $body_bytes_sent $request_time '
                      '"$upstream_response_time"';
     access_log {log} bench;
@@ -484,12 +492,12 @@ def summarise(
         k["requests"] += 1
         k["bytes"] += int(e[4])
         k["statuses"].add(int(e[6]))
-        if e[0] != "viewer files":
-            first_end = k.get("first_end_s")
-            end = since(e[3])
-            k["first_start_s"] = min(k.get("first_start_s", 1e9), since(e[1]) or 0)
-            k["last_end_s"] = max(k.get("last_end_s", -1e9), end or 0)
-            k["first_end_s"] = end if first_end is None else min(first_end, end or 0)
+        # times relative to the first DICOMweb request (viewer files before it: negative)
+        first_end = k.get("first_end_s")
+        end = since(e[3])
+        k["first_start_s"] = min(k.get("first_start_s", 1e9), since(e[1]) or 0)
+        k["last_end_s"] = max(k.get("last_end_s", -1e9), end or 0)
+        k["first_end_s"] = end if first_end is None else min(first_end, end or 0)
     for k in kinds.values():
         k["statuses"] = sorted(k["statuses"])
     out["by_kind"] = kinds
@@ -535,6 +543,10 @@ def server_times(log: Path, offset: int, prefix: str) -> dict[str, Any]:
 
 METRICS = (
     ("ohif_startup_s", "OHIF start-up (navigation -> first DICOMweb request)"),
+    ("metadata_answered_s", "series metadata answered"),
+    ("viewer_files_done_s", "last viewer file (chunks, codecs) answered"),
+    ("first_frame_request_s", "first frame requested"),
+    ("first_frame_answered_s", "first frame answered"),
     ("first_image_s", "first image"),
     ("thumbnails_s", "all thumbnails answered"),
     ("all_frames_s", "every frame of the series"),
@@ -548,6 +560,16 @@ def metric(run: dict[str, Any], name: str) -> float | None:
     if name == "thumbnails_s":
         value = (run.get("thumbnails") or {}).get("all_answered_s")
         return float(value) if value is not None else None
+    kinds = run.get("by_kind") or {}
+    picked = {
+        "metadata_answered_s": ("metadata", "last_end_s"),
+        "viewer_files_done_s": ("viewer files", "last_end_s"),
+        "first_frame_request_s": ("frames", "first_start_s"),
+        "first_frame_answered_s": ("frames", "first_end_s"),
+    }.get(name)
+    if picked is not None:
+        found = (kinds.get(picked[0]) or {}).get(picked[1])
+        return float(found) if found is not None else None
     if name == "dicomweb_mb":
         return round(run.get("dicomweb_bytes", 0) / 1e6, 3)
     value = run.get(name)
