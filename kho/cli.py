@@ -192,6 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             via="FORWARD",
             destination=d.destination,
             destination_address=d.address,
+            deidentified_for=d.project,
         )
     )
     router.start()

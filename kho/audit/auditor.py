@@ -218,9 +218,12 @@ class Auditor:
         destination: str = "",
         destination_address: str = "",
         failed: bool = False,
+        deidentified_for: str = "",
     ) -> None:
-        """Instances sent (C-GET, C-MOVE): ``sent`` = (study UID, SOP class, SOP instance);
-        one record per study."""
+        """Instances sent (C-GET, C-MOVE, forwarding): ``sent`` = (study UID, SOP class,
+        SOP instance); one record per study.  ``deidentified_for``: they left de-identified
+        for that project: an Export record (A.5.3.6) naming the real patient, since the
+        hospital must know whose data left, whatever it was made to look like."""
         if not self.enabled or not sent:
             return
         by_study: dict[str, messages.Study] = {}
@@ -228,20 +231,33 @@ class Auditor:
             one = messages.one_instance(study_uid, sop_class, sop_uid)
             known = by_study.get(study_uid)
             by_study[study_uid] = known.merged(one) if known is not None else one
+        outcome = messages.Outcome.MINOR_FAILURE if failed else messages.Outcome.SUCCESS
         for study_uid, study in by_study.items():
-            self.record(
-                messages.instances_sent(
+            patient = self._patient_of(tenant, study_uid)
+            if deidentified_for:
+                event = messages.export(
                     caller,
-                    patient=self._patient_of(tenant, study_uid),
+                    patient=patient,
                     study=study,
                     destination=destination,
                     destination_address=destination_address,
                     via=via,
-                    outcome=messages.Outcome.MINOR_FAILURE if failed else messages.Outcome.SUCCESS,
+                    outcome=outcome,
+                    description=f"de-identified for project {deidentified_for}",
                     tenant=tenant,
-                ),
-                tenant,
-            )
+                )
+            else:
+                event = messages.instances_sent(
+                    caller,
+                    patient=patient,
+                    study=study,
+                    destination=destination,
+                    destination_address=destination_address,
+                    via=via,
+                    outcome=outcome,
+                    tenant=tenant,
+                )
+            self.record(event, tenant)
 
     def security_alert(
         self,

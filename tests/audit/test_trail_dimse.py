@@ -266,3 +266,37 @@ def test_settings_forward_the_trail_to_a_syslog_tls_repository(tmp_path: Path) -
 
 def _text(element: ElementTree.Element) -> str:
     return ElementTree.tostring(element, encoding="unicode")
+
+
+def test_a_deidentified_delivery_is_an_export_naming_the_real_patient(tmp_path: Path) -> None:
+    """Forwarding with a de-identification project: an Export record (A.5.3.6) in the
+    hospital's trail that names whose data left (the pseudonym is not who it was)."""
+    from kho.access.callers import Caller, CallerKind
+
+    with Archive(Settings(data_dir=tmp_path / "data", fsync=False)) as archive:
+        archive.derivers = []
+        archive.ingest_part10(
+            make_instance(
+                sop_uid=SOP, study_uid=STUDY, series_uid=SERIES, patient_name="REAL^PATIENT"
+            )
+        )
+        auditor = Auditor(archive).start()
+        try:
+            forwarder = Caller(CallerKind.OPEN, "kho-forwarder:KHO")
+            auditor.sent(
+                forwarder,
+                "default",
+                [(STUDY, CT, SOP)],
+                via="FORWARD",
+                destination="research",
+                destination_address="10.0.0.9:2762",
+                deidentified_for="trial-7",
+            )
+            state = {"auditor": auditor, "archive": archive}
+            [record] = records(state, "default", EventKind.EXPORT)
+        finally:
+            auditor.close()
+    assert record.user_id == "kho-forwarder:KHO"
+    assert "REAL^PATIENT" in record.message and SOP in record.message
+    assert "de-identified for project trial-7" in record.message
+    assert 'UserID="research"' in record.message
