@@ -32,7 +32,7 @@ from kho.archive.ingest.pipeline import (
     ingest_dimse,
     ingest_part10,
 )
-from kho.archive.read import instances
+from kho.archive.read import instances, pixels
 from kho.errors import IntegrityError, KhoError, NotFoundError
 from kho.storage import FilesystemStore, ObjectStore, open_store
 from kho.storage.peer import PeerSpoolClient
@@ -241,6 +241,9 @@ class Archive:
         if self._root is not self:
             return
         self.finisher.stop()
+        # the decoded-frame cache's read-ahead threads may be reading this catalog: a
+        # SQLite connection closed under a running statement crashes the process
+        pixels.FRAME_CACHE.wait_idle(timeout=10)
         with self._tenants_lock:
             self._closed = True
             children = [*self._tenants.values(), *self._dormant.values()]
