@@ -541,7 +541,7 @@ def _share_links(archive: Archive, settings: Settings) -> ShareLinks:
 def _share_base(settings: Settings, base_url: str | None) -> str:
     """Where patients reach this archive: --base-url, else the public_url setting (the
     address a reverse proxy publishes), else the HTTP address kho serves."""
-    public = base_url or str(getattr(settings, "public_url", "") or "")
+    public = base_url or str(settings.public_url or "")
     if public:
         return public.rstrip("/")
     scheme = "https" if settings.http_tls else "http"

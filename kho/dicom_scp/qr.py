@@ -469,7 +469,7 @@ def find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset, Datase
             plan.level,
             plan.filters,
             model=model,
-            fuzzy_names=bool(getattr(archive.settings, "fuzzy_names", False)),
+            fuzzy_names=bool(archive.settings.fuzzy_names),
         )
         # The cap: a query with more matches than find_result_limit is refused before any
         # match is sent, with 0xA700 "Refused: Out of resources" (C-FIND has no warning

@@ -106,7 +106,7 @@ def find(event: Event, archive: Archive) -> Iterator[tuple[int | Dataset, Datase
             archive.catalog,
             keys,
             step_keys,
-            fuzzy_names=bool(getattr(settings, "fuzzy_names", False)),
+            fuzzy_names=bool(settings.fuzzy_names),
             limit=limit + 1 if limit > 0 else None,
         )
     except QueryError as exc:

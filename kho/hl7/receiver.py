@@ -74,13 +74,11 @@ class Hl7Receiver:
         self.archive = archive
         self.auditor = auditor
         self.auth_on = access.enabled if access is not None else bool(settings.auth_on)
-        senders: dict[str, str] = dict(getattr(settings, "hl7_senders", None) or {})
+        senders: dict[str, str] = dict(settings.hl7_senders or {})
         self.senders = {name.strip().casefold(): tenant for name, tenant in senders.items()}
-        self.citizen_issuer = str(
-            getattr(settings, "citizen_id_issuer", "") or DEFAULT_CITIZEN_ISSUER
-        )
-        self.local_issuer = str(getattr(settings, "hl7_patient_id_issuer", "") or "")
-        self.application = str(getattr(settings, "hl7_application", "") or "KHO")
+        self.citizen_issuer = str(settings.citizen_id_issuer or DEFAULT_CITIZEN_ISSUER)
+        self.local_issuer = str(settings.hl7_patient_id_issuer or "")
+        self.application = str(settings.hl7_application or "KHO")
         self.facility = str(settings.ae_title)
 
     # --- senders ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from kho.archive import patients, worklist
-from kho.hl7.mllp import MAX_MESSAGE_BYTES, Deframer, FramingError, frame
+from kho.hl7.mllp import Deframer, FramingError, frame
 from kho.hl7.receiver import Hl7Receiver
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 2575
 _READ_SIZE = 65536
 
 
@@ -106,14 +105,12 @@ class Hl7Server:
         self.archive = archive
         self.receiver = Hl7Receiver(archive, access, auditor)
         self.host = host if host is not None else settings.host
-        self.requested_port = int(
-            port if port is not None else getattr(settings, "hl7_port", DEFAULT_PORT)
-        )
-        self.max_connections = int(getattr(settings, "hl7_max_connections", 64))
-        self.idle_timeout_s = float(getattr(settings, "hl7_idle_timeout_s", 300.0))
-        self.max_message_bytes = int(getattr(settings, "hl7_max_message_bytes", MAX_MESSAGE_BYTES))
-        self.housekeeping_interval_s = float(getattr(settings, "hl7_housekeeping_interval_s", 10.0))
-        networks = getattr(settings, "hl7_networks", None) or []
+        self.requested_port = int(port if port is not None else settings.hl7_port)
+        self.max_connections = int(settings.hl7_max_connections)
+        self.idle_timeout_s = float(settings.hl7_idle_timeout_s)
+        self.max_message_bytes = int(settings.hl7_max_message_bytes)
+        self.housekeeping_interval_s = float(settings.hl7_housekeeping_interval_s)
+        networks = settings.hl7_networks or []
         self.networks = [ipaddress.ip_network(str(n), strict=False) for n in networks]
         self.stopping = threading.Event()
         self._server: _MllpServer | None = None

@@ -140,7 +140,7 @@ class OhifBuild:
 
 def viewer_dir(settings: Any) -> Path:
     """Where builds are installed: the ``viewer_dir`` setting, else ``<data_dir>/viewer``."""
-    configured = getattr(settings, "viewer_dir", "") or ""
+    configured = settings.viewer_dir or ""
     return Path(configured) if str(configured) else Path(settings.data_dir) / "viewer"
 
 
@@ -496,7 +496,7 @@ def install_in_background(settings: Any) -> BackgroundInstall | None:
     build = installed(directory)
     if (build is not None and build.current) or not auto_install(settings):
         return None
-    registry = str(getattr(settings, "viewer_registry", "") or REGISTRY)
+    registry = str(settings.viewer_registry or REGISTRY)
     if build is None:
         log.info("viewer: OHIF is not installed in %s; installing %s", directory, PINNED_VERSION)
     else:

@@ -150,10 +150,9 @@ class ForwardedHeaders:
 
     def __init__(self, app: ASGIApp, settings: Any) -> None:
         self.app = app
-        # read with getattr: the settings may predate these fields (then: no proxy)
-        public_url = str(getattr(settings, "public_url", "") or "")
+        public_url = str(settings.public_url or "")
         self.public = parse_public_url(public_url) if public_url else None
-        self.trusted = trusted_networks(getattr(settings, "trusted_proxies", None) or ())
+        self.trusted = trusted_networks(settings.trusted_proxies or ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (self.public is not None or self.trusted):

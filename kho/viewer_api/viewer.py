@@ -225,10 +225,10 @@ def oidc_client(settings: Any) -> dict[str, Any] | None:
     """OHIF's OpenID Connect sign-in, when authentication is on with an issuer and the
     viewer has a client id there (setting ``viewer_oidc_client_id``): the authorization
     code flow with PKCE, a public client (no secret in a browser)."""
-    client_id = str(getattr(settings, "viewer_oidc_client_id", "") or "")
+    client_id = str(settings.viewer_oidc_client_id or "")
     if not (settings.auth_on and settings.oidc_issuer and client_id):
         return None
-    scope = str(getattr(settings, "viewer_oidc_scope", "") or "openid profile")
+    scope = str(settings.viewer_oidc_scope or "openid profile")
     return {
         "authority": settings.oidc_issuer,
         "client_id": client_id,
