@@ -49,9 +49,10 @@ from kho.access import tls
 from kho.access.dicom_peers import TLS_HANDSHAKE_FAILED, DicomRefusal, report_refusal
 from kho.access.service import Access
 from kho.archive.archive import Archive
-from kho.dicom_scp import fast_dimse, handlers, qr, worklist
+from kho.dicom_scp import commitment, fast_dimse, handlers, qr, worklist
 from kho.dicom_scp.door import Door
 from kho.errors import ConfigError
+from kho.routing.commitment import STORAGE_COMMITMENT_PUSH
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -117,7 +118,7 @@ class _ReusePortServer(ThreadedAssociationServer):
 
 def build_ae(archive: Archive) -> AE:
     """The archive's AE: Verification, Storage (every SOP class, even private ones),
-    Query/Retrieve (FIND, GET, MOVE), Modality Worklist and MPPS."""
+    Query/Retrieve (FIND, GET, MOVE), Modality Worklist, MPPS and Storage Commitment."""
     settings = archive.settings
     # accept storage of SOP classes pynetdicom does not list (private, newer than it)
     _config.UNRESTRICTED_STORAGE_SERVICE = True
@@ -146,6 +147,11 @@ def build_ae(archive: Archive) -> AE:
     # N-SET) of kho.dicom_scp.worklist
     ae.add_supported_context(worklist.MODALITY_WORKLIST_FIND, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(worklist.MODALITY_PERFORMED_PROCEDURE_STEP, ALL_TRANSFER_SYNTAXES)
+    # Storage Commitment (kho.dicom_scp.commitment): a modality's request (kho the SCP) and
+    # a forwarding destination's late report (kho the SCU), so both roles are accepted
+    ae.add_supported_context(
+        STORAGE_COMMITMENT_PUSH, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+    )
     # C-MOVE/C-GET send stored bytes from files unchanged (see kho.dicom_scp.qr)
     qr.enable_raw_sending()
     return ae
@@ -311,6 +317,8 @@ def event_handlers(
         (evt.EVT_C_FIND, worklist.handle_find, [door]),
         (evt.EVT_N_CREATE, worklist.handle_n_create, [door]),
         (evt.EVT_N_SET, worklist.handle_n_set, [door]),
+        (evt.EVT_N_ACTION, commitment.handle_n_action, [door]),
+        (evt.EVT_N_EVENT_REPORT, commitment.handle_n_event_report, [door]),
         (evt.EVT_C_GET, qr.handle_get, [door]),
         (evt.EVT_C_MOVE, qr.handle_move, [door]),
     ]

@@ -663,18 +663,25 @@ class Router:
         if report is not None:
             self._apply_report(batch.archive, report)
 
-    def commitment_report(self, report: CommitmentReport) -> int:
-        """A Storage Commitment N-EVENT-REPORT (from a destination's own association, by
-        way of the DICOM door): committed rows are done, failed ones go again; how many
-        rows it settled (0: no transaction of ours)."""
-        settled = 0
-        for archive in self._archives():
-            self._prepare(archive.tenant)
-            settled += self._apply_report(archive, report)
-        return settled
+    def commitment_report(
+        self, report: CommitmentReport, *, tenant: str, calling_ae: str | None = None
+    ) -> int:
+        """A Storage Commitment N-EVENT-REPORT that came on a destination's own association
+        (by way of the DICOM door): committed rows are done, failed ones go again; how many
+        rows it settled (0: no transaction of ours).  Only ``tenant``'s queue is looked at
+        (the tenant of the association it came on), and with ``calling_ae`` only rows for a
+        destination of that AE title: a peer cannot settle another hospital's deliveries,
+        nor those it did not receive."""
+        archive = self.archive.for_tenant(tenant)
+        self._prepare(archive.tenant)
+        return self._apply_report(archive, report, calling_ae)
 
-    def _apply_report(self, archive: Archive, report: CommitmentReport) -> int:
+    def _apply_report(
+        self, archive: Archive, report: CommitmentReport, calling_ae: str | None = None
+    ) -> int:
         rows = q.commitment_rows(archive.catalog, report.transaction_uid)
+        if calling_ae is not None:
+            rows = [row for row in rows if self._destination_ae(row.destination) == calling_ae]
         if not rows:
             return 0
         committed = {uid for _cls, uid in report.committed}
@@ -697,6 +704,14 @@ class Router:
                 dead_after_s=destination.dead_after_s if destination else 86400.0,
             )
         return len(done) + len(again)
+
+    def _destination_ae(self, name: str) -> str | None:
+        """The called AE title of the DICOM destination ``name`` (None: not a DICOM one)."""
+        destination = self.config.destinations.get(name)
+        if destination is None:
+            return None
+        called = getattr(self._sender(name, destination), "called_ae", None)
+        return str(called).strip() if called else None
 
     def _sent_uid(self, row: q.QueueRow) -> str:
         project = self.projects.get(row.project) if row.project else None

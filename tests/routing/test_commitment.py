@@ -7,12 +7,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, build_role
 
 from kho.archive.archive import Archive
+from kho.archive.config import Settings
+from kho.dicom_scp.server import DicomServer
 from kho.routing import Router, RoutingConfig, parse_report
 from kho.routing.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
-from tests.helpers.dcmtk import free_port
 from tests.routing.conftest import ingest, originals_of, queue_counts, recording_scp, wait_for
 
 
@@ -43,53 +44,86 @@ def test_committed_on_the_same_association(archive: Archive, series: list[bytes]
         assert counts["committing"] == 0 and counts["queued"] == 0
 
 
+def _report_to_kho(port: int, calling_ae: str, report: Any) -> int:
+    """The destination's side of a late report: its own association to kho's DICOM
+    server (proposing the SCP role, PS3.4 J.3.3), one N-EVENT-REPORT; the status."""
+    destination = AE(ae_title=calling_ae)
+    destination.add_requested_context(STORAGE_COMMITMENT_PUSH)
+    association = destination.associate(
+        "127.0.0.1",
+        port,
+        ae_title="KHO",
+        ext_neg=[build_role(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)],
+    )
+    assert association.is_established
+    try:
+        status = association.send_n_event_report(
+            report, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+        )
+    finally:
+        association.release()
+    return int(status[0].Status)
+
+
 def test_a_late_report_on_the_destinations_own_association(
     archive: Archive, series: list[bytes]
 ) -> None:
-    """The destination answers later, opening an association to kho: the DICOM door
-    hands the N-EVENT-REPORT to Router.commitment_report (played here by an AE)."""
+    """The destination answers later, opening an association to kho's DICOM server: the
+    door hands the N-EVENT-REPORT to the router, which settles the rows."""
     with recording_scp() as scp:
         scp.commitment = "none"
         router = Router(archive, _config(scp.port, commitment_wait_s=0.2))
         ingest(archive, router, series)
         router.run_once()
         assert queue_counts(router)["pacs"]["committing"] == len(series)
-        door_port = free_port()
-        door = AE(ae_title="KHO")
-        door.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
-        settled: list[int] = []
-
-        def on_report(event: Any) -> tuple[int, None]:
-            settled.append(router.commitment_report(parse_report(event.event_information)))
-            return 0x0000, None
-
-        server = door.start_server(
-            ("127.0.0.1", door_port),
-            block=False,
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
-        )
+        server = DicomServer(archive).start()
+        server.door.router = router
         try:
-            destination = AE(ae_title="RECORDER")
-            destination.add_requested_context(STORAGE_COMMITMENT_PUSH)
-            association = destination.associate(
-                "127.0.0.1",
-                door_port,
-                ae_title="KHO",
-                ext_neg=[build_role(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)],
-            )
-            assert association.is_established
-            status = association.send_n_event_report(
-                scp.report(scp.commitment_requests[0]),
-                1,
-                STORAGE_COMMITMENT_PUSH,
-                STORAGE_COMMITMENT_INSTANCE,
-            )
-            association.release()
-            assert int(status[0].Status) == 0
+            report = scp.report(scp.commitment_requests[0])
+            # another AE title cannot settle deliveries made to RECORDER
+            assert _report_to_kho(server.port, "INTRUDER", report) == 0
+            assert queue_counts(router)["pacs"]["committing"] == len(series)
+            assert _report_to_kho(server.port, "RECORDER", report) == 0
         finally:
-            server.shutdown()
-        assert settled == [len(series)]
+            server.stop()
         assert queue_counts(router)["pacs"]["committing"] == 0
+        assert queue_counts(router)["pacs"]["queued"] == 0
+
+
+def test_a_late_report_settles_only_its_tenants_rows(tmp_path: Any, series: list[bytes]) -> None:
+    """With tenants, a report coming on an association of hospital B's peer cannot settle
+    hospital A's deliveries, even with the right transaction UID and AE title."""
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        dicom_port=0,
+        http_port=0,
+        ae_title="KHO",
+        auth="on",
+        tenants=["hosp-a", "hosp-b"],
+        dicom_peers={
+            "RECORDER": {"tenant": "hosp-b", "services": ["echo", "store"]},
+        },
+    )
+    with Archive(settings) as archive, recording_scp() as scp:
+        archive.derivers = []
+        scp.commitment = "none"
+        router = Router(archive, _config(scp.port, commitment_wait_s=0.2))
+        ingest(archive, router, series, tenant="hosp-a")
+        router.run_once()
+        assert queue_counts(router, "hosp-a")["pacs"]["committing"] == len(series)
+        server = DicomServer(archive).start()
+        server.door.router = router
+        try:
+            report = scp.report(scp.commitment_requests[0])
+            assert _report_to_kho(server.port, "RECORDER", report) == 0
+        finally:
+            server.stop()
+        assert queue_counts(router, "hosp-a")["pacs"]["committing"] == len(series)
+        # the router itself, asked for hospital A's tenant, settles them
+        assert router.commitment_report(
+            parse_report(report), tenant="hosp-a", calling_ae="RECORDER"
+        ) == len(series)
+        assert queue_counts(router, "hosp-a")["pacs"]["committing"] == 0
 
 
 def test_uncommitted_instances_are_sent_again(archive: Archive, series: list[bytes]) -> None:
