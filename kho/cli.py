@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     http.app.state.viewer.router = router
     http.start()
     hl7 = None
-    if settings.hl7_port:  # the HIS's patients and orders (kho.hl7)
+    if settings.hl7_port or settings.hl7_tls:  # the HIS's patients and orders (kho.hl7)
         from kho.hl7.server import Hl7Server
 
         hl7 = Hl7Server(archive, access=access, auditor=auditor).start()
@@ -230,8 +230,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"kho: viewer on {http.scheme}://{settings.host}:{http.port}/ (OHIF at /viewer/)",
         flush=True,
     )
-    if hl7 is not None:
+    if hl7 is not None and hl7.serve_plain:
         print(f"kho: HL7 (MLLP) on {settings.host}:{hl7.port}", flush=True)
+    if hl7 is not None and hl7.tls_port is not None:
+        print(f"kho: HL7 (MLLP over TLS) on {settings.host}:{hl7.tls_port}", flush=True)
     try:
         stop.wait()
     finally:
@@ -277,7 +279,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, workers: int) -
     argv += ["--port", str(settings.dicom_port), "--http-port", str(settings.http_port)]
     # one HL7 listener per host: the first worker's (MLLP connections are long-lived and
     # few; the port is not shared)
-    quiet_hl7 = {**os.environ, "KHO_HL7_PORT": "0"}
+    quiet_hl7 = {**os.environ, "KHO_HL7_PORT": "0", "KHO_HL7_TLS_PORT": "0"}
     children = [subprocess.Popen(argv, env=None if i == 0 else quiet_hl7) for i in range(workers)]
     from kho.viewer_api.ohif import install_in_background
 

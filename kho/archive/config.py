@@ -231,6 +231,13 @@ class Settings(BaseSettings):
 
     # --- HIS integration (kho.hl7): README "HIS integration" --------------------------
     hl7_port: int = Field(2575, ge=0, le=65535, description="HL7 v2 MLLP port (0: off)")
+    hl7_tls_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="HL7 v2 MLLP over TLS (kho's tls_cert_file and tls_key_file; client "
+        "certificates as for DICOM TLS); 0: off",
+    )
     hl7_senders: dict[str, str] = Field(
         default_factory=dict,
         description='HL7 senders ("APP^FACILITY" or "APP") -> tenant; with auth on, other '
@@ -425,6 +432,8 @@ class Settings(BaseSettings):
             )
         if self.tls_require_client_cert and not self.tls_ca_file:
             raise ValueError("tls_require_client_cert needs tls_ca_file (to check them against)")
+        if self.hl7_tls_port and not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError("hl7_tls_port needs tls_cert_file and tls_key_file")
         bound = [t for t, p in self.dicom_peers.items() if p.tls_subject]
         if bound and not (self.dicom_tls and self.tls_ca_file):
             raise ValueError(
@@ -471,6 +480,11 @@ class Settings(BaseSettings):
     def dicom_tls(self) -> bool:
         """Whether a DICOM TLS port is served."""
         return bool(self.tls_cert_file and self.tls_key_file and self.dicom_tls_port)
+
+    @property
+    def hl7_tls(self) -> bool:
+        """Whether an MLLP-over-TLS port is served."""
+        return bool(self.tls_cert_file and self.tls_key_file and self.hl7_tls_port)
 
     @property
     def tenant_names(self) -> list[str]:

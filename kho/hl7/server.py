@@ -6,6 +6,12 @@ Connections: at most ``hl7_max_connections`` at once (more are closed at once), 
 closed after ``hl7_idle_timeout_s`` without a byte; with ``hl7_networks`` set, only from
 those networks.  TCP_NODELAY: an ACK is a small write the sender waits for.
 
+MLLP over TLS (``hl7_tls_port``, with kho's certificate): the same listener on a second
+port whose connections complete a TLS handshake (in their own thread, within
+``_HANDSHAKE_TIMEOUT_S``) before the first byte of HL7; client certificates are asked for
+and required as for DICOM TLS (``tls_ca_file``, ``tls_require_client_cert``), which is how
+an interface engine proves it is the HIS.
+
 The server also runs the worklist and patient housekeeping every
 ``hl7_housekeeping_interval_s`` seconds, for every tenant: steps whose study arrived
 complete (kho.archive.worklist.complete_arrived), studies that arrived under a merged-away
@@ -19,9 +25,11 @@ import ipaddress
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 from typing import TYPE_CHECKING, Any
 
+from kho.access import tls
 from kho.archive import patients, worklist
 from kho.hl7.mllp import Deframer, FramingError, frame
 from kho.hl7.receiver import Hl7Receiver
@@ -34,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
+#: a TLS client that connects and says nothing holds a thread this long at most
+_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class _Connection(socketserver.BaseRequestHandler):
@@ -48,6 +58,24 @@ class _Connection(socketserver.BaseRequestHandler):
             return
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        context = self.server.tls_context
+        if context is None:
+            self._converse(sock, address)
+            return
+        sock.settimeout(_HANDSHAKE_TIMEOUT_S)
+        try:
+            secured = context.wrap_socket(sock, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("HL7 TLS connection from %s refused: handshake failed: %s", address, exc)
+            return
+        try:
+            self._converse(secured, address)
+        finally:
+            with contextlib.suppress(OSError):
+                secured.close()
+
+    def _converse(self, sock: socket.socket, address: str) -> None:
+        owner = self.server.owner
         sock.settimeout(owner.idle_timeout_s)
         deframer = Deframer(owner.max_message_bytes)
         while not owner.stopping.is_set():
@@ -79,6 +107,8 @@ class _MllpServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     request_queue_size = socket.SOMAXCONN
     owner: Hl7Server
+    #: the TLS port's server context (None: plain MLLP)
+    tls_context: ssl.SSLContext | None = None
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         return self.owner.connection_opened()
@@ -100,12 +130,25 @@ class Hl7Server:
         auditor: Auditor | None = None,
         host: str | None = None,
         port: int | None = None,
+        tls_port: int | None = None,
     ) -> None:
+        """``port``/``tls_port``: the settings' ``hl7_port``/``hl7_tls_port`` unless given
+        (None); the TLS port is served only with kho's certificate configured."""
         settings = archive.settings
         self.archive = archive
         self.receiver = Hl7Receiver(archive, access, auditor)
         self.host = host if host is not None else settings.host
         self.requested_port = int(port if port is not None else settings.hl7_port)
+        self.requested_tls_port: int | None = (
+            tls_port
+            if tls_port is not None
+            else (settings.hl7_tls_port if settings.hl7_tls else None)
+        )
+        # hl7_port = 0 in the settings with TLS on: TLS only (a port given here, even 0 for
+        # an ephemeral one, is served)
+        self.serve_plain = (
+            port is not None or bool(settings.hl7_port) or self.requested_tls_port is None
+        )
         self.max_connections = int(settings.hl7_max_connections)
         self.idle_timeout_s = float(settings.hl7_idle_timeout_s)
         self.max_message_bytes = int(settings.hl7_max_message_bytes)
@@ -114,42 +157,69 @@ class Hl7Server:
         self.networks = [ipaddress.ip_network(str(n), strict=False) for n in networks]
         self.stopping = threading.Event()
         self._server: _MllpServer | None = None
+        self._tls_server: _MllpServer | None = None
         self._threads: list[threading.Thread] = []
         self._open = 0
         self._lock = threading.Lock()
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "the HL7 server is not started"
-        return int(self._server.server_address[1])
+        """The plain MLLP port (when only TLS is served: the TLS port)."""
+        server = self._server or self._tls_server
+        assert server is not None, "the HL7 server is not started"
+        return int(server.server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The MLLP-over-TLS port (None: not served)."""
+        return None if self._tls_server is None else int(self._tls_server.server_address[1])
 
     def start(self) -> Hl7Server:
-        server = _MllpServer((self.host, self.requested_port), _Connection)
-        server.owner = self
-        self._server = server
+        # a TLS context that cannot work fails here, before any port is open
+        context = (
+            tls.server_context(self.archive.settings)
+            if self.requested_tls_port is not None
+            else None
+        )
         self.stopping.clear()
-        self._threads = [
-            threading.Thread(target=server.serve_forever, name="kho-hl7-acceptor", daemon=True),
-            threading.Thread(target=self._housekeep, name="kho-hl7-housekeeping", daemon=True),
-        ]
+        self._threads = []
+        listening = []
+        if self.serve_plain:
+            self._server = self._listen(self.requested_port, None, "kho-hl7-acceptor")
+            listening.append(f"{self.host}:{self.port}")
+        if context is not None:
+            assert self.requested_tls_port is not None
+            self._tls_server = self._listen(self.requested_tls_port, context, "kho-hl7-tls")
+            listening.append(f"{self.host}:{self.tls_port} (TLS)")
+        self._threads.append(
+            threading.Thread(target=self._housekeep, name="kho-hl7-housekeeping", daemon=True)
+        )
         for thread in self._threads:
             thread.start()
         log.info(
-            "HL7 MLLP listener on %s:%d (%s)",
-            self.host,
-            self.port,
+            "HL7 MLLP listener on %s (%s)",
+            " and ".join(listening),
             "senders must be registered (hl7_senders)"
             if self.receiver.auth_on
             else "authentication off: unregistered senders act in the default tenant",
         )
         return self
 
+    def _listen(self, port: int, context: ssl.SSLContext | None, name: str) -> _MllpServer:
+        server = _MllpServer((self.host, port), _Connection)
+        server.owner = self
+        server.tls_context = context
+        self._threads.append(threading.Thread(target=server.serve_forever, name=name, daemon=True))
+        return server
+
     def stop(self) -> None:
         self.stopping.set()
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        servers = [self._server, self._tls_server]
+        self._server = self._tls_server = None
+        for server in servers:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads = []
