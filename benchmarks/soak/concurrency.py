@@ -1,8 +1,14 @@
-"""Concurrency, in the shape of Orthanc's own test: many clients store the same study at
-once, again and again; the archive ends with exactly one study, its series and its
-instances, each stored once.
+"""Concurrency, in the shape of Orthanc's own tests.
+
+- Same study: many clients store the same study at once, again and again; the archive
+  ends with exactly one study, its series and its instances, each stored once.
+- Upload and delete: a few clients each store a study and delete it (HTTP DELETE, kho's
+  data-retention rejection), round after round, all on the same study; each client's last
+  step is a delete, so the archive must end empty: no study, series or instance, no
+  rejected instance awaiting its purge, no object outside the garbage list.
 
     python -m benchmarks.soak.concurrency --engine both --clients 20 --uploads 5 --instances 50
+    python -m benchmarks.soak.concurrency --delete --clients 5 --uploads 10 --instances 50
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from pydicom.uid import generate_uid
 
@@ -22,6 +29,7 @@ from benchmarks.common import machine
 from benchmarks.soak import harness, report
 from benchmarks.soak.crash import _settings, engine_env
 from kho.archive.archive import Archive
+from tests.helpers.dcmtk import free_port, wait_for_port
 from tests.helpers.server import kho_serve
 
 
@@ -80,6 +88,93 @@ def run_same_study(
     }
 
 
+def run_upload_delete(
+    engine: str, workdir: Path, *, clients: int = 5, uploads: int = 10, instances: int = 50
+) -> dict[str, Any]:
+    """``clients`` threads, each ``uploads`` times: the study over one association, then
+    ``DELETE /dicom-web/studies/{study}``; what is left when all are done."""
+    corpus = harness.Corpus(workdir / "corpus", size=64)
+    study, series = generate_uid(harness.ROOT + "."), generate_uid(harness.ROOT + ".")
+    rng = np.random.default_rng(13)
+    study_files = [
+        corpus.instance(study, series, n, rng.integers(0, 4096, (64, 64), dtype=np.uint16))
+        for n in range(instances)
+    ]
+    ledger = harness.Ledger()
+    deletes: dict[str, int] = {}
+    lock = threading.Lock()
+    http_port = free_port()
+    started = time.monotonic()
+    with (
+        engine_env(engine, workdir) as env,
+        kho_serve(workdir / "data", env=env, args=("--http-port", str(http_port))) as (proc, port),
+    ):
+        wait_for_port(http_port, timeout=60, proc=proc)
+        base = f"http://127.0.0.1:{http_port}/dicom-web"
+
+        def client() -> None:
+            with httpx.Client(base_url=base, timeout=120) as http:
+                for _ in range(uploads):
+                    harness.dimse_sender(
+                        port, corpus, ledger, threading.Event(), instances=study_files, timeout=60
+                    )
+                    answer = http.delete(f"/studies/{study}")
+                    with lock:  # 404: another client's delete emptied it first
+                        key = str(answer.status_code)
+                        deletes[key] = deletes.get(key, 0) + 1
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+        with Archive(_settings(workdir / "data", env)) as archive:
+            drain = harness.wait_finished(archive)
+            archive.purge_rejected()
+            counts = archive.catalog.counts()
+            pending_purge = archive.catalog.fetchone(
+                "SELECT COUNT(*) FROM rejected_instances WHERE purged_at = 0"
+            )
+            store = harness.audit_store(archive)
+            garbage = {r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage")}
+            outside_garbage = sorted(harness.store_keys(archive) - garbage)
+    return {
+        "engine": engine,
+        "clients": clients,
+        "uploads": uploads,
+        "instances": instances,
+        "stores_sent": clients * uploads * instances,
+        "refused": ledger.refused,
+        "unanswered": ledger.unanswered,
+        "deletes": deletes,
+        "counts": counts,
+        "rejected_pending_purge": int(pending_purge[0]) if pending_purge else 0,
+        "objects": store.objects,
+        "objects_outside_garbage": outside_garbage,
+        "orphans": store.orphans,
+        "missing_objects": store.missing,
+        "run_s": round(elapsed, 1),
+        "finish_drain_s": round(drain, 2),
+    }
+
+
+def ended_empty(outcome: dict[str, Any]) -> bool:
+    counts = outcome["counts"]
+    return (
+        not counts.get("studies")
+        and not counts.get("series")
+        and not counts.get("instances")
+        and not outcome["rejected_pending_purge"]
+        and not outcome["refused"]
+        and not outcome["unanswered"]
+        and not outcome["orphans"]
+        and not outcome["missing_objects"]
+        and not outcome["objects_outside_garbage"]
+        and set(outcome["deletes"]) <= {"200", "404"}
+    )
+
+
 def clean(outcome: dict[str, Any]) -> bool:
     counts = outcome["counts"]
     return (
@@ -101,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--uploads", type=int, default=5)
     parser.add_argument("--instances", type=int, default=50)
+    parser.add_argument(
+        "--delete", action="store_true", help="the upload-and-delete campaign instead"
+    )
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args(argv)
+    if args.delete:
+        return _main_delete(args)
     outcomes = {}
     for engine in ["sqlite", "postgresql"] if args.engine == "both" else [args.engine]:
         workdir = Path(tempfile.mkdtemp(prefix=f"kho-concurrency-{engine}-"))
@@ -123,6 +223,29 @@ def main(argv: list[str] | None = None) -> int:
         previous = report.load().get("concurrency", {}).get("runs", {})
         report.record("concurrency", {"machine": machine(), "runs": {**previous, **outcomes}})
     return 0 if all(o["clean"] for o in outcomes.values()) else 1
+
+
+def _main_delete(args: argparse.Namespace) -> int:
+    outcomes = {}
+    for engine in ["sqlite", "postgresql"] if args.engine == "both" else [args.engine]:
+        workdir = Path(tempfile.mkdtemp(prefix=f"kho-upload-delete-{engine}-"))
+        try:
+            outcome = run_upload_delete(
+                engine,
+                workdir,
+                clients=args.clients,
+                uploads=args.uploads,
+                instances=args.instances,
+            )
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        outcome["empty"] = ended_empty(outcome)
+        outcomes[engine] = outcome
+        print(engine, outcome)
+    if not args.no_results:
+        previous = report.load().get("upload_delete", {}).get("runs", {})
+        report.record("upload_delete", {"machine": machine(), "runs": {**previous, **outcomes}})
+    return 0 if all(o["empty"] for o in outcomes.values()) else 1
 
 
 if __name__ == "__main__":

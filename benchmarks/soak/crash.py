@@ -63,6 +63,9 @@ class CrashResult:
     corrupt: list[str] = field(default_factory=list)  # catalogued, wrong bytes
     missing_objects: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    # unreferenced in a check's listing, deleted by its second look: garbage the server
+    # collected meanwhile (not orphans; counted to show the check is not blind to them)
+    collected_during_check: int = 0
     unaudited: list[str] = field(default_factory=list)
     finisher_stalls: list[str] = field(default_factory=list)  # queue not drained in 120 s
     max_finish_drain_s: float = 0.0
@@ -247,6 +250,7 @@ def _check_after_restart(
     audit = harness.audit_store(archive)
     result.missing_objects += [k for k in audit.missing if k not in result.missing_objects]
     result.orphans += [k for k in audit.orphans if k not in result.orphans]
+    result.collected_during_check += len(audit.collected_meanwhile)
     # the restarted server chains what the dead one queued: look until it has
     deadline = time.monotonic() + 10
     missing = harness.check_audited(archive, ledger.acked)

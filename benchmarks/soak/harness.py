@@ -306,6 +306,9 @@ class StoreAudit:
     orphans: list[str] = field(default_factory=list)  # objects nothing refers to
     pending: int = 0  # journalled ingests in flight
     garbage: int = 0  # objects journalled for deletion
+    # unreferenced at the first look, deleted by the second: due garbage the live server
+    # collected (deleted, then its entry forgotten) while the listing ran; no orphans
+    collected_meanwhile: list[str] = field(default_factory=list)
     spool_segments: int = 0
     spool_referenced: int = 0
 
@@ -331,15 +334,48 @@ def audit_store(archive: Archive) -> StoreAudit:
                 referenced.add(key)
                 if key not in found:
                     result.missing.append(key)
+    candidates = []
     for key in found - referenced - garbage:
         prefix = key.rsplit(".", 1)[0]
         if not any(prefix.startswith(p) for p in pending):
-            result.orphans.append(key)
+            candidates.append(key)
+    result.orphans, result.collected_meanwhile = _confirm_orphans(archive, candidates)
     spool_dir = archive.settings.spool_dir
     segments = sorted(p.name for p in spool_dir.iterdir()) if spool_dir.is_dir() else []
     result.spool_segments = len(segments)
     result.spool_referenced = len(spool_used)
     return result
+
+
+def _confirm_orphans(archive: Archive, candidates: list[str]) -> tuple[list[str], list[str]]:
+    """A second look at objects nothing referred to: (still there and still unreferenced,
+    gone since).  The listing takes seconds on S3; a garbage object falling due meanwhile
+    is deleted and its entry forgotten by the live server's collector before the garbage
+    read, so it looks orphaned at the first look and is gone at the second.  A real
+    orphan stays: nothing deletes an object that nothing refers to."""
+    if not candidates:
+        return [], []
+    garbage = {r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage")}
+    pending = set(archive.catalog.pending_prefixes())
+    referenced: set[str] = set()
+    for record in archive.catalog.iter_instances():
+        referenced |= referenced_keys(record)
+    orphans, gone = [], []
+    for key in sorted(candidates):
+        if not _exists(archive, key):
+            gone.append(key)
+        elif key not in garbage | referenced and not any(
+            key.rsplit(".", 1)[0].startswith(p) for p in pending
+        ):
+            orphans.append(key)
+    return orphans, gone
+
+
+def _exists(archive: Archive, key: str) -> bool:
+    root = getattr(archive.store, "root", None)
+    if root is not None and Path(root).is_dir():
+        return Path(root, key).exists()
+    return archive.store.exists(key)
 
 
 def audited_text(archive: Archive) -> str:

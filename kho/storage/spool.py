@@ -22,16 +22,18 @@ seen unlocked can never gain a reference again; the lock goes with a dying proce
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import functools
 import os
 import re
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from kho.errors import InvalidKeyError, ObjectNotFoundError, StorageError
 from kho.storage.base import ObjectStore
@@ -235,20 +237,50 @@ class Spool:
             raise StorageError(f"cannot read spooled object {key}: {exc}") from exc
         try:
             data = os.pread(fd, count, start + offset)
+            # freed (Spool.free) reads as zeros: not there, as a deleted object
+            freed = bool(count) and _has_hole(fd, start + offset, count)
         except OSError as exc:
             raise StorageError(f"cannot read spooled object {key}: {exc}") from exc
         finally:
             os.close(fd)
-        if len(data) != count:  # a segment cut short (a crash before its flush): not there
+        if len(data) != count or freed:  # or a segment cut short (a crash before its flush)
             raise ObjectNotFoundError(key)
         return data
 
     def exists(self, key: str) -> bool:
         name, start, size = parse_spool_key(key)
         try:
-            return self._path(name).stat().st_size >= start + size
+            fd = os.open(self._path(name), os.O_RDONLY)
         except FileNotFoundError:
             return False
+        try:
+            return os.fstat(fd).st_size >= start + size and not _has_hole(fd, start, size)
+        finally:
+            os.close(fd)
+
+    def free(self, key: str) -> None:
+        """Give the disk blocks of a spooled object that nothing reads any more (collected
+        garbage) back to the filesystem: a hole punched in its segment, offsets and size
+        unchanged.  After a full disk the finisher then regains room instance by instance,
+        not only once a whole segment is reclaimed.  Best effort: a filesystem that cannot
+        punch holes, and an object smaller than two blocks, free their bytes with the
+        segment, as before."""
+        name, start, size = parse_spool_key(key)
+        try:
+            fd = os.open(self._path(name), os.O_WRONLY)
+        except OSError:
+            return  # gone already, or another host's
+        try:
+            # whole blocks inside the object only: the filesystem would zero a partly
+            # covered block instead, which holds a neighbour's bytes, and a freed range
+            # must read as missing (a hole), never as zeros
+            block = max(os.fstat(fd).st_blksize, 512)
+            first = -(-start // block) * block
+            end = (start + size) // block * block
+            if end > first:
+                _punch_hole(fd, first, end - first)
+        finally:
+            os.close(fd)
 
     def holds_segment(self, key: str) -> bool:
         """Whether the segment of ``key`` is in this folder (else another host has it,
@@ -342,9 +374,41 @@ class SpoolPeers(Protocol):
     def close(self) -> None: ...
 
 
+_FALLOC_PUNCH_HOLE = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (Linux)
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(2) a hole over the range, where the platform has it (else nothing)."""
+    fallocate = _fallocate()
+    if fallocate is not None and length > 0:
+        fallocate(fd, _FALLOC_PUNCH_HOLE, offset, length)  # an error: the bytes stay
+
+
+def _has_hole(fd: int, offset: int, length: int) -> bool:
+    """Whether a hole (a freed range) lies within the range: the first hole at or after
+    ``offset`` comes before its end (the end of the file counts as one)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_HOLE) < offset + length
+    except OSError:  # no SEEK_HOLE here: nothing is ever freed either
+        return False
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return cast("Callable[[int, int, int, int], int]", function)
+
+
 class SpooledStore:
     """An object store with the spool beside it: spool keys are read from the spool, the
-    rest goes to ``inner``.  Deleting a spool key frees nothing (see Spool.reclaim)."""
+    rest goes to ``inner``.  Deleting a spool key frees its disk blocks (Spool.free); the
+    segment file goes once nothing refers to it (Spool.reclaim)."""
 
     def __init__(self, inner: ObjectStore, spool: Spool, peers: SpoolPeers | None = None) -> None:
         self.inner = inner
@@ -404,6 +468,8 @@ class SpooledStore:
     def delete(self, key: str) -> None:
         if not is_spool_key(key):
             self.inner.delete(key)
+        elif self.spool.holds_segment(key):
+            self.spool.free(key)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         return self.inner.list(prefix)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from benchmarks.soak import harness
 from benchmarks.soak.crash import run_campaign
+from kho.archive.archive import Archive
 
 
 def test_three_kills_lose_nothing_acknowledged_and_leave_nothing_behind(tmp_path: Path) -> None:
@@ -22,3 +26,20 @@ def test_three_kills_lose_nothing_acknowledged_and_leave_nothing_behind(tmp_path
     assert result.unaudited == []
     assert result.leftover_spool_segments == 0
     assert result.catalogued >= result.acknowledged
+
+
+def test_the_store_audit_reports_orphans_and_not_garbage_collected_while_it_listed(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit behind the orphan counts: an object nothing refers to is an orphan; one
+    the live server's garbage collector deleted (and forgot) while the listing ran is not:
+    it is gone at the audit's second look (on S3 a listing takes seconds)."""
+    orphan = "i/00/01/0001-orphan.received"
+    archive.store.put(orphan, b"left behind")
+    assert harness.audit_store(archive).orphans == [orphan]
+    collected = "i/00/02/0002-collected.received"  # listed, deleted before the garbage read
+    real_keys = harness.store_keys
+    monkeypatch.setattr(harness, "store_keys", lambda a: real_keys(a) | {collected})
+    audit = harness.audit_store(archive)
+    assert audit.orphans == [orphan]
+    assert audit.collected_meanwhile == [collected]

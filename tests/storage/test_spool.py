@@ -36,8 +36,18 @@ def test_appends_read_back_bit_for_bit_whole_and_in_ranges(tmp_path: Path) -> No
     assert store.get(spooled[2]) == blobs[2]
     assert store.get_range(spooled[2], 100, 10) == blobs[2][100:110]
     assert store.size(spooled[2]) == len(blobs[2])
-    store.delete(spooled[2])  # frees nothing by itself: the segment goes whole
-    assert store.get(spooled[2]) == blobs[2]
+    segment_file = next((tmp_path / "spool").glob("*.seg"))
+    blocks = segment_file.stat().st_blocks
+    store.delete(spooled[2])  # its bytes freed (a hole), the segment file stays
+    assert segment_file.stat().st_blocks < blocks
+    with pytest.raises(ObjectNotFoundError):
+        store.get(spooled[2])
+    assert not store.exists(spooled[2])
+    assert [store.get(k) for k in spooled[:2] + spooled[3:]] == blobs[:2] + blobs[3:]
+    # an object with no whole block of its own keeps its bytes until its segment goes:
+    # never zeros in place of what a neighbour shares a block with
+    store.delete(spooled[1])
+    assert store.get(spooled[1]) == blobs[1] and store.get(spooled[0]) == blobs[0]
     spool.close()
 
 

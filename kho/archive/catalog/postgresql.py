@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
+import select
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -113,6 +114,24 @@ class PostgresCatalog(Catalog):
             return psycopg.connect(self._conninfo, autocommit=True)
         except psycopg.Error as exc:
             raise CatalogError(f"cannot connect to the catalog: {exc}") from exc
+
+    def _lost(self, conn: Any) -> bool:
+        # inside a transaction a new connection would run its remaining statements
+        # outside it: the broken one stays until the transaction has failed
+        if getattr(self._local, "committed", None) is not None:
+            return False
+        if conn.closed:
+            return True
+        # an idle connection has nothing to read (every result was read with its
+        # statement): something to read is the server's goodbye, or the reset of a
+        # connection an outage broke while it sat idle.  Looking costs no round trip;
+        # else the first statement after the outage would fail on it
+        try:
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError, psycopg.Error):
+            return True
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
