@@ -17,6 +17,7 @@ kho variants (--variants):
   no-spool     KHO_SPOOL=off: acknowledged once written as an object file of its own
   inline       KHO_FINISH_IN_BACKGROUND=false: encoded and derived before acknowledging
   no-fsync     KHO_FSYNC=false: no flush, like storescp
+  no-group-commit  KHO_CATALOG_GROUP_COMMIT=false: one SQLite transaction per instance
   workersN     N `kho serve` processes sharing the port (workers2, workers4, ...)
   s3-pg        SeaweedFS (S3) objects + PostgreSQL catalog, one process; the default for
                S3 (spool auto = off): each instance PUT to the bucket before the ack
@@ -24,7 +25,20 @@ kho variants (--variants):
                the finisher PUTs to the bucket)
   ...-workersN any of these with N processes
 
+Sustained mode (--series N, N > 1): N series (distinct UIDs) sent back to back into one
+running server, as modalities keep sending through a hospital's day: from the second series
+on, the finisher has the backlog of the earlier ones to work through while the next one
+arrives.  Reported over all N series, and over series 2..N alone ("sustained inst/s").
+
+Corpus (--corpus): ``ct`` (default), one 12-bit CT series of --slices slices; ``mixed``, the
+CT series plus --radiographs 3000x2500 12-bit DX radiographs (~15 MB each) and
+--multiframes 40-frame 512x512 XA runs (~10 MB each), spread among the slices.
+
+The machine is reported: CPU model, cores, and the load average before, during (each run)
+and after, since the runs share the machine with whatever else it is doing.
+
     python -m benchmarks.ingest [--slices 300] [--repeats 3] [--associations 1 4]
+        [--series 3] [--corpus mixed --radiographs 6 --multiframes 4]
 """
 
 from __future__ import annotations
@@ -147,6 +161,67 @@ def send(port: int, files: list[Path], associations: int, aec: str) -> float:
     return elapsed
 
 
+def _with_new_uids(source: Path, target: Path, uids: dict[str, str]) -> None:
+    """``source`` copied to ``target`` with its study, series and instance UIDs replaced
+    (consistently through ``uids``, so a copied series stays one series)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        old = str(getattr(ds, keyword))
+        setattr(ds, keyword, uids.setdefault(old, generate_uid()))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(target, enforce_file_format=True)
+
+
+def _spread(small: list[Path], large: list[Path]) -> list[Path]:
+    """The large files spread evenly among the small ones (so that every association of
+    a run gets some of each)."""
+    out = list(small)
+    for n, path in enumerate(large):
+        out.insert(min(len(out), (n + 1) * len(out) // (len(large) + 1) + n), path)
+    return out
+
+
+def build_corpus(
+    folder: Path, *, series: int, slices: int, radiographs: int, multiframes: int
+) -> list[list[Path]]:
+    """``series`` groups of files, each with UIDs of its own: a CT series of ``slices``
+    slices, ``radiographs`` DX radiographs and ``multiframes`` XA runs.  Kept in
+    ``folder`` (reused when it already holds exactly this corpus)."""
+    from benchmarks.synthetic import write_multiframe, write_radiograph
+    from kho.bench.phantom import write_ct_series
+
+    recipe = f"{series} {slices} {radiographs} {multiframes}"
+    groups = [sorted((folder / f"series-{n:03d}").glob("*.dcm")) for n in range(series)]
+    if (folder / "recipe").is_file() and (folder / "recipe").read_text() == recipe:
+        return [_order(group) for group in groups]
+    shutil.rmtree(folder, ignore_errors=True)
+    first = folder / "series-000"
+    write_ct_series(first, slices)
+    for n in range(radiographs):
+        write_radiograph(first / f"DX{n + 1:04d}.dcm", seed=n)
+    for n in range(multiframes):
+        write_multiframe(first / f"XA{n + 1:04d}.dcm", seed=n)
+    for index in range(1, series):
+        uids: dict[str, str] = {}
+        copy = folder / f"series-{index:03d}"
+        copy.mkdir(parents=True)
+        for path in sorted(first.glob("*.dcm")):
+            _with_new_uids(path, copy / path.name, uids)
+    (folder / "recipe").write_text(recipe)
+    groups = [sorted((folder / f"series-{n:03d}").glob("*.dcm")) for n in range(series)]
+    return [_order(group) for group in groups]
+
+
+def _order(group: list[Path]) -> list[Path]:
+    return _spread(
+        [p for p in group if p.name.startswith("CT")],
+        [p for p in group if not p.name.startswith("CT")],
+    )
+
+
 @dataclass
 class Runner:
     """One target's runs; ``catalog(work)`` names the kho catalog to watch for the at-rest
@@ -165,15 +240,18 @@ class Runner:
             self.samples.setdefault(key, []).append(value)
 
 
-def run_once(runner: Runner, files: list[Path], associations: int) -> None:
-    """One fresh server: send everything, then wait until it is at rest."""
+def run_once(runner: Runner, groups: list[list[Path]], associations: int) -> None:
+    """One fresh server: send every series, back to back, then wait until it is at rest."""
     with tempfile.TemporaryDirectory(prefix=f"kho-bench-{runner.name}-") as tmp:
         work = Path(tmp)
         with runner.target(work) as (port, pids):
             charged = pids + list(runner.extra_pids)
             cpu0, db0 = cpu_of(charged), postgres_cpu()
             start = time.perf_counter()
-            runner.add(seconds=send(port, files, associations, runner.aec))
+            per_series = [send(port, files, associations, runner.aec) for files in groups]
+            runner.add(seconds=sum(per_series))
+            if len(per_series) > 1:  # the later series: the finisher has a backlog
+                runner.add(sustained_seconds=sum(per_series[1:]))
             runner.add(cpu_ack=cpu_of(charged) - cpu0, db_ack=postgres_cpu() - db0)
             runner.add(load=os.getloadavg()[0])
             if runner.catalog is not None:
@@ -181,25 +259,41 @@ def run_once(runner: Runner, files: list[Path], associations: int) -> None:
                 runner.add(at_rest=time.perf_counter() - start, cpu_rest=cpu_of(charged) - cpu0)
 
 
-def summarize(runner: Runner, files: list[Path], associations: int) -> dict[str, Any]:
+def summarize(runner: Runner, groups: list[list[Path]], associations: int) -> dict[str, Any]:
     """Median figures over the runner's runs."""
+    files = [path for group in groups for path in group]
     total_bytes = sum(p.stat().st_size for p in files)
     got = runner.samples
     stats = summary(got["seconds"])
     out: dict[str, Any] = {
         "target": runner.name,
         "associations": associations,
+        "series": len(groups),
         "instances": len(files),
         "bytes": total_bytes,
         "seconds": stats,
+        "seconds_by_round": got["seconds"],
         "instances_per_s": len(files) / stats["median"],
+        "instances_per_s_range": [len(files) / stats["max"], len(files) / stats["min"]],
         "mb_per_s": total_bytes / stats["median"] / 1e6,
     }
+    if "sustained_seconds" in got:
+        later = sum(len(group) for group in groups[1:])
+        sustained = summary(got["sustained_seconds"])
+        out["sustained_seconds"] = sustained
+        out["sustained_instances_per_s"] = later / sustained["median"]
     # CPU of the server (and of the S3 server, where there is one) per instance: what the
     # machine's load does not change much, unlike the seconds
     out["server_cpu_ms_per_instance_until_ack"] = (
         1e3 * statistics.median(got["cpu_ack"]) / len(files)
     )
+    out["server_cpu_ms_per_instance_until_ack_by_round"] = [
+        1e3 * cpu / len(files) for cpu in got["cpu_ack"]
+    ]
+    out["server_cpu_ms_per_instance_until_ack_range"] = [
+        1e3 * min(got["cpu_ack"]) / len(files),
+        1e3 * max(got["cpu_ack"]) / len(files),
+    ]
     # PostgreSQL's server, on the same cores (idle but for S3 + PostgreSQL variants)
     out["postgres_cpu_ms_per_instance_until_ack"] = (
         1e3 * statistics.median(got["db_ack"]) / len(files)
@@ -221,6 +315,8 @@ def variant_runner(variant: str, kho_env: dict[str, str], seaweed: Any) -> Runne
     workers = int(found.group(1)) if found else 1
     if variant == "no-fsync":
         env["KHO_FSYNC"] = "false"
+    elif variant == "no-group-commit":
+        env["KHO_CATALOG_GROUP_COMMIT"] = "false"
     elif variant == "inline":
         env["KHO_FINISH_IN_BACKGROUND"] = "false"
     elif variant.startswith("no-spool"):
@@ -256,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument(
+        "--series", type=int, default=1, help="series sent back to back into one server"
+    )
+    parser.add_argument("--corpus", choices=["ct", "mixed"], default="ct")
+    parser.add_argument("--radiographs", type=int, default=6, help="per series (mixed)")
+    parser.add_argument("--multiframes", type=int, default=4, help="per series (mixed)")
     parser.add_argument("--keep-corpus", type=Path, help="reuse/keep the generated series here")
     parser.add_argument("--kho-env", nargs="*", default=[], help="KEY=VALUE for kho serve")
     parser.add_argument(
@@ -281,14 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from kho.bench.phantom import write_ct_series
-
     corpus_dir = args.keep_corpus or Path(tempfile.mkdtemp(prefix="kho-ct-"))
-    files = sorted(corpus_dir.glob("*.dcm"))
-    if len(files) != args.slices:
-        shutil.rmtree(corpus_dir, ignore_errors=True)
-        corpus_dir.mkdir(parents=True)
-        files = sorted(write_ct_series(corpus_dir, args.slices))
+    mixed = args.corpus == "mixed"
+    groups = build_corpus(
+        corpus_dir,
+        series=args.series,
+        slices=args.slices,
+        radiographs=args.radiographs if mixed else 0,
+        multiframes=args.multiframes if mixed else 0,
+    )
+    load_before = os.getloadavg()
     kho_env = dict(kv.split("=", 1) for kv in args.kho_env)
     results = []
     with contextlib.ExitStack() as services:
@@ -304,12 +408,29 @@ def main(argv: list[str] | None = None) -> int:
             runners += [variant_runner(v, kho_env, seaweed) for v in args.variants]
             for _ in range(args.repeats):
                 for runner in runners:
-                    run_once(runner, files, associations)
-            ref = summarize(runners[0], files, associations)
+                    run_once(runner, groups, associations)
+            ref = summarize(runners[0], groups, associations)
             results.append(ref)
             for runner in runners[1:]:
-                kho = summarize(runner, files, associations)
+                kho = summarize(runner, groups, associations)
                 kho["ratio_to_storescp"] = kho["instances_per_s"] / ref["instances_per_s"]
+                # each round against storescp's of the same round (they ran a minute
+                # apart): steadier than the ratio of medians on a machine whose load drifts
+                for key in ("seconds", "sustained_seconds"):
+                    if key in runner.samples:
+                        rounds = [
+                            theirs / ours
+                            for theirs, ours in zip(
+                                runners[0].samples[key], runner.samples[key], strict=True
+                            )
+                        ]
+                        name = key.replace("seconds", "ratio_to_storescp_by_round")
+                        kho[name] = rounds
+                        kho[name + "_median"] = statistics.median(rounds)
+                if "sustained_instances_per_s" in kho:
+                    kho["sustained_ratio_to_storescp"] = (
+                        kho["sustained_instances_per_s"] / ref["sustained_instances_per_s"]
+                    )
                 results.append(kho)
     by_key = {(r["target"], r["associations"]): r for r in results}
     for r in results:  # S3 + PostgreSQL against the local path with as many processes
@@ -324,23 +445,49 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep_corpus:
         shutil.rmtree(corpus_dir, ignore_errors=True)
 
-    payload = {"benchmark": "ingest", "machine": machine(), "kho_env": kho_env, "results": results}
+    host = machine()
+    host["load_average_before"] = load_before
+    host["load_average_after"] = os.getloadavg()
+    payload = {
+        "benchmark": "ingest",
+        "machine": host,
+        "corpus": args.corpus,
+        "series": args.series,
+        "kho_env": kho_env,
+        "results": results,
+    }
     path = write_results(args.results_name, payload)
-    print(f"machine: {payload['machine']['cpu']} x{payload['machine']['cores']}")
+    print(
+        f"machine: {host['cpu']} x{host['cores']}, load average before "
+        f"{' '.join(f'{x:.2f}' for x in load_before)}, after "
+        f"{' '.join(f'{x:.2f}' for x in host['load_average_after'])}"
+    )
     print(
         f"{'target':20} {'assoc':>5} {'inst/s':>9} {'MB/s':>8} {'median s':>9} "
-        f"{'vs storescp':>12} {'at rest inst/s':>15} {'vs local':>9} {'cpu ms/inst':>12} "
-        f"{'pg cpu ms/inst':>15}"
+        f"{'vs storescp (by round)':>22} {'at rest inst/s':>15} {'vs local':>9} "
+        f"{'cpu ms/inst':>12} {'pg cpu ms/inst':>15} {'sustained':>10} {'load':>5}"
     )
     for r in results:
-        ratio = f"{r['ratio_to_storescp']:.0%}" if "ratio_to_storescp" in r else "-"
+        ratio = (
+            f"{r['ratio_to_storescp']:.0%} ({r['ratio_to_storescp_by_round_median']:.0%})"
+            if "ratio_to_storescp" in r
+            else "-"
+        )
         rest = f"{r['at_rest_instances_per_s']:.1f}" if "at_rest_instances_per_s" in r else "-"
         local = f"{r['ratio_to_local']:.0%}" if "ratio_to_local" in r else "-"
+        sustained = (
+            f"{r['sustained_ratio_to_storescp']:.0%}"
+            if "sustained_ratio_to_storescp" in r
+            else f"{r.get('sustained_instances_per_s', 0):.0f}/s"
+            if "sustained_instances_per_s" in r
+            else "-"
+        )
         print(
             f"{r['target']:20} {r['associations']:>5} {r['instances_per_s']:>9.1f} "
-            f"{r['mb_per_s']:>8.1f} {r['seconds']['median']:>9.3f} {ratio:>12} {rest:>15} "
+            f"{r['mb_per_s']:>8.1f} {r['seconds']['median']:>9.3f} {ratio:>22} {rest:>15} "
             f"{local:>9} {r['server_cpu_ms_per_instance_until_ack']:>12.2f} "
-            f"{r['postgres_cpu_ms_per_instance_until_ack']:>15.2f}"
+            f"{r['postgres_cpu_ms_per_instance_until_ack']:>15.2f} {sustained:>10} "
+            f"{max(r['load_average_1min']):>5.1f}"
         )
     print(f"results: {path}")
     return 0

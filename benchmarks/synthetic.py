@@ -278,3 +278,40 @@ def write_radiograph(
     ds.PixelIntensityRelationship = "LIN"
     ds.PixelData = radiograph(rows, cols, bits, seed).tobytes()
     return _save(ds, Path(path))
+
+
+XA_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage
+
+
+def write_multiframe(
+    path: str | Path,
+    *,
+    frames: int = 40,
+    rows: int = 512,
+    cols: int = 512,
+    seed: int = 0,
+    study_uid: str | None = None,
+    patient_name: str = "SYNTHETIC^XA",
+    patient_id: str = "SYN000003",
+) -> Path:
+    """Write a multi-frame angiographic run (XA, 8 bits, ``frames`` frames): CT-like
+    anatomy moving a little from frame to frame, as a cine loop does."""
+    ds = _base_dataset(XA_IMAGE_STORAGE, study_uid or generate_uid(), patient_name, patient_id)
+    ds.Modality = "XA"
+    ds.StudyDescription = "XA CORONARY"
+    ds.SeriesDescription = "LAO 30"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = frames
+    ds.FrameTime = "66.7"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    # 8-bit frames from a slowly moving window onto the CT phantom (HU -1000..1000)
+    phases = [ct_slice(60 + phase, rows, cols, seed) for phase in range(min(frames, 20))]
+    cine = np.stack([phases[i % len(phases)] for i in range(frames)]).astype(np.int32)
+    stack = np.clip((cine + 1000) * 255 // 2000, 0, 255)
+    ds.PixelData = stack.astype(np.uint8).tobytes()
+    return _save(ds, Path(path))

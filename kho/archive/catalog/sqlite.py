@@ -1,5 +1,12 @@
 """The SQLite catalog (the embedded default): WAL, one writer at a time across threads and
-processes (a file lock), synchronous=FULL for commits that acknowledge an instance."""
+processes (a file lock), synchronous=FULL for commits that acknowledge an instance.
+
+Group commit: instance commits that arrive while another is being written (several
+associations sending at once) wait, and the next of them writes all of them in one
+transaction, each in a savepoint of its own (one instance's failure undoes only its rows),
+so one flush of the WAL makes them all durable.  Each caller returns only after that
+COMMIT: an acknowledged instance is still catalogued and flushed before its answer.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,32 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kho.archive.catalog.base import Catalog
+from kho.archive.catalog.base import Catalog, _is_retryable
 from kho.archive.config import TENANT_NAME
 from kho.errors import CatalogError
+
+if TYPE_CHECKING:
+    from kho.archive.catalog.base import RowInsert
+    from kho.archive.catalog.records import InstanceAttributes, InstanceRecord
+
+#: most instance commits written in one transaction
+GROUP_LIMIT = 64
+
+
+@dataclass(slots=True)
+class _QueuedCommit:
+    """One caller's instance commit, waiting for a group transaction."""
+
+    run: Callable[[], tuple[str, InstanceRecord | None]]
+    outcome: tuple[str, InstanceRecord | None] | None = None
+    error: BaseException | None = None
+    done: bool = field(default=False)
 
 
 class SqliteCatalog(Catalog):
@@ -34,6 +59,12 @@ class SqliteCatalog(Catalog):
         self._writer_thread_lock = threading.Lock()
         lock_path = self.path.with_name(self.path.name + ".writelock")
         self._writer_fd: int | None = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+        #: write concurrent instance commits in one transaction (see the module's doc)
+        self.group_commit = True
+        self._queued: list[_QueuedCommit] = []
+        self._queue_lock = threading.Lock()
+        self._leader_lock = threading.Lock()  # held by the thread writing a group
+        self._grouping = threading.local()  # set in the thread writing a group
         self._create_schema()
 
     def _connect(self) -> Any:
@@ -74,6 +105,127 @@ class SqliteCatalog(Catalog):
                 yield
             finally:
                 fcntl.flock(self._writer_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A write transaction; inside a group commit, the group's (the caller's work is
+        in a savepoint of the group's transaction)."""
+        if getattr(self._grouping, "active", False):
+            yield
+            return
+        with self.writer():
+            yield from self._transaction()
+
+    def commit_instance(
+        self,
+        attrs: InstanceAttributes,
+        record: InstanceRecord,
+        *,
+        policy: str,
+        unfinished: bool = False,
+        journalled: bool = True,
+        with_rows: Sequence[RowInsert] = (),
+    ) -> tuple[str, InstanceRecord | None]:
+        """Catalog.commit_instance, written together with the commits of other threads
+        that are waiting at the same moment (group commit); returns after the COMMIT."""
+        if not self.group_commit or self.connection.in_transaction:
+            return super().commit_instance(
+                attrs,
+                record,
+                policy=policy,
+                unfinished=unfinished,
+                journalled=journalled,
+                with_rows=with_rows,
+            )
+
+        def run() -> tuple[str, InstanceRecord | None]:
+            return self._commit_instance(
+                attrs,
+                record,
+                policy=policy,
+                unfinished=unfinished,
+                journalled=journalled,
+                with_rows=with_rows,
+            )
+
+        mine = _QueuedCommit(run)
+        with self._queue_lock:
+            self._queued.append(mine)
+        with self._leader_lock:  # the group before this one is being written meanwhile
+            while not mine.done:
+                self._write_group()
+        if mine.error is not None:
+            if isinstance(mine.error, CatalogError) and _is_retryable(mine.error):
+                return super().commit_instance(
+                    attrs,
+                    record,
+                    policy=policy,
+                    unfinished=unfinished,
+                    journalled=journalled,
+                    with_rows=with_rows,
+                )
+            raise mine.error
+        assert mine.outcome is not None
+        return mine.outcome
+
+    def _write_group(self) -> None:
+        """One transaction for the commits queued (up to GROUP_LIMIT), each in a savepoint;
+        on return every member is done, with its outcome or its error (a failed COMMIT
+        fails them all).  The group is taken once the write lock is held: whoever queued
+        while it was awaited is in it."""
+        conn = self.connection
+        group: list[_QueuedCommit] = []
+        try:
+            with self.writer():
+                with self._queue_lock:
+                    group, self._queued = self._queued[:GROUP_LIMIT], self._queued[GROUP_LIMIT:]
+                self._begin(conn)
+                self._grouping.active = True
+                try:
+                    if len(group) == 1:  # alone: its failure rolls the transaction back
+                        group[0].outcome = group[0].run()
+                    else:
+                        self._run_in_savepoints(conn, group)
+                finally:
+                    self._grouping.active = False
+                try:
+                    conn.execute("COMMIT")
+                except Exception as exc:
+                    raise CatalogError(f"catalog commit failed: {exc}") from exc
+        except BaseException as exc:
+            if not group:  # nothing taken (the write lock failed): the caller's error
+                raise
+            with suppress(Exception):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            # alone, a member gets its own error (a refusal keeps its kind and status)
+            alone = len(group) == 1
+            failure = exc if alone or isinstance(exc, CatalogError) else CatalogError(str(exc))
+            for queued in group:
+                queued.outcome, queued.error = None, queued.error or failure
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for queued in group:
+                queued.done = True
+
+    @staticmethod
+    def _run_in_savepoints(conn: Any, group: list[_QueuedCommit]) -> None:
+        for queued in group:
+            conn.execute("SAVEPOINT kho_grouped")
+            try:
+                queued.outcome = queued.run()
+            except BaseException as exc:  # only this member's rows are undone
+                queued.error = exc
+                conn.execute("ROLLBACK TO kho_grouped")
+            conn.execute("RELEASE kho_grouped")
+
+    @staticmethod
+    def _begin(conn: Any) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except Exception as exc:
+            raise CatalogError(f"cannot begin a catalog transaction: {exc}") from exc
 
     def _transaction(self) -> Iterator[None]:
         """BEGIN IMMEDIATE: the write lock at once (no upgrade deadlocks)."""
