@@ -25,8 +25,17 @@ whose URL has ``/dicom-web/``) to: the first non-blank viewport; every thumbnail
 every frame of the study's series answered (``/frames/`` entries reaching the frame
 count).  Also: OHIF's own start-up (navigation to the first DICOMweb request), requests
 and bytes (``transferSize``) by kind, and from nginx's log the upstream (server) time by
-kind.  Servers stay up across runs (both warm after run 1); runs alternate which server
-goes first.
+kind.  Servers stay up across runs (warm after run 1); each server goes first in turn.
+Also: the first image from navigation, and the browser's own part (from the first frame's
+answer to the first image: decode, OHIF's rendering start-up).
+
+kho's own pages (start page at a desktop size, a share link's page in a phone-sized window:
+390x844 asked, which headless Chromium widens to its 500-pixel minimum),
+through the same proxy: time from navigation to the first ``<img>`` holding an image and
+a frame drawn after it.
+
+``--decoded-variant`` adds a second kho (same data) that answers OHIF's frame requests
+with decoded frames (setting ``viewer_decoded_frame_max_bytes``), beside the default.
 
 Orthanc runs with benchmarks.dicomweb's configuration, where its default
 ``HttpCompressionEnabled`` (true) gzips answers for a browser that accepts gzip: its
@@ -71,11 +80,16 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 NGINX = "/usr/sbin/nginx"
 SERVERS = ("kho", "orthanc")
+#: ``--decoded-variant``: a second kho that answers OHIF's "any syntax" frame requests with
+#: decoded frames up to this size (setting viewer_decoded_frame_max_bytes; off in kho)
+DECODED_VARIANT = ("kho-decoded", {"viewer_decoded_frame_max_bytes": 1 << 20})
 #: kho's value at most this times Orthanc's (issue 17, item 4), medians
 TARGETS = {
     "first_image_s": {"ct": 0.5, "radiograph": 0.5, "multiframe": 0.5},
     "all_frames_s": {"ct": 0.25},
 }
+#: kho's start page and share page: first image within this long of navigation
+PAGE_TARGET_S = 1.0
 #: give up on a run this long after the first DICOMweb request
 RUN_TIMEOUT_S = 90.0
 
@@ -151,11 +165,11 @@ from pathlib import Path
 from kho.archive.archive import Archive
 from kho.archive.config import Settings
 from kho.viewer_api.server import HttpServer
+import json
 settings = Settings(data_dir=Path(sys.argv[1]), fsync=False)
-try:  # URLs kho writes name the proxy's address (the setting may not exist yet)
-    settings = settings.model_copy(update={"public_url": sys.argv[3]})
-except Exception:
-    pass
+# URLs kho writes name the proxy's address; a variant's settings (JSON) on top
+update = {"public_url": sys.argv[3], **json.loads(sys.argv[4] if len(sys.argv) > 4 else "{}")}
+settings = settings.model_copy(update=update)
 archive = Archive(settings)
 try:
     from kho.archive.read.pixels import warm_up_codecs
@@ -171,10 +185,20 @@ archive.close()
 """
 
 
-def serve_kho(data_dir: Path, public_url: str) -> tuple[subprocess.Popen[bytes], int]:
+def serve_kho(
+    data_dir: Path, public_url: str, settings: dict[str, Any] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KHO_SERVER, str(data_dir), str(port), public_url]
+        [
+            sys.executable,
+            "-c",
+            _KHO_SERVER,
+            str(data_dir),
+            str(port),
+            public_url,
+            json.dumps(settings or {}),
+        ]
     )
     wait_port(port, proc)
     return proc, port
@@ -230,13 +254,13 @@ def app_config(prefix: str) -> str:
     )
 
 
-def stage_site(site: Path, dist: Path) -> None:
+def stage_site(site: Path, dist: Path, servers: tuple[str, ...] = SERVERS) -> None:
     """``site/<server>/viewer/``: links to every file of the build, and per server an
     index.html (its URLs under the prefix) and an app-config.js."""
     import re
 
     original = (dist / "index.html").read_text(encoding="utf-8")
-    for server in SERVERS:
+    for server in servers:
         folder = site / server / "viewer"
         folder.mkdir(parents=True)
         for path in dist.rglob("*"):
@@ -280,6 +304,18 @@ def start_nginx(work: Path, site: Path, ports: dict[str, int], port: int) -> tup
             try_files $uri /{s}/viewer/index.html;
         }}"""
         for s in ports
+    )
+    # kho's own pages (start page, share links), under the prefix its public_url names
+    locations += "\n".join(
+        f"""
+        location /{s}/ {{
+            proxy_pass http://{s}/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+        }}"""
+        for s in ports
+        if s != "orthanc"
     )
     # the build and the folders are private to this user: workers run as it too
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -392,6 +428,91 @@ def new_driver(width: int = 1400, height: int = 900) -> Any:
     return driver
 
 
+#: kho's own pages (start page, share page): when the first <img> holding an image has
+#: loaded and a frame has been drawn after it, from navigation (performance.now()'s origin)
+_PAGE_PROBE = """
+window.__page = {firstImage: null, what: null};
+document.addEventListener('load', function (event) {
+  const el = event.target;
+  if (window.__page.firstImage !== null || !el || el.tagName !== 'IMG') return;
+  if (!(el.naturalWidth > 8 && el.naturalHeight > 8)) return;
+  requestAnimationFrame(function () {
+    if (window.__page.firstImage !== null) return;
+    window.__page.firstImage = performance.now();
+    window.__page.what = el.currentSrc.split('?')[0].split('/').slice(-2).join('/');
+  });
+}, true);
+"""
+
+
+def page_run(url: str, shots: Path, tag: str, width: int, height: int) -> dict[str, Any]:
+    """Open one of kho's own pages in a fresh browser: navigation to its first image."""
+    driver = new_driver(width, height)
+    try:
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _PAGE_PROBE})
+        driver.get(url)
+        deadline = time.monotonic() + 30
+        page: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            page = driver.execute_script("return window.__page;") or {}
+            if page.get("firstImage") is not None:
+                break
+            time.sleep(0.05)
+        timing = driver.execute_script(
+            "const n = performance.getEntriesByType('navigation')[0];"
+            "return [n.responseEnd, n.domContentLoadedEventEnd,"
+            " performance.getEntriesByType('resource').length];"
+        )
+        driver.save_screenshot(str(shots / f"{tag}.png"))
+    finally:
+        driver.quit()
+    first = page.get("firstImage")
+    return {
+        "first_image_s": round(first / 1000, 3) if first is not None else None,
+        "image": page.get("what"),
+        "html_answered_s": round(timing[0] / 1000, 3),
+        "dom_ready_s": round(timing[1] / 1000, 3),
+        "requests": int(timing[2]) + 1,
+    }
+
+
+def kho_pages(kho_url: str, study: str, shots: Path, runs: int, base: str) -> dict[str, Any]:
+    """kho's start page (a desktop window) and a share link's page for ``study`` (a phone's
+    390x844), each opened ``runs`` times through the proxy at ``base``: time from
+    navigation to the first image."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{kho_url}/api/shares",
+        data=json.dumps({"study": study, "expires": "1d"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        share_url = json.load(response)["url"]
+    out: dict[str, Any] = {}
+    for name, url, size in (
+        ("start page", f"{base}/kho/", (1400, 900)),
+        ("share page", share_url, (390, 844)),
+    ):
+        items = [
+            page_run(url, shots, f"page-{name.replace(' ', '-')}-run{n + 1}", *size)
+            for n in range(runs)
+        ]
+        values = [r["first_image_s"] for r in items if r["first_image_s"] is not None]
+        out[name] = {
+            "first_image_s": {
+                "median": statistics.median(values) if values else None,
+                "range": [min(values), max(values)] if values else None,
+                "values": values,
+                "runs_without": len(items) - len(values),
+            },
+            "target_s": PAGE_TARGET_S,
+            "runs": items,
+        }
+    return out
+
+
 def kind_of(url: str) -> str:
     path = url.split("?", 1)[0]
     if "/dicom-web/" not in path:
@@ -469,6 +590,14 @@ def summarise(
         return None if ms is None else round((ms - t0) / 1000, 3)
 
     out["first_image_s"] = since(bench.get("firstImage"))
+    if bench.get("firstImage") is not None:
+        out["first_image_from_navigation_s"] = round(bench["firstImage"] / 1000, 3)
+    first_answer = min(
+        (e[3] for e in dicomweb if kind_of(e[0]) == "frames" and e[3] > 0), default=None
+    )
+    if first_answer is not None and bench.get("firstImage") is not None:
+        # the browser's own work on the first frame: decode (its codec's start-up), render
+        out["browser_after_first_frame_s"] = round((bench["firstImage"] - first_answer) / 1000, 3)
     thumbs = [e for e in dicomweb if kind_of(e[0]) == "thumbnail"]
     out["thumbnails"] = {
         "requests": len(thumbs),
@@ -548,6 +677,8 @@ METRICS = (
     ("first_frame_request_s", "first frame requested"),
     ("first_frame_answered_s", "first frame answered"),
     ("first_image_s", "first image"),
+    ("browser_after_first_frame_s", "first frame answered -> first image (browser)"),
+    ("first_image_from_navigation_s", "first image, from navigation"),
     ("thumbnails_s", "all thumbnails answered"),
     ("all_frames_s", "every frame of the series"),
     ("all_frames_after_first_image_s", "every frame, after the first image"),
@@ -595,18 +726,22 @@ def aggregate(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
 
 def table(results: dict[str, Any]) -> str:
     summary = results["summary"]
+    variant = DECODED_VARIANT[0]
+    with_variant = any(variant in per for per in summary.values())
+    extra_head = f" {variant} | {variant}/Orthanc |" if with_variant else ""
     lines = [
         f"OHIF {results['ohif_version']} in headless Chromium {results['chromium']} "
-        "(software WebGL), one origin (nginx) for both servers; medians over "
+        "(software WebGL), one origin (nginx) for all servers; medians over "
         f"{results['runs']} runs, range in brackets; times in seconds from the first "
         "DICOMweb request.",
         "",
-        "| study | measure | kho | Orthanc | kho/Orthanc | target | met |",
-        "|---|---|---|---|---|---|---|",
+        f"| study | measure | kho | Orthanc | kho/Orthanc | target | met |{extra_head}",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if with_variant else ""),
     ]
     for study, per_server in summary.items():
         for name, label in METRICS:
             k, o = per_server["kho"][name], per_server.get("orthanc", {}).get(name, {})
+            v = per_server.get(variant, {}).get(name, {})
 
             def cell(m: dict[str, Any]) -> str:
                 if not m or m.get("median") is None:
@@ -623,10 +758,43 @@ def table(results: dict[str, Any]) -> str:
                 if target is not None:
                     target_text = f"<= {target:g}x"
                     met = "met" if value <= target else "unmet"
+            extra = ""
+            if with_variant:
+                v_ratio = ""
+                if v.get("median") is not None and o and o.get("median"):
+                    v_ratio = f"{v['median'] / o['median']:.2f}"
+                extra = f" {cell(v)} | {v_ratio} |"
             lines.append(
                 f"| {study} | {label} | {cell(k)} | {cell(o)} | {ratio} | {target_text} | {met} |"
+                + extra
             )
     lines += ["", "Corpus: " + "; ".join(f"{s}: {v}" for s, v in results["corpus"].items())]
+    pages = results.get("kho_pages") or {}
+    if pages:
+        lines += [
+            "",
+            "kho's own pages (no Orthanc counterpart): first image from navigation, seconds, "
+            f"median [range] over {results['runs']} fresh browsers (start page 1400x900: the "
+            "first study thumbnail; share page in a 390x844 window, drawn 500 px wide by "
+            "headless Chromium: the first rendered image)",
+            "",
+            "| page | first image | HTML answered | requests | target | met |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, page in pages.items():
+            m = page["first_image_s"]
+            runs = page["runs"]
+            html_s = statistics.median(r["html_answered_s"] for r in runs)
+            requests = statistics.median(r["requests"] for r in runs)
+            if m["median"] is None:
+                lines.append(f"| {name} | n/a | {html_s:.3g} | {requests:g} | < 1 s | unmet |")
+                continue
+            low, high = m["range"]
+            met = "met" if m["median"] < page["target_s"] else "unmet"
+            lines.append(
+                f"| {name} | {m['median']:.3g} [{low:.3g}-{high:.3g}] | {html_s:.3g} | "
+                f"{requests:g} | < {page['target_s']:g} s | {met} |"
+            )
     lines += [
         "",
         "Server time (nginx upstream_response_time), median ms per request and requests per "
@@ -652,6 +820,14 @@ def table(results: dict[str, Any]) -> str:
         "work on the machine shares the cores). "
         f"{results['orthanc_version']}. Thumbnails: {results['thumbnail_note']}",
     ]
+    if with_variant:
+        lines += [
+            "",
+            f"{variant}: kho with the setting viewer_decoded_frame_max_bytes = 1 MiB (OHIF's "
+            "`transfer-syntax=*` frame requests answered decoded, Explicit VR Little Endian, "
+            "for lossless frames up to 1 MiB decoded: the CT and XA frames, not the "
+            "radiograph); kho's default answers them as stored (JPEG-LS).",
+        ]
     return "\n".join(lines)
 
 
@@ -662,6 +838,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", default="ct,radiograph,multiframe")
     parser.add_argument("--results-name", default="viewer")
     parser.add_argument("--no-netns", action="store_true")
+    parser.add_argument(
+        "--decoded-variant",
+        action="store_true",
+        help=f"also run {DECODED_VARIANT[0]}: kho answering transfer-syntax=* with decoded frames",
+    )
     args = parser.parse_args(argv)
     if not args.no_netns and os.environ.get("KHO_BENCH_NETNS") != "1":
         # Orthanc binds all interfaces: give it a network with loopback only
@@ -691,10 +872,12 @@ def main(argv: list[str] | None = None) -> int:
         ingest_s = ingest_kho(work / "kho", files)
         print("Orthanc: upload ...", flush=True)
         oproc, oport, upload_s = start_orthanc(work, files)
+        servers = SERVERS + ((DECODED_VARIANT[0],) if args.decoded_variant else ())
         site = work / "site"
-        stage_site(site, build.dist)
+        stage_site(site, build.dist, servers)
         nginx_port = free_port()
         kproc = None
+        variant_proc = None
         pid_file = None
         shots = Path(tempfile.gettempdir()) / "kho-viewer-bench-screenshots"
         shots.mkdir(parents=True, exist_ok=True)
@@ -714,14 +897,23 @@ def main(argv: list[str] | None = None) -> int:
             )["dataSources"][0]["configuration"],
         }
         detail: dict[str, dict[str, list[dict[str, Any]]]] = {
-            s: {v: [] for v in SERVERS} for s in studies
+            s: {v: [] for v in servers} for s in studies
         }
         try:
             kproc, kport = serve_kho(work / "kho", f"http://127.0.0.1:{nginx_port}/kho")
-            pid_file, log = start_nginx(work, site, {"kho": kport, "orthanc": oport}, nginx_port)
+            ports = {"kho": kport, "orthanc": oport}
+            if args.decoded_variant:
+                name, settings = DECODED_VARIANT
+                shutil.copytree(work / "kho", work / name)  # its own copy of the same data
+                variant_proc, ports[name] = serve_kho(
+                    work / name, f"http://127.0.0.1:{nginx_port}/{name}", settings
+                )
+            pid_file, log = start_nginx(work, site, ports, nginx_port)
             base = f"http://127.0.0.1:{nginx_port}"
             for run in range(args.runs):
-                order = SERVERS if run % 2 == 0 else SERVERS[::-1]
+                # each server goes first in turn
+                shift = run % len(servers)
+                order = servers[shift:] + servers[:shift]
                 for study_name, study in studies.items():
                     for server in order:
                         offset = log.stat().st_size if log.exists() else 0
@@ -740,11 +932,18 @@ def main(argv: list[str] | None = None) -> int:
                             f"{result.get('dicomweb_requests')} requests",
                             flush=True,
                         )
+            if "ct" in studies:
+                print("kho's start page and share page ...", flush=True)
+                results["kho_pages"] = kho_pages(
+                    f"http://127.0.0.1:{kport}", studies["ct"]["study"], shots, args.runs, base
+                )
         finally:
             if pid_file is not None:
                 stop_nginx(pid_file)
             if kproc is not None:
                 stop(kproc)
+            if variant_proc is not None:
+                stop(variant_proc)
             stop(oproc)
         results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         results["runs_detail"] = detail

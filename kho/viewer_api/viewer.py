@@ -27,7 +27,10 @@ The data source settings, chosen for time to first image against kho:
 - ``imageRendering: 'wadors'`` with Cornerstone's own Accept
   (``transfer-syntax=*``): frames come as stored -- JPEG-LS from the at-rest codec, or the
   bytes the modality sent -- with no server-side decode, and the browser's WebAssembly
-  CharLS/OpenJPEG decode them;
+  CharLS/OpenJPEG decode them (answering those requests with decoded frames instead,
+  setting ``viewer_decoded_frame_max_bytes``, was measured: no gain beyond the noise on
+  one loaded machine, where OHIF's own JavaScript and software WebGL take most of the
+  time to first image, not the codec);
 - ``enableStudyLazyLoad``: the first series' metadata is asked for (and displayed) before
   the others', one request per series (kho answers a series' metadata from one cached
   document);

@@ -13,7 +13,9 @@ names, best first:
   syntax, or its media type), else decoded (``application/octet-stream``, the default) or
   encoded losslessly into the media type asked: ``image/jls`` (JPEG-LS), ``image/jp2``
   (JPEG 2000), ``image/jpeg`` (JPEG lossless SV1 unless the frame was received as JPEG),
-  ``image/dicom-rle``; the part's Content-Type names the syntax served.
+  ``image/dicom-rle``; the part's Content-Type names the syntax served.  "Any syntax in
+  octet-stream" (OHIF's Accept) may be answered decoded for small lossless frames
+  (setting ``viewer_decoded_frame_max_bytes``, off by default: :func:`decoded_for_any`).
 - Metadata is the DICOM JSON made at ingest (kho.archive.read.metadata), one read per
   instance; a series' concatenation is cached (and gzipped once) until the series changes.
 """
@@ -285,10 +287,14 @@ def negotiate_frames(
     stored_ts: str,
     frames: int,
     can_produce: Callable[[str], bool] | None = None,
+    decoded_for_any: bool = False,
 ) -> tuple[str, str | None]:
     """(the syntax the frames go out in, the single-part media type or None for
     multipart/related).  ``can_produce``: whether a syntax other than the stored one and
-    Explicit VR Little Endian (decoded) can be made (kho.archive.read.transcode)."""
+    Explicit VR Little Endian (decoded) can be made (kho.archive.read.transcode).
+    ``decoded_for_any``: ``application/octet-stream; transfer-syntax=*`` (any syntax in
+    octet-stream, what OHIF's Cornerstone asks for) is answered decoded rather than as
+    stored (see :func:`decoded_for_any`)."""
     ranges = parse_accept(accept)
     stored_media = frame_media_type(stored_ts)
 
@@ -307,6 +313,8 @@ def negotiate_frames(
         else:
             continue
         inner = r.inner or "*/*"
+        if decoded_for_any and inner == OCTET_STREAM and r.transfer_syntax == "*":
+            return EXPLICIT_VR_LITTLE_ENDIAN, None if multipart_asked else OCTET_STREAM
         if inner in ("*/*", "image/*"):
             return stored_ts, None if multipart_asked else stored_media
         for syntax in frame_syntaxes(inner, r.transfer_syntax, stored_ts):
@@ -321,6 +329,30 @@ def negotiate_frames(
         "that syntax, application/octet-stream (decoded), or image/jls, image/jp2, "
         "image/jpeg, image/dicom-rle (encoded losslessly where the pixels allow it)"
     )
+
+
+def decoded_for_any(archive: Archive, record: InstanceRecord, stored_ts: str) -> bool:
+    """Whether "any syntax" in octet-stream gets this instance's frames decoded: stored
+    losslessly compressed and small (setting ``viewer_decoded_frame_max_bytes``, default
+    0: never).
+
+    It spares the browser its WebAssembly decode (the codec fetched and compiled in each
+    decode worker, then the decode) at the price of kho's native decode (~4 ms a 512x512
+    frame, read ahead along the series) and 2-3x the bytes on the wire.  Measured with
+    OHIF on one loaded 2-core machine (benchmarks/viewer.py --decoded-variant, browser
+    and servers sharing the cores) the same-run gain for CT and XA was no larger than the
+    difference between two kho servers answering the radiograph identically, so it stays
+    off until measured where it matters (a slow workstation, a fast network).  Lossy
+    frames stay as stored (the browser's decode of them is the one the modality's pixels
+    were meant for)."""
+    limit = int(archive.settings.viewer_decoded_frame_max_bytes)
+    bits = int(record.bits_allocated or 0)
+    if limit <= 0 or bits not in (8, 16) or stored_ts == EXPLICIT_VR_LITTLE_ENDIAN:
+        return False
+    if stored_ts not in transcode.LOSSLESS_SYNTAXES:
+        return False
+    size = int(record.rows_ or 0) * int(record.columns_ or 0) * int(record.samples_per_pixel or 1)
+    return 0 < size * bits // 8 <= limit
 
 
 def frame_producer(record: InstanceRecord) -> Callable[[str], bool]:
@@ -393,7 +425,13 @@ async def retrieve_frames_response(
     negotiated = None
     if has_pixels(record):
         stored_ts = stored_syntax(record)
-        negotiated = negotiate_frames(accept, stored_ts, len(numbers), frame_producer(record))
+        negotiated = negotiate_frames(
+            accept,
+            stored_ts,
+            len(numbers),
+            frame_producer(record),
+            decoded_for_any(archive, record, stored_ts),
+        )
         # a deflated dataset's frames and 1-bit frames are decoded, frames in another
         # compressed syntax encoded: in the thread pool
         decoded = negotiated[0] == EXPLICIT_VR_LITTLE_ENDIAN
