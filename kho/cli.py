@@ -180,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     access = Access(settings, archive)  # one key cache and registry for both doors
     auditor = Auditor(archive).start().watch_dicom_refusals()  # one trail for both doors
     auditor.application(started=True)
+    archive.rejection_records.append(auditor.rejection_rows)  # corrections, every door
     from kho.routing.router import Router
 
     router = Router(archive)  # forwarding: idle without destinations
@@ -350,14 +351,17 @@ def cmd_import(args: argparse.Namespace) -> int:
         "duplicates": outcomes["duplicate"] + outcomes["kept"],
         "rejected": outcomes["rejected"],
         "rejections": [{"path": p, "reason": r} for p, r in rejected],
+        # data-retention rejection notes: carried out, not kept (kho.archive.corrections)
+        "applied": outcomes["applied"],
     }
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        applied = f", {summary['applied']} deletion notes applied" if summary["applied"] else ""
         print(
             f"{summary['files']} files: {summary['stored']} stored, "
             f"{summary['replaced']} replaced, {summary['duplicates']} duplicates, "
-            f"{summary['rejected']} rejected"
+            f"{summary['rejected']} rejected{applied}"
         )
         for path_text, reason in rejected:
             print(f"  rejected {path_text}: {reason}")
@@ -441,6 +445,12 @@ def _print_stats(stats: dict[str, Any]) -> None:
     )
     if stats["unfinished"]:
         print(f"{stats['unfinished']} instances still stored as received, being encoded")
+    rejected = stats.get("rejected") or {}
+    if rejected.get("pending_purge") or rejected.get("purged"):
+        print(
+            f"rejected: {rejected['pending_purge']} instance(s) hidden, awaiting deletion; "
+            f"{rejected['purged']} deleted"
+        )
     if stats["spool"]["segments"]:
         spool = stats["spool"]
         print(f"ingest spool: {spool['segments']} segment(s), {spool['bytes'] / 1e6:.1f} MB")
@@ -451,6 +461,45 @@ def _print_stats(stats: dict[str, Any]) -> None:
             f"{row['modality']:10} {row['instances']:>10} {_human(row['received_bytes']):>12} "
             f"{_human(row['stored_bytes']):>12} {r:>7}"
         )
+
+
+# --- corrections ------------------------------------------------------------------------
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    """kho reject / kho delete: a rejection note made here (kho.archive.corrections),
+    audited as the person at the command line."""
+    from kho.archive.corrections import DATA_RETENTION, reason_for
+    from kho.audit.auditor import Auditor
+
+    settings = _settings(args)
+    _setup_logging("WARNING")
+    if args.instance and not args.series:
+        raise KhoError("--instance needs --series")
+    reason = DATA_RETENTION if args.command == "delete" else reason_for(args.reason)
+    user = _local_user()
+    with Archive(settings) as archive:
+        auditor = Auditor(archive)
+        archive.rejection_records.append(auditor.rejection_rows)
+        try:
+            tenant = archive.for_tenant(args.tenant or settings.default_tenant)
+            result, rejection = tenant.reject_instances(
+                reason,
+                args.study,
+                args.series,
+                args.instance,
+                requested_by=user.name,
+                requester_kind=user.kind.value,
+                via="CLI",
+            )
+        finally:
+            auditor.close()
+    kept = "" if reason.immediate else f"; rejection note {result.sop_uid} stored"
+    print(
+        f"{rejection.rejected} instance(s) rejected ({reason.code} {reason.meaning}), "
+        f"{rejection.purged} deleted now{kept}"
+    )
+    return 0
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -791,6 +840,22 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--tenant", help="one tenant (hospital); default: the default tenant")
     which.add_argument("--all-tenants", action="store_true", help="every tenant, one by one")
     stats.set_defaults(func=cmd_stats)
+
+    for name, text in (
+        ("reject", "hide a study, series or instance (rejection note); deleted after a delay"),
+        ("delete", "delete a study, series or instance now (data retention rejection)"),
+    ):
+        correction = sub.add_parser(name, help=text)
+        common(correction)
+        correction.add_argument("--study", required=True, help="Study Instance UID")
+        correction.add_argument("--series", help="Series Instance UID (only this series)")
+        correction.add_argument("--instance", help="SOP Instance UID (with --series)")
+        correction.add_argument("--tenant", help="the tenant (default: the default tenant)")
+        if name == "reject":
+            correction.add_argument(
+                "--reason", required=True, help="113001|quality, 113037|safety, 113038|worklist"
+            )
+        correction.set_defaults(func=cmd_reject)
 
     keys = sub.add_parser(
         "keys", help="API keys for machine clients (shown once, stored hashed, revocable)"

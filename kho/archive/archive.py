@@ -7,26 +7,28 @@ outside kho/archive touches the catalog or the store directly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
 
-from kho.archive import keys, metrics
+from kho.archive import corrections, keys, metrics
 from kho.archive.catalog import Catalog, InstanceRecord, open_catalog
 from kho.archive.config import Settings
 from kho.archive.dataset.attributes import InstanceAttributes
-from kho.archive.dataset.part10 import Part10Layout
+from kho.archive.dataset.part10 import Part10Layout, build_file_meta
 from kho.archive.finish.derived import Deriver
 from kho.archive.finish.finisher import Finisher, collect_garbage, spool_segments_in_use
 from kho.archive.finish.pixels import EncodedPixels
 from kho.archive.ingest.pipeline import (
     DatasetBytes,
+    IngestOutcome,
     IngestResult,
     RowsFor,
     ingest_dimse,
@@ -78,6 +80,9 @@ class Archive:
         self._dormant: dict[str, Archive] = {}
         self._tenants_lock = threading.Lock()
         self._closed = False
+        #: given a tenant, the rows each rejection there commits with what it withdrew
+        #: (the audit trail's records: kho.audit.auditor.Auditor.rejection_rows)
+        self.rejection_records: list[Callable[[str], corrections.RejectionRows | None]] = []
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = store if store is not None else open_object_store(settings)
         #: where received instances wait for the finisher (None: in the object store)
@@ -95,6 +100,8 @@ class Archive:
                 settings.catalog_url or settings.sqlite_path, synchronous_full=settings.fsync
             )
         )
+        if hasattr(self.catalog, "group_commit"):  # SQLite (kho.archive.catalog.sqlite)
+            self.catalog.group_commit = settings.catalog_group_commit
         if settings.peer_reads:  # spool keys of other hosts: read from them
             spooled.peers = PeerSpoolClient(
                 self.catalog.spool_url,
@@ -270,14 +277,24 @@ class Archive:
         defer: bool | None = None,
         with_rows: RowsFor | None = None,
     ) -> IngestResult:
-        return ingest_part10(
-            self,
-            data,
-            source=source,
-            lenient_identity=lenient_identity,
-            defer=defer,
-            with_rows=with_rows,
-        )
+        def store() -> IngestResult:
+            return ingest_part10(
+                self,
+                data,
+                source=source,
+                lenient_identity=lenient_identity,
+                defer=defer,
+                with_rows=with_rows,
+            )
+
+        note = corrections.read_note(data) if corrections.may_be_note(data) else None
+        if note is None:
+            return store()
+        kind, _, who = source.partition(":")
+        via = {"stow": "STOW-RS", "dimse": "C-STORE"}.get(kind, kind)
+        return self._take_note(
+            note, data, store, requested_by=who or kind, requester_kind=kind, via=via
+        )[0]
 
     def ingest_dimse(
         self,
@@ -289,15 +306,146 @@ class Archive:
         source_ae: str = "",
         with_rows: RowsFor | None = None,
     ) -> IngestResult:
-        return ingest_dimse(
-            self,
-            dataset,
-            transfer_syntax_uid=transfer_syntax_uid,
-            sop_class_uid=sop_class_uid,
-            sop_instance_uid=sop_instance_uid,
-            source_ae=source_ae,
-            with_rows=with_rows,
+        def store() -> IngestResult:
+            return ingest_dimse(
+                self,
+                dataset,
+                transfer_syntax_uid=transfer_syntax_uid,
+                sop_class_uid=sop_class_uid,
+                sop_instance_uid=sop_instance_uid,
+                source_ae=source_ae,
+                with_rows=with_rows,
+            )
+
+        if sop_class_uid.strip("\x00 ") != corrections.KOS_SOP_CLASS:
+            return store()
+        parts = [dataset] if isinstance(dataset, (bytes, bytearray, memoryview)) else dataset
+        data = b"".join(
+            (build_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid), *parts)
         )
+        note = corrections.read_note(data)
+        if note is None:
+            return store()
+        return self._take_note(
+            note,
+            data,
+            store,
+            requested_by=source_ae.strip(),
+            requester_kind="dicom",
+            via="C-STORE",
+        )[0]
+
+    # --- corrections: rejection notes (kho.archive.corrections) ---------------------------
+
+    def _take_note(
+        self,
+        note: corrections.RejectionNote,
+        data: bytes,
+        store: Callable[[], IngestResult],
+        *,
+        requested_by: str,
+        requester_kind: str,
+        address: str = "",
+        via: str = "",
+    ) -> tuple[IngestResult, corrections.Rejection]:
+        """Carry out a rejection note: refused (DatasetMismatchError) if it names nothing
+        this tenant holds; else stored like any instance (``store``), then its instances
+        withdrawn.  A data-retention note is not kept: its instances are deleted at once
+        and nothing of them, or of their patient, stays (outcome APPLIED)."""
+        corrections.check_note(self.catalog, note)
+        if note.reason.immediate:
+            result = IngestResult(
+                IngestOutcome.APPLIED,
+                note.sop_uid,
+                note.study_uid,
+                note.series_uid,
+                hashlib.sha256(data).hexdigest(),
+                len(data),
+                0,
+            )
+        else:
+            result = store()  # first: a note refused (identity...) withdraws nothing
+        records = [made(self.tenant) for made in self._root.rejection_records]
+        rejection = corrections.reject(
+            self,
+            note,
+            tenant=self.tenant,
+            requested_by=requested_by,
+            requester_kind=requester_kind,
+            address=address,
+            via=via,
+            with_rows=[rows for rows in records if rows is not None],
+        )
+        if note.reason.immediate:
+            rejection.purged = corrections.purge_due(self)
+        return result, rejection
+
+    def reject_instances(
+        self,
+        reason: corrections.RejectionReason,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+        *,
+        requested_by: str,
+        requester_kind: str,
+        address: str = "",
+        via: str = "HTTP",
+    ) -> tuple[IngestResult, corrections.Rejection]:
+        """An admin's rejection of a study, series or instance: kho makes the rejection
+        note (Key Object Selection) and takes it like a received one (_take_note).
+        NotFoundError if nothing matches."""
+        where, params = "study_uid = ?", [study_uid]
+        if series_uid is not None:
+            where, params = where + " AND series_uid = ?", [*params, series_uid]
+        if sop_uid is not None:
+            where, params = where + " AND sop_uid = ?", [*params, sop_uid]
+        records = self.catalog.instances_where(where, params)
+        if not records:
+            raise NotFoundError("no such instances in this archive")
+        row = self.catalog.fetchone(
+            "SELECT p.patient_id, p.issuer_of_patient_id, p.patient_name, "
+            "p.patient_birth_date, p.patient_sex, s.study_date, s.study_time, "
+            "s.accession_number, s.study_id, s.referring_physician_name, "
+            "s.study_description FROM studies s JOIN patients p "
+            "ON p.patient_key = s.patient_key WHERE s.study_uid = ?",
+            (study_uid,),
+        )
+        if row is None:
+            raise NotFoundError(f"no study {study_uid}")
+        names = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
+        patient = {k: v for k, v in zip((*names, "PatientSex"), row[:5], strict=True) if v}
+        study_names = (
+            *("StudyDate", "StudyTime", "AccessionNumber", "StudyID"),
+            *("ReferringPhysicianName", "StudyDescription"),
+        )
+        study = {k: v for k, v in zip(study_names, row[5:], strict=True) if v}
+        data = corrections.build_note(
+            reason,
+            [
+                corrections.Reference(r.study_uid, r.series_uid, r.sop_class_uid, r.sop_uid)
+                for r in records
+            ],
+            patient=patient,
+            study=study,
+            manufacturer=self.settings.ae_title,
+        )
+        note = corrections.read_note(data)
+        assert note is not None  # what build_note makes, read_note reads
+        return self._take_note(
+            note,
+            data,
+            lambda: ingest_part10(self, data, source=f"reject:{requested_by}"),
+            requested_by=requested_by,
+            requester_kind=requester_kind,
+            address=address,
+            via=via,
+        )
+
+    def purge_rejected(self) -> int:
+        """Delete the rejected instances of every tenant whose delay has passed; how
+        many (the finisher's housekeeping calls this too)."""
+        return sum(corrections.purge_due(a) for a in self.housekept_archives())
 
     def encode_native(
         self, value: bytes, layout: Part10Layout, attrs: InstanceAttributes
@@ -390,6 +538,7 @@ class Archive:
         stored = sum(r["stored_bytes"] for r in per_modality)
         return {
             **counts,
+            "rejected": corrections.rejected_counts(self.catalog),
             "unfinished": self.catalog.unfinished_count(),
             "spool": self.spool_stats(),
             "received_bytes": received,
@@ -407,6 +556,10 @@ class Archive:
         summed = ("patients", "studies", "series", "instances", "unfinished")
         totals: dict[str, Any] = {
             key: sum(one[key] for one in per_tenant.values()) for key in summed
+        }
+        totals["rejected"] = {
+            key: sum(one["rejected"][key] for one in per_tenant.values())
+            for key in ("pending_purge", "purged")
         }
         by_modality: dict[str, list[int]] = {}
         for one in per_tenant.values():

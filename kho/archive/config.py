@@ -149,6 +149,14 @@ class Settings(BaseSettings):
     finish_threads: int = Field(
         0, description="background finisher threads (0 = one per core)", ge=0
     )
+    rejected_purge_delay_s: float = Field(
+        86400.0,
+        ge=0,
+        description="how long instances a rejection note (Key Object Selection: rejected "
+        "for quality or patient safety reasons, incorrect worklist entry) hides stay "
+        "stored before they are deleted; data-retention notes and admin deletions delete "
+        "at once (kho.archive.corrections)",
+    )
     spool: SpoolMode = Field(
         SpoolMode.AUTO,
         description="with finish_in_background, acknowledge once appended to a local "
@@ -170,6 +178,11 @@ class Settings(BaseSettings):
         True, description="store a JPEG tile pyramid of images over 1024 pixels a side"
     )
     fsync: bool = Field(True, description="fsync objects and catalog commits (durability)")
+    catalog_group_commit: bool = Field(
+        True,
+        description="SQLite: instance commits arriving together share one transaction and "
+        "one flush (each still answered only after it)",
+    )
     require_called_ae: bool = Field(False, description="refuse associations to another AE title")
     find_result_limit: int = Field(10000, description="C-FIND / QIDO-RS result cap")
     fuzzy_names: bool = Field(False, description="C-FIND matches person names case-insensitively")
@@ -228,6 +241,15 @@ class Settings(BaseSettings):
         "", description="OHIF's own OIDC sign-in (code flow with PKCE) with this client"
     )
     viewer_oidc_scope: str = Field("openid profile", description="scopes OHIF asks for")
+    viewer_decoded_frame_max_bytes: int = Field(
+        0,
+        ge=0,
+        description="frames asked for with transfer-syntax=* in application/octet-stream "
+        "(OHIF's Cornerstone) go out decoded (Explicit VR Little Endian) when stored "
+        "losslessly compressed and at most this many bytes decoded, sparing the browser "
+        "its WebAssembly decode (0, the default: as stored; benchmarks/viewer.py found no "
+        "gain on one machine)",
+    )
 
     # --- HIS integration (kho.hl7): README "HIS integration" --------------------------
     hl7_port: int = Field(2575, ge=0, le=65535, description="HL7 v2 MLLP port (0: off)")

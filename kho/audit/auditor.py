@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kho.access.callers import Caller
+from kho.access.callers import Caller, CallerKind
 from kho.access.dicom_peers import REFUSAL_OBSERVERS, TLS_HANDSHAKE_FAILED, DicomRefusal
 from kho.archive.catalog import RowInsert
 from kho.audit import messages
@@ -25,6 +25,7 @@ from kho.audit.syslog import SyslogForwarder, client_context
 if TYPE_CHECKING:
     from kho.archive.archive import Archive
     from kho.archive.catalog import InstanceAttributes
+    from kho.archive.corrections import Rejection, RejectionRows
     from kho.archive.ingest.pipeline import RowsFor
 
 log = logging.getLogger(__name__)
@@ -258,6 +259,66 @@ class Auditor:
                     tenant=tenant,
                 )
             self.record(event, tenant)
+
+    def rejection_rows(self, tenant: str) -> RejectionRows | None:
+        """For ``Archive.rejection_records``: the records of a rejection note carried out
+        in ``tenant`` (kho.archive.corrections), committed in the rejection's own
+        transaction.  Per study, DICOM Instances Accessed with action D naming the
+        instances withdrawn (hidden at once, deleted after the delay), or DICOM Study
+        Deleted when nothing of the study is left; the description names the reason."""
+        if not self.enabled:
+            return None
+        self.log_of(tenant)  # the outbox table exists in the tenant's catalog
+
+        def rows(rejection: Rejection) -> Sequence[RowInsert]:
+            out = []
+            for event in self._rejection_events(rejection):
+                _sql, params = outbox_statement(event.stamped(self.source))
+                out.append(RowInsert("audit_outbox", _OUTBOX_COLUMNS, tuple(params)))
+            return out
+
+        return rows
+
+    def _rejection_events(self, rejection: Rejection) -> list[AuditEvent]:
+        events: list[AuditEvent] = []
+        try:
+            kind = CallerKind(rejection.requester_kind)
+        except ValueError:
+            kind = CallerKind.OPEN
+        caller = Caller(
+            kind,
+            rejection.requested_by or rejection.requester_kind,
+            home_tenant=rejection.tenant,
+            address=rejection.address,
+        )
+        reason = rejection.reason
+        when = "deleted now" if reason.immediate else "deleted after the retention delay"
+        description = f"rejection note {rejection.note_uid}: {reason.code} {reason.meaning}; {when}"
+        for withdrawn in rejection.studies:
+            study = messages.Study(withdrawn.study_uid)
+            for sop_class, sop_uid in withdrawn.instances:
+                study = study.merged(messages.one_instance(withdrawn.study_uid, sop_class, sop_uid))
+            patient = Patient(withdrawn.patient_id, withdrawn.patient_name)
+            if withdrawn.study_gone:
+                event = messages.study_deleted(
+                    caller,
+                    patient=patient,
+                    study=study,
+                    description=description,
+                    tenant=rejection.tenant,
+                )
+            else:
+                event = messages.instances_accessed(
+                    caller,
+                    patient=patient,
+                    study=study,
+                    action=messages.Action.DELETE,
+                    via=rejection.via,
+                    description=description,
+                    tenant=rejection.tenant,
+                )
+            events.append(event)
+        return events
 
     def security_alert(
         self,

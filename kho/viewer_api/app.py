@@ -15,6 +15,7 @@ from kho.access.service import Access
 from kho.archive.archive import Archive
 from kho.audit.auditor import Auditor
 from kho.viewer_api import (
+    corrections,
     forwarding,
     launch,
     metrics,
@@ -92,7 +93,7 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+            allow_methods=["GET", "HEAD", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],
             expose_headers=[
                 "Content-Type",
@@ -105,7 +106,7 @@ def create_app(
     # QIDO first: its /studies/{s}/series must not be read as a WADO retrieve; every path
     # parameter (UIDs, frame numbers) checked before any route looks it up.  Each router
     # declares the role its routes need (security.requires).
-    for module in (qido, wado, rendered, stow, forwarding):
+    for module in (qido, wado, rendered, stow, forwarding, corrections):
         app.include_router(module.router, prefix=PREFIX, dependencies=[Depends(valid_path)])
     app.include_router(peer.router)  # the other hosts' reads of this host's spool
     share.install(app)  # share links (/api/shares, the patient's page /s/), /api/launch
@@ -116,7 +117,7 @@ def create_app(
     # /metrics and request latencies by route template
     metrics.install(
         app,
-        [(PREFIX, m.router) for m in (qido, wado, rendered, stow, forwarding)]
+        [(PREFIX, m.router) for m in (qido, wado, rendered, stow, forwarding, corrections)]
         + [("", launch.router), ("", viewer.router), ("", start_page.router)],
     )
     # outermost: every other middleware and route sees the request's public address

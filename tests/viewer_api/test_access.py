@@ -511,10 +511,13 @@ def test_create_app_refuses_a_route_without_a_role(archive: Archive) -> None:
     assert {r.role for r in guarded if r.path == "/metrics"} == {Role.ADMIN}
     # storing is the uploader's; the other POSTs (share links, launch tokens) need a viewer
     posts = [r for r in guarded if "POST" in r.methods and r.path.startswith(PREFIX)]
-    stores = [r for r in posts if not r.path.endswith("/send")]
+    stores = [r for r in posts if not r.path.endswith(("/send", "/reject"))]
     assert {r.role for r in stores} == {Role.UPLOADER}
-    # sending a study out of the archive (forwarding on demand) is an admin's
-    assert {r.role for r in posts if r.path.endswith("/send")} == {Role.ADMIN}
+    # sending a study out of the archive (forwarding on demand), rejecting and deleting
+    # (corrections) are an admin's
+    assert {r.role for r in posts if r.path.endswith(("/send", "/reject"))} == {Role.ADMIN}
+    deletes = [r for r in guarded if "DELETE" in r.methods and r.path.startswith(PREFIX)]
+    assert len(deletes) == 3 and {r.role for r in deletes} == {Role.ADMIN}
 
     @app.get("/dicom-web/forgotten")
     async def forgotten() -> dict[str, str]:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from kho.archive.catalog.records import (
@@ -306,14 +306,29 @@ class Catalog:
 
     # --- connections --------------------------------------------------------------------------
 
+    def _lost(self, conn: Any) -> bool:
+        """Whether this thread's ``conn`` can no longer be used (a server restart or a
+        network outage broke it): the thread's next statement opens a new one."""
+        return False
+
     @property
     def connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self._lost(conn):
+            self._forget(conn)
+            self._local.conn = conn = None
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
             self._register(conn)
         return conn
+
+    def _forget(self, conn: Any) -> None:
+        """Close this thread's lost connection and stop keeping it."""
+        with self._conn_lock:
+            self._all_connections = [(t, c) for t, c in self._all_connections if c is not conn]
+        with suppress(Exception):
+            conn.close()
 
     def _register(self, conn: Any) -> None:
         """Keep a new connection of this thread; close those of threads that have ended
@@ -400,7 +415,15 @@ class Catalog:
         return out
 
     def prefix_in_use(self, object_prefix: str) -> bool:
+        """Whether an instance row, or a rejected instance not yet purged, refers to
+        objects under this prefix (kho.archive.corrections deletes those itself)."""
         row = self.fetchone("SELECT 1 FROM instances WHERE object_prefix = ?", (object_prefix,))
+        if row is not None:
+            return True
+        row = self.fetchone(
+            "SELECT 1 FROM rejected_instances WHERE object_prefix = ? AND purged_at = 0",
+            (object_prefix,),
+        )
         return row is not None
 
     # --- instances ----------------------------------------------------------------------------
@@ -490,7 +513,8 @@ class Catalog:
         For "kept" and "rejected" the caller deletes the objects it wrote.  ``unfinished``:
         the instance is stored as received and queued for the background finisher.
         """
-        values = asdict(record)
+        # its fields are plain values: no deep copy (asdict's) needed
+        values = {name: getattr(record, name) for name in INSTANCE_COLUMNS}
         cols = ", ".join(INSTANCE_COLUMNS)
         marks = ", ".join("?" for _ in INSTANCE_COLUMNS)
         hierarchy = hierarchy_values(attrs)
@@ -622,6 +646,53 @@ class Catalog:
             {previous.series_uid, attrs.series_uid},
         )
 
+    def withdraw_instances(self, sop_uids: Sequence[str]) -> list[InstanceRecord]:
+        """Take these instances out of the catalog, inside the caller's transaction (a
+        rejection, kho.archive.corrections): their rows, returned as they were, and their
+        finisher queue rows go; a series, study or patient left without instances goes
+        with them, the rest are counted again.  Their objects stay: the caller records
+        where they are.  UIDs not stored here are skipped."""
+        uids = sorted(set(sop_uids))
+        found: list[InstanceRecord] = []
+        for at in range(0, len(uids), 500):
+            chunk = uids[at : at + 500]
+            found += self.instances_where(f"sop_uid IN ({in_list(chunk)})", chunk)
+        if not found:
+            return []
+        studies = sorted({r.study_uid for r in found})
+        series = {r.series_uid for r in found}
+        patients = {
+            str(row[0])
+            for row in self.fetchall(
+                f"SELECT patient_key FROM studies WHERE study_uid IN ({in_list(studies)})",
+                studies,
+            )
+        }
+        # ingest's order (patient, study, series): no deadlock with a concurrent store
+        self._lock_rows("patients", "patient_key", patients)
+        self._lock_rows("studies", "study_uid", set(studies))
+        self._lock_rows("series", "series_uid", series)
+        cols = ", ".join(INSTANCE_COLUMNS)
+        records: list[InstanceRecord] = []
+        for at in range(0, len(uids), 500):
+            chunk = uids[at : at + 500]
+            marks = in_list(chunk)
+            # read again, locked: a finisher's switch committed meanwhile is what goes
+            rows = self.fetchall(
+                f"SELECT {cols} FROM instances WHERE sop_uid IN ({marks}){self.ROW_LOCK}", chunk
+            )
+            records += [InstanceRecord(*row) for row in rows]
+            self.execute_batch(
+                [
+                    (f"DELETE FROM instances WHERE sop_uid IN ({marks})", chunk),
+                    (f"DELETE FROM unfinished WHERE sop_uid IN ({marks})", chunk),
+                ]
+            )
+        self._tidy_hierarchy(
+            patients, {r.study_uid for r in records}, {r.series_uid for r in records}
+        )
+        return records
+
     def _holds_others(self, column: str, uid: str, sop_uid: str) -> bool:
         """Whether a study (column study_uid) or series holds an instance but ``sop_uid``."""
         row = self.fetchone(
@@ -722,6 +793,23 @@ class Catalog:
                 f"{statement} WHERE sop_uid = ? AND object_prefix = ?",
                 (*params, sop_uid, object_prefix),
             )
+
+    def release_own_claims(self, claimed_until: float, keep: Sequence[str] = ()) -> int:
+        """Give back this process's claims made until ``claimed_until`` but those of
+        ``keep`` (in hand): what an outage left held (a claim whose answer was lost, a
+        release that failed).  Their attempt is taken back, as in release_unfinished."""
+        statement = (
+            "UPDATE unfinished SET owner = '', claimed_at = 0, queued_at = ?, "
+            "attempts = CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END "
+            "WHERE owner = ? AND claimed_at <= ?"
+        )
+        params: list[Any] = [time.time(), PROCESS_OWNER, claimed_until]
+        if keep:
+            statement += f" AND sop_uid NOT IN ({in_list(list(keep))})"
+            params += list(keep)
+        with self.relaxed_write():
+            cursor = self.execute(statement, params)
+        return max(0, cursor.rowcount)
 
     def release_claims_of_gone_processes(self) -> int:
         rows = self.fetchall("SELECT DISTINCT owner FROM unfinished WHERE owner <> ''")

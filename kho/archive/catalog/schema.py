@@ -9,11 +9,12 @@ from typing import Any
 
 from kho.archive.catalog.records import InstanceAttributes, fold_name
 
-# 5: his_patients, patient_identifiers, hl7_messages, worklist_items, performed_steps;
-# 4: spool_hosts; 3: instance_deltas; 2: unfinished, garbage, sequence_items; the
-# received-object layout.  Every change so far only added tables: an older catalog is
-# upgraded by creating them (CREATE ... IF NOT EXISTS) and recording the new version.
-SCHEMA_VERSION = 5
+# 6: rejected_instances; 5: his_patients, patient_identifiers, hl7_messages,
+# worklist_items, performed_steps; 4: spool_hosts; 3: instance_deltas; 2: unfinished,
+# garbage, sequence_items; the received-object layout.  Every change so far only added
+# tables: an older catalog is upgraded by creating them (CREATE ... IF NOT EXISTS) and
+# recording the new version.
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kho_schema (version BIGINT NOT NULL);
@@ -223,6 +224,25 @@ CREATE TABLE IF NOT EXISTS performed_steps (
     created_at DOUBLE PRECISION NOT NULL,
     updated_at DOUBLE PRECISION NOT NULL
 );
+-- instances a rejection note (kho.archive.corrections) took out of the catalog: no query
+-- or retrieval sees them, their objects stay until purge_after, then one transaction sets
+-- purged_at and lists them as garbage.  record: the instance row as it was (JSON)
+CREATE TABLE IF NOT EXISTS rejected_instances (
+    sop_uid TEXT NOT NULL,
+    object_prefix TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    record TEXT NOT NULL,
+    reason_code TEXT NOT NULL,
+    note_uid TEXT NOT NULL,
+    rejected_by TEXT NOT NULL,
+    rejected_at DOUBLE PRECISION NOT NULL,
+    purge_after DOUBLE PRECISION NOT NULL,
+    purged_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+    PRIMARY KEY (sop_uid, object_prefix)
+);
+CREATE INDEX IF NOT EXISTS ix_rejected_due ON rejected_instances (purged_at, purge_after);
+CREATE INDEX IF NOT EXISTS ix_rejected_prefix ON rejected_instances (object_prefix);
 CREATE INDEX IF NOT EXISTS ix_unfinished_queue ON unfinished (queued_at);
 CREATE INDEX IF NOT EXISTS ix_garbage_due ON garbage (not_before);
 CREATE INDEX IF NOT EXISTS ix_patients_id ON patients (patient_id);

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from kho.archive import keys, metrics
 from kho.archive.catalog import GARBAGE_DELAY_S, HEADER_OBJECT, PIXELS_OBJECT
+from kho.archive.corrections import purge_due
 from kho.archive.dataset.attributes import extract_attributes, read_header
 from kho.archive.dataset.part10 import Part10Layout, parse_part10
 from kho.archive.finish.derived import allowance, arrived_compressed, fit_derived
@@ -106,6 +107,12 @@ class Finisher:
         self._idle: dict[int, tuple[int, float]] = {}
         self._notices = itertools.count(1)  # next() is atomic: no notice is lost
         self._notified = 0
+        # tenants (by id) where an outage may have left claims of this process that no
+        # thread works on (a claim whose answer was lost, a claim that could not be given
+        # back), with when: given back once the catalog answers again, instead of
+        # waiting out their lease (LEASE_S)
+        self._in_doubt: dict[int, tuple[FinishingArchive, float]] = {}
+        self._in_hand: set[tuple[int, str]] = set()  # (tenant id, SOP Instance UID)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -220,6 +227,7 @@ class Finisher:
             self._stop.wait(QUIET_S / 2)
             return
         self._wake.clear()
+        self._give_back_claims()
         tenant, claimed, failed = self._claim_next()
         if failed and not claimed:
             self._stop.wait(IDLE_POLL_S)
@@ -257,9 +265,12 @@ class Finisher:
                 claimed = tenant.catalog.claim_unfinished(1, LEASE_S, MAX_ATTEMPTS)
             except KhoError as exc:
                 log.warning("finisher: cannot read the queue: %s", exc)
+                self._doubt(tenant)  # the claim may have been made all the same
                 failed = True
                 continue
             if claimed:
+                with self._lock:
+                    self._in_hand.update((id(tenant), sop_uid) for sop_uid, _p, _a in claimed)
                 return tenant, claimed, failed
             self._idle[id(tenant)] = (notified, now + IDLE_POLL_S)
         return self.archive, [], failed
@@ -276,14 +287,16 @@ class Finisher:
         """Finish one instance claimed in ``archive``'s catalog (default: the root's); 1
         if done.  Postponed by an outage, its claim is given back (to the end of the
         queue), or kept and added to ``postponed``."""
+        tenant = self.archive if archive is None else archive
         with self._lock:
             self._busy += 1
+            self._in_hand.add((id(tenant), sop_uid))
         try:
-            tenant = self.archive if archive is None else archive
             return self._finish_counted(tenant, sop_uid, prefix, attempts, postponed)
         finally:
             with self._lock:
                 self._busy -= 1
+                self._in_hand.discard((id(tenant), sop_uid))
 
     def _postpone(
         self,
@@ -295,9 +308,33 @@ class Finisher:
         if postponed is not None:
             postponed.append((sop_uid, prefix))
             return
-        with contextlib.suppress(KhoError):
+        try:
             tenant.catalog.release_unfinished(sop_uid, prefix, count_attempt=False)
+        except KhoError:  # the catalog is out too
+            self._doubt(tenant)
         self._stop.wait(1.0)
+
+    def _doubt(self, tenant: FinishingArchive) -> None:
+        with self._lock:
+            self._in_doubt[id(tenant)] = (tenant, time.time())
+
+    def _give_back_claims(self) -> None:
+        """Where an outage left doubt, give back this process's claims made until then
+        that no thread works on, once the catalog answers."""
+        with self._lock:
+            doubts = list(self._in_doubt.items())
+        for key, (tenant, until) in doubts:
+            with self._lock:
+                working = [sop for tid, sop in self._in_hand if tid == key]
+            try:
+                given = tenant.catalog.release_own_claims(until, keep=working)
+            except KhoError:
+                return  # still out: next turn
+            with self._lock:
+                if self._in_doubt.get(key, (None, 0.0))[1] == until:
+                    del self._in_doubt[key]
+            if given:
+                log.info("finisher: %d claims an outage held given back", given)
 
     def _finish_counted(
         self,
@@ -594,6 +631,7 @@ def collect_garbage(archive: TenantedArchive, limit: int = 1000) -> int:
         catalog = tenant.catalog
         try:
             catalog.fold_counters()  # PostgreSQL's pending instance counts
+            purge_due(tenant)  # rejected instances past their delay: objects to garbage
             due = catalog.due_garbage(limit)
             for key in due:
                 tenant.store.delete(key)

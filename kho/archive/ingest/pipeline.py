@@ -65,6 +65,7 @@ class IngestOutcome(StrEnum):
     DUPLICATE = "duplicate"  # same bytes were already stored: nothing written
     REPLACED = "replaced"  # policy replace: the newer instance is now the stored one
     KEPT = "kept"  # policy keep: the stored instance stays, the newcomer is dropped
+    APPLIED = "applied"  # a data-retention rejection note: carried out, not kept
 
 
 @dataclass(frozen=True, slots=True)

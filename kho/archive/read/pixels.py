@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -378,6 +379,15 @@ class DecodedFrameCache:
             self._items.clear()
             self._series.clear()
             self._bytes = 0
+
+    def forget(self, pixels_keys: Set[str], series_uids: Set[str]) -> None:
+        """Drop the frames of these pixel objects and the instance order of these series
+        (instances withdrawn by a rejection: kho.archive.corrections)."""
+        with self._lock:
+            for key in [k for k in self._items if k[1] in pixels_keys]:
+                self._bytes -= self._items.pop(key).nbytes
+            for order in [k for k in self._series if k[1] in series_uids]:
+                del self._series[order]
 
     @staticmethod
     def key(archive: StoredArchive, record: InstanceRecord, frame_number: int) -> FrameKey:
