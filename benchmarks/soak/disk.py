@@ -71,8 +71,11 @@ def run_full_disk(
     pixels: int = 512,
     max_instances: int = 2000,
     drain_timeout: float = 120.0,
+    garbage_delay_s: float | None = None,
 ) -> dict[str, Any]:
-    """Fill the data (or catalog) filesystem through kho serve; the outcome as a dict."""
+    """Fill the data (or catalog) filesystem through kho serve; the outcome as a dict.
+    ``garbage_delay_s``: kho's (None: its default, 60 s), which paces how soon finished
+    instances' received bytes are freed."""
     corpus = harness.Corpus(workdir / "corpus", size=pixels, per_study=50)
     ledger = harness.Ledger()
     outcome: dict[str, Any] = {"where": where, "size_mb": size_mb, "pixels": pixels}
@@ -81,6 +84,8 @@ def run_full_disk(
     mount_point = workdir / ("data" if where == "data" else "catalog")
     with small_filesystem(mount_point, size_mb) as small:
         env: dict[str, str] = {}
+        if garbage_delay_s is not None:
+            env["KHO_GARBAGE_DELAY_S"] = str(garbage_delay_s)
         if where == "data":
             data_dir = small
         else:

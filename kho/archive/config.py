@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         True, description="store a JPEG tile pyramid of images over 1024 pixels a side"
     )
     fsync: bool = Field(True, description="fsync objects and catalog commits (durability)")
+    garbage_delay_s: float = Field(
+        60.0,
+        ge=0,
+        description="how long a received copy the finisher replaced stays readable (reads "
+        "already under way) before it is deleted and its space freed",
+    )
     catalog_group_commit: bool = Field(
         True,
         description="SQLite: instance commits arriving together share one transaction and "

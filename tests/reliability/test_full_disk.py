@@ -42,8 +42,10 @@ def test_the_finisher_drains_when_less_than_the_backlog_is_freed(tmp_path: Path)
     """It was stuck at 0 bytes free: a spool segment was freed only whole, once every
     instance in it was finished.  Collected garbage now frees each finished instance's
     bytes in its segment (a hole punched), so the finisher goes on instance by instance,
-    a garbage delay (60 s) behind."""
-    outcome = run_full_disk(tmp_path, size_mb=16, ballast_mb=4, pixels=256, drain_timeout=300)
+    a garbage delay behind (60 s by default; 2 s here, so the test is short)."""
+    outcome = run_full_disk(
+        tmp_path, size_mb=16, ballast_mb=4, pixels=256, drain_timeout=300, garbage_delay_s=2
+    )
     assert outcome["dimse_statuses_when_full"] == ["0xA700"]
     assert outcome["finisher_stalled"] == ""
     assert outcome["lost"] == outcome["corrupt"] == []

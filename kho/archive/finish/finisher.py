@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from kho.archive import keys, metrics
-from kho.archive.catalog import GARBAGE_DELAY_S, HEADER_OBJECT, PIXELS_OBJECT
+from kho.archive.catalog import HEADER_OBJECT, PIXELS_OBJECT
 from kho.archive.corrections import purge_due
 from kho.archive.dataset.attributes import extract_attributes, read_header
 from kho.archive.dataset.part10 import Part10Layout, parse_part10
@@ -433,7 +433,7 @@ class Finisher:
             stored_size=plan.stored_size,
             header_size=plan.header_size,
             garbage=plan.garbage,
-            garbage_delay_s=GARBAGE_DELAY_S,
+            garbage_delay_s=archive.settings.garbage_delay_s,
             was=record,
         )
         if not switched:
@@ -478,7 +478,7 @@ class Finisher:
             stored_size=record.stored_size,
             header_size=record.header_size,
             garbage=[record.pixels_key],
-            garbage_delay_s=GARBAGE_DELAY_S,
+            garbage_delay_s=archive.settings.garbage_delay_s,
             was=record,
         )
         if not switched:  # changed meanwhile: what was written is nobody's
