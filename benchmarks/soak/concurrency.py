@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,25 @@ from tests.helpers.dcmtk import free_port, wait_for_port
 from tests.helpers.server import kho_serve
 
 
-def run_same_study(
-    engine: str, workdir: Path, *, clients: int = 20, uploads: int = 5, instances: int = 50
-) -> dict[str, Any]:
+def _one_study(
+    workdir: Path, instances: int, seed: int
+) -> tuple[harness.Corpus, str, list[harness.Sent]]:
+    """A study of one series of ``instances`` 64x64 CT slices (files): the corpus, its
+    Study Instance UID, the instances."""
     corpus = harness.Corpus(workdir / "corpus", size=64)
     study, series = generate_uid(harness.ROOT + "."), generate_uid(harness.ROOT + ".")
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(seed)
     study_files = [
         corpus.instance(study, series, n, rng.integers(0, 4096, (64, 64), dtype=np.uint16))
         for n in range(instances)
     ]
+    return corpus, study, study_files
+
+
+def run_same_study(
+    engine: str, workdir: Path, *, clients: int = 20, uploads: int = 5, instances: int = 50
+) -> dict[str, Any]:
+    corpus, _study, study_files = _one_study(workdir, instances, seed=11)
     ledger = harness.Ledger()
     started = time.monotonic()
     with engine_env(engine, workdir) as env, kho_serve(workdir / "data", env=env) as (_p, port):
@@ -93,13 +103,7 @@ def run_upload_delete(
 ) -> dict[str, Any]:
     """``clients`` threads, each ``uploads`` times: the study over one association, then
     ``DELETE /dicom-web/studies/{study}``; what is left when all are done."""
-    corpus = harness.Corpus(workdir / "corpus", size=64)
-    study, series = generate_uid(harness.ROOT + "."), generate_uid(harness.ROOT + ".")
-    rng = np.random.default_rng(13)
-    study_files = [
-        corpus.instance(study, series, n, rng.integers(0, 4096, (64, 64), dtype=np.uint16))
-        for n in range(instances)
-    ]
+    corpus, study, study_files = _one_study(workdir, instances, seed=13)
     ledger = harness.Ledger()
     deletes: dict[str, int] = {}
     lock = threading.Lock()
@@ -202,12 +206,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args(argv)
     if args.delete:
-        return _main_delete(args)
+        return _campaign(args, run_upload_delete, ended_empty, "upload_delete", "upload-delete")
+    return _campaign(args, run_same_study, clean, "concurrency", "concurrency")
+
+
+def _campaign(
+    args: argparse.Namespace,
+    run: Callable[..., dict[str, Any]],
+    verdict: Callable[[dict[str, Any]], bool],
+    section: str,
+    prefix: str,
+) -> int:
+    """``run`` on each engine asked for, judged by ``verdict`` (recorded as "clean"), and
+    the outcomes merged into ``section`` of reliability.json."""
     outcomes = {}
     for engine in ["sqlite", "postgresql"] if args.engine == "both" else [args.engine]:
-        workdir = Path(tempfile.mkdtemp(prefix=f"kho-concurrency-{engine}-"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"kho-{prefix}-{engine}-"))
         try:
-            outcome = run_same_study(
+            outcome = run(
                 engine,
                 workdir,
                 clients=args.clients,
@@ -216,36 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        outcome["clean"] = clean(outcome)
+        outcome["clean"] = verdict(outcome)
         outcomes[engine] = outcome
         print(engine, outcome)
     if not args.no_results:
-        previous = report.load().get("concurrency", {}).get("runs", {})
-        report.record("concurrency", {"machine": machine(), "runs": {**previous, **outcomes}})
+        previous = report.load().get(section, {}).get("runs", {})
+        report.record(section, {"machine": machine(), "runs": {**previous, **outcomes}})
     return 0 if all(o["clean"] for o in outcomes.values()) else 1
-
-
-def _main_delete(args: argparse.Namespace) -> int:
-    outcomes = {}
-    for engine in ["sqlite", "postgresql"] if args.engine == "both" else [args.engine]:
-        workdir = Path(tempfile.mkdtemp(prefix=f"kho-upload-delete-{engine}-"))
-        try:
-            outcome = run_upload_delete(
-                engine,
-                workdir,
-                clients=args.clients,
-                uploads=args.uploads,
-                instances=args.instances,
-            )
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        outcome["empty"] = ended_empty(outcome)
-        outcomes[engine] = outcome
-        print(engine, outcome)
-    if not args.no_results:
-        previous = report.load().get("upload_delete", {}).get("runs", {})
-        report.record("upload_delete", {"machine": machine(), "runs": {**previous, **outcomes}})
-    return 0 if all(o["empty"] for o in outcomes.values()) else 1
 
 
 if __name__ == "__main__":
