@@ -49,6 +49,15 @@ def _one_study(
     return corpus, study, study_files
 
 
+def _run_clients(client: Callable[[], None], clients: int) -> None:
+    """``clients`` threads running ``client`` at once; back when all are done."""
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def run_same_study(
     engine: str, workdir: Path, *, clients: int = 20, uploads: int = 5, instances: int = 50
 ) -> dict[str, Any]:
@@ -63,11 +72,7 @@ def run_same_study(
                     port, corpus, ledger, threading.Event(), instances=study_files, timeout=60
                 )
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_clients(client, clients)
         elapsed = time.monotonic() - started
         with Archive(_settings(workdir / "data", env)) as archive:
             drain = harness.wait_finished(archive)
@@ -127,11 +132,7 @@ def run_upload_delete(
                         key = str(answer.status_code)
                         deletes[key] = deletes.get(key, 0) + 1
 
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _run_clients(client, clients)
         elapsed = time.monotonic() - started
         with Archive(_settings(workdir / "data", env)) as archive:
             drain = harness.wait_finished(archive)

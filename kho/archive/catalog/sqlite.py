@@ -128,8 +128,9 @@ class SqliteCatalog(Catalog):
     ) -> tuple[str, InstanceRecord | None]:
         """Catalog.commit_instance, written together with the commits of other threads
         that are waiting at the same moment (group commit); returns after the COMMIT."""
-        if not self.group_commit or self.connection.in_transaction:
-            return super().commit_instance(
+
+        def alone() -> tuple[str, InstanceRecord | None]:  # its own transaction
+            return super(SqliteCatalog, self).commit_instance(
                 attrs,
                 record,
                 policy=policy,
@@ -137,6 +138,9 @@ class SqliteCatalog(Catalog):
                 journalled=journalled,
                 with_rows=with_rows,
             )
+
+        if not self.group_commit or self.connection.in_transaction:
+            return alone()
 
         def run() -> tuple[str, InstanceRecord | None]:
             return self._commit_instance(
@@ -156,14 +160,7 @@ class SqliteCatalog(Catalog):
                 self._write_group()
         if mine.error is not None:
             if isinstance(mine.error, CatalogError) and _is_retryable(mine.error):
-                return super().commit_instance(
-                    attrs,
-                    record,
-                    policy=policy,
-                    unfinished=unfinished,
-                    journalled=journalled,
-                    with_rows=with_rows,
-                )
+                return alone()
             raise mine.error
         assert mine.outcome is not None
         return mine.outcome
