@@ -142,8 +142,6 @@ def run_upload_delete(
                 "SELECT COUNT(*) FROM rejected_instances WHERE purged_at = 0"
             )
             store = harness.audit_store(archive)
-            garbage = {r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage")}
-            outside_garbage = sorted(harness.store_keys(archive) - garbage)
     return {
         "engine": engine,
         "clients": clients,
@@ -156,7 +154,7 @@ def run_upload_delete(
         "counts": counts,
         "rejected_pending_purge": int(pending_purge[0]) if pending_purge else 0,
         "objects": store.objects,
-        "objects_outside_garbage": outside_garbage,
+        "objects_outside_garbage": store.outside_garbage,
         "orphans": store.orphans,
         "missing_objects": store.missing,
         "run_s": round(elapsed, 1),

@@ -136,6 +136,18 @@ class Ledger:
         with self.lock:
             self.unanswered += 1
 
+    def record(self, sent: Sent, status: Any) -> bool:
+        """File a C-STORE's answer (a status dataset, empty when none came): acknowledged,
+        refused with its status, or unanswered; whether an answer came at all."""
+        if "Status" not in status:
+            self.lost_answer()
+            return False
+        if status.Status == 0x0000:
+            self.ack(sent)
+        else:
+            self.refuse(f"0x{int(status.Status):04X}")
+        return True
+
 
 def dimse_sender(
     port: int,
@@ -168,14 +180,8 @@ def dimse_sender(
             status = assoc.send_c_store(target)
             if source is None and sent.path:
                 sent.path.unlink(missing_ok=True)
-            if "Status" in status and status.Status == 0x0000:
-                ledger.ack(sent)
-            elif "Status" in status:
-                ledger.refuse(f"0x{int(status.Status):04X}")
-            else:
-                ledger.lost_answer()
-                if not assoc.is_established:
-                    break
+            if not ledger.record(sent, status) and not assoc.is_established:
+                break
         if assoc.is_established:
             assoc.release()
     except Exception:  # the server dies under us: that is the point
@@ -311,6 +317,8 @@ class StoreAudit:
     collected_meanwhile: list[str] = field(default_factory=list)
     spool_segments: int = 0
     spool_referenced: int = 0
+    #: objects listed that no garbage entry names (live instances' and strays)
+    outside_garbage: list[str] = field(default_factory=list)
 
 
 def audit_store(archive: Archive) -> StoreAudit:
@@ -321,6 +329,7 @@ def audit_store(archive: Archive) -> StoreAudit:
     garbage = {r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage")}
     pending = set(archive.catalog.pending_prefixes())
     result = StoreAudit(objects=len(found), pending=len(pending), garbage=len(garbage))
+    result.outside_garbage = sorted(found - garbage)
     referenced: set[str] = set()
     spool_used: set[str] = set()
     for record in archive.catalog.iter_instances():

@@ -160,12 +160,7 @@ def sender(
                 status = assoc.send_c_store(sent.path)
                 if sent.path:
                     sent.path.unlink(missing_ok=True)
-                if "Status" in status and status.Status == 0x0000:
-                    ledger.ack(sent)
-                elif "Status" in status:
-                    ledger.refuse(f"0x{int(status.Status):04X}")
-                else:
-                    ledger.lost_answer()
+                if not ledger.record(sent, status):
                     break
                 if pause:
                     time.sleep(pause)
