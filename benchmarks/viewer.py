@@ -845,6 +845,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not args.no_netns and os.environ.get("KHO_BENCH_NETNS") != "1":
+        # the OHIF download needs the network the namespace below takes away: fetch it first
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.helpers.browser import ohif_tarball
+
+        ohif_tarball()
         # Orthanc binds all interfaces: give it a network with loopback only
         command = " ".join(
             [sys.executable, "-m", "benchmarks.viewer", *[f"'{a}'" for a in (argv or sys.argv[1:])]]
