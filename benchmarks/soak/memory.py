@@ -10,6 +10,11 @@ Reported: RSS after the warm-up, at the end and its maximum; the slope of a leas
 line through the samples after the warm-up (MB per hour); stores acknowledged, refused and
 unanswered; reads by kind and their failures.  Results go into
 ``benchmarks/results/reliability.json`` (section ``memory``).
+
+The bounded caches (decoded frames, rendered images: 256 MB each) fill for as long as the
+readers ask for frames not yet seen, which can take longer than any warm-up.  So each
+sample also scrapes ``/metrics`` for the bytes they hold, and the figure that must be flat
+is RSS minus those bytes: growth the caches do not account for.
 """
 
 from __future__ import annotations
@@ -58,6 +63,26 @@ def _descendants(pid: int) -> list[int]:
     for child in map(int, children):
         found += [child, *_descendants(child)]
     return found
+
+
+#: the gauges of kho.archive.metrics.CacheCollector the soak follows
+CACHE_GAUGES = ("kho_decoded_frame_cache_bytes", "kho_rendered_cache_bytes")
+
+
+def cache_bytes(client: httpx.Client) -> dict[str, int] | None:
+    """What the server's bounded caches hold, from its /metrics (None: no answer)."""
+    try:
+        response = client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    found = {}
+    for line in response.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in CACHE_GAUGES:
+            found[name] = int(float(value))
+    return found if len(found) == len(CACHE_GAUGES) else None
 
 
 def slope_mb_per_hour(samples: list[tuple[float, int]]) -> float:
@@ -184,6 +209,7 @@ def run(
     ledger = harness.Ledger()
     stop = threading.Event()
     samples: list[tuple[float, int]] = []
+    caches: list[tuple[float, dict[str, int]]] = []  # at the same times, where /metrics answered
     http_port = free_port()
     with (
         engine_env(engine, workdir) as env,
@@ -199,9 +225,14 @@ def run(
         for thread in threads:
             thread.start()
         deadline = started + minutes * 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            samples.append((time.monotonic() - started, rss_bytes(proc.pid)))
-            time.sleep(sample_s)
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as scraper:
+            while time.monotonic() < deadline and proc.poll() is None:
+                at = time.monotonic() - started
+                samples.append((at, rss_bytes(proc.pid)))
+                held = cache_bytes(scraper)
+                if held is not None:
+                    caches.append((at, held))
+                time.sleep(sample_s)
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
@@ -209,6 +240,14 @@ def run(
         alive = proc.poll() is None
     steady = [(t, b) for t, b in samples if t >= warmup_s]
     after_warmup = steady[0][1] if steady else 0
+    rss_at = dict(samples)
+    cache_at = dict(caches)
+    held_at = {t: sum(held.values()) for t, held in caches}
+    steady_caches = [(t, held_at[t]) for t, _ in caches if t >= warmup_s]
+    beyond_caches = [(t, rss_at[t] - held) for t, held in steady_caches]
+    by_cache = {
+        name: [(t, held[name]) for t, held in caches if t >= warmup_s] for name in CACHE_GAUGES
+    }
     return {
         "engine": engine,
         "minutes": round(elapsed / 60, 1),
@@ -225,8 +264,35 @@ def run(
         "rss_mb_end": round(samples[-1][1] / 1e6, 1) if samples else 0,
         "rss_mb_max": round(max(b for _, b in samples) / 1e6, 1) if samples else 0,
         "rss_slope_mb_per_hour": round(slope_mb_per_hour(steady), 1),
+        "cache_samples": len(caches),
+        "caches_mb_after_warmup": {
+            name: round(series[0][1] / 1e6, 1) if series else None
+            for name, series in by_cache.items()
+        },
+        "caches_mb_end": {
+            name: round(series[-1][1] / 1e6, 1) if series else None
+            for name, series in by_cache.items()
+        },
+        "caches_slope_mb_per_hour": round(slope_mb_per_hour(steady_caches), 1),
+        "rss_minus_caches_mb_after_warmup": (
+            round(beyond_caches[0][1] / 1e6, 1) if beyond_caches else None
+        ),
+        "rss_minus_caches_mb_end": round(beyond_caches[-1][1] / 1e6, 1) if beyond_caches else None,
+        "rss_minus_caches_slope_mb_per_hour": round(slope_mb_per_hour(beyond_caches), 1),
         "warmup_s": warmup_s,
-        "samples": [(round(t), round(b / 1e6, 1)) for t, b in samples],
+        # (seconds, RSS MB, decoded-frame cache MB, rendered cache MB); None: no scrape
+        "samples": [
+            (
+                round(t),
+                round(b / 1e6, 1),
+                *(
+                    [round(cache_at[t][name] / 1e6, 1) for name in CACHE_GAUGES]
+                    if t in cache_at
+                    else [None] * len(CACHE_GAUGES)
+                ),
+            )
+            for t, b in samples
+        ],
     }
 
 

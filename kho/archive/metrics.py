@@ -4,7 +4,7 @@ holds (from the catalog, read at scrape time, so every process reports the same 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -121,15 +121,60 @@ class ArchiveCollector(Collector):
             )
 
 
+class BoundedCache(Protocol):
+    """A cache bounded in bytes (kho.archive.read.pixels.DecodedFrameCache,
+    kho.archive.read.rendering.RenderCache)."""
+
+    @property
+    def held_bytes(self) -> int: ...
+
+    @property
+    def entries(self) -> int: ...
+
+    max_bytes: int
+
+
+class CacheCollector(Collector):
+    """What this process's bounded caches hold, read when scraped: for each cache
+    ``<name>`` (``decoded_frame``, ``rendered``), ``kho_<name>_cache_bytes``,
+    ``kho_<name>_cache_max_bytes`` and ``kho_<name>_cache_entries``.  A process that
+    grows by what its caches fill up to is not leaking; one that grows beyond them is."""
+
+    def __init__(self, caches: Mapping[str, BoundedCache]) -> None:
+        self.caches = caches
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, cache in self.caches.items():
+            yield GaugeMetricFamily(
+                f"kho_{name}_cache_bytes",
+                f"Bytes the {name.replace('_', ' ')} cache holds in this process",
+                value=cache.held_bytes,
+            )
+            yield GaugeMetricFamily(
+                f"kho_{name}_cache_max_bytes",
+                f"Bound of the {name.replace('_', ' ')} cache (least recently used out first)",
+                value=cache.max_bytes,
+            )
+            yield GaugeMetricFamily(
+                f"kho_{name}_cache_entries",
+                f"Items the {name.replace('_', ' ')} cache holds in this process",
+                value=cache.entries,
+            )
+
+
 def exposition(
     stats: Callable[[], dict[str, Any]] | None = None,
     *,
     tenants: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
     host: bool = True,
+    caches: Mapping[str, BoundedCache] | None = None,
 ) -> bytes:
     """The text exposition format: this process's histograms plus the archive's totals
     (see ArchiveCollector: ``stats`` for one archive, unlabelled; ``tenants`` for some
-    tenants, labelled ``tenant``; ``host``: with the host's spool)."""
+    tenants, labelled ``tenant``; ``host``: with the host's spool) and, if given, what
+    this process's caches hold (see CacheCollector)."""
     registry = CollectorRegistry()
     registry.register(ArchiveCollector(stats, tenants=tenants, host=host))
+    if caches:
+        registry.register(CacheCollector(caches))
     return generate_latest(REGISTRY) + generate_latest(registry)

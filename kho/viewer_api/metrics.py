@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kho.access.callers import Role
 from kho.archive import metrics
+from kho.archive.read.pixels import FRAME_CACHE
 from kho.viewer_api.deps import AuthorizedDep, StateDep
 from kho.viewer_api.security import requires, route_path, split_tenant
 
@@ -34,10 +35,17 @@ ROUTE_KEY = "kho.route"
 def get_metrics(state: StateDep, authorized: AuthorizedDep) -> Response:
     root = state.root_archive
     if authorized.platform_view:
+        # the process's caches serve every hospital: shown to the platform view only
+        caches: dict[str, metrics.BoundedCache] = {
+            "decoded_frame": FRAME_CACHE,
+            "rendered": state.render_cache,
+        }
         if len(root.settings.tenant_names) == 1:  # one hospital: unlabelled, as before tenants
-            body = metrics.exposition(root.stats)
+            body = metrics.exposition(root.stats, caches=caches)
         else:
-            body = metrics.exposition(tenants=lambda: root.platform_stats()["tenants"])
+            body = metrics.exposition(
+                tenants=lambda: root.platform_stats()["tenants"], caches=caches
+            )
     else:
         tenant = authorized.tenant
         body = metrics.exposition(

@@ -7,6 +7,8 @@ import re
 from fastapi.testclient import TestClient
 
 from kho.archive.archive import Archive
+from kho.archive.read.pixels import FRAME_CACHE
+from kho.bench.phantom import ct_series_datasets
 from kho.viewer_api.app import create_app
 from tests.archive.test_ingest import make_instance
 
@@ -34,3 +36,42 @@ def test_metrics_show_the_finishers_queue(archive: Archive) -> None:
     body = client.get("/metrics").text
     assert "kho_unfinished_instances 0.0" in body
     assert "kho_finish_seconds_count" in body
+
+
+def _gauge(body: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", body, re.MULTILINE)
+    assert found, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+def test_metrics_show_what_the_caches_hold(archive: Archive) -> None:
+    (dataset,) = ct_series_datasets(1, rows=64, cols=64)
+    record = archive.ingest_part10(dataset)
+    assert archive.finisher.wait_idle(timeout=120)
+    FRAME_CACHE.wait_idle()
+    FRAME_CACHE.clear()
+    client = TestClient(create_app(archive))
+    before = client.get("/metrics").text
+    assert _gauge(before, "kho_decoded_frame_cache_bytes") == 0
+    assert _gauge(before, "kho_decoded_frame_cache_entries") == 0
+    assert _gauge(before, "kho_rendered_cache_bytes") == 0
+    assert _gauge(before, "kho_decoded_frame_cache_max_bytes") == FRAME_CACHE.max_bytes
+    assert _gauge(before, "kho_rendered_cache_max_bytes") > 0
+
+    path = (
+        f"/dicom-web/studies/{record.study_uid}/series/{record.series_uid}"
+        f"/instances/{record.sop_uid}"
+    )
+    frame = client.get(
+        f"{path}/frames/1",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+    )
+    assert frame.status_code == 200
+    assert client.get(f"{path}/rendered").status_code == 200
+    FRAME_CACHE.wait_idle()
+    after = client.get("/metrics").text
+    # the 64x64 16-bit slice, decoded once from its compressed form at rest
+    assert _gauge(after, "kho_decoded_frame_cache_bytes") == 64 * 64 * 2
+    assert _gauge(after, "kho_decoded_frame_cache_entries") == 1
+    assert _gauge(after, "kho_rendered_cache_bytes") > 0  # the encoded image answered
+    assert _gauge(after, "kho_rendered_cache_entries") >= 1

@@ -374,6 +374,10 @@ class DecodedFrameCache:
     def held_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def entries(self) -> int:
+        return len(self._items)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

@@ -377,6 +377,10 @@ class RenderCache:
     def held_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def entries(self) -> int:
+        return len(self._items)
+
     def _get(self, key: tuple[Any, ...]) -> np.ndarray | bytes | None:
         with self._lock:
             found = self._items.get(key)
