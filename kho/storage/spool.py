@@ -32,7 +32,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -44,37 +43,7 @@ SPOOL_PREFIX = "spool/"
 SEGMENT_SUFFIX = ".seg"
 MAKING_SUFFIX = ".making"  # a segment being created (see _Segment)
 DEFAULT_SEGMENT_BYTES = 128 * 1024 * 1024
-#: threads writing and flushing appends started with Spool.start_append (a flush mostly
-#: waits for the disk; concurrent flushes of one file share the journal's commit)
-_BACKGROUND_WRITERS = 8
 _KEY = re.compile(r"spool/([A-Za-z0-9][A-Za-z0-9_-]*)/([0-9]+)-([0-9]+)")
-
-
-class PendingAppend:
-    """An append started by :meth:`Spool.start_append`."""
-
-    def __init__(self, spool: Spool, key: str, write: Future[str]) -> None:
-        self.spool = spool
-        self.key = key
-        #: known to be referenced by no catalog row (the ingest says otherwise from the
-        #: moment its commit may name the key)
-        self.unreferenced = True
-        self._future = write
-
-    def result(self) -> str:
-        """The key, once the bytes are durable (StorageError if the write failed)."""
-        return self._future.result()
-
-    def settle(self) -> None:
-        """The ingest is over: wait for the write, then release the room; an append known
-        to be unreferenced (a refused or duplicate instance) gives its blocks back now."""
-        try:
-            self._future.result()
-        except StorageError:
-            return  # released by the failed write
-        if self.unreferenced:
-            self.spool.free(self.key)
-        self.spool.release(self.key)
 
 
 def is_spool_key(key: object) -> bool:
@@ -154,7 +123,6 @@ class Spool:
         self._segments: dict[str, _Segment] = {}  # this process's: active and draining
         self.last_reclaim = 0.0  # time.monotonic() of the last look for deletable segments
         self._closed = False
-        self._writers: ThreadPoolExecutor | None = None  # start_append's threads
 
     def __repr__(self) -> str:
         return f"Spool({str(self.folder)!r})"
@@ -164,24 +132,7 @@ class Spool:
     def append(self, data: bytes | bytearray | memoryview) -> str:
         """Append ``data`` durably; its key.  Call :meth:`release` with the key once the
         catalog commit that refers to it is done (or has failed)."""
-        segment, offset, key = self._reserve(len(data))
-        return self._write(segment, offset, key, data)
-
-    def start_append(self, data: bytes | bytearray | memoryview) -> PendingAppend:
-        """:meth:`append` in a background thread: the key is known at once, the write and
-        its flush go on beside the caller's own work (an ingest parses and hashes the
-        instance meanwhile).  The caller must :meth:`PendingAppend.settle` it."""
-        segment, offset, key = self._reserve(len(data))
-        with self._lock:
-            if self._writers is None:
-                self._writers = ThreadPoolExecutor(
-                    max_workers=_BACKGROUND_WRITERS, thread_name_prefix="kho-spool"
-                )
-            writers = self._writers
-        return PendingAppend(self, key, writers.submit(self._write, segment, offset, key, data))
-
-    def _reserve(self, length: int) -> tuple[_Segment, int, str]:
-        """Room for ``length`` bytes at the end of the active segment, counted in flight."""
+        length = len(data)
         with self._lock:
             if self._closed:
                 raise StorageError(f"the spool in {self.folder} is closed")
@@ -192,12 +143,7 @@ class Spool:
             segment.size += length
             segment.in_flight += 1
             segment.last_append = time.monotonic()
-        return segment, offset, f"{SPOOL_PREFIX}{segment.name}/{offset}-{length}"
-
-    def _write(
-        self, segment: _Segment, offset: int, key: str, data: bytes | bytearray | memoryview
-    ) -> str:
-        """Write reserved room durably (released if that fails); the key."""
+        key = f"{SPOOL_PREFIX}{segment.name}/{offset}-{length}"
         try:
             view = memoryview(data)
             position = offset
@@ -266,8 +212,6 @@ class Spool:
         with self._lock:
             self._closed = True
             self._active = None
-            if self._writers is not None:  # writes already started still finish
-                self._writers.shutdown(wait=False)
             for name, segment in list(self._segments.items()):
                 segment.full = True
                 if segment.in_flight <= 0:

@@ -21,7 +21,7 @@ from kho.archive.archive import Archive
 from kho.archive.catalog import PROCESS_OWNER
 from kho.archive.config import DuplicatePolicy, Settings
 from kho.archive.dataset.part10 import read_file_meta
-from kho.archive.ingest.pipeline import IngestOutcome, ingest_part10
+from kho.archive.ingest.pipeline import IngestOutcome
 from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError, StorageError
 from kho.storage.spool import is_spool_key
 from tests.conftest import sample_files
@@ -276,38 +276,6 @@ def test_spool_outage_is_reported_and_nothing_is_visible(tmp_path: Path) -> None
         settings.spool_dir.mkdir()
         result = archive.ingest_part10(make_instance())  # back by itself
         assert archive.read_instance(result.sop_uid)[1]
-
-
-def _large_instance(sop_uid: str | None = None) -> bytes:
-    """A 256x256 CT instance: its spooled bytes span many whole filesystem blocks."""
-    ds = pydicom.dcmread(BytesIO(make_instance(sop_uid=sop_uid)))
-    ds.Rows = ds.Columns = 256
-    ds.PixelData = bytes(range(256)) * 512
-    return part10_of(ds)
-
-
-def _spool_bytes_on_disk(settings: Settings) -> int:
-    return sum(p.stat().st_blocks * 512 for p in settings.spool_dir.glob("*.seg"))
-
-
-def test_what_the_spool_took_for_a_refused_or_duplicate_instance_is_given_back(
-    tmp_path: Path,
-) -> None:
-    # the append starts before the hash and the identity checks (it runs beside them): an
-    # instance refused after it, or found to be stored already, must not keep its bytes
-    # a stored instance's spooled bytes stay until long after the finisher moved them
-    settings = Settings(data_dir=tmp_path / "d", garbage_delay_s=3600)
-    data = _large_instance()
-    with Archive(settings) as archive:
-        with pytest.raises(DatasetMismatchError):  # as a C-STORE naming another instance
-            ingest_part10(archive, data, expected_sop_instance_uid="1.2.3.4")
-        assert _spool_bytes_on_disk(settings) < len(data) // 8
-        first = archive.ingest_part10(data)
-        held = _spool_bytes_on_disk(settings)
-        assert held >= len(data) - 8192
-        assert archive.ingest_part10(data).outcome == IngestOutcome.DUPLICATE
-        assert _spool_bytes_on_disk(settings) < held + len(data) // 8
-        assert archive.read_instance(first.sop_uid)[1] == data
 
 
 def test_storage_outage_is_reported_and_nothing_is_visible(tmp_path: Path) -> None:

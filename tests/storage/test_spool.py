@@ -266,34 +266,3 @@ def test_half_made_segments_of_a_crash_are_removed(tmp_path: Path) -> None:
     (folder / "hdead-1-abc-000001.making").write_bytes(b"")
     assert spool.remove_stale_makings() == 1
     assert list(folder.iterdir()) == []
-
-
-def test_a_background_append_is_durable_when_its_result_is_known(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
-    blobs = [_blob(300_001 + i, i) for i in range(6)]
-    pending = [spool.start_append(b) for b in blobs]  # keys known before the writes end
-    assert len({p.key for p in pending}) == len(blobs)
-    for blob, appended in zip(blobs, pending, strict=True):
-        assert appended.result() == appended.key
-        assert spool.read(appended.key) == blob
-        appended.unreferenced = False  # a catalog row names it: kept
-        appended.settle()
-        assert spool.read(appended.key) == blob
-    with spool.unlocked_segments() as candidates:
-        assert candidates == []  # the active segment is still this spool's
-    spool.close()
-
-
-def test_a_settled_append_nothing_refers_to_gives_its_blocks_back(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", segment_bytes=1_000_000)
-    kept = spool.start_append(_blob(400_000, 1))
-    refused = spool.start_append(_blob(400_000, 2))
-    kept.unreferenced = False
-    kept.settle()
-    refused.settle()  # an instance refused after its append began: nothing stays
-    assert not spool.exists(refused.key) and spool.exists(kept.key)
-    assert spool.read(kept.key) == _blob(400_000, 1)
-    spool.append(b"x" * 400_000)  # does not fit: both earlier appends' segment is full
-    with spool.unlocked_segments() as candidates:
-        assert candidates == [segment_of(kept.key)]  # released: reclaimable once unreferenced
-    spool.close()

@@ -35,7 +35,7 @@ from kho.archive.finish.pixels import encode_pixels
 from kho.archive.read.objects import compress
 from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError, KhoError
 from kho.storage import put_objects
-from kho.storage.spool import PendingAppend, is_spool_key
+from kho.storage.spool import is_spool_key
 
 if TYPE_CHECKING:
     from kho.archive.ingest.source import IngestingArchive
@@ -175,44 +175,6 @@ def _ingest_part10(
     if not data:
         raise InvalidDicomError("empty input: 0 bytes")
     layout = parse_part10(data)
-    # stored as received in the spool: the append and its flush go on beside the rest of
-    # the ingest (the hash, the attributes), which a sender waits for too
-    spooling = (
-        archive.spool.start_append(data)
-        if defer and archive.spool is not None and layout.pixels is not None
-        else None
-    )
-    try:
-        return _ingest_parsed(
-            archive,
-            data,
-            layout,
-            spooling,
-            expected_sop_class_uid=expected_sop_class_uid,
-            expected_sop_instance_uid=expected_sop_instance_uid,
-            lenient_identity=lenient_identity,
-            source=source,
-            defer=defer,
-            with_rows=with_rows,
-        )
-    finally:
-        if spooling is not None:
-            spooling.settle()
-
-
-def _ingest_parsed(
-    archive: IngestingArchive,
-    data: bytes,
-    layout: Part10Layout,
-    spooling: PendingAppend | None,
-    *,
-    expected_sop_class_uid: str | None,
-    expected_sop_instance_uid: str | None,
-    source: str,
-    lenient_identity: bool,
-    defer: bool,
-    with_rows: RowsFor | None,
-) -> IngestResult:
     split = layout.pixels.element_offset if layout.pixels else None
     # deferred: nothing but the catalog needs the header now (the finisher re-reads it)
     header_values = read_catalog_values(data, layout) if defer else None
@@ -234,7 +196,7 @@ def _ingest_parsed(
     # a look for the instance before writing saves writing a re-sent one again; appended to
     # the spool, writing costs less than the look (a PostgreSQL round trip), and the commit
     # decides duplicates in any case
-    existing = None if spooling is not None else catalog.get_instance(attrs.sop_uid)
+    existing = None if defer and archive.spool is not None else catalog.get_instance(attrs.sop_uid)
     if existing is not None and existing.sha256 == sha:
         return _result(IngestOutcome.DUPLICATE, attrs, existing)
     if existing is not None and archive.settings.duplicate_policy.value == "reject":
@@ -245,25 +207,23 @@ def _ingest_parsed(
     prefix = keys.instance_prefix(
         attrs.study_uid, attrs.series_uid, attrs.sop_uid, sha, tenant=catalog.tenant
     )
+    record = None
     try:
-        record = _write_objects(
-            archive, data, layout, ds, attrs, sha, prefix, source, defer, spooling
-        )
-        if spooling is not None:  # from here a row may name it, even if the commit fails
-            spooling.unreferenced = False
+        record = _write_objects(archive, data, layout, ds, attrs, sha, prefix, source, defer)
         outcome, previous = catalog.commit_instance(
             attrs,
             record,
             policy=archive.settings.duplicate_policy.value,
             unfinished=defer,
-            journalled=spooling is None,  # a spooled ingest wrote no object
+            journalled=not _spooled(archive, record),  # a spooled ingest wrote no object
             with_rows=with_rows(attrs) if with_rows is not None else (),
         )
     except BaseException:
         _abandon(archive, prefix)
         raise
-    if spooling is not None and outcome not in ("stored", "replaced"):
-        spooling.unreferenced = True  # the row kept is the earlier instance's
+    finally:
+        if record is not None and archive.spool is not None and _spooled(archive, record):
+            archive.spool.release(record.pixels_key)  # committed or not: never appended to
     if outcome in ("kept", "rejected"):
         archive.delete_prefix(record.object_prefix)
         catalog.end_pending(record.object_prefix)
@@ -287,6 +247,10 @@ def _ingest_parsed(
             catalog.end_pending(previous.object_prefix)
         return _result(IngestOutcome.REPLACED, attrs, record)
     return _result(IngestOutcome.STORED, attrs, record)
+
+
+def _spooled(archive: IngestingArchive, record: InstanceRecord) -> bool:
+    return archive.spool is not None and is_spool_key(record.pixels_key)
 
 
 def _check_identity(
@@ -329,11 +293,10 @@ def _write_objects(
     prefix: str,
     source: str,
     defer: bool,
-    spooling: PendingAppend | None,
 ) -> InstanceRecord:
     """Journal the prefix, then write header, pixels and derived objects durably
-    (``defer``: header and pixels as received, in the spool if the archive has one, its
-    append begun as ``spooling``; the finisher does the rest)."""
+    (``defer``: header and pixels as received, in the spool if the archive has one; the
+    finisher does the rest)."""
     pixels = layout.pixels
     objects: dict[str, bytes | memoryview] = {}
     if pixels is None:
@@ -351,8 +314,8 @@ def _write_objects(
         # one object, the bytes as received: one append to the spool (or one write, one
         # PUT on S3) before the acknowledgement; frames are found inside it, past the
         # pixel value's offset
-        if spooling is not None:
-            received = spooling.result()  # durable on return; settled by the caller
+        if archive.spool is not None:
+            received = archive.spool.append(data)  # durable on return; released by caller
         else:
             received = keys.received_key(prefix)
             objects[received] = data
