@@ -231,9 +231,19 @@ def _markers(data: np.ndarray, start: int) -> np.ndarray:
     return start + ff[tail[ff + 1] >= 0x80]
 
 
-def decode(data: bytes | bytearray | memoryview, *, threads: int | None = None) -> np.ndarray:
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    threads: int | None = None,
+    rows: int | None = None,
+    columns: int | None = None,
+    components: int | None = None,
+) -> np.ndarray:
     """Decode a lossless JPEG-LS stream to (rows, cols) or (rows, cols, components); the
-    restart intervals of a scan, if any, on up to ``threads`` threads (None: every core)."""
+    restart intervals of a scan, if any, on up to ``threads`` threads (None: every core).
+    ``rows``, ``columns``, ``components``: the frame the caller expects (its dataset's
+    geometry), when known.  A header that says otherwise is refused before its frame is
+    allocated: a few bytes of run-mode data can claim a 2 GiB frame."""
     buf = np.frombuffer(data, dtype=np.uint8)
     # read-only always: the kernels are compiled for read-only input only (one specialisation)
     buf.flags.writeable = False
@@ -270,18 +280,25 @@ def decode(data: bytes | bytearray | memoryview, *, threads: int | None = None) 
         if marker == SOF55:
             if frame is not None or len(segment) < 6:
                 raise CodecError("bad or repeated SOF55 segment")
-            bits, rows, cols, comps = struct.unpack_from(">BHHB", segment)
-            if not 2 <= bits <= 16 or rows < 1 or cols < 1 or not 1 <= comps <= 4:
-                raise CodecError(f"unsupported frame: P={bits} {rows}x{cols}x{comps}")
-            if len(segment) < 6 + 3 * comps or rows * cols * comps > _MAX_SAMPLES:
+            bits, lines, cols, comps = struct.unpack_from(">BHHB", segment)
+            if not 2 <= bits <= 16 or lines < 1 or cols < 1 or not 1 <= comps <= 4:
+                raise CodecError(f"unsupported frame: P={bits} {lines}x{cols}x{comps}")
+            if len(segment) < 6 + 3 * comps or lines * cols * comps > _MAX_SAMPLES:
                 raise CodecError("bad SOF55 component list or absurd size")
-            if (size - pos) * 8 < rows:  # every line costs at least one bit
-                raise CodecError(f"{size - pos} bytes cannot hold {rows} JPEG-LS lines")
+            for name, found, expected in (
+                ("rows", lines, rows),
+                ("columns", cols, columns),
+                ("samples", comps, components),
+            ):
+                if expected is not None and found != expected:
+                    raise CodecError(f"JPEG-LS frame has {found} {name}, expected {expected}")
+            if (size - pos) * 8 < lines:  # every line costs at least one bit
+                raise CodecError(f"{size - pos} bytes cannot hold {lines} JPEG-LS lines")
             ids = [segment[6 + 3 * i] for i in range(comps)]
-            frame = (bits, rows, cols, comps, ids)
+            frame = (bits, lines, cols, comps, ids)
             maxval = maxval or (1 << bits) - 1
             # every sample is written by the scans, or the stream is refused
-            image = np.empty((rows, cols, comps), dtype=np.uint16)
+            image = np.empty((lines, cols, comps), dtype=np.uint16)
         elif marker == LSE:
             if not segment or segment[0] != 1 or len(segment) < 11:
                 raise CodecError("unsupported LSE segment (only preset parameters)")
@@ -429,14 +446,8 @@ class JpegLsCodec(FrameCodec):
         samples_per_pixel: int | None = None,
         bits_allocated: int | None = None,
     ) -> np.ndarray:
-        image = decode(data)
-        if rows is not None and image.shape[0] != rows:
-            raise CodecError(f"JPEG-LS frame has {image.shape[0]} rows, expected {rows}")
-        if columns is not None and image.shape[1] != columns:
-            raise CodecError(f"JPEG-LS frame has {image.shape[1]} columns, expected {columns}")
-        spp = 1 if image.ndim == 2 else image.shape[2]
-        if samples_per_pixel is not None and spp != samples_per_pixel:
-            raise CodecError(f"JPEG-LS frame has {spp} samples, expected {samples_per_pixel}")
+        # the geometry is checked against the header before the frame is allocated
+        image = decode(data, rows=rows, columns=columns, components=samples_per_pixel)
         if bits_allocated == 16 and image.dtype == np.uint8:
             image = image.astype(np.uint16)
         return image

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from kho.access.callers import Role
+from kho.archive.catalog import Catalog
 from kho.archive.query import engine as query
 from kho.errors import QueryError
 from kho.viewer_api.deps import ArchiveDep, BaseUrlDep
@@ -123,14 +125,31 @@ def _check_accept(request: Request) -> None:
         )
 
 
-def search(
-    request: Request,
-    archive: Any,
-    base: str,
-    level: str,
-    path_filters: dict[str, str],
-) -> Response:
-    _check_accept(request)
+@dataclass(frozen=True, slots=True)
+class SearchParameters:
+    """What a QIDO-RS query string asks for, checked: the matching keys (C-FIND value
+    semantics; a sequence key's value is its query item), the keys to return, and the
+    page (``limit`` None or 0: as many as the archive's cap allows)."""
+
+    level: str
+    filters: dict[str, Any]
+    return_keys: tuple[str, ...]
+    include_all: bool = False
+    limit: int | None = None
+    offset: int = 0
+    fuzzy: bool = False
+
+
+def parse_search(
+    params: Iterable[tuple[str, str]], level: str, path_filters: Mapping[str, str]
+) -> SearchParameters:
+    """The query parameters of a search at ``level`` (STUDY, SERIES or IMAGE), in their
+    order (a key may repeat), plus the UIDs of the resource path.  QueryError for an
+    unknown or misplaced key, a malformed value or a bad control parameter
+    (BadRequestError for a malformed UID in a UID list); nothing here touches the
+    catalog."""
+    if level not in _DEFAULTS:
+        raise QueryError(f"QIDO-RS searches for STUDY, SERIES or IMAGE, not {level!r}")
     filters: dict[str, Any] = {}
     include: list[str] = []
     include_all = False
@@ -138,7 +157,7 @@ def search(
     offset = 0
     fuzzy = False
     supported = query.supported_keywords(level)
-    for name, value in request.query_params.multi_items():
+    for name, value in params:
         if name == "limit":
             limit = _nonnegative(value, "limit")
         elif name == "offset":
@@ -180,27 +199,57 @@ def search(
     if include_all:
         include = sorted(supported)
     include += _default_keys(level)
-    cap = archive.settings.find_result_limit
+    return SearchParameters(
+        level=level,
+        filters=filters,
+        return_keys=tuple(_unique(include)),
+        include_all=include_all,
+        limit=limit,
+        offset=offset,
+        fuzzy=fuzzy,
+    )
+
+
+def find_page(
+    catalog: Catalog, parameters: SearchParameters, cap: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The matches of one page (never more than ``cap``), and the Warning header value
+    when the cap cut results the caller did not limit away themselves."""
+    limit = parameters.limit
     wanted = cap if limit is None or limit == 0 else min(limit, cap)
     rows = list(
         query.find(
-            archive.catalog,
-            level,
-            filters,
-            return_keys=_unique(include),
-            fuzzy_names=fuzzy,
+            catalog,
+            parameters.level,
+            parameters.filters,
+            return_keys=parameters.return_keys,
+            fuzzy_names=parameters.fuzzy,
             limit=wanted + 1,
-            offset=offset,
+            offset=parameters.offset,
         )
     )
-    headers: dict[str, str] = {}
+    warning = None
     if len(rows) > wanted:
         rows = rows[:wanted]
         if limit is None or limit > wanted:
-            headers["Warning"] = (
+            warning = (
                 f'299 kho "The number of results exceeded the maximum ({cap}); '
                 'use limit and offset"'
             )
+    return rows, warning
+
+
+def search(
+    request: Request,
+    archive: Any,
+    base: str,
+    level: str,
+    path_filters: dict[str, str],
+) -> Response:
+    _check_accept(request)
+    parameters = parse_search(request.query_params.multi_items(), level, path_filters)
+    rows, warning = find_page(archive.catalog, parameters, archive.settings.find_result_limit)
+    headers = {"Warning": warning} if warning else {}
     body = json.dumps(
         [result_json(row, _retrieve_url(base, level, row)) for row in rows],
         separators=(",", ":"),

@@ -270,6 +270,38 @@ def test_malformed_values_raise_query_error(filled, bad: dict[str, str]) -> None
         _find(catalog, "SERIES", bad)
 
 
+@pytest.mark.parametrize(
+    ("level", "bad", "offset"),
+    [
+        ("SERIES", {"SeriesNumber": "9" * 19}, 0),  # beyond 64 bits: was an OverflowError
+        ("SERIES", {"SeriesNumber": "-" + "9" * 30}, 0),
+        ("SERIES", {"SeriesNumber": "1" * 5000}, 0),  # int() refuses it: was a ValueError
+        ("STUDY", {"NumberOfStudyRelatedInstances": "1" * 25}, 0),
+        ("SERIES", {}, 1 << 63),  # an offset beyond 64 bits: was an OverflowError
+        ("PATIENT", {"PatientName": "SMITH\udcff"}, 0),  # was a UnicodeEncodeError
+    ],
+)
+def test_values_the_engines_cannot_bind_raise_query_error(
+    filled, level: str, bad: dict[str, str], offset: int
+) -> None:
+    """Findings of the QIDO fuzz target (benchmarks/soak/fuzz_targets.py qido)."""
+    catalog, _made = filled
+    with pytest.raises(QueryError):
+        _find(catalog, level, bad, offset=offset)
+
+
+def test_nul_characters_in_values_are_dropped_as_ingest_drops_them(filled) -> None:
+    """PostgreSQL refused a NUL in a text parameter (CatalogError: HTTP 503 for a
+    client's bad value); ingest drops NULs from what it catalogues, so the query does."""
+    catalog, _made = filled
+    plain = _find(catalog, "PATIENT", {"PatientName": "SMITH^JOHN"})
+    assert plain
+    assert _find(catalog, "PATIENT", {"PatientName": "SMITH^\x00JOHN\x00"}) == plain
+    assert _find(catalog, "PATIENT", {"PatientName": "SM*\x00", "PatientID": "Q1\x00"}) == plain
+    assert _find(catalog, "SERIES", {"SeriesNumber": "1\x00", "Modality": "\x00"})
+    assert _find(catalog, "SERIES", {"SeriesNumber": "0" * 40 + "1"})  # leading zeros
+
+
 def test_levels_and_keys_outside_the_level_raise_query_error(filled) -> None:
     catalog, _made = filled
     with pytest.raises(QueryError):

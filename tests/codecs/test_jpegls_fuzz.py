@@ -3,6 +3,8 @@ out-of-bounds write."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from kho.bench.phantom import ct_slice_hu
 from kho.codecs import jpegls
+from kho.codecs.jpegls import JpegLsCodec
 from kho.errors import CodecError
 
 IMAGE = (ct_slice_hu(20, 60, rows=24, cols=20).astype(np.int32) + 1024).astype(np.uint16)
@@ -73,3 +76,25 @@ def test_near_lossless_is_refused() -> None:
     near[sos + 7] = 2  # NEAR = 2
     with pytest.raises(CodecError, match="near-lossless"):
         jpegls.decode(bytes(near))
+
+
+@pytest.mark.parametrize("size", [b"\x08\x00\x08\x00", b"\x40\x00\x40\x00"], ids=["2048", "16384"])
+def test_a_header_larger_than_the_callers_frame_is_refused_before_allocating(
+    size: bytes,
+) -> None:
+    """A finding of the codecs fuzz target: the codec decoded whatever frame the header
+    claimed (up to 2**30 samples; 512 MiB for 16384 x 16384 behind a few KB) and compared
+    it with the caller's geometry afterwards."""
+    start = STREAM.index(b"\xff\xf7")
+    claimed = STREAM[: start + 5] + size + STREAM[start + 9 :] + bytes(4096)
+    codec = JpegLsCodec()
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="rows, expected 24"):
+            codec.decode(claimed, rows=24, columns=20, samples_per_pixel=1, bits_allocated=16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    image = codec.decode(STREAM, rows=24, columns=20, samples_per_pixel=1, bits_allocated=16)
+    assert np.array_equal(image, IMAGE)

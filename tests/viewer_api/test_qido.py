@@ -6,6 +6,8 @@ import pytest
 import requests
 from requests import HTTPError
 
+from kho.errors import KhoError, QueryError
+from kho.viewer_api.qido import parse_search
 from tests.viewer_api.conftest import SAMPLES, Served
 
 
@@ -132,3 +134,51 @@ def test_qido_refuses_xml(served: Served) -> None:
         headers={"Accept": 'multipart/related; type="application/dicom+xml"'},
     )
     assert r.status_code == 406
+
+
+def test_parse_search_reads_every_kind_of_parameter_without_a_catalog() -> None:
+    parameters = parse_search(
+        [
+            ("PatientName", "SMI*"),
+            ("0020000D", "1.2.3,1.2.4\\1.2.5"),  # a UID list: comma and backslash
+            ("Modality", "CT"),
+            ("Modality", "MR"),  # a repeated key: any of the values
+            ("RequestAttributesSequence.RequestedProcedureID", "RP1"),
+            ("includefield", "00100030, StudyID"),
+            ("limit", "5"),
+            ("offset", "10"),
+            ("fuzzymatching", "true"),
+            ("charset", "utf-8"),  # control parameters kho ignores
+        ],
+        "SERIES",
+        {"StudyInstanceUID": "1.2.9"},  # the resource path's UID wins
+    )
+    assert parameters.filters == {
+        "PatientName": "SMI*",
+        "StudyInstanceUID": "1.2.9",
+        "Modality": ["CT", "MR"],
+        "RequestAttributesSequence": {"RequestedProcedureID": "RP1"},
+    }
+    assert parameters.return_keys[:2] == ("PatientBirthDate", "StudyID")
+    assert "SeriesInstanceUID" in parameters.return_keys
+    assert (parameters.limit, parameters.offset, parameters.fuzzy) == (5, 10, True)
+    everything = parse_search([("includefield", "all")], "STUDY", {})
+    assert everything.include_all and "SOPClassesInStudy" in everything.return_keys
+
+
+@pytest.mark.parametrize(
+    ("params", "level"),
+    [
+        ([("limit", "-1")], "STUDY"),
+        ([("SOPInstanceUID", "1.2")], "STUDY"),  # an instance key at the study level
+        ([("StudyDescription.CodeValue", "x")], "STUDY"),  # not a sequence
+        ([("StudyInstanceUID", "1.2.*")], "STUDY"),  # no wildcards in UIDs
+        ([], "PATIENT"),  # QIDO-RS has no patient level
+    ],
+)
+def test_parse_search_refuses_with_kho_errors(params: list[tuple[str, str]], level: str) -> None:
+    with pytest.raises(KhoError):
+        parse_search(params, level, {})
+    if level == "PATIENT":
+        with pytest.raises(QueryError):
+            parse_search(params, level, {})

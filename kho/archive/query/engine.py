@@ -96,6 +96,7 @@ _DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 _TIME = re.compile(r"^(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?$")
 _ACR_NEMA_TIME = re.compile(r"^(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?$")
 _INT = re.compile(r"^[+-]?\d+$")
+_INT64 = 1 << 63  # the engines' integers are 64-bit: |values| below this
 _UID = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 
 
@@ -251,7 +252,11 @@ def _check_model(model: str) -> str:
 
 
 def _values(value: str | Sequence[str] | None) -> list[str]:
-    """The distinct alternatives of one filter value, in order; [] means universal matching."""
+    """The distinct alternatives of one filter value, in order; [] means universal matching.
+
+    NUL characters are dropped, as ingest drops them from the values it catalogues (and
+    PostgreSQL refuses them in text); a lone surrogate, which no stored text holds, is a
+    QueryError."""
     if value is None:
         return []
     items = [value] if isinstance(value, str) else list(value)
@@ -259,7 +264,12 @@ def _values(value: str | Sequence[str] | None) -> list[str]:
     for item in items:
         if not isinstance(item, str):
             item = str(item)
-        out.extend(part.strip() for part in item.split("\\"))
+        if not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise QueryError(f"{item!r} is not text (a lone surrogate)") from None
+        out.extend(part.strip() for part in item.replace("\x00", "").split("\\"))
     out = [v for v in out if v != ""]
     # a lone '*' is universal matching (PS3.4 C.2.2.2.4)
     if not out or any(v == "*" for v in out):
@@ -519,7 +529,12 @@ class _Compiler:
         if kind in ("int", "count"):
             if not _INT.match(value):
                 raise QueryError(f"{attr.keyword}: {value!r} is not an integer")
-            return _Equal((int(value),))
+            # the engines bind 64-bit integers (and int() refuses thousands of digits)
+            digits = value.strip().lstrip("+-").lstrip("0")
+            number = int(value) if len(digits) <= 19 else _INT64
+            if not -_INT64 <= number < _INT64:
+                raise QueryError(f"{attr.keyword}: {value[:40]!r} is beyond 64-bit integers")
+            return _Equal((number,))
         if kind == "date":
             return self._date(attr.keyword, column, value)
         if kind == "time":
@@ -672,6 +687,8 @@ def find(
     model = _check_model(model)
     if (limit is not None and limit < 0) or offset < 0:
         raise QueryError("limit and offset must not be negative")
+    if (limit is not None and limit >= _INT64) or offset >= _INT64:
+        raise QueryError(f"limit and offset must be below {_INT64}")
     compiler = _compile(level, filters, fuzzy_names)
     wanted: list[str] = []
     for keyword in [*unique_keys(level, model), *filters.keys(), *return_keys]:
