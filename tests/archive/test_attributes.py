@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pydicom.config
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -131,7 +132,10 @@ def test_catalogued_sequences_are_left_to_pydicom() -> None:
     _declines(ds)
 
 
-def test_integer_strings_pydicom_tolerates_are_left_to_it() -> None:
+def test_integer_strings_pydicom_tolerates_are_left_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # pydicom's default: kho's DICOM server turns its validation off process-wide, and
+    # another test in this process may have built one
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
     ds = _rich_dataset()
     ds.InstanceNumber = "5.0"
     with pytest.warns(UserWarning):  # pydicom's own complaint when reading it back

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import hashlib
 import io
 import os
@@ -63,7 +64,15 @@ def ohif_tarball() -> Path:
     expected = ohif.expected_sha512(ohif.PINNED_INTEGRITY)
     if path.is_file() and hashlib.sha512(path.read_bytes()).digest() == expected:
         return path
-    directory.mkdir(parents=True, exist_ok=True)
+    with _cache_turn(directory):  # one download at a time (pytest -n)
+        if path.is_file() and hashlib.sha512(path.read_bytes()).digest() == expected:
+            return path  # another process fetched it meanwhile
+        _download_tarball(path, expected)
+    return path
+
+
+def _download_tarball(path: Path, expected: bytes) -> None:
+    directory = path.parent
     try:
         url, published = ohif.registry_dist(ohif.PINNED_VERSION)
         if ohif.expected_sha512(published) != expected:
@@ -79,17 +88,28 @@ def ohif_tarball() -> Path:
             f"the OHIF {ohif.PINNED_VERSION} tarball is not in {directory} and could not be "
             f"downloaded: {exc} (put app-{ohif.PINNED_VERSION}.tgz there by hand)"
         )
-    return path
 
 
 def ohif_build() -> ohif.OhifBuild:
     """The pinned OHIF build, installed into the cache on first use by kho's installer
-    (from the cached tarball, its hash checked against the pin)."""
+    (from the cached tarball, its hash checked against the pin).  Test processes running
+    side by side (pytest -n) take turns: one downloads and installs, the others wait."""
     directory = ohif_cache()
-    build = ohif.installed(directory)
-    if build is not None and build.version == ohif.PINNED_VERSION and build.current:
-        return build
-    return ohif.install(directory, tarball=ohif_tarball(), progress=lambda message: None)
+    tarball = ohif_tarball()
+    with _cache_turn(directory):
+        build = ohif.installed(directory)
+        if build is not None and build.version == ohif.PINNED_VERSION and build.current:
+            return build
+        return ohif.install(directory, tarball=tarball, progress=lambda message: None)
+
+
+@contextlib.contextmanager
+def _cache_turn(directory: Path) -> Iterator[None]:
+    """The OHIF cache to this process alone (an exclusive lock on a file in it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 # --- a small corpus: two patients, three studies, names and IDs the tests know -----------

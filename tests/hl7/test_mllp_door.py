@@ -111,6 +111,23 @@ def test_resend_is_idempotent(client: MllpClient, hl7_archive: Archive) -> None:
         (message(pid().replace("19900102", "19901340")).encode(), "AE", "102"),
         (message(pid(), "MRG|", kind="ADT^A40^ADT_A39").encode(), "AE", "101"),
     ],
+    # names, not the messages: those carry time-based control IDs, and test processes
+    # running side by side (pytest -n) must collect the same tests
+    ids=[
+        "not-hl7",
+        "unknown-event",
+        "unsupported-type",
+        "version-3",
+        "utf-7",
+        "bad-utf-8",
+        "no-patient-id",
+        "no-pid-segment",
+        "short-citizen-id",
+        "bad-citizen-id",
+        "bad-sex",
+        "bad-birth-date",
+        "merge-without-mrg",
+    ],
 )
 def test_malformed_messages_change_nothing(
     client: MllpClient, hl7_archive: Archive, raw: bytes, code: str, condition: str
