@@ -125,6 +125,10 @@ def _check_accept(request: Request) -> None:
         )
 
 
+#: a sequence asked for both with a value of its own and with keys of its items
+_BOTH_FORMS = "{} is given both as a value and with keys of its items (Sequence.Attribute)"
+
+
 @dataclass(frozen=True, slots=True)
 class SearchParameters:
     """What a QIDO-RS query string asks for, checked: the matching keys (C-FIND value
@@ -182,7 +186,8 @@ def parse_search(
             if keyword not in supported or dictionary_VR(keyword) != "SQ":
                 raise QueryError(f"{keyword} is not a matchable sequence at the {level} level")
             item = filters.setdefault(keyword, {})
-            assert isinstance(item, dict)
+            if not isinstance(item, dict):
+                raise QueryError(_BOTH_FORMS.format(keyword))
             item[item_key] = value
         else:
             keyword = keyword_of(name)
@@ -190,6 +195,8 @@ def parse_search(
                 raise QueryError(f"{keyword} is not a matching key at the {level} level")
             values = uid_list(keyword, value) if _is_uid(keyword) else [value]
             previous = filters.get(keyword)
+            if isinstance(previous, dict):
+                raise QueryError(_BOTH_FORMS.format(keyword))
             if previous is None and len(values) == 1:
                 filters[keyword] = values[0]
             else:  # a repeated key or a UID list: any of the values (UID list semantics)

@@ -124,6 +124,13 @@ def test_bad_parameters_are_400_with_a_message(served: Served, query: str) -> No
         served.client.search_for_studies(additional_params=dict([query.split("=", 1)]))
 
 
+def test_a_sequence_given_a_value_and_item_keys_is_400(served: Served) -> None:
+    query = "ProcedureCodeSequence=x&ProcedureCodeSequence.CodeValue=y"
+    r = requests.get(served.url(f"/studies?{query}"))
+    assert r.status_code == 400, r.text
+    assert "ProcedureCodeSequence" in r.text
+
+
 def test_unknown_study_gives_an_empty_result(served: Served) -> None:
     assert served.client.search_for_series("1.2.3.4.5.6.7") == []
 
@@ -174,6 +181,10 @@ def test_parse_search_reads_every_kind_of_parameter_without_a_catalog() -> None:
         ([("StudyDescription.CodeValue", "x")], "STUDY"),  # not a sequence
         ([("StudyInstanceUID", "1.2.*")], "STUDY"),  # no wildcards in UIDs
         ([], "PATIENT"),  # QIDO-RS has no patient level
+        # a sequence with a value of its own and keys of its items, either order (found by
+        # the qido fuzz target: an AssertionError, a 500)
+        ([("ProcedureCodeSequence", "x"), ("ProcedureCodeSequence.CodeValue", "y")], "STUDY"),
+        ([("ProcedureCodeSequence.CodeValue", "y"), ("ProcedureCodeSequence", "x")], "STUDY"),
     ],
 )
 def test_parse_search_refuses_with_kho_errors(params: list[tuple[str, str]], level: str) -> None:
