@@ -59,19 +59,28 @@ def ohif_cache() -> Path:
 def ohif_tarball() -> Path:
     """The pinned @ohif/app tarball, downloaded once into the cache (the registry's
     published integrity must be kho's pin, and the file must hash to it)."""
-    directory = ohif_cache()
-    path = directory / f"app-{ohif.PINNED_VERSION}.tgz"
-    expected = ohif.expected_sha512(ohif.PINNED_INTEGRITY)
-    if path.is_file() and hashlib.sha512(path.read_bytes()).digest() == expected:
+    path = _tarball_path()
+    if _is_pinned(path):
         return path
-    with _cache_turn(directory):  # one download at a time (pytest -n)
-        if path.is_file() and hashlib.sha512(path.read_bytes()).digest() == expected:
-            return path  # another process fetched it meanwhile
-        _download_tarball(path, expected)
-    return path
+    with _cache_turn(path.parent):  # one download at a time (pytest -n)
+        return _tarball_held()
 
 
-def _download_tarball(path: Path, expected: bytes) -> None:
+def _tarball_path() -> Path:
+    return ohif_cache() / f"app-{ohif.PINNED_VERSION}.tgz"
+
+
+def _is_pinned(path: Path) -> bool:
+    expected = ohif.expected_sha512(ohif.PINNED_INTEGRITY)
+    return path.is_file() and hashlib.sha512(path.read_bytes()).digest() == expected
+
+
+def _tarball_held() -> Path:
+    """:func:`ohif_tarball` for a caller holding the cache's lock."""
+    path = _tarball_path()
+    if _is_pinned(path):
+        return path  # already there, or another process fetched it meanwhile
+    expected = ohif.expected_sha512(ohif.PINNED_INTEGRITY)
     directory = path.parent
     try:
         url, published = ohif.registry_dist(ohif.PINNED_VERSION)
@@ -88,6 +97,7 @@ def _download_tarball(path: Path, expected: bytes) -> None:
             f"the OHIF {ohif.PINNED_VERSION} tarball is not in {directory} and could not be "
             f"downloaded: {exc} (put app-{ohif.PINNED_VERSION}.tgz there by hand)"
         )
+    return path
 
 
 def ohif_build() -> ohif.OhifBuild:
@@ -95,12 +105,11 @@ def ohif_build() -> ohif.OhifBuild:
     (from the cached tarball, its hash checked against the pin).  Test processes running
     side by side (pytest -n) take turns: one downloads and installs, the others wait."""
     directory = ohif_cache()
-    tarball = ohif_tarball()
     with _cache_turn(directory):
         build = ohif.installed(directory)
         if build is not None and build.version == ohif.PINNED_VERSION and build.current:
             return build
-        return ohif.install(directory, tarball=tarball, progress=lambda message: None)
+        return ohif.install(directory, tarball=_tarball_held(), progress=lambda message: None)
 
 
 @contextlib.contextmanager
