@@ -199,9 +199,16 @@ def json_frames(record: InstanceRecord) -> list[list[list[int]]]:
 def decode_stored_array(
     codec: Any, record: InstanceRecord, payload: bytes | memoryview, fragments: list[list[int]]
 ) -> np.ndarray:
-    """One at-rest frame back to raw unsigned sample words (sign extension restored)."""
+    """One at-rest frame back to raw unsigned sample words (sign extension restored).
+    The stream's header is checked against the row's geometry before the frame is
+    allocated: a damaged object must not make a read allocate what its header claims."""
     ((offset, length),) = fragments
-    arr = codec.decode(memoryview(payload)[offset : offset + length])
+    arr = codec.decode(
+        memoryview(payload)[offset : offset + length],
+        rows=record.rows_ or None,
+        columns=record.columns_ or None,
+        samples_per_pixel=record.samples_per_pixel or None,
+    )
     bits_allocated = int(record.bits_allocated or 8)
     bits_stored = int(record.bits_stored or bits_allocated)
     arr = arr.astype(np.uint8 if bits_allocated == 8 else np.uint16, copy=False)
