@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.soak.disk import run_full_disk
+from benchmarks.soak.disk import run_full_disk, small_filesystem
+from kho.archive.catalog.sqlite import SqliteCatalog
+from kho.errors import CatalogError
+from kho.storage.base import is_full
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -50,3 +53,55 @@ def test_the_finisher_drains_when_less_than_the_backlog_is_freed(tmp_path: Path)
     assert outcome["finisher_stalled"] == ""
     assert outcome["lost"] == outcome["corrupt"] == []
     assert outcome["missing_objects"] == outcome["orphans"] == []
+
+
+def test_a_full_catalog_disk_refuses_cleanly_and_recovers_once_space_is_freed(
+    tmp_path: Path,
+) -> None:
+    """Only the SQLite catalog on the small disk (3 MiB, 1 MiB freed).  Its WAL filled it
+    (SQLite checkpoints at 1000 pages, 4 MiB) and every write after freeing appended to
+    the WAL until it was full again: the finisher stayed stuck at 0 bytes free.  After a
+    full disk the next write now checkpoints and truncates the WAL first."""
+    outcome = run_full_disk(
+        tmp_path, where="catalog", size_mb=3, ballast_mb=1, pixels=16, drain_timeout=20
+    )
+    assert outcome["stored_before_full"] > 0
+    assert outcome["dimse_statuses_when_full"] == ["0xA700"]
+    assert outcome["stow_status_when_full"] == 507
+    assert outcome["server_alive_when_full"]
+    assert outcome["refused_but_catalogued"] == []
+    assert outcome["lost"] == outcome["corrupt"] == []
+    assert outcome["missing_objects"] == outcome["orphans"] == []
+    assert outcome["dimse_statuses_after_freeing"] == {"0x0000": 5}
+    assert outcome["stow_status_after_freeing"] == 200
+    assert outcome["finisher_stalled"] == ""
+
+
+def test_after_a_full_catalog_disk_the_wal_no_longer_takes_the_freed_room(
+    tmp_path: Path,
+) -> None:
+    """The catalog alone, without kho serve, on a 3 MiB disk: one row rewritten until the
+    WAL fills it (as kho's index pages are), then 1 MiB freed and the row rewritten 2000
+    times more (8 MiB of WAL pages; the data is one page).  Before, the WAL took the freed
+    room and the disk was full again after a few hundred."""
+    with small_filesystem(tmp_path / "catalog", 3) as small:
+        ballast = small / "ballast"
+        ballast.write_bytes(b"\0" * (1 << 20))
+        catalog = SqliteCatalog(small / "catalog.sqlite")
+        rewrite = "UPDATE filler SET x = randomblob(3000) WHERE n = 0"
+        try:
+            with catalog.transaction():
+                catalog.execute("CREATE TABLE filler (n INTEGER PRIMARY KEY, x BLOB)")
+                catalog.execute("INSERT INTO filler VALUES (0, NULL)")
+            with pytest.raises(CatalogError) as full:
+                for _ in range(2000):
+                    with catalog.transaction():
+                        catalog.execute(rewrite)
+            assert is_full(full.value)  # what STOW answers 507 and C-STORE 0xA700 for
+            ballast.unlink()
+            for _ in range(2000):
+                with catalog.transaction():
+                    catalog.execute(rewrite)
+            assert catalog.fetchone("SELECT count(*) FROM filler") == (1,)
+        finally:
+            catalog.close()

@@ -6,11 +6,23 @@ associations sending at once) wait, and the next of them writes all of them in o
 transaction, each in a savepoint of its own (one instance's failure undoes only its rows),
 so one flush of the WAL makes them all durable.  Each caller returns only after that
 COMMIT: an acknowledged instance is still catalogued and flushed before its answer.
+
+A full disk: a write that fails with SQLITE_FULL ("database or disk is full", answered
+0xA700 / HTTP 507) leaves the WAL as long as it was, and SQLite checkpoints it only once
+it holds 1000 pages: on a filesystem with less room than that the WAL itself fills the disk,
+and once space is freed the next commits would fill it again before any checkpoint.  So
+after a full disk the next write first checkpoints the WAL into the database and truncates
+it (a committed transaction is durable in either file; the checkpoint moves it), giving the
+WAL's room back; it is tried again before each write until it succeeds.  From then on, while
+the filesystem has less room than LOW_SPACE_BYTES, each write is followed by a checkpoint
+(PASSIVE: it waits for no one), so the next write starts the WAL over instead of making it
+longer: the catalog takes the room its data needs, not that of a 4 MiB WAL.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import sqlite3
@@ -29,8 +41,32 @@ if TYPE_CHECKING:
     from kho.archive.catalog.base import RowInsert
     from kho.archive.catalog.records import InstanceAttributes, InstanceRecord
 
+log = logging.getLogger(__name__)
+
 #: most instance commits written in one transaction
 GROUP_LIMIT = 64
+#: how long a statement waits for another connection's lock (ms)
+BUSY_TIMEOUT_MS = 60_000
+#: how long the checkpoint after a full disk waits for readers (ms): it holds the write
+#: lock meanwhile; a reader that stays longer defers it to the next write
+FULL_CHECKPOINT_BUSY_MS = 1000
+#: below this much free room on the catalog's filesystem (after a full disk) every write
+#: is checkpointed: the WAL may grow to 1000 pages (4 MiB) before SQLite checkpoints it
+LOW_SPACE_BYTES = 16 << 20
+#: the WAL file is cut back to this size whenever SQLite restarts it (one large
+#: transaction, a purge or a rebuild, does not keep its room after it is checkpointed)
+JOURNAL_SIZE_LIMIT = 64 << 20
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it was raised from, is SQLite's SQLITE_FULL."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @dataclass(slots=True)
@@ -65,17 +101,23 @@ class SqliteCatalog(Catalog):
         self._queue_lock = threading.Lock()
         self._leader_lock = threading.Lock()  # held by the thread writing a group
         self._grouping = threading.local()  # set in the thread writing a group
+        #: a write failed with SQLITE_FULL: checkpoint before the next (module doc)
+        self.disk_was_full = False
+        #: checkpoint after each write (module doc); set by a full disk, cleared once the
+        #: filesystem has LOW_SPACE_BYTES free
+        self.space_is_low = False
         self._create_schema()
 
     def _connect(self) -> Any:
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.synchronous_full else 'NORMAL'}")
-        conn.execute("PRAGMA busy_timeout=60000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys=OFF")
         # LIKE must be case-sensitive (DICOM matching is) and then it can use indexes
         conn.execute("PRAGMA case_sensitive_like=ON")
         conn.execute("PRAGMA cache_size=-65536")
+        conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         return conn
 
     def tenants_present(self) -> list[str]:
@@ -102,9 +144,52 @@ class SqliteCatalog(Catalog):
         with self._writer_thread_lock:
             fcntl.flock(self._writer_fd, fcntl.LOCK_EX)
             try:
+                if self.disk_was_full:
+                    self._checkpoint_after_full()
                 yield
+                if self.space_is_low:
+                    self._checkpoint_while_space_is_low()
+            except BaseException as exc:
+                if is_disk_full(exc):
+                    self.disk_was_full = self.space_is_low = True
+                raise
             finally:
                 fcntl.flock(self._writer_fd, fcntl.LOCK_UN)
+
+    def _checkpoint_after_full(self) -> None:
+        """Checkpoint the whole WAL and truncate it (under the write lock, outside any
+        transaction); clears ``disk_was_full`` once it succeeds.  While the disk is still
+        full it fails, and the write that follows tells its caller so."""
+        conn = self.connection
+        if conn.in_transaction:
+            return
+        try:
+            conn.execute(f"PRAGMA busy_timeout={FULL_CHECKPOINT_BUSY_MS}")
+            try:
+                row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as exc:
+            log.debug("catalog: checkpoint after a full disk failed: %s", exc)
+            return
+        if row is not None and row[0] == 0:  # 1: a reader kept it from finishing
+            self.disk_was_full = False
+            log.info("catalog: WAL checkpointed and truncated after a full disk")
+
+    def _checkpoint_while_space_is_low(self) -> None:
+        """After a write, while the filesystem has less than LOW_SPACE_BYTES free: a
+        PASSIVE checkpoint (one that fails leaves the WAL as it was: harmless)."""
+        try:
+            stat = os.statvfs(self.path.parent)
+        except OSError:
+            return
+        if stat.f_bavail * stat.f_frsize >= LOW_SPACE_BYTES:
+            self.space_is_low = False
+            return
+        conn = self.connection
+        if not conn.in_transaction:
+            with suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -183,6 +268,8 @@ class SqliteCatalog(Catalog):
                         group[0].outcome = group[0].run()
                     else:
                         self._run_in_savepoints(conn, group)
+                        if any(is_disk_full(queued.error) for queued in group):
+                            self.disk_was_full = self.space_is_low = True
                 finally:
                     self._grouping.active = False
                 try:
