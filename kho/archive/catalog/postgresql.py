@@ -1,11 +1,22 @@
 """The PostgreSQL catalog (hospital scale, several kho processes and hosts): statements
 sent in pipelines, BEGIN with a transaction's first statements and COMMIT with its last, a
 new instance of a known series stored by one statement, instance counters kept as deltas
-(instance_deltas) that concurrent ingests of one series do not queue on."""
+(instance_deltas) that concurrent ingests of one series do not queue on.
+
+A dead network (a partition that drops packets: no reset, no FIN) holds a connection
+only for a bounded time (NETWORK_BOUNDS, libpq parameters).  Without them a statement
+sent into it waits out TCP's retransmissions (about 15 minutes), one waiting for its
+answer forever, a new connection two minutes of SYN retries, holding a DIMSE
+association, an HTTP worker or a finisher thread meanwhile.  With them the statement
+fails with CatalogError (0xA7xx / 503) within 15 s (a new connection within 5 s) and the
+thread's next statement opens a new connection.  Each bound applies only where the
+catalog URL (for connect_timeout: nor the environment's PGCONNECT_TIMEOUT) does not set
+it: ``postgresql://kho@db/kho?tcp_user_timeout=30000`` overrides one."""
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import select
 import time
@@ -21,6 +32,38 @@ from kho.archive.catalog.records import INSTANCE_COLUMNS, InstanceAttributes
 from kho.archive.catalog.schema import HIERARCHY_COLUMNS, SCHEMA, SCHEMA_VERSION, column_types
 from kho.archive.config import TENANT_NAME
 from kho.errors import CatalogError
+
+#: libpq parameters bounding how long a dead network holds a connection.  A modality's
+#: DIMSE timeout is commonly 30 s: a C-STORE's failure must reach it before that, as a
+#: refusal (0xA7xx) it retries later, not as an aborted association.  A failed store
+#: touches the catalog three times (the commit, then two statements of its clean-up, each
+#: on a new connection): at most 15 + 5 + 5 = 25 s.  Still far beyond any loss a healthy
+#: network recovers from: the server's kernel answers keepalives and acknowledges data
+#: even while PostgreSQL is busy, so a long statement is never cut.
+NETWORK_BOUNDS = {
+    # unacknowledged data (a statement sent into the partition): ms until the socket fails
+    "tcp_user_timeout": "15000",
+    # a connection waiting for an answer, or idle: probed after 10 s of silence, every
+    # 5 s; the kernel gives up once tcp_user_timeout has passed without an answer (15 s;
+    # without tcp_user_timeout after 3 unanswered probes, 25 s)
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    # a new connection (SYN, TLS and the startup exchange), in seconds: on a LAN it takes
+    # milliseconds; 5 s still allows a lost SYN to be sent again twice
+    "connect_timeout": "5",
+}
+
+
+def bounded_conninfo(url: str, **params: str) -> str:
+    """The connection string of ``url`` with ``params`` and the NETWORK_BOUNDS it does
+    not set itself."""
+    given = conninfo_to_dict(url)
+    bounds = {k: v for k, v in NETWORK_BOUNDS.items() if k not in given}
+    if "PGCONNECT_TIMEOUT" in os.environ:  # the admin's, as libpq would take it
+        bounds.pop("connect_timeout", None)
+    return make_conninfo(url, **bounds, **params)
 
 
 @functools.cache
@@ -98,15 +141,15 @@ class PostgresCatalog(Catalog):
         super().__init__(url, synchronous_full=synchronous_full, tenant=tenant)
         #: the schema holding this tenant's tables ("" : the connection's default)
         self.namespace = f"tenant_{tenant}" if tenant else ""
-        self._conninfo = url
+        extra = {}
         if self.namespace:
             # in the startup packet, no round trip: each DIMSE association's thread opens
             # a connection of its own.  Only the tenant's schema: a table missing there
             # must never be found in another (pg_catalog is searched implicitly).
             # TENANT_NAME keeps the name a plain identifier there (lower case, no space)
             given = conninfo_to_dict(url).get("options") or ""
-            options = f"{given} -c search_path={self.namespace}".strip()
-            self._conninfo = make_conninfo(url, options=options)
+            extra["options"] = f"{given} -c search_path={self.namespace}".strip()
+        self._conninfo = bounded_conninfo(url, **extra)
         self._create_schema()
 
     def _connect(self) -> Any:
