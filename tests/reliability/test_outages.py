@@ -1,9 +1,10 @@
 """Outages in small (benchmarks/soak/outage.py runs them longer): the object store
 (SeaweedFS) stopped and started again, the catalog (PostgreSQL, through a TCP proxy the
 test owns: the machine's PostgreSQL is never stopped) cut and restored, during ingest,
-finishing and retrieval of one live ``kho serve`` that is never restarted.  Clients are
-refused with 0xA7xx / 503 while a service is away, nothing acknowledged is lost, and
-everything works again once it is back."""
+finishing and retrieval (C-GET and C-MOVE included) and in the middle of one large STOW-RS
+upload, of one live ``kho serve`` that is never restarted.  Clients are refused with 0xA7xx
+/ 503 while a service is away, nothing acknowledged is lost, and everything works again
+once it is back."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from benchmarks.soak.outage import run_outages
+from benchmarks.soak.outage import RetrieveAnswer, run_outages
 from kho.archive.archive import Archive
 from kho.archive.catalog import open_catalog
 from kho.archive.catalog.base import Catalog
@@ -131,7 +132,7 @@ def test_the_finisher_gives_back_a_claim_an_outage_left_held(
 
 
 def test_outages_during_ingest_finishing_and_retrieval(tmp_path: Path) -> None:
-    run = run_outages(tmp_path, outage_s=4.0)
+    run = run_outages(tmp_path, outage_s=4.0, phases=("ingest", "finishing", "retrieval"))
     by_name = {f"{s.service}/{s.phase}": s for s in run.scenarios}
     assert len(by_name) == 6
     problems = {name: s.problems for name, s in by_name.items() if s.problems}
@@ -143,6 +144,14 @@ def test_outages_during_ingest_finishing_and_retrieval(tmp_path: Path) -> None:
     assert pg_ingest.get("0xA700", 0) >= 1 and pg_ingest.get("http-503", 0) >= 1, pg_ingest
     assert by_name["postgresql/retrieval"].during.get("http-503", 0) >= 3
     assert by_name["s3/retrieval"].during.get("http-503", 0) >= 1
+    # C-GET and C-MOVE fail whole while away: S3, every sub-operation failed and listed
+    # (0xA702; 0xB000 if S3 came back mid-way); PostgreSQL, no match can be computed
+    for op in ("C-GET", "C-MOVE"):
+        s3_codes = {a for a in by_name["s3/retrieval"].during if a.startswith(op)}
+        assert s3_codes and s3_codes <= {f"{op} 0xA702", f"{op} 0xB000"}, s3_codes
+        assert by_name["postgresql/retrieval"].during.get(f"{op} 0xA701", 0) >= 1
+        for name in ("s3/retrieval", "postgresql/retrieval"):
+            assert by_name[name].after.get(f"{op} 0x0000", 0) >= 1
     for name in ("s3/finishing", "postgresql/finishing"):
         assert by_name[name].unfinished_at_outage > 0
         assert by_name[name].finisher_drain_s is not None
@@ -150,3 +159,46 @@ def test_outages_during_ingest_finishing_and_retrieval(tmp_path: Path) -> None:
     assert run.lost == [] and run.corrupt == []
     assert run.missing_objects == [] and run.orphans == []
     assert run.server_restarts == 0
+
+
+def test_outage_in_the_middle_of_one_large_upload(tmp_path: Path) -> None:
+    """Two STOW-RS requests of 3 parts (1.5 MiB here; 6 parts, 48 MiB each in the
+    campaign), streamed over seconds side by side: the service goes away mid-body and is
+    back before one body ends, after the other.  Every part is answered (stored, or failed
+    in FailedSOPSequence), what was stored reads back, what failed is not catalogued and
+    stores when sent again."""
+    run = run_outages(tmp_path, outage_s=3.0, phases=("upload",), upload_shape=(3, 512))
+    by_name = {f"{s.service}/{s.phase}": s for s in run.scenarios}
+    assert set(by_name) == {"s3/upload", "postgresql/upload"}
+    assert {name: s.problems for name, s in by_name.items() if s.problems} == {}
+    for scenario in by_name.values():
+        answers = {**scenario.during, **scenario.after}
+        # back before the body ended: kho stored it all as if nothing happened
+        assert answers.get("back before the body ends: STOW 200") == 1, answers
+        assert scenario.acknowledged == 6  # 3 + 3, some of them sent again
+    # back after: PostgreSQL refuses every part at once (503); S3 waits out each part's
+    # retries, so parts stored once it is back are reported stored (202) or all are (200)
+    pg = {**by_name["postgresql/upload"].during, **by_name["postgresql/upload"].after}
+    assert pg.get("back after: STOW 503 (0/3 stored)") == 1, pg
+    assert run.lost == [] and run.corrupt == []
+    assert run.missing_objects == [] and run.orphans == []
+    assert run.server_restarts == 0
+
+
+def test_a_retrieve_answer_must_match_what_arrived() -> None:
+    """The campaign's judge of C-GET / C-MOVE answers: a success missing a sub-operation,
+    an altered instance, or failures not listed are findings."""
+    expected = {"1.2.3.1": "a" * 64, "1.2.3.2": "b" * 64}
+    whole = RetrieveAnswer("0x0000", 2, 0, [], [("1.2.3.1", "a" * 64), ("1.2.3.2", "b" * 64)])
+    assert whole.check(expected) == []
+    partial = RetrieveAnswer("0xB000", 1, 1, ["1.2.3.2"], [("1.2.3.1", "a" * 64)])
+    assert partial.check(expected) == []
+    assert RetrieveAnswer("0xA702", 0, 2, ["1.2.3.1", "1.2.3.2"]).check(expected) == []
+    missing = RetrieveAnswer("0x0000", 1, 0, [], [("1.2.3.1", "a" * 64)])
+    assert missing.check(expected) == ["success with 1 of 2 instances"]
+    altered = RetrieveAnswer("0x0000", 2, 0, [], [("1.2.3.1", "a" * 64), ("1.2.3.2", "c" * 64)])
+    assert altered.check(expected) == ["unknown or altered instances arrived: ['1.2.3.2']"]
+    unlisted = RetrieveAnswer("0xB000", 1, 1, [], [("1.2.3.1", "a" * 64)])
+    assert len(unlisted.check(expected)) == 2  # one failed, none listed
+    assert RetrieveAnswer("0xC000").check(expected) == ["an unclear status"]
+    assert RetrieveAnswer("no-answer").check(expected) == ["no final status: no-answer"]
