@@ -39,7 +39,11 @@ Statuses chosen (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4):
          Sub-operations and the Failed SOP Instance UID List.  A known destination that
          cannot be reached (connection refused, association rejected or aborted) fails
          every sub-operation: 0xA702 with an Error Comment saying why (pynetdicom 3.0.4
-         would answer 0xA801 itself: see MoveDestination).
+         would answer 0xA801 itself: see MoveDestination).  So does an object store that
+         is unavailable: once one sub-operation fails for that reason the rest are not
+         tried (each would wait out the store's retries, about 3 s: a 1,000-slice study
+         would keep the peer waiting ~50 minutes for a refusal); they are counted and
+         listed as failed, 0xB000 when some were sent before, 0xA702 when none were.
 
 Each handler acts on the archive of the association's tenant (kho.dicom_scp.door): another
 hospital's studies are not in its catalog, so they simply do not match (C-FIND: no match;
@@ -76,6 +80,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from kho.archive.catalog import InstanceRecord
 from kho.archive.dataset.part10 import build_file_meta
@@ -92,10 +97,11 @@ from kho.dicom_scp.statuses import (
     QR_OUT_OF_RESOURCES,
     QR_UNABLE_TO_CALCULATE_MATCHES,
     QR_UNABLE_TO_PERFORM_SUBOPERATIONS,
+    SUBOPERATIONS_WITH_FAILURES,
     UNABLE_TO_PROCESS,
     status_dataset,
 )
-from kho.errors import CatalogError, KhoError, QueryError
+from kho.errors import CatalogError, KhoError, QueryError, StorageUnavailableError
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -536,6 +542,46 @@ def _wait_until_sent(assoc: Association, batch: int = 128, timeout: float = 30.0
 # --- retrieval: sending stored bytes -----------------------------------------------------
 
 
+class SubOperations:
+    """What the sender learnt of one C-GET's or C-MOVE's sub-operations: the instances
+    that failed (a raised error or a failure status from the peer) and whether the object
+    store was unavailable, so the handler stops trying (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.store_unavailable: str | None = None
+
+    def final_if_store_unavailable(
+        self, records: list[InstanceRecord], next_index: int
+    ) -> tuple[Dataset, Dataset] | None:
+        """The final response (status, identifier) once the store is unavailable: every
+        instance from ``records[next_index]`` on is failed without being tried."""
+        if self.store_unavailable is None:
+            return None
+        identifier = Dataset()
+        identifier.FailedSOPInstanceUIDList = self.failed + [
+            record.sop_uid for record in records[next_index:]
+        ]
+        status = (
+            SUBOPERATIONS_WITH_FAILURES
+            if next_index > len(self.failed)
+            else QR_UNABLE_TO_PERFORM_SUBOPERATIONS
+        )
+        comment = f"object store unavailable: {self.store_unavailable}"
+        return status_dataset(status, comment), identifier
+
+
+#: the attribute of an association under which the handler puts its SubOperations
+_SUBOPERATIONS_ATTR = "kho_suboperations"
+
+
+def _peer_failed(status: Any) -> bool:
+    """Whether a sub-operation's answer from the peer means it failed: no status, or one
+    pynetdicom counts as failed (anything but the Success and Warning categories)."""
+    code = getattr(status, "Status", None)
+    return code is None or code_to_category(int(code)) not in (STATUS_SUCCESS, STATUS_WARNING)
+
+
 class StoredInstance(Dataset):
     """What a C-GET/C-MOVE handler yields: names a stored instance, holds no data.
 
@@ -591,12 +637,17 @@ def install_raw_sender(archive: Archive, assoc: Association) -> None:
         if not isinstance(dataset, StoredInstance):
             return original(dataset, msg_id, priority, originator_aet, originator_id)
         record = dataset.kho_record
+        tracker: SubOperations | None = getattr(assoc, _SUBOPERATIONS_ATTR, None)
         accepted = _accepted_syntaxes(assoc, record.sop_class_uid)
         try:
             syntax, body = encode_for_peer(archive, record, accepted)
         except KhoError as exc:
             # pynetdicom counts a raising sub-operation as failed and lists the instance
             log.warning("retrieve sub-operation failed: %s", exc)
+            if tracker is not None:
+                tracker.failed.append(record.sop_uid)
+                if isinstance(exc, StorageUnavailableError):
+                    tracker.store_unavailable = str(exc)
             raise
         # our own File Meta, so pynetdicom takes the catalog's UIDs and the syntax sent
         meta = build_file_meta(record.sop_class_uid, record.sop_uid, syntax)
@@ -605,7 +656,10 @@ def install_raw_sender(archive: Archive, assoc: Association) -> None:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(meta)
                 fh.write(body)
-            return original(name, msg_id, priority, originator_aet, originator_id)
+            status = original(name, msg_id, priority, originator_aet, originator_id)
+            if tracker is not None and _peer_failed(status):
+                tracker.failed.append(record.sop_uid)
+            return status
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(name)
@@ -656,10 +710,18 @@ def get(event: Event, archive: Archive, sent: list[InstanceRecord] | None = None
         yield status_dataset(refusal.status, str(refusal)), None
         return
     install_raw_sender(archive, event.assoc)
+    tracker = SubOperations()  # this request's; the association may carry several
+    setattr(event.assoc, _SUBOPERATIONS_ATTR, tracker)
     yield len(records)
-    for record in records:
+    for index, record in enumerate(records):
         if event.is_cancelled:
             yield CANCEL, None
+            return
+        final = tracker.final_if_store_unavailable(records, index)
+        if final is not None:
+            log.warning("C-GET: %s; %d sub-operations not tried", final[0].ErrorComment,
+                        len(records) - index)  # fmt: skip
+            yield final
             return
         if sent is not None:
             sent.append(record)
@@ -725,6 +787,7 @@ class MoveDestination:
         self.refused = False
         #: the association goes over TLS (its handshake is part of connecting)
         self.tls = False
+        self.suboperations = SubOperations()
 
     def connection_opened(self, event: Event) -> None:
         """EVT_CONN_OPEN of the association to the destination: TCP got through."""
@@ -735,6 +798,7 @@ class MoveDestination:
         """EVT_ESTABLISHED of the association to the destination (in its thread)."""
         if self.archive is not None:
             install_raw_sender(self.archive, event.assoc)
+            setattr(event.assoc, _SUBOPERATIONS_ATTR, self.suboperations)
         self.settled.set()
 
     def unreachable(self, association: Association | None) -> _UnreachableDestination:
@@ -880,9 +944,15 @@ def move(
             _all_failed(records),
         )
         return
-    for record in records:
+    for index, record in enumerate(records):
         if event.is_cancelled:
             yield CANCEL, None
+            return
+        final = destination.suboperations.final_if_store_unavailable(records, index)
+        if final is not None:
+            log.warning("C-MOVE to %s: %s; %d sub-operations not tried", destination_ae,
+                        final[0].ErrorComment, len(records) - index)  # fmt: skip
+            yield final
             return
         if sent is not None:
             sent.append(record)
