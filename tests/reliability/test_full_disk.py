@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,11 +19,9 @@ from kho.storage.base import is_full
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
-def test_a_full_data_disk_refuses_cleanly_and_recovers_once_space_is_freed(
-    tmp_path: Path,
-) -> None:
-    # 8 MiB fill the disk; freeing 16 leaves the finisher room for the whole backlog
-    outcome = run_full_disk(tmp_path, size_mb=24, ballast_mb=16, pixels=128, drain_timeout=60)
+def _assert_refused_cleanly_and_recovered(outcome: dict[str, Any]) -> None:
+    """Full: 0xA700 / 507, the server up, nothing refused catalogued, nothing lost or
+    left over; freed: stores succeed and the finisher drains."""
     assert outcome["stored_before_full"] > 0
     assert outcome["dimse_statuses_when_full"] == ["0xA700"]
     assert outcome["stow_status_when_full"] == 507
@@ -33,6 +32,14 @@ def test_a_full_data_disk_refuses_cleanly_and_recovers_once_space_is_freed(
     assert outcome["dimse_statuses_after_freeing"] == {"0x0000": 5}
     assert outcome["stow_status_after_freeing"] == 200
     assert outcome["finisher_stalled"] == ""
+
+
+def test_a_full_data_disk_refuses_cleanly_and_recovers_once_space_is_freed(
+    tmp_path: Path,
+) -> None:
+    # 8 MiB fill the disk; freeing 16 leaves the finisher room for the whole backlog
+    outcome = run_full_disk(tmp_path, size_mb=24, ballast_mb=16, pixels=128, drain_timeout=60)
+    _assert_refused_cleanly_and_recovered(outcome)
 
 
 def test_stow_on_a_full_disk_answers_507(tmp_path: Path) -> None:
@@ -65,16 +72,7 @@ def test_a_full_catalog_disk_refuses_cleanly_and_recovers_once_space_is_freed(
     outcome = run_full_disk(
         tmp_path, where="catalog", size_mb=3, ballast_mb=1, pixels=16, drain_timeout=20
     )
-    assert outcome["stored_before_full"] > 0
-    assert outcome["dimse_statuses_when_full"] == ["0xA700"]
-    assert outcome["stow_status_when_full"] == 507
-    assert outcome["server_alive_when_full"]
-    assert outcome["refused_but_catalogued"] == []
-    assert outcome["lost"] == outcome["corrupt"] == []
-    assert outcome["missing_objects"] == outcome["orphans"] == []
-    assert outcome["dimse_statuses_after_freeing"] == {"0x0000": 5}
-    assert outcome["stow_status_after_freeing"] == 200
-    assert outcome["finisher_stalled"] == ""
+    _assert_refused_cleanly_and_recovered(outcome)
 
 
 def test_after_a_full_catalog_disk_the_wal_no_longer_takes_the_freed_room(
