@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kho.access.callers import Caller, CallerKind
+from kho.archive import memory
 from kho.archive.archive import Archive
 from kho.archive.config import Settings, load_settings
 from kho.errors import KhoError
@@ -145,6 +146,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = max(1, args.workers)
     if workers > 1 and not args.worker:
         return _serve_workers(args, settings, workers)
+    if settings.tune_allocator:  # before the first thread (kho.archive.memory)
+        applied = memory.tune_for_server()
+        if applied:
+            log.info("malloc: %s", ", ".join(f"{k}={v}" for k, v in applied.items()))
     from kho.dicom_scp.server import DicomServer
 
     archive = Archive(settings)
@@ -170,7 +175,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     sweeper = threading.Thread(
-        target=_sweep, args=(archive, stop, args.recover_after), name="kho-recovery", daemon=True
+        target=_sweep,
+        args=(archive, stop, args.recover_after),
+        kwargs={"trim_heap": settings.tune_allocator},
+        name="kho-recovery",
+        daemon=True,
     )
     sweeper.start()
     from kho.access.service import Access
@@ -249,9 +258,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(archive: Archive, stop: threading.Event, grace_s: float, every_s: float = 60) -> None:
-    """Roll back failed or orphaned ingests now and then (an outage leaves some behind)."""
+def _sweep(
+    archive: Archive,
+    stop: threading.Event,
+    grace_s: float,
+    every_s: float = 60,
+    *,
+    trim_heap: bool = False,
+) -> None:
+    """Roll back failed or orphaned ingests now and then (an outage leaves some behind);
+    with ``trim_heap``, give the C heap's free pages back to the system as often."""
     while not stop.wait(every_s):
+        if trim_heap:
+            memory.trim()
         try:
             cleaned = archive.recover(grace_s=grace_s)
             if cleaned:

@@ -67,10 +67,13 @@ def _descendants(pid: int) -> list[int]:
 
 #: the gauges of kho.archive.metrics.CacheCollector the soak follows
 CACHE_GAUGES = ("kho_decoded_frame_cache_bytes", "kho_rendered_cache_bytes")
+#: and of kho.archive.metrics.HeapCollector (glibc only): memory in use vs kept free
+HEAP_GAUGES = ("kho_malloc_in_use_bytes", "kho_malloc_free_bytes")
 
 
 def cache_bytes(client: httpx.Client) -> dict[str, int] | None:
-    """What the server's bounded caches hold, from its /metrics (None: no answer)."""
+    """What the server's bounded caches hold, from its /metrics (None: no answer), and
+    its C heap's figures where it reports them."""
     try:
         response = client.get("/metrics")
     except httpx.HTTPError:
@@ -80,9 +83,9 @@ def cache_bytes(client: httpx.Client) -> dict[str, int] | None:
     found = {}
     for line in response.text.splitlines():
         name, _, value = line.partition(" ")
-        if name in CACHE_GAUGES:
+        if name in CACHE_GAUGES or name in HEAP_GAUGES:
             found[name] = int(float(value))
-    return found if len(found) == len(CACHE_GAUGES) else None
+    return found if all(name in found for name in CACHE_GAUGES) else None
 
 
 def slope_mb_per_hour(samples: list[tuple[float, int]]) -> float:
@@ -204,6 +207,7 @@ def run(
     rate_per_s: float,
     warmup_s: float,
     sample_s: float = 5.0,
+    serve_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     corpus = harness.Corpus(workdir / "corpus", size=64)
     ledger = harness.Ledger()
@@ -213,7 +217,9 @@ def run(
     http_port = free_port()
     with (
         engine_env(engine, workdir) as env,
-        kho_serve(workdir / "data", env=env, args=("--http-port", str(http_port))) as (proc, port),
+        kho_serve(
+            workdir / "data", env={**env, **(serve_env or {})}, args=("--http-port", str(http_port))
+        ) as (proc, port),
     ):
         wait_for_port(http_port, timeout=60, proc=proc)
         reading = Readers(f"http://127.0.0.1:{http_port}/dicom-web", stop)
@@ -242,7 +248,7 @@ def run(
     after_warmup = steady[0][1] if steady else 0
     rss_at = dict(samples)
     cache_at = dict(caches)
-    held_at = {t: sum(held.values()) for t, held in caches}
+    held_at = {t: sum(held[name] for name in CACHE_GAUGES) for t, held in caches}
     steady_caches = [(t, held_at[t]) for t, _ in caches if t >= warmup_s]
     beyond_caches = [(t, rss_at[t] - held) for t, held in steady_caches]
     by_cache = {
@@ -279,21 +285,48 @@ def run(
         ),
         "rss_minus_caches_mb_end": round(beyond_caches[-1][1] / 1e6, 1) if beyond_caches else None,
         "rss_minus_caches_slope_mb_per_hour": round(slope_mb_per_hour(beyond_caches), 1),
+        # glibc's figures: in use flat and free rising is the allocator keeping memory
+        **{
+            f"{name.removeprefix('kho_').removesuffix('_bytes')}_mb_{when}": value
+            for name in HEAP_GAUGES
+            for when, value in _ends(
+                [(t, h[name]) for t, h in caches if name in h and t >= warmup_s]
+            )
+        },
+        **{
+            f"{name.removeprefix('kho_').removesuffix('_bytes')}_slope_mb_per_hour": round(
+                slope_mb_per_hour([(t, h[name]) for t, h in caches if name in h and t >= warmup_s]),
+                1,
+            )
+            for name in HEAP_GAUGES
+        },
+        "serve_env": serve_env or {},
         "warmup_s": warmup_s,
-        # (seconds, RSS MB, decoded-frame cache MB, rendered cache MB); None: no scrape
+        # (seconds, RSS MB, decoded-frame cache MB, rendered cache MB, malloc in use MB,
+        # malloc free MB); None: no scrape (or, for the last two, not glibc)
         "samples": [
             (
                 round(t),
                 round(b / 1e6, 1),
                 *(
-                    [round(cache_at[t][name] / 1e6, 1) for name in CACHE_GAUGES]
+                    [
+                        round(cache_at[t][name] / 1e6, 1) if name in cache_at[t] else None
+                        for name in (*CACHE_GAUGES, *HEAP_GAUGES)
+                    ]
                     if t in cache_at
-                    else [None] * len(CACHE_GAUGES)
+                    else [None] * (len(CACHE_GAUGES) + len(HEAP_GAUGES))
                 ),
             )
             for t, b in samples
         ],
     }
+
+
+def _ends(series: list[tuple[float, int]]) -> list[tuple[str, float | None]]:
+    """The first and last value of a series, in MB (None: no sample)."""
+    if not series:
+        return [("after_warmup", None), ("end", None)]
+    return [("after_warmup", round(series[0][1] / 1e6, 1)), ("end", round(series[-1][1] / 1e6, 1))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,8 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, default=2.0, help="C-STOREs per second per association"
     )
     parser.add_argument("--warmup", type=float, default=120.0, help="seconds before the trend")
+    parser.add_argument(
+        "--serve-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for kho serve (A/B runs, e.g. KHO_TUNE_ALLOCATOR=false)",
+    )
+    parser.add_argument(
+        "--label", default="", help="results key suffix (memory-<engine>[-<label>])"
+    )
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args(argv)
+    serve_env = dict(item.split("=", 1) for item in args.serve_env)
     with tempfile.TemporaryDirectory(prefix="kho-soak-memory-") as tmp:
         outcome = run(
             args.engine,
@@ -317,11 +361,13 @@ def main(argv: list[str] | None = None) -> int:
             readers=args.readers,
             rate_per_s=args.rate,
             warmup_s=args.warmup,
+            serve_env=serve_env,
         )
     summary = {k: v for k, v in outcome.items() if k != "samples"}
     print(summary)
     if not args.no_results:
-        report.record(f"memory-{args.engine}", {"machine": machine(), **outcome})
+        key = f"memory-{args.engine}" + (f"-{args.label}" if args.label else "")
+        report.record(key, {"machine": machine(), **outcome})
     flat = outcome["server_alive_at_end"] and not outcome["stores_unanswered"]
     return 0 if flat else 1
 

@@ -149,6 +149,13 @@ class Settings(BaseSettings):
     finish_threads: int = Field(
         0, description="background finisher threads (0 = one per core)", ge=0
     )
+    tune_allocator: bool = Field(
+        True,
+        description="kho serve sets glibc malloc for a long-running server (2 arenas per "
+        "core, pixel buffers of 256 KiB and more mapped on their own, a fixed 1 MiB trim "
+        "threshold) and trims its heap every minute, so that resident memory stays flat "
+        "under sustained load; glibc's own MALLOC_* variables still win (kho.archive.memory)",
+    )
     rejected_purge_delay_s: float = Field(
         86400.0,
         ge=0,

@@ -168,7 +168,11 @@ def _send_report(
             status = answer[0].Status if answer and answer[0] is not None else None
             _log_sent(report, calling_ae, f"{address[0]}:{address[1]}", status)
         finally:
-            association.release()
+            # release() waits for the reactor thread to pause: forever if it has ended
+            if association.is_established and association.is_alive():
+                association.release()
+            else:
+                association.abort()
     except Exception:
         log.exception("storage commitment report to %s failed", calling_ae)
 

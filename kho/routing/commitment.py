@@ -133,7 +133,9 @@ def request_commitment(
         except queue.Empty:
             return None
     finally:
-        if association.is_established:
+        # pynetdicom's release() waits for the reactor thread to pause; when that thread
+        # has already ended (the peer closed the connection) it would wait forever
+        if association.is_established and association.is_alive():
             association.release()
         else:
             association.abort()

@@ -75,3 +75,15 @@ def test_metrics_show_what_the_caches_hold(archive: Archive) -> None:
     assert _gauge(after, "kho_decoded_frame_cache_entries") == 1
     assert _gauge(after, "kho_rendered_cache_bytes") > 0  # the encoded image answered
     assert _gauge(after, "kho_rendered_cache_entries") >= 1
+
+
+def test_metrics_show_the_c_heap(archive: Archive) -> None:
+    """glibc's figures (kho.archive.memory): in use against kept free, so an admin can
+    tell a leak (in use rising) from the allocator's keeping (free rising)."""
+    body = TestClient(create_app(archive)).get("/metrics").text
+    in_use = _gauge(body, "kho_malloc_in_use_bytes")
+    arenas = _gauge(body, "kho_malloc_arena_bytes")
+    assert 0 < in_use <= arenas
+    assert _gauge(body, "kho_malloc_free_bytes") == arenas - in_use
+    assert _gauge(body, "kho_malloc_mapped_bytes") >= 0
+    assert "process_resident_memory_bytes" in body
