@@ -82,6 +82,12 @@ class CatalogError(KhoError):
     """The catalog database failed."""
 
 
+class CatalogUnavailableError(CatalogError):
+    """The catalog database cannot be reached right now (connection refused, lost or
+    timed out): whether a statement in flight took effect is unknown, and the next
+    statement would wait out another timeout.  The caller may retry later."""
+
+
 class NotFoundError(KhoError, LookupError):
     """No such patient, study, series, instance or frame in the archive."""
 

@@ -485,6 +485,7 @@ class Archive:
         released = 0
         for archive in self.housekept_archives():
             catalog = archive.catalog
+            catalog.disown_deferred()  # ingests an outage failed: now recovery's
             for prefix in catalog.abandoned_prefixes(grace_s):
                 if not catalog.prefix_in_use(prefix):
                     archive.delete_prefix(prefix)

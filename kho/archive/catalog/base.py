@@ -180,6 +180,8 @@ class Catalog:
         self._all_connections: list[tuple[threading.Thread, Any]] = []
         self._conn_lock = threading.Lock()
         self.synchronous_full = synchronous_full
+        self._deferred_disowns: set[str] = set()
+        self._deferred_lock = threading.Lock()
 
     # --- the engine: each dialect's module says how -------------------------------------
 
@@ -199,7 +201,12 @@ class Catalog:
         try:
             return self.connection.execute(self.sql(text), params)
         except self.ENGINE_ERRORS as exc:
-            raise CatalogError(f"catalog error: {exc}") from exc
+            raise self._failure(exc, "catalog error") from exc
+
+    def _failure(self, exc: BaseException, what: str) -> CatalogError:
+        """The error to raise for an engine's exception (a dialect that can tell an
+        unreachable server says CatalogUnavailableError)."""
+        return CatalogError(f"{what}: {exc}")
 
     def execute_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
         """Run statements in order; their cursors."""
@@ -396,6 +403,30 @@ class Catalog:
     def disown_pending(self, object_prefix: str) -> None:
         """Hand a journalled prefix to the next recovery pass (its ingest has failed)."""
         self.execute("UPDATE pending SET owner = '' WHERE object_prefix = ?", (object_prefix,))
+
+    def disown_pending_later(self, object_prefix: str) -> None:
+        """disown_pending once the catalog answers again (see disown_deferred): for an
+        ingest that failed because it could not be reached, so that the failure is
+        reported without waiting out another timeout per clean-up statement.  Lost with
+        the process, which is then gone, and recovery takes its prefixes anyway."""
+        with self._deferred_lock:
+            self._deferred_disowns.add(object_prefix)
+
+    def disown_deferred(self) -> int:
+        """Run the disowns deferred while the catalog was unreachable; those that fail
+        again stay deferred.  Returns how many ran."""
+        with self._deferred_lock:
+            waiting, self._deferred_disowns = self._deferred_disowns, set()
+        done: set[str] = set()
+        try:
+            for prefix in waiting:
+                self.disown_pending(prefix)
+                done.add(prefix)
+        finally:
+            if done != waiting:
+                with self._deferred_lock:
+                    self._deferred_disowns |= waiting - done
+        return len(done)
 
     def pending_prefixes(self, older_than_s: float = 0.0) -> list[str]:
         cutoff = time.time() - older_than_s

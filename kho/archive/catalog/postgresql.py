@@ -31,7 +31,7 @@ from kho.archive.catalog.base import REQUEUE_SET, Catalog, RowInsert, in_list, r
 from kho.archive.catalog.records import INSTANCE_COLUMNS, InstanceAttributes
 from kho.archive.catalog.schema import HIERARCHY_COLUMNS, SCHEMA, SCHEMA_VERSION, column_types
 from kho.archive.config import TENANT_NAME
-from kho.errors import CatalogError
+from kho.errors import CatalogError, CatalogUnavailableError
 
 #: libpq parameters bounding how long a dead network holds a connection.  A modality's
 #: DIMSE timeout is commonly 30 s: a C-STORE's failure must reach it before that, as a
@@ -156,7 +156,7 @@ class PostgresCatalog(Catalog):
         try:
             return psycopg.connect(self._conninfo, autocommit=True)
         except psycopg.Error as exc:
-            raise CatalogError(f"cannot connect to the catalog: {exc}") from exc
+            raise CatalogUnavailableError(f"cannot connect to the catalog: {exc}") from exc
 
     def _lost(self, conn: Any) -> bool:
         # inside a transaction a new connection would run its remaining statements
@@ -178,6 +178,16 @@ class PostgresCatalog(Catalog):
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
+
+    def _failure(self, exc: BaseException, what: str) -> CatalogError:
+        # the connection broke (refused, reset, a bound of NETWORK_BOUNDS ran out): the
+        # server is unreachable, not the statement wrong
+        conn = getattr(self._local, "conn", None)
+        if isinstance(exc, psycopg.OperationalError) and (
+            conn is None or conn.closed or conn.broken
+        ):
+            return CatalogUnavailableError(f"{what}: {exc}")
+        return CatalogError(f"{what}: {exc}")
 
     def tenants_present(self) -> list[str]:
         """Tenants with a schema (``tenant_<name>``) in this catalog's database."""
@@ -206,7 +216,7 @@ class PostgresCatalog(Catalog):
             with conn.pipeline():
                 return [conn.execute(self.sql(text), params) for text, params in statements]
         except psycopg.Error as exc:
-            raise CatalogError(f"catalog error: {exc}") from exc
+            raise self._failure(exc, "catalog error") from exc
 
     def _transaction(self) -> Iterator[None]:
         """BEGIN is sent with the transaction's first statements (one round trip less), and
@@ -231,7 +241,7 @@ class PostgresCatalog(Catalog):
         try:
             conn.execute("COMMIT")
         except Exception as exc:
-            raise CatalogError(f"catalog commit failed: {exc}") from exc
+            raise self._failure(exc, "catalog commit failed") from exc
 
     def commit_batch(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """The last statements of a transaction and its commit, in one round trip; the

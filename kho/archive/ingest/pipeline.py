@@ -33,7 +33,13 @@ from kho.archive.dataset.part10 import Part10Layout, build_file_meta, parse_part
 from kho.archive.finish.derived import allowance, arrived_compressed, fit_derived
 from kho.archive.finish.pixels import encode_pixels
 from kho.archive.read.objects import compress
-from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError, KhoError
+from kho.errors import (
+    CatalogUnavailableError,
+    DatasetMismatchError,
+    DuplicateInstanceError,
+    InvalidDicomError,
+    KhoError,
+)
 from kho.storage import put_objects
 from kho.storage.spool import is_spool_key
 
@@ -218,8 +224,8 @@ def _ingest_part10(
             journalled=not _spooled(archive, record),  # a spooled ingest wrote no object
             with_rows=with_rows(attrs) if with_rows is not None else (),
         )
-    except BaseException:
-        _abandon(archive, prefix)
+    except BaseException as exc:
+        _abandon(archive, prefix, exc)
         raise
     finally:
         if record is not None and archive.spool is not None and _spooled(archive, record):
@@ -395,9 +401,16 @@ def _write_objects(
     )
 
 
-def _abandon(archive: IngestingArchive, prefix: str) -> None:
+def _abandon(archive: IngestingArchive, prefix: str, cause: BaseException) -> None:
     """A failed ingest: delete what it wrote (unless the commit went through after all);
-    if the store cannot even delete now (an outage), leave the journal row to recovery."""
+    if the store cannot even delete now (an outage), leave the journal row to recovery.
+    An unreachable catalog is not asked again (each statement would wait out a connect
+    timeout before the sender hears of the failure): whether the commit went through
+    is unknown, so nothing is deleted; the journal row goes to recovery once the
+    catalog answers (the next recovery pass, within a minute under kho serve)."""
+    if isinstance(cause, CatalogUnavailableError):
+        archive.catalog.disown_pending_later(prefix)
+        return
     try:
         if archive.catalog.prefix_in_use(prefix):
             return
