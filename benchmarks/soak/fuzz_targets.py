@@ -134,10 +134,10 @@ _QIDO_CAP = 20
 
 
 def _qido_instance(index: int, **attributes: Any) -> bytes:
-    from io import BytesIO
-
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
+
+    from tests.helpers.part10 import part10_bytes
 
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
@@ -158,9 +158,7 @@ def _qido_instance(index: int, **attributes: Any) -> bytes:
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 def _qido_instances() -> list[bytes]:

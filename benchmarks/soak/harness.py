@@ -31,6 +31,7 @@ from pynetdicom import AE
 from kho.archive.archive import Archive
 from kho.archive.dataset.part10 import read_file_meta
 from kho.storage.spool import is_spool_key, segment_of
+from tests.helpers.part10 import part10_bytes
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ROOT = "1.2.826.0.1.3680043.10.1425.20"
@@ -104,9 +105,7 @@ class Corpus:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.MediaStorageSOPClassUID = CT
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        out = BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        data = out.getvalue()
+        data = part10_bytes(ds)
         digest = dataset_sha256(data)
         path = None
         if to_file:  # pynetdicom streams a file without loading it

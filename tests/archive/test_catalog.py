@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kho.archive.catalog import Catalog, open_catalog
+from tests.helpers.part10 import part10_bytes
 from tests.helpers.postgres import postgres_database
 
 
@@ -78,9 +79,7 @@ def test_concurrent_ingest_of_one_series_with_changing_attributes(tmp_path) -> N
         code = Dataset()
         code.CodeValue, code.CodingSchemeDesignator = f"C{i % 4}", "99KHO"
         ds.ProcedureCodeSequence = Sequence([code] * (1 + i % 2))
-        out = BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        datasets.append(out.getvalue())
+        datasets.append(part10_bytes(ds))
     with postgres_database() as url:
         settings = Settings(data_dir=tmp_path / "data", catalog_url=url)
         with Archive(settings) as archive:
@@ -172,9 +171,7 @@ def test_postgresql_one_statement_ingest_writes_what_the_general_path_writes(
         ds = pydicom.dcmread(BytesIO(make_instance(sop_uid=f"1.2.826.0.1.3680043.10.1425.7.{n}")))
         for keyword, value in changes.items():
             setattr(ds, keyword, value)
-        out = BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        return out.getvalue()
+        return part10_bytes(ds)
 
     sent = [
         variant(1),  # no Series Number: NULL in the catalog, matched as such

@@ -26,6 +26,7 @@ from kho.bench.phantom import ct_series_datasets
 from kho.storage.spool import is_spool_key, segment_of
 from tests.archive.test_ingest import make_instance
 from tests.helpers import dcmtk
+from tests.helpers.part10 import part10_bytes
 from tests.helpers.postgres import ENGINES, archive_on
 from tests.helpers.server import kho_serve
 
@@ -151,9 +152,7 @@ def test_replaced_while_finishing_leaves_nothing_behind(
     first = ct_slices[0]
     ds = pydicom.dcmread(BytesIO(first))
     ds.SeriesDescription = "corrected"
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    second = out.getvalue()
+    second = part10_bytes(ds)
 
     result = archive.ingest_part10(first, defer=True)
     ((sop_uid, old_prefix, _attempts),) = archive.catalog.claim_unfinished(1, 600)
@@ -510,9 +509,7 @@ def test_a_replaced_spooled_version_keeps_its_grace(
     stale = archive.catalog.require_instance(first.sop_uid)
     ds = pydicom.dcmread(BytesIO(ct_slices[0]))
     ds.SeriesDescription = "corrected"
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    archive.ingest_part10(out.getvalue(), defer=True)  # replaces it
+    archive.ingest_part10(part10_bytes(ds), defer=True)  # replaces it
     garbage = [r[0] for r in archive.catalog.fetchall("SELECT object_key FROM garbage")]
     assert stale.pixels_key in garbage  # its segment stays through a reader's grace
     assert archive.read_part10(stale) == ct_slices[0]

@@ -16,6 +16,7 @@ from kho.archive.read import pixels, rendering
 from kho.bench.phantom import ct_series_datasets, ct_slice_hu
 from kho.viewer_api.rendered import params_of
 from tests.archive.test_tile_pyramid import _radiograph
+from tests.helpers.part10 import part10_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -72,9 +73,7 @@ def test_read_ahead_of_a_multi_frame_instance_decodes_its_next_frames(archive: A
     ).astype(np.uint16)
     ds.NumberOfFrames = 8
     ds.PixelData = frames.tobytes()
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    uid = archive.ingest_part10(out.getvalue()).sop_uid
+    uid = archive.ingest_part10(part10_bytes(ds)).sop_uid
     assert archive.finisher.wait_idle(timeout=120)
     record = archive.catalog.require_instance(uid)
     assert record.pixel_format == "jpeg-ls"
@@ -104,9 +103,7 @@ def test_raw_frames_are_read_not_cached(archive: Archive) -> None:
     archive_raw = archive
     ds = pydicom.dcmread(BytesIO(ct_series_datasets(1, rows=16, cols=16)[0]))
     ds.PixelData = np.random.default_rng(1).integers(0, 4096, (16, 16)).astype(np.uint16).tobytes()
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    uid = archive_raw.ingest_part10(out.getvalue()).sop_uid
+    uid = archive_raw.ingest_part10(part10_bytes(ds)).sop_uid
     assert archive_raw.finisher.wait_idle(timeout=120)
     record = archive_raw.catalog.require_instance(uid)
     if record.pixel_format != "raw":

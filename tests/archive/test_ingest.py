@@ -25,6 +25,7 @@ from kho.archive.ingest.pipeline import IngestOutcome
 from kho.errors import DatasetMismatchError, DuplicateInstanceError, InvalidDicomError, StorageError
 from kho.storage.spool import is_spool_key
 from tests.conftest import sample_files
+from tests.helpers.part10 import part10_bytes
 from tests.helpers.postgres import ENGINES, archive_on
 
 
@@ -63,9 +64,7 @@ def part10_of(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
     ds.file_meta.TransferSyntaxUID = syntax
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 @pytest.fixture(params=ENGINES)

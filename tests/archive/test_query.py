@@ -8,7 +8,6 @@ import contextlib
 import secrets
 import warnings
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from kho.archive.config import Settings
 from kho.archive.query import engine as query
 from kho.errors import KhoError, QueryError
 from tests.conftest import sample_files
+from tests.helpers.part10 import part10_bytes
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -75,9 +75,7 @@ def _instance(patient: str, study: dict[str, Any], series: dict[str, Any], numbe
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 def _fill(archive: Archive) -> dict[str, Any]:

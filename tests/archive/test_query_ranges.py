@@ -10,7 +10,6 @@ import contextlib
 import secrets
 import warnings
 from collections.abc import Iterator
-from io import BytesIO
 from typing import Any
 
 import httpx
@@ -25,6 +24,7 @@ from kho.archive.config import Settings
 from kho.archive.query import engine as query
 from kho.errors import QueryError
 from kho.viewer_api.server import HttpServer
+from tests.helpers.part10 import part10_bytes
 from tests.helpers.postgres import ADMIN_URL, archive_on
 
 PATIENT = "RNG"
@@ -110,11 +110,9 @@ def range_instance(key: str, date: str, time: str) -> bytes:
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = BytesIO()
     with warnings.catch_warnings():  # pydicom warns about the ACR-NEMA forms
         warnings.simplefilter("ignore")
-        ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+        return part10_bytes(ds)
 
 
 def fill_ranges(archive: Archive) -> dict[str, str]:

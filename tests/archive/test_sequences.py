@@ -22,6 +22,7 @@ from kho.dicom_scp.server import DicomServer
 from kho.errors import QueryError
 from tests.archive.test_ingest import make_instance
 from tests.dicom_scp.test_qr import findscu
+from tests.helpers.part10 import part10_bytes
 from tests.helpers.postgres import ENGINES, archive_on
 
 
@@ -51,9 +52,7 @@ def _instance(
         item.PatientID, item.IssuerOfPatientID = other, "EMR"
         opids.append(item)
     ds.OtherPatientIDsSequence = Sequence(opids)
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 def _fill(archive: Archive) -> dict[str, Any]:
@@ -153,18 +152,12 @@ def test_malformed_sequence_keys_are_refused(filled) -> None:
 def test_a_later_instance_with_other_items_replaces_them(settings: Settings) -> None:
     with Archive(settings) as archive:
         first = pydicom.dcmread(BytesIO(_instance("D", [("X1", "x")], [], [])))
-        archive.ingest_part10(_bytes(first))
+        archive.ingest_part10(part10_bytes(first))
         first.SOPInstanceUID = first.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         first.ProcedureCodeSequence = Sequence([_code("X2", "y")])
-        archive.ingest_part10(_bytes(first))
+        archive.ingest_part10(part10_bytes(first))
         rows = _find(archive, "STUDY", {"ProcedureCodeSequence": {"CodeValue": ""}})
         assert rows[0]["ProcedureCodeSequence"] == [{"CodeValue": "X2"}]
-
-
-def _bytes(ds: Dataset) -> bytes:
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
 
 
 def test_findscu_sequence_matching(settings: Settings, tmp_path: Path) -> None:

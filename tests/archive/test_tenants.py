@@ -27,6 +27,7 @@ from kho.archive.query import engine as query
 from kho.errors import KhoError, NotFoundError
 from kho.storage.spool import is_spool_key, segment_of
 from tests.conftest import SAMPLES_DIR
+from tests.helpers.part10 import part10_bytes
 from tests.helpers.postgres import ENGINES, postgres_database
 
 TENANTS = ["hosp-a", "hosp-b"]
@@ -257,9 +258,7 @@ def test_a_corrected_resend_in_one_tenant_leaves_the_other_alone(
     b_before = b.catalog.require_instance(first["hosp-b"].sop_uid)
     ds = pydicom.dcmread(BytesIO(original))
     ds.SeriesDescription = "corrected"
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    corrected = out.getvalue()
+    corrected = part10_bytes(ds)
 
     assert a.ingest_part10(corrected).outcome == IngestOutcome.REPLACED
     root.finisher.drain()
@@ -413,9 +412,7 @@ def test_an_archive_from_before_tenants_is_the_default_tenant(
             assert again.outcome == IngestOutcome.DUPLICATE
             moved = pydicom.dcmread(BytesIO(part10[CT]))
             moved.SOPInstanceUID = generate_uid()
-            out = BytesIO()
-            moved.save_as(out, enforce_file_format=True)
-            new = root.ingest_part10(out.getvalue())
+            new = root.ingest_part10(part10_bytes(moved))
             assert root.catalog.require_instance(new.sop_uid).object_prefix.startswith("i/")
 
 

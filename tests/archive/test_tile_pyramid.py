@@ -12,6 +12,7 @@ from kho.archive.read.pixels import frame_array
 from kho.viewer_api.app import create_app
 from kho.viewer_api.rendered import params_of
 from tests.archive.test_ingest import make_instance
+from tests.helpers.part10 import part10_bytes
 
 
 def _radiograph() -> bytes:
@@ -27,9 +28,7 @@ def _radiograph() -> bytes:
     ds.Modality = "DX"
     ds.WindowCenter, ds.WindowWidth = 2000, 3000
     ds.PixelData = img.tobytes()
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 def test_large_image_gets_a_stored_pyramid_served_as_rendered(archive: Archive) -> None:

@@ -25,6 +25,7 @@ from kho.archive.read import transcode
 from kho.archive.read.pixels import stored_frame
 from kho.errors import CodecError, CodecUnavailableError
 from tests.conftest import SAMPLES_DIR
+from tests.helpers.part10 import part10_bytes
 
 EVRLE = "1.2.840.10008.1.2.1"
 IVRLE = "1.2.840.10008.1.2"
@@ -218,9 +219,7 @@ def _overflowing_instance() -> bytes:
     pixels = (np.arange(40 * 48, dtype=np.uint16) % 4096).reshape(40, 48)
     pixels[::7, ::5] |= 0xF000
     ds.PixelData = pixels.tobytes()
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 def test_pixels_above_bits_stored_fall_back_to_a_syntax_that_holds_them(
@@ -273,9 +272,7 @@ def test_large_frames_stored_with_restart_intervals_go_without_them(archive: Arc
     ds.PixelData = pixels.tobytes()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    result = archive.ingest_part10(out.getvalue())
+    result = archive.ingest_part10(part10_bytes(ds))
     record = archive.catalog.require_instance(result.sop_uid)
     stored = stored_frame(archive, record, 1)[0]
     assert record.pixel_format == "jpeg-ls" and transcode._has_restart_intervals(stored)

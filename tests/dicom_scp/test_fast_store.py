@@ -20,6 +20,7 @@ from kho.archive.dataset.part10 import read_file_meta
 from kho.dicom_scp import fast_store
 from kho.dicom_scp.server import DicomServer
 from tests.archive.test_ingest import make_instance
+from tests.helpers.part10 import part10_bytes
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 COMMAND, LAST = 0x01, 0x02
@@ -188,9 +189,7 @@ def _instance_of(size: int, sop_uid: str, seed: int) -> bytes:
     ds = dcmread(BytesIO(make_instance(sop_uid=sop_uid)))
     ds.Rows = ds.Columns = size
     ds.PixelData = bytes((seed + i * 7) % 256 for i in range(size * size * 2))
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 def test_echo_and_stores_mixed_on_one_association_in_small_pdus(tmp_path: Path) -> None:

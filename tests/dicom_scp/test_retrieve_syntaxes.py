@@ -39,6 +39,7 @@ from kho.archive.read.pixels import stored_frame
 from kho.dicom_scp.server import DicomServer
 from tests.conftest import SAMPLES_DIR
 from tests.helpers import dcmtk
+from tests.helpers.part10 import part10_bytes
 
 EVRLE = "1.2.840.10008.1.2.1"
 IVRLE = "1.2.840.10008.1.2"
@@ -128,11 +129,9 @@ def _into_study(ds: Dataset, study: str) -> bytes:
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    out = BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+        return part10_bytes(ds)
 
 
 def _jpeg_process14(study: str) -> bytes:

@@ -20,7 +20,6 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
-import io
 import os
 import signal
 import subprocess
@@ -45,6 +44,7 @@ from kho.viewer_api.server import HttpServer
 from kho.viewer_api.viewer import ViewerFiles
 from tests.conftest import SAMPLES_DIR
 from tests.helpers.dcmtk import free_port, wait_for_port
+from tests.helpers.part10 import part10_bytes
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -180,9 +180,7 @@ def corpus_file(
             item.TypeOfPatientID = "TEXT"
             items.append(item)
         ds.OtherPatientIDsSequence = items
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue(), ds
+    return part10_bytes(ds), ds
 
 
 def load_corpus(archive: Archive) -> dict[str, StudyInfo]:

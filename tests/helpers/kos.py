@@ -3,7 +3,6 @@ pydicom, independently of kho's own note builder, for the corrections tests."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from tests.helpers.part10 import part10_bytes
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -53,9 +54,7 @@ def _part10(ds: Dataset) -> bytes:
     meta.MediaStorageSOPInstanceUID = UID(str(ds.SOPInstanceUID))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 def make_study(

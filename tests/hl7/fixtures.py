@@ -3,13 +3,12 @@ lead adds to kho's Settings, small real Part 10 instances, HL7 messages."""
 
 from __future__ import annotations
 
-from io import BytesIO
-
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from kho.archive.config import Settings
+from tests.helpers.part10 import part10_bytes
 
 
 class Hl7Settings(Settings):
@@ -73,6 +72,4 @@ def instance(
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)

@@ -24,6 +24,7 @@ from kho.routing.deid import generate
 from kho.routing.deid.profile import Deidentifier, WithheldError, resolve
 from kho.routing.deid.table import EDITION, ROWS
 from tests.conftest import pydicom_test_files, sample_files
+from tests.helpers.part10 import part10_bytes
 
 SECRET = "a project secret of some length"
 #: what the Basic Profile's codes demand of a present attribute, without Options
@@ -196,10 +197,8 @@ def test_uids_consistent_across_a_study_and_references_intact() -> None:
     reference.ReferencedSOPClassUID = referencing.SOPClassUID
     reference.ReferencedSOPInstanceUID = _read(datas[1]).SOPInstanceUID
     referencing.ReferencedImageSequence = [reference]
-    buffer = io.BytesIO()
-    referencing.save_as(buffer, enforce_file_format=True)
     deid = Deidentifier(DeidProject(secret=SECRET))
-    outs = [_read(deid.apply(d).data) for d in [*datas, buffer.getvalue()]]
+    outs = [_read(deid.apply(d).data) for d in [*datas, part10_bytes(referencing)]]
     originals = [_read(d) for d in datas]
     assert len({o.StudyInstanceUID for o in outs}) == 1
     assert outs[0].StudyInstanceUID != originals[0].StudyInstanceUID
@@ -226,12 +225,11 @@ def test_pixels_unchanged_byte_for_byte() -> None:
 def test_burned_in_annotation_is_withheld_unless_allowed() -> None:
     ds = _read(ct_series_datasets(1, rows=16, cols=16)[0])
     ds.BurnedInAnnotation = "YES"
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    data = part10_bytes(ds)
     deid = Deidentifier(DeidProject(secret=SECRET))
     with pytest.raises(WithheldError, match="burned-in"):
-        deid.apply(buffer.getvalue())
-    out = _read(deid.apply(buffer.getvalue(), allow_burned_in=True).data)
+        deid.apply(data)
+    out = _read(deid.apply(data, allow_burned_in=True).data)
     assert out.BurnedInAnnotation == "YES"  # still said, for whoever receives it
 
 
@@ -261,16 +259,15 @@ def test_clean_descriptors_takes_the_patients_identifiers_out() -> None:
     ds = _read(ct_series_datasets(1, rows=16, cols=16, seed=4)[0])
     ds.PatientName = "DOE^JANE"
     ds.SeriesDescription = "follow-up for Doe, Jane PH000004 born 1960-01-01"
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    data = part10_bytes(ds)
     project = DeidProject(secret=SECRET, clean_descriptors=True)
-    out = _read(Deidentifier(project).apply(buffer.getvalue()).data)
+    out = _read(Deidentifier(project).apply(data).data)
     text = str(out.SeriesDescription)
     for token in ("Doe", "Jane", "PH000004", "1960-01-01"):
         assert token.lower() not in text.lower()
     assert "follow-up" in text
     # without the Option, descriptions go (Series Description: X)
-    plain = _read(Deidentifier(DeidProject(secret=SECRET)).apply(buffer.getvalue()).data)
+    plain = _read(Deidentifier(DeidProject(secret=SECRET)).apply(data).data)
     assert "follow-up" not in str(plain.get("SeriesDescription", ""))
 
 

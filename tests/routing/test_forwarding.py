@@ -20,6 +20,7 @@ from kho.routing import queue as q
 from tests.conftest import SAMPLES_DIR
 from tests.helpers import dcmtk
 from tests.helpers.certs import make_pki
+from tests.helpers.part10 import part10_bytes
 from tests.routing.conftest import (
     dataset_of,
     ingest,
@@ -226,8 +227,7 @@ def test_on_demand_send_of_a_study_and_a_series(archive: Archive, tmp_path: Path
 def test_deidentified_route_and_withheld_burned_in(archive: Archive, series: list[bytes]) -> None:
     burned = dcmread(io.BytesIO(ct_series_datasets(1, rows=16, cols=16, seed=2)[0]))
     burned.BurnedInAnnotation = "YES"
-    buffer = io.BytesIO()
-    burned.save_as(buffer, enforce_file_format=True)
+    burned_data = part10_bytes(burned)
     with recording_scp("RESEARCH") as scp:
         config = RoutingConfig(
             rules=[{"name": "trial", "destination": "research", "deidentify": "trial"}],
@@ -235,7 +235,7 @@ def test_deidentified_route_and_withheld_burned_in(archive: Archive, series: lis
             projects={"trial": {"secret": "trial-7 secret, keep it here"}},
         )
         router = Router(archive, config)
-        ingest(archive, router, [*series, buffer.getvalue()])
+        ingest(archive, router, [*series, burned_data])
         assert router.run_once() == len(series)
         counts = queue_counts(router)["research"]
         assert counts["withheld"] == 1 and counts["queued"] == 0

@@ -20,6 +20,7 @@ from kho.archive.config import DuplicatePolicy, Settings
 from kho.errors import IdentityConflictError
 from kho.routing import Router, RoutingConfig
 from kho.routing import queue as q
+from tests.helpers.part10 import part10_bytes
 from tests.helpers.postgres import ENGINES, archive_on
 from tests.routing.conftest import ingest
 
@@ -59,10 +60,9 @@ def test_rows_commit_with_their_instance_and_only_then(
     ds = dcmread(io.BytesIO(series[0]))
     ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.1425.4242"
     ds.PatientID = "SOMEONE-ELSE"
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    data = part10_bytes(ds)
     with pytest.raises(IdentityConflictError):
-        ingest(archive, router, [buffer.getvalue()])
+        ingest(archive, router, [data])
     assert _states(archive) == {"queued": len(series)}
 
 
@@ -73,9 +73,7 @@ def test_a_replaced_instance_is_queued_again(settings: Settings, series: list[by
         ingest(archive, router, series[:1])
         ds = dcmread(io.BytesIO(series[0]))
         ds.SeriesDescription = "CORRECTED"
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        ingest(archive, router, [buffer.getvalue()])
+        ingest(archive, router, [part10_bytes(ds)])
         assert _states(archive) == {"queued": 2}
 
 

@@ -47,6 +47,7 @@ from kho.viewer_api.security import (
 from kho.viewer_api.server import HttpServer
 from tests.conftest import SAMPLES_DIR
 from tests.helpers.oidc import HOSTILE_TOKENS, OidcIssuer
+from tests.helpers.part10 import part10_bytes
 from tests.viewer_api.conftest import fill
 
 #: the sample the test study is made from (one frame: frame 1, tile 0/0/0 exist)
@@ -108,9 +109,7 @@ def make_study(
     ds.file_meta.MediaStorageSOPInstanceUID = UID(sop)
     ds.PatientName = patient_name
     ds.PatientID = patient_id
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return Study(patient_name, patient_id, study, series, sop, buffer.getvalue())
+    return Study(patient_name, patient_id, study, series, sop, part10_bytes(ds))
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ from kho.archive.ingest.pipeline import IngestResult
 from kho.errors import KhoError
 from kho.viewer_api.app import create_app
 from tests.conftest import pydicom_test_files, sample_files
+from tests.helpers.part10 import part10_bytes
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -292,9 +292,7 @@ def big_endian_ow_frames(frames: np.ndarray) -> bytes:
     value = frames.tobytes() + b"\x00" * (frames.nbytes % 2)
     ds.PixelData = np.frombuffer(value, "<u2").byteswap().tobytes()  # words, big endian
     ds["PixelData"].VR = "OW"
-    out = BytesIO()
-    ds.save_as(out, implicit_vr=False, little_endian=False, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds, implicit_vr=False, little_endian=False)
 
 
 @pytest.mark.parametrize("finish", [False, True], ids=["as-received", "finished"])
@@ -365,9 +363,7 @@ def test_an_undecodable_frame_is_406_not_500(finished_inline: tuple[Archive, Tes
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG stream \xff\xd9"])
     ds["PixelData"].VR = "OB"
-    out = BytesIO()
-    ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
-    result = archive.ingest_part10(out.getvalue())
+    result = archive.ingest_part10(part10_bytes(ds, implicit_vr=False, little_endian=True))
     response = client.get(frame_path(result), headers={"Accept": OCTET_STREAM})
     assert response.status_code == 406
     stored = client.get(frame_path(result), headers={"Accept": "image/jpeg"})

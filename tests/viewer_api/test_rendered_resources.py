@@ -23,6 +23,7 @@ from kho.archive.archive import Archive
 from kho.archive.config import Settings
 from kho.bench.phantom import ct_series_datasets
 from kho.viewer_api.server import HttpServer
+from tests.helpers.part10 import part10_bytes
 from tests.viewer_api.conftest import serve
 
 JPEG = "image/jpeg"
@@ -66,9 +67,7 @@ def rehomed(data: bytes, study: str, series: str, number: int) -> bytes:
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.update(PATIENT)
     ds.InstanceNumber = number
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 def undecodable_jpeg(study: str, series: str, number: int) -> bytes:
@@ -86,9 +85,7 @@ def undecodable_jpeg(study: str, series: str, number: int) -> bytes:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG stream \xff\xd9"])
     ds["PixelData"].VR = "OB"
-    out = BytesIO()
-    ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds, implicit_vr=False, little_endian=True)
 
 
 @pytest.fixture(scope="module")

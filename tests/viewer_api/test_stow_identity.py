@@ -17,6 +17,7 @@ from requests import HTTPError
 
 from kho.archive.config import Settings
 from kho.viewer_api.multipart import join_parts
+from tests.helpers.part10 import part10_bytes
 from tests.helpers.postgres import ENGINES, archive_on
 from tests.viewer_api.conftest import Served, sample_path, serve
 
@@ -61,9 +62,7 @@ def instance(
             delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return part10_bytes(ds)
 
 
 def post(served: Served, *parts: bytes, path: str = "/studies") -> httpx.Response:

@@ -31,6 +31,7 @@ from kho.viewer_api.media import parse_media_type
 from kho.viewer_api.multipart import MultipartParser, Part
 from kho.viewer_api.server import HttpServer
 from tests.conftest import SAMPLES_DIR
+from tests.helpers.part10 import part10_bytes
 
 EVRLE = "1.2.840.10008.1.2.1"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -92,11 +93,9 @@ def _into_study(path: Path, study: str) -> bytes:
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.PatientID = "WADO-NEGOTIATION"
-    out = BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+        return part10_bytes(ds)
 
 
 @pytest.fixture(scope="module")
