@@ -67,8 +67,9 @@ def _descendants(pid: int) -> list[int]:
 
 #: the gauges of kho.archive.metrics.CacheCollector the soak follows
 CACHE_GAUGES = ("kho_decoded_frame_cache_bytes", "kho_rendered_cache_bytes")
-#: and of kho.archive.metrics.HeapCollector (glibc only): memory in use vs kept free
-HEAP_GAUGES = ("kho_malloc_in_use_bytes", "kho_malloc_free_bytes")
+#: and of kho.archive.metrics.HeapCollector (glibc only): memory in use vs kept free,
+#: and SQLite's share of what is in use
+HEAP_GAUGES = ("kho_malloc_in_use_bytes", "kho_malloc_free_bytes", "kho_sqlite_memory_bytes")
 
 
 def cache_bytes(client: httpx.Client) -> dict[str, int] | None:
@@ -303,7 +304,8 @@ def run(
         "serve_env": serve_env or {},
         "warmup_s": warmup_s,
         # (seconds, RSS MB, decoded-frame cache MB, rendered cache MB, malloc in use MB,
-        # malloc free MB); None: no scrape (or, for the last two, not glibc)
+        # malloc free MB, SQLite MB); None: no scrape (or, for the last three, not glibc
+        # or no SQLite library to read)
         "samples": [
             (
                 round(t),

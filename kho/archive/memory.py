@@ -122,6 +122,34 @@ def trim() -> None:
         libc.malloc_trim(0)
 
 
+@cache
+def _sqlite() -> ctypes.CDLL | None:
+    """The SQLite library Python's sqlite3 module uses, if it is a shared library this
+    process has loaded (a statically linked one keeps its figures to itself)."""
+    import ctypes.util
+    import sqlite3  # noqa: F401  (loads the library)
+
+    name = ctypes.util.find_library("sqlite3")
+    if name is None:
+        return None
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            if name not in maps.read():
+                return None
+        lib = ctypes.CDLL(name)
+        lib.sqlite3_memory_used.restype = ctypes.c_int64
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+def sqlite_bytes() -> int | None:
+    """Bytes SQLite holds in this process, every connection's page cache included
+    (``sqlite3_memory_used``); None where that cannot be read."""
+    lib = _sqlite()
+    return int(lib.sqlite3_memory_used()) if lib is not None else None
+
+
 @dataclass(frozen=True)
 class HeapFigures:
     """glibc's own account of the C heap (``mallinfo2``), in bytes."""
@@ -146,4 +174,4 @@ def heap_figures() -> HeapFigures | None:
     )
 
 
-__all__ = ["HeapFigures", "heap_figures", "trim", "tune_for_server"]
+__all__ = ["HeapFigures", "heap_figures", "sqlite_bytes", "trim", "tune_for_server"]

@@ -174,7 +174,8 @@ class HeapCollector(Collector):
     """glibc's account of this process's C heap, read when scraped (kho.archive.memory):
     ``kho_malloc_in_use_bytes`` (allocated, in the arenas), ``kho_malloc_free_bytes``
     (free inside the arenas, resident until trimmed), ``kho_malloc_arena_bytes`` (what
-    the arenas hold) and ``kho_malloc_mapped_bytes`` (large blocks mapped on their own).
+    the arenas hold) and ``kho_malloc_mapped_bytes`` (large blocks mapped on their own), and of that in use,
+    ``kho_sqlite_memory_bytes`` (the SQLite catalog, every connection's page cache).
     Resident memory that grows while in-use stays flat is the allocator's keeping, not a
     leak.  Nothing where the C library is not glibc."""
 
@@ -189,6 +190,11 @@ class HeapCollector(Collector):
             ("mapped", figures.mapped, "Bytes in blocks malloc mapped on their own"),
         ):
             yield GaugeMetricFamily(f"kho_malloc_{name}_bytes", what, value=value)
+        sqlite = memory.sqlite_bytes()
+        if sqlite is not None:  # part of in-use: the SQLite catalog's page caches
+            yield GaugeMetricFamily(
+                "kho_sqlite_memory_bytes", "Bytes SQLite holds in this process", value=sqlite
+            )
 
 
 def exposition(

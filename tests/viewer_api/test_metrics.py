@@ -87,3 +87,17 @@ def test_metrics_show_the_c_heap(archive: Archive) -> None:
     assert _gauge(body, "kho_malloc_free_bytes") == arenas - in_use
     assert _gauge(body, "kho_malloc_mapped_bytes") >= 0
     assert "process_resident_memory_bytes" in body
+
+
+def test_metrics_show_sqlite_memory_under_its_limit(archive: Archive) -> None:
+    """The SQLite catalog's memory, all connections' page caches together, is shown and
+    bounded process-wide (kho.archive.catalog.sqlite.MEMORY_LIMIT_BYTES)."""
+    from kho.archive.catalog.sqlite import MEMORY_LIMIT_BYTES
+
+    archive.ingest_part10(make_instance())
+    limit = archive.catalog.connection.execute("PRAGMA soft_heap_limit").fetchone()[0]
+    assert limit == MEMORY_LIMIT_BYTES
+    body = TestClient(create_app(archive)).get("/metrics").text
+    held = _gauge(body, "kho_sqlite_memory_bytes")
+    assert 0 < held <= MEMORY_LIMIT_BYTES
+    assert held <= _gauge(body, "kho_malloc_in_use_bytes") + _gauge(body, "kho_malloc_mapped_bytes")
