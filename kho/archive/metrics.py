@@ -174,8 +174,9 @@ class HeapCollector(Collector):
     """glibc's account of this process's C heap, read when scraped (kho.archive.memory):
     ``kho_malloc_in_use_bytes`` (allocated, in the arenas), ``kho_malloc_free_bytes``
     (free inside the arenas, resident until trimmed), ``kho_malloc_arena_bytes`` (what
-    the arenas hold) and ``kho_malloc_mapped_bytes`` (large blocks mapped on their own), and of that in use,
-    ``kho_sqlite_memory_bytes`` (the SQLite catalog, every connection's page cache).
+    the arenas hold), ``kho_malloc_mapped_bytes`` (large blocks mapped on their own) and,
+    part of what is in use, ``kho_sqlite_memory_bytes`` (the SQLite catalog, every
+    connection's page cache).
     Resident memory that grows while in-use stays flat is the allocator's keeping, not a
     leak.  Nothing where the C library is not glibc."""
 
