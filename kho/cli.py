@@ -175,12 +175,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     sweeper = threading.Thread(
-        target=_sweep,
-        args=(archive, stop, args.recover_after),
-        kwargs={"trim_heap": settings.tune_allocator},
-        name="kho-recovery",
-        daemon=True,
+        target=_sweep, args=(archive, stop, args.recover_after), name="kho-recovery", daemon=True
     )
+    if settings.tune_allocator:  # (kho.archive.memory)
+        threading.Thread(target=_trim_heap, args=(stop,), name="kho-heap-trim", daemon=True).start()
     sweeper.start()
     from kho.access.service import Access
     from kho.audit.auditor import Auditor
@@ -258,19 +256,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(
-    archive: Archive,
-    stop: threading.Event,
-    grace_s: float,
-    every_s: float = 60,
-    *,
-    trim_heap: bool = False,
-) -> None:
-    """Roll back failed or orphaned ingests now and then (an outage leaves some behind);
-    with ``trim_heap``, give the C heap's free pages back to the system as often."""
+def _trim_heap(stop: threading.Event, every_s: float = 10) -> None:
+    """Give the C heap's free pages back to the system now and then: under load the
+    arenas' free memory grows again within a minute (about 100 MB a minute with 50
+    associations and 8 readers on 2 cores); a trim costs milliseconds."""
     while not stop.wait(every_s):
-        if trim_heap:
-            memory.trim()
+        memory.trim()
+
+
+def _sweep(archive: Archive, stop: threading.Event, grace_s: float, every_s: float = 60) -> None:
+    """Roll back failed or orphaned ingests now and then (an outage leaves some behind)."""
+    while not stop.wait(every_s):
         try:
             cleaned = archive.recover(grace_s=grace_s)
             if cleaned:
