@@ -125,18 +125,18 @@ def trim() -> None:
 @cache
 def _sqlite() -> ctypes.CDLL | None:
     """The SQLite library Python's sqlite3 module uses, if it is a shared library this
-    process has loaded (a statically linked one keeps its figures to itself)."""
-    import ctypes.util
-    import sqlite3  # noqa: F401  (loads the library)
+    process has mapped (a statically linked one keeps its figures to itself)."""
+    import sqlite3  # noqa: F401  (maps the library)
 
-    name = ctypes.util.find_library("sqlite3")
-    if name is None:
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split()[-1] for line in maps if "/libsqlite3.so" in line}
+    except OSError:
+        return None
+    if len(paths) != 1:  # none, or two copies: which one Python uses is unknown
         return None
     try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-            if name not in maps.read():
-                return None
-        lib = ctypes.CDLL(name)
+        lib = ctypes.CDLL(paths.pop())
         lib.sqlite3_memory_used.restype = ctypes.c_int64
     except (OSError, AttributeError):
         return None
