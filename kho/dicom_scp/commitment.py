@@ -34,6 +34,7 @@ from kho.dicom_scp.statuses import NOT_AUTHORIZED, NOT_AUTHORIZED_COMMENT, SUCCE
 from kho.routing.commitment import (
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH,
+    end_association,
     parse_report,
     request_dataset,
 )
@@ -168,11 +169,7 @@ def _send_report(
             status = answer[0].Status if answer and answer[0] is not None else None
             _log_sent(report, calling_ae, f"{address[0]}:{address[1]}", status)
         finally:
-            # release() waits for the reactor thread to pause: forever if it has ended
-            if association.is_established and association.is_alive():
-                association.release()
-            else:
-                association.abort()
+            end_association(association)
     except Exception:
         log.exception("storage commitment report to %s failed", calling_ae)
 

@@ -133,18 +133,24 @@ def request_commitment(
         except queue.Empty:
             return None
     finally:
-        # pynetdicom's release() waits for the reactor thread to pause; when that thread
-        # has already ended (the peer closed the connection) it would wait forever
-        if association.is_established and association.is_alive():
-            association.release()
-        else:
-            association.abort()
+        end_association(association)
+
+
+def end_association(association: Any) -> None:
+    """Release a pynetdicom association, or abort it where releasing cannot work:
+    pynetdicom's release() waits for the reactor thread to pause, forever when that thread
+    has already ended (the peer closed the connection)."""
+    if association.is_established and association.is_alive():
+        association.release()
+    else:
+        association.abort()
 
 
 __all__ = [
     "STORAGE_COMMITMENT_INSTANCE",
     "STORAGE_COMMITMENT_PUSH",
     "CommitmentReport",
+    "end_association",
     "parse_report",
     "request_commitment",
     "request_dataset",
