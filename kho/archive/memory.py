@@ -3,10 +3,10 @@ trim, and the figures ``/metrics`` shows.
 
 Why: under sustained load (many associations, each on its own threads, with pixel
 buffers of hundreds of kilobytes freed in any order) glibc's default malloc keeps
-growing the resident memory of ``kho serve`` although the memory in use stays flat
-(measured with memray: the tracked heap flat at ~210-230 MB while RSS rose by ~900 MB
-an hour; see benchmarks/results/reliability.md, "Memory under sustained load").  Three
-defaults cause it: one arena per thread up to 8 per core, each keeping what its threads
+growing the resident memory of ``kho serve`` far beyond the memory in use (memray: the
+tracked heap at ~210-230 MB for 10 minutes while RSS rose at ~900 MB an hour; see
+benchmarks/results/reliability.md, "Memory under sustained load").  Three defaults
+cause it: one arena per thread up to 8 per core, each keeping what its threads
 freed; a mmap threshold that rises to the largest block ever freed (so later pixel
 buffers come from the arenas and fragment them); and a trim threshold that rises with
 it (so up to twice that stays unreturned at the top of each arena).
