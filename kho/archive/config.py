@@ -153,8 +153,9 @@ class Settings(BaseSettings):
         True,
         description="kho serve sets glibc malloc for a long-running server (2 arenas per "
         "core, pixel buffers of 256 KiB and more mapped on their own, a fixed 1 MiB trim "
-        "threshold) and trims its heap every 10 seconds, so that resident memory stays flat "
-        "under sustained load; glibc's own MALLOC_* variables still win (kho.archive.memory)",
+        "threshold) and trims its heap every 10 seconds, so that resident memory stays near "
+        "what is in use under sustained load; glibc's own MALLOC_* variables still win "
+        "(kho.archive.memory)",
     )
     rejected_purge_delay_s: float = Field(
         86400.0,
